@@ -1,0 +1,1 @@
+"""The cloud: a deeper block and classifier that answers every escalated frame."""

@@ -1,0 +1,1 @@
+"""The edge: fusion of camera features, the edge block and classifier, the exit rules."""

@@ -1,0 +1,150 @@
+"""Configuration dataclasses: the network's sizes and the training recipe.
+
+Every size that shapes a tensor lives in `ModelConfig`; a checkpoint stores it and refuses to
+load into code whose config differs. `TrainConfig` holds the recipe. Role configs for the
+streaming processes live next to those processes and share `env_default` from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Mode = Literal["ada", "ddnn"]
+Fusion = Literal["max", "mean", "concat"]
+ViewMode = Literal["viewpoints", "tiles"]
+
+MODES: tuple[str, ...] = ("ada", "ddnn")
+FUSIONS: tuple[str, ...] = ("max", "mean", "concat")
+VIEW_MODES: tuple[str, ...] = ("viewpoints", "tiles")
+
+
+def env_default(name: str, default: Any) -> Any:
+    """Value of env var `ADA_DDNN_<name>` converted to the type of `default`, else `default`."""
+    raw = os.environ.get(f"ADA_DDNN_{name}")
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyper-parameter that shapes the network (ADA-DDNN and the DDNN baseline)."""
+
+    mode: str = "ada"  # "ada": camera classifiers and exit 1; "ddnn": neither (baseline)
+    num_cameras: int = 6  # end devices; the paper uses n = 6
+    num_classes: int = 10  # CIFAR-10
+    image_size: int = 32  # pixels, square; each camera's view has the scene's size
+    view_mode: str = "viewpoints"  # "viewpoints" (six perspectives) or "tiles" (DDNN's 3x2 split)
+
+    # Camera (end device): stem -> four residual layers -> {classifier head, wire bottleneck}.
+    camera_stem_stride: int = 2  # 2 halves the resolution once, so the residual layers run at 16x16
+    camera_channels: int = 32  # width of the four residual layers
+    camera_residual_layers: int = 4  # the paper's feature module: four 3x3 residual layers
+    camera_head_channels: int = 32  # first strided conv of the classifier head; the second doubles it
+    wire_channels: int = 12  # channels a camera sends; 12 x 8 x 8 int8 = 768 bytes per frame
+    wire_size: int = 8  # spatial side of the features a camera sends (adaptive average pool)
+
+    # Edge: fusion of camera features -> edge block -> classifier (exit 2).
+    fusion: str = "concat"  # "max", "mean" or "concat"; missing cameras are masked in all three
+    edge_channels: int = 64  # width of the edge block
+    edge_blocks: int = 1  # residual blocks in the edge block (8x8)
+
+    # Cloud: fused features -> deeper block -> classifier (always answers).
+    cloud_channels: int = 96  # width of the first cloud stage (8x8); the second stage (4x4) doubles it
+    cloud_blocks: int = 1  # residual blocks per cloud stage
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.view_mode not in VIEW_MODES:
+            raise ValueError(f"view_mode must be one of {VIEW_MODES}, got {self.view_mode!r}")
+        if self.view_mode == "tiles" and self.num_cameras != 6:
+            raise ValueError("view_mode 'tiles' is the 3x2 split and needs num_cameras = 6")
+        for name in ("num_cameras", "num_classes", "camera_channels", "wire_channels", "wire_size",
+                     "edge_channels", "cloud_channels", "camera_head_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.camera_stem_stride not in (1, 2):
+            raise ValueError("camera_stem_stride must be 1 or 2")
+
+    @property
+    def has_camera_classifiers(self) -> bool:
+        return self.mode == "ada"
+
+    @property
+    def fused_channels(self) -> int:
+        """Channels of the fused feature map the edge block and the cloud see."""
+        return self.wire_channels * (self.num_cameras if self.fusion == "concat" else 1)
+
+    @property
+    def wire_shape(self) -> tuple[int, int, int]:
+        return (self.wire_channels, self.wire_size, self.wire_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe. Defaults follow the paper (SGD, lr 0.1, cosine, batch 200) except the
+    number of epochs, which `--epochs 180` sets to the paper's value."""
+
+    epochs: int = 30  # passes over the 45,000 training images; the paper uses 180
+    batch_size: int = 200  # frames per step (the paper's value)
+    lr: float = 0.1  # peak SGD learning rate (the paper's value)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # L2 on conv/linear weights, not on BN or biases
+    warmup_epochs: float = 1.0  # linear warm-up before the cosine decay, in epochs
+    label_smoothing: float = 0.0
+    # Loss weights of the joint objective: sum of w * CE for every exit.
+    # camera weight applies to each camera's CE averaged over the cameras present.
+    weight_camera: float = 1.0
+    weight_edge: float = 1.0
+    weight_cloud: float = 1.0
+    camera_dropout: float = 0.1  # probability that each camera is absent from a training frame
+    augment: bool = True  # random crop (pad 4) and horizontal flip of the scene before the views
+    val_size: int = 5000  # the last N training images form the validation split
+    seed: int = 0
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    limit_train: int = 0  # use only the first N training images (0 = all); for smoke runs
+    limit_eval: int = 0  # evaluate on the first N validation/test images (0 = all)
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_data_dir() -> str:
+    return os.environ.get("ADA_DDNN_DATA", os.path.expanduser("~/.cache/ada-ddnn/cifar10"))
+
+
+__all__ = ["ModelConfig", "TrainConfig", "env_default", "default_data_dir", "MODES", "FUSIONS",
+           "VIEW_MODES"]

@@ -1,0 +1,53 @@
+"""Building blocks shared by the camera, edge and cloud networks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    """Conv (no bias, BN follows) -> BatchNorm -> optional ReLU; 'same' padding for odd kernels."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ResidualLayer(nn.Module):
+    """One 3x3 residual layer: y = relu(x + BN(conv3x3(x))), stride 1, padding 1.
+
+    The paper's camera feature module is four of these; one conv per layer keeps the end
+    device cheap."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = conv_bn(channels, channels, 3, relu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs and an identity skip), used by the edge and the cloud."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels, 3), conv_bn(channels, channels, 3, relu=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class Classifier(nn.Module):
+    """Global average pool -> linear."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))

@@ -1,0 +1,110 @@
+"""The assembled ADA-DDNN (or DDNN) network: six camera modules, the edge, the cloud.
+
+Each part lives in its tier's package (devices/, edge/, cloud/); this module only wires them
+together for joint training and offline evaluation. The streaming processes load the same
+state dict and run only their own part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cloud.cloud_net import CloudModule
+from devices.camera_net import CameraModule
+from devices.views import all_views, normalize
+from edge.edge_net import EdgeModule
+from edge.fusion import fuse
+from pipeline.config import ModelConfig, TrainConfig
+
+
+@dataclass
+class Outputs:
+    """Everything one forward pass yields; N frames, cams cameras, C classes."""
+
+    camera_features: torch.Tensor  # N x cams x K x S x S, what each camera sends
+    camera_logits: torch.Tensor | None  # N x cams x C (ADA only)
+    present: torch.Tensor  # N x cams bool
+    fused: torch.Tensor  # N x fused_channels x S x S, what the edge escalates
+    edge_logits: torch.Tensor  # N x C (exit 2)
+    cloud_logits: torch.Tensor  # N x C
+
+
+class AdaDDNN(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.cameras = nn.ModuleList([CameraModule(cfg) for _ in range(cfg.num_cameras)])
+        self.edge = EdgeModule(cfg)
+        self.cloud = CloudModule(cfg)
+
+    def run_cameras(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised views N x cams x 3 x H x W -> (features N x cams x K x S x S, logits or None)."""
+        feats, logits = [], []
+        for k, cam in enumerate(self.cameras):
+            f, lg = cam(views[:, k])
+            feats.append(f)
+            logits.append(lg)
+        cam_logits = torch.stack(logits, dim=1) if self.cfg.has_camera_classifiers else None
+        return torch.stack(feats, dim=1), cam_logits
+
+    def forward_features(self, features: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Edge and cloud on camera features: (fused, edge logits, cloud logits)."""
+        fused = fuse(features, present, self.cfg.fusion)
+        return fused, self.edge(fused), self.cloud(fused)
+
+    def forward(self, views: torch.Tensor, present: torch.Tensor | None = None) -> Outputs:
+        if present is None:
+            present = torch.ones(views.shape[:2], dtype=torch.bool, device=views.device)
+        features, cam_logits = self.run_cameras(views)
+        fused, edge_logits, cloud_logits = self.forward_features(features, present)
+        return Outputs(features, cam_logits, present, fused, edge_logits, cloud_logits)
+
+
+def prepare_views(cfg: ModelConfig, scenes: torch.Tensor) -> torch.Tensor:
+    """Float scenes in [0, 1] N x 3 x H x W -> normalised views N x cams x 3 x H x W."""
+    return normalize(all_views(cfg, scenes))
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    camera: torch.Tensor  # mean CE over present cameras (0 for DDNN)
+    edge: torch.Tensor
+    cloud: torch.Tensor
+
+
+def joint_loss(out: Outputs, labels: torch.Tensor, tc: TrainConfig) -> LossParts:
+    """Weighted sum of every exit's cross-entropy: w_cam * CE_cameras + w_edge * CE_edge + w_cloud * CE_cloud.
+
+    CE_cameras averages each present camera's CE over the (frame, camera) pairs present."""
+    ls = tc.label_smoothing
+    edge = F.cross_entropy(out.edge_logits.float(), labels, label_smoothing=ls)
+    cloud = F.cross_entropy(out.cloud_logits.float(), labels, label_smoothing=ls)
+    if out.camera_logits is not None:
+        n, c, k = out.camera_logits.shape
+        per = F.cross_entropy(out.camera_logits.float().reshape(n * c, k), labels.repeat_interleave(c),
+                              reduction="none", label_smoothing=ls)
+        mask = out.present.reshape(n * c).float()
+        camera = (per * mask).sum() / mask.sum().clamp_min(1.0)
+    else:
+        camera = torch.zeros((), device=labels.device)
+    total = tc.weight_camera * camera + tc.weight_edge * edge + tc.weight_cloud * cloud
+    return LossParts(total, camera, edge, cloud)
+
+
+def sample_present(n: int, cams: int, p_drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Camera dropout: each camera absent with probability p_drop, at least one present per frame."""
+    present = torch.rand(n, cams, generator=generator) >= p_drop
+    empty = ~present.any(dim=1)
+    if empty.any():
+        keep = torch.randint(0, cams, (int(empty.sum()),), generator=generator)
+        present[empty.nonzero(as_tuple=True)[0], keep] = True
+    return present
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
