@@ -163,7 +163,7 @@ def train(
             opt.step()
             step += 1
             b = len(idx)
-            sums += b * np.array([float(parts.total), float(parts.camera), float(parts.edge), float(parts.cloud)])
+            sums += b * np.array([float(v.detach()) for v in (parts.total, parts.camera, parts.edge, parts.cloud)])
             seen += b
             correct_cloud += int((out.cloud_logits.argmax(-1) == y).sum())
             if i % 10 == 0:
@@ -184,7 +184,7 @@ def train(
         if out_path:
             _write_history(out_path, history)
     wall = time.time() - t_start
-    card = _model_card(model, tc, data, device, amp, wall, history)
+    card = _model_card(model, tc, data, device, amp, wall, history)  # metrics in float32, as deployed
     if out_path:
         save_checkpoint(model, out_path, card)
         log.info("wrote %s", out_path)
@@ -199,8 +199,9 @@ def _write_history(out_path: str, history: list[EpochStats]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def split_report(model: AdaDDNN, split: Split, thresholds: dict, device: torch.device, amp: bool) -> dict[str, Any]:
-    col = collect(model, split, device, autocast=amp)
+def split_report(model: AdaDDNN, split: Split, thresholds: dict, device: torch.device) -> dict[str, Any]:
+    """Per-exit metrics on `split` in float32 with the given thresholds."""
+    col = collect(model, split, device)
     m = exit_metrics(col, thresholds["t1"], thresholds["t2"])
     return {"n": len(split), **classifier_accuracies(col), "exit_rate": m["exit_rate"], "accuracy": m["accuracy"]}
 
@@ -209,7 +210,7 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
                 wall: float, history: list[EpochStats]) -> dict[str, Any]:
     val_split = data.val.head(tc.limit_eval)
     test_split = data.test.head(tc.limit_eval)
-    thresholds = choose_thresholds(collect(model, val_split, device, autocast=amp))
+    thresholds = choose_thresholds(collect(model, val_split, device))
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "data": {"digest_sha256": data.digest, "train": len(data.train.head(tc.limit_train)), "val": len(val_split),
@@ -218,13 +219,13 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
         "seed": tc.seed,
         "epochs": tc.epochs,
         "device": dev_name,
-        "bf16_autocast": amp,
+        "bf16_autocast": amp,  # training only; the metrics below are computed in float32
         "wall_time_s": round(wall, 1),
         "git_commit": git_commit(),
         "torch": torch.__version__,
         "parameters": parameter_count(model),
         "thresholds": thresholds,
-        "validation": split_report(model, val_split, thresholds, device, amp),
-        "test": split_report(model, test_split, thresholds, device, amp),
+        "validation": split_report(model, val_split, thresholds, device),
+        "test": split_report(model, test_split, thresholds, device),
         "final_epoch": history[-1].__dict__ if history else None,
     }
