@@ -16,9 +16,10 @@ offline evaluation and streaming.
 | 4 | poorly placed, behind an obstacle | the right 40% of the view occluded by a grey post, shifted 2 px left |
 | 5 | mediocre, out of focus and far | zoom 0.80x (scene smaller, borders replicated), blur (sigma 1.2 px) |
 
-`tiles`: the 3x2 split that DDNN's CIFAR-10 experiments use: the scene cut into three columns
-and two rows, camera k sees tile (row k // 3, column k % 3), resized back to the scene's size
-so that every camera runs the same network.
+`tiles`: a 3x2 split of the image, after the one DDNN's public CIFAR-10 code uses (its exact
+crop sizes are not reproduced): the scene cut into three columns and two rows, camera k sees
+tile (row k // 3, column k % 3), resized back to the scene's size so that every camera runs the
+same network.
 
 `camera_view(cfg, k, scenes)` takes float scenes in [0, 1], N x 3 x H x W, and returns the
 view of camera k, N x 3 x H x W in [0, 1]. `normalize` then standardises it for the network.

@@ -1,0 +1,72 @@
+"""Benchmarks: `ada-ddnn bench train [--json]` measures training throughput on this device.
+
+Times `steps` full training steps (views, forward, joint loss, backward, SGD) on random frames
+after `warmup` untimed ones, and reports samples/s and the seconds an epoch of the 45,000
+training images would take.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import torch
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.network import AdaDDNN, joint_loss, parameter_count, prepare_views, sample_present
+from pipeline.train import autocast_enabled, make_optimizer, pick_device
+
+TRAIN_IMAGES = 45_000  # CIFAR-10 training split after holding out 5,000 for validation
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(cfg: ModelConfig, tc: TrainConfig, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    device = pick_device(tc.device)
+    amp = autocast_enabled(device, tc.bf16)
+    torch.manual_seed(tc.seed)
+    model = AdaDDNN(cfg).to(device).train()
+    opt = make_optimizer(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed)
+    x = torch.rand(tc.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    y = torch.randint(0, cfg.num_classes, (tc.batch_size,), generator=gen).to(device)
+    present = sample_present(tc.batch_size, cfg.num_cameras, tc.camera_dropout, gen).to(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = joint_loss(model(prepare_views(cfg, x), present), y, tc).total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    samples_per_s = steps * tc.batch_size / elapsed
+    return {
+        "benchmark": "train",
+        "mode": cfg.mode,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "bf16_autocast": amp,
+        "batch_size": tc.batch_size,
+        "steps": steps,
+        "parameters": parameter_count(model),
+        "samples_per_s": round(samples_per_s, 1),
+        "seconds_per_step": round(elapsed / steps, 4),
+        "seconds_per_epoch": round(TRAIN_IMAGES / samples_per_s, 1),
+        "torch": torch.__version__,
+    }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Make sure Mosquitto (127.0.0.1:1883) and Redis (127.0.0.1:6379) answer; start the local
+# packages' servers if not (installing them with apt-get when they are missing and we are root).
+set -euo pipefail
+
+answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 100); do answers "$1" && return 0; sleep 0.1; done
+  echo "ensure-services: nothing answers on 127.0.0.1:$1" >&2
+  return 1
+}
+
+install_pkg() {
+  if ! command -v "$1" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "ensure-services: installing $2"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    else
+      echo "ensure-services: $1 not found; install $2 or point ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL at running servers" >&2
+      return 1
+    fi
+  fi
+}
+
+if answers 1883; then echo "ensure-services: Mosquitto answers on 1883"; else
+  install_pkg mosquitto mosquitto
+  echo "ensure-services: starting Mosquitto"
+  if [ -f /etc/mosquitto/mosquitto.conf ]; then mosquitto -d -c /etc/mosquitto/mosquitto.conf; else mosquitto -d -p 1883; fi
+  wait_port 1883
+fi
+
+if answers 6379; then echo "ensure-services: Redis answers on 6379"; else
+  install_pkg redis-server redis-server
+  echo "ensure-services: starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port 6379
+fi

@@ -1,0 +1,24 @@
+"""Small configs and synthetic data shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import ModelConfig
+from pipeline.data import Cifar10, Split
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """A network small enough to run in milliseconds on a CPU, same structure as the release one."""
+    base = dict(camera_channels=8, camera_head_channels=8, wire_channels=4, edge_channels=16, cloud_channels=16)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def synthetic_cifar(n_train: int = 64, n_val: int = 32, n_test: int = 32, seed: int = 0) -> Cifar10:
+    rng = np.random.default_rng(seed)
+
+    def split(name: str, n: int) -> Split:
+        return Split(name, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n))
+
+    return Cifar10(split("train", n_train), split("val", n_val), split("test", n_test), "synthetic", "synthetic")

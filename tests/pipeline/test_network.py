@@ -1,0 +1,117 @@
+import itertools
+
+import pytest
+import torch
+
+from edge.fusion import fuse
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.network import AdaDDNN, joint_loss, prepare_views, sample_present
+from tests.helpers import tiny_config
+
+ALL_SUBSETS = [s for r in range(0, 7) for s in itertools.combinations(range(6), r)]
+
+
+@pytest.fixture(scope="module")
+def views():
+    g = torch.Generator().manual_seed(0)
+    return prepare_views(ModelConfig(), torch.rand(3, 3, 32, 32, generator=g))
+
+
+@pytest.mark.parametrize("fusion", ["max", "mean", "concat"])
+def test_shapes_for_every_subset_of_cameras(views, fusion):
+    torch.manual_seed(0)
+    cfg = tiny_config(fusion=fusion)
+    model = AdaDDNN(cfg).eval()
+    k, s = cfg.wire_channels, cfg.wire_size
+    with torch.no_grad():
+        features, cam_logits = model.run_cameras(views)
+        assert features.shape == (3, 6, k, s, s)
+        assert cam_logits.shape == (3, 6, 10)
+        for subset in ALL_SUBSETS:
+            present = torch.zeros(3, 6, dtype=torch.bool)
+            present[:, list(subset)] = True
+            fused, edge, cloud = model.forward_features(features, present)
+            assert fused.shape == (3, cfg.fused_channels, s, s)
+            assert edge.shape == cloud.shape == (3, 10)
+            assert torch.isfinite(edge).all() and torch.isfinite(cloud).all()
+
+
+@pytest.mark.parametrize("fusion", ["max", "mean", "concat"])
+def test_absent_camera_has_no_influence(fusion):
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(2, 6, 4, 8, 8, generator=g)
+    present = torch.tensor([[True, False, True, True, False, True]] * 2)
+    other = feats.clone()
+    other[:, 1] = 1e6  # garbage from an absent camera
+    other[:, 4] = -1e6
+    assert torch.equal(fuse(feats, present, fusion), fuse(other, present, fusion))
+
+
+def test_fusion_values():
+    feats = torch.tensor([1.0, 5.0, 3.0]).view(1, 3, 1, 1, 1)
+    present = torch.tensor([[True, False, True]])
+    assert fuse(feats, present, "max").item() == 3.0
+    assert fuse(feats, present, "mean").item() == 2.0
+    assert fuse(feats, present, "concat").flatten().tolist() == [1.0, 0.0, 3.0]
+    none = torch.zeros(1, 3, dtype=torch.bool)
+    assert fuse(feats, none, "max").item() == 0.0 and fuse(feats, none, "mean").item() == 0.0
+
+
+def test_ddnn_has_no_camera_classifier(views):
+    model = AdaDDNN(tiny_config(mode="ddnn")).eval()
+    with torch.no_grad():
+        out = model(views)
+    assert out.camera_logits is None
+    assert all(cam.classifier is None for cam in model.cameras)
+
+
+def test_loss_equals_weighted_sum(views):
+    torch.manual_seed(0)
+    model = AdaDDNN(tiny_config()).eval()
+    y = torch.tensor([1, 2, 3])
+    present = torch.tensor([[True] * 6, [True, False] * 3, [False] * 5 + [True]])
+    with torch.no_grad():
+        out = model(views, present)
+    tc = TrainConfig(weight_camera=0.3, weight_edge=0.5, weight_cloud=2.0)
+    parts = joint_loss(out, y, tc)
+    ce = torch.nn.functional.cross_entropy
+    cam_terms = [ce(out.camera_logits[i, k:k + 1], y[i:i + 1]) for i in range(3) for k in range(6) if present[i, k]]
+    cam = torch.stack(cam_terms).mean()
+    assert parts.camera.item() == pytest.approx(cam.item(), rel=1e-5)
+    assert parts.edge.item() == pytest.approx(ce(out.edge_logits, y).item(), rel=1e-5)
+    assert parts.cloud.item() == pytest.approx(ce(out.cloud_logits, y).item(), rel=1e-5)
+    expected = 0.3 * cam + 0.5 * ce(out.edge_logits, y) + 2.0 * ce(out.cloud_logits, y)
+    assert parts.total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ddnn_loss_has_no_camera_term(views):
+    model = AdaDDNN(tiny_config(mode="ddnn")).eval()
+    y = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        parts = joint_loss(model(views), y, TrainConfig())
+    assert parts.camera.item() == 0.0
+    assert parts.total.item() == pytest.approx(parts.edge.item() + parts.cloud.item(), rel=1e-6)
+
+
+def test_camera_dropout_keeps_one_camera():
+    g = torch.Generator().manual_seed(0)
+    present = sample_present(10_000, 6, 0.9, g)
+    assert present.any(dim=1).all()
+    assert 0.05 < present.float().mean().item() < 0.3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        ModelConfig(mode="other")
+    with pytest.raises(ValueError):
+        ModelConfig(fusion="sum")
+    with pytest.raises(ValueError):
+        ModelConfig(view_mode="tiles", num_cameras=4)
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({**ModelConfig().to_dict(), "bogus": 1})
+
+
+def test_release_wire_size_is_under_a_third_of_a_view():
+    cfg = ModelConfig()
+    k, s, _ = cfg.wire_shape
+    assert k * s * s <= 1024  # int8 payload bytes per camera per frame, before the header
