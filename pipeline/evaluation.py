@@ -2,7 +2,13 @@
 
 `collect` runs the whole network once over a split and keeps what every exit needs (entropies
 and predictions of each camera, the edge and the cloud), so thresholds can be swept without
-running the network again.
+running the network again. `camera_pass` + `fuse_pass` split that run in two, so that the
+missing-camera experiments run the cameras once and only re-fuse (the cameras do not depend on
+each other); `wire_dtype` sends the camera features through the wire codec first, as deployed.
+
+Threshold policies work on a sweep of (T1, T2) points (`sweep`, `select_thresholds`);
+`choose_thresholds` is the one entry point that picks deployed thresholds, and it is given
+validation outputs only.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edge.exits import CLOUD, EXIT1, EXIT2, decide
+from edge.exits import CLOUD, EXIT1, EXIT2, decide, exit1_choice, under
+from edge.fusion import fuse
 from pipeline.config import ModelConfig
 from pipeline.data import Split, to_float
 from pipeline.entropy import normalized_entropy
@@ -38,7 +45,109 @@ class Collected:
         return len(self.labels)
 
 
+@dataclass
+class CameraPass:
+    """What the cameras produce over a split (CPU tensors): enough to fuse any subset of them later."""
+
+    labels: torch.Tensor  # N
+    features: torch.Tensor  # N x cams x K x S x S, after the wire codec when one was applied
+    cam_entropy: torch.Tensor | None  # N x cams (ADA only)
+    cam_pred: torch.Tensor | None  # N x cams (ADA only)
+    wire_dtype: str | None  # codec the features went through; None = straight from the network
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _codec(x: torch.Tensor, wire_dtype: str | None) -> torch.Tensor:
+    """N x K x S x S features after `pipeline.messages.quantize_roundtrip`; None: unchanged."""
+    if wire_dtype is None:
+        return x
+    from pipeline.messages import quantize_roundtrip  # the wire codec; imported only when asked for
+
+    return quantize_roundtrip(x.float(), wire_dtype).to(x.device)
+
+
+def wire_roundtrip(features: torch.Tensor, wire_dtype: str | None) -> torch.Tensor:
+    """N x cams x K x S x S camera features as the edge receives them: each camera's tensor
+    quantized with `pipeline.messages.quantize_roundtrip`; None returns them unchanged."""
+    if wire_dtype is None:
+        return features
+    n, cams = features.shape[:2]
+    return _codec(features.reshape(n * cams, *features.shape[2:]), wire_dtype).reshape(features.shape)
+
+
 @torch.no_grad()
+def camera_pass(
+    model: AdaDDNN,
+    split: Split,
+    device: torch.device | str = "cpu",
+    batch_size: int = 500,
+    autocast: bool = False,
+    wire_dtype: str | None = None,
+) -> CameraPass:
+    """Run the six camera modules over `split`; features optionally through the wire codec."""
+    cfg: ModelConfig = model.cfg
+    model.eval()
+    dev = torch.device(device)
+    feats, ents, preds = [], [], []
+    for start in range(0, len(split), batch_size):
+        scenes = to_float(split.images[start:start + batch_size], dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            f, logits = model.run_cameras(prepare_views(cfg, scenes))
+        feats.append(wire_roundtrip(f, wire_dtype).cpu())
+        if logits is not None:
+            ents.append(normalized_entropy(logits).cpu())
+            preds.append(logits.argmax(-1).cpu())
+    return CameraPass(
+        labels=torch.as_tensor(split.labels[:len(split)]),
+        features=torch.cat(feats),
+        cam_entropy=torch.cat(ents) if ents else None,
+        cam_pred=torch.cat(preds) if preds else None,
+        wire_dtype=wire_dtype,
+    )
+
+
+@torch.no_grad()
+def fuse_pass(
+    model: AdaDDNN,
+    cams: CameraPass,
+    present: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 500,
+    autocast: bool = False,
+) -> Collected:
+    """Fusion, edge and cloud on the cameras' output; `present` (N x cams bool) masks cameras out.
+
+    When the cameras' features went through the wire codec, so do the fused features the cloud
+    sees: the edge escalates them in the same dtype (for concat fusion int8 re-quantization is
+    lossless up to float rounding, since each fused channel is one camera's channel)."""
+    model.eval()
+    n = len(cams)
+    if present is None:
+        present = torch.ones(n, model.cfg.num_cameras, dtype=torch.bool)
+    dev = torch.device(device)
+    ee, ep, cl = [], [], []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            fused = fuse(cams.features[start:stop].to(dev), present[start:stop].to(dev), model.cfg.fusion)
+            edge_logits = model.edge(fused)
+            cloud_logits = model.cloud(_codec(fused, cams.wire_dtype))
+        ee.append(normalized_entropy(edge_logits).cpu())
+        ep.append(edge_logits.argmax(-1).cpu())
+        cl.append(cloud_logits.argmax(-1).cpu())
+    return Collected(
+        labels=cams.labels,
+        present=present.cpu(),
+        cam_entropy=cams.cam_entropy,
+        cam_pred=cams.cam_pred,
+        edge_entropy=torch.cat(ee),
+        edge_pred=torch.cat(ep),
+        cloud_pred=torch.cat(cl),
+    )
+
+
 def collect(
     model: AdaDDNN,
     split: Split,
@@ -46,36 +155,14 @@ def collect(
     batch_size: int = 500,
     present: torch.Tensor | None = None,
     autocast: bool = False,
+    wire_dtype: str | None = None,
 ) -> Collected:
-    """Run the network over `split`; `present` (N x cams bool) masks cameras out, default all present."""
-    cfg: ModelConfig = model.cfg
-    model.eval()
-    n = len(split)
-    if present is None:
-        present = torch.ones(n, cfg.num_cameras, dtype=torch.bool)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("ce", "cp", "ee", "ep", "cl")}
-    dev = torch.device(device)
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        scenes = to_float(split.images[start:stop], dev)
-        mask = present[start:stop].to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(prepare_views(cfg, scenes), mask)
-        if out.camera_logits is not None:
-            parts["ce"].append(normalized_entropy(out.camera_logits).cpu())
-            parts["cp"].append(out.camera_logits.argmax(-1).cpu())
-        parts["ee"].append(normalized_entropy(out.edge_logits).cpu())
-        parts["ep"].append(out.edge_logits.argmax(-1).cpu())
-        parts["cl"].append(out.cloud_logits.argmax(-1).cpu())
-    return Collected(
-        labels=torch.as_tensor(split.labels[:n]),
-        present=present.cpu(),
-        cam_entropy=torch.cat(parts["ce"]) if parts["ce"] else None,
-        cam_pred=torch.cat(parts["cp"]) if parts["cp"] else None,
-        edge_entropy=torch.cat(parts["ee"]),
-        edge_pred=torch.cat(parts["ep"]),
-        cloud_pred=torch.cat(parts["cl"]),
-    )
+    """Run the network over `split`; `present` (N x cams bool) masks cameras out, default all present.
+
+    `wire_dtype` ("int8", "float16", "float32") passes the camera features through the wire codec
+    before fusion, as the streaming pipeline does; the default (None) feeds them straight through."""
+    cams = camera_pass(model, split, device, batch_size, autocast, wire_dtype)
+    return fuse_pass(model, cams, present, device, batch_size, autocast)
 
 
 def classifier_accuracies(c: Collected) -> dict:
@@ -125,28 +212,123 @@ def exit_metrics(c: Collected, t1: float | None, t2: float) -> dict:
 
 THRESHOLD_GRID = tuple(round(x, 3) for x in np.linspace(0.0, 1.0, 41))
 
+POLICIES: tuple[str, ...] = ("edge-accuracy", "min-edge-rate", "within-cloud")
+DEFAULT_POLICY = "edge-accuracy"  # what the model card uses
+DEFAULT_MIN_EDGE_ACCURACY = 0.90  # edge-accuracy: eq. 6 accuracy the edge must keep
+DEFAULT_MIN_EDGE_RATE = 0.50  # min-edge-rate: fraction of frames that must leave at exit 1 or 2
+DEFAULT_EPSILON = 0.01  # within-cloud: overall accuracy may trail cloud-only by this much (absolute)
+
+
+def sweep(c: Collected, grid: tuple[float, ...] = THRESHOLD_GRID) -> list[dict]:
+    """Exit metrics over the T1 x T2 grid (T2 only when there are no camera classifiers), T1 outer.
+
+    Each point: {"t1", "t2", "edge_rate", "edge_acc", "overall"}; edge_acc is None when no frame
+    leaves at the edge. The same rule as `exit_metrics` (edge.exits' `under` and `exit1_choice`),
+    counted for the whole grid at once with 0/1 matrix products instead of one `decide` per point."""
+    n = len(c)
+    y = c.labels
+    fire2 = np.stack([under(c.edge_entropy.float(), t).numpy() for t in grid]).astype(np.int64)  # G2 x N
+    ok2 = (c.edge_pred == y).numpy().astype(np.int64)
+    ok_cloud = (c.cloud_pred == y).numpy().astype(np.int64)
+    if c.cam_entropy is not None:
+        t1s: tuple[float | None, ...] = grid
+        best, cam = exit1_choice(c.cam_entropy, c.present)
+        pred1 = c.cam_pred.gather(1, cam.clamp_min(0)[:, None])[:, 0]
+        ok1 = ((pred1 == y) & (cam >= 0)).numpy().astype(np.int64)
+        fire1 = np.stack([(under(best, t) & (cam >= 0)).numpy() for t in grid]).astype(np.int64)  # G1 x N
+    else:
+        t1s = (None,)
+        ok1 = np.zeros(n, dtype=np.int64)
+        fire1 = np.zeros((1, n), dtype=np.int64)
+    rest = 1 - fire1  # frames exit 1 did not take
+    at_edge = fire1.sum(1)[:, None] + rest @ fire2.T  # G1 x G2 frames leaving at exit 1 or 2
+    edge_ok = (fire1 @ ok1)[:, None] + rest @ (fire2 * ok2).T
+    cloud_ok = rest @ ((1 - fire2) * ok_cloud).T
+    points = []
+    for i, t1 in enumerate(t1s):
+        for j, t2 in enumerate(grid):
+            k = int(at_edge[i, j])
+            points.append({"t1": None if t1 is None else float(t1), "t2": float(t2), "edge_rate": k / n, "edge_acc": int(edge_ok[i, j]) / k if k else None,
+                           "overall": int(edge_ok[i, j] + cloud_ok[i, j]) / n})
+    return points
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both edge_rate and overall (>= on both, > on one),
+    one per distinct (edge_rate, overall) pair (the first in sweep order), by rising edge_rate."""
+    front: list[dict] = []  # its last point holds the best overall of the points visited so far
+    for p in sorted(points, key=lambda q: (-q["edge_rate"], -q["overall"])):  # stable: sweep order on ties
+        if not front or p["overall"] > front[-1]["overall"]:
+            front.append(p)
+    return front[::-1]
+
+
+def _first_best(points: list[dict], ok, key) -> dict | None:
+    best = None
+    for p in points:  # strict '>' keeps the first point of a tie in sweep order
+        if ok(p) and (best is None or key(p) > key(best)):
+            best = p
+    return best
+
+
+def select_thresholds(
+    points: list[dict],
+    policy: str = DEFAULT_POLICY,
+    min_edge_accuracy: float = DEFAULT_MIN_EDGE_ACCURACY,
+    min_edge_rate: float = DEFAULT_MIN_EDGE_RATE,
+    epsilon: float = DEFAULT_EPSILON,
+    cloud_only: float | None = None,
+    chosen_on: str = "validation",
+) -> dict:
+    """Pick (T1, T2) from sweep points of one split; returns {"t1", "t2", "chosen_on", "policy"}.
+
+    edge-accuracy: the most frames at the edge with eq. 6 edge accuracy >= min_edge_accuracy,
+                   ties to the higher overall accuracy; unreachable: everything to the cloud.
+    min-edge-rate: the best overall accuracy with edge rate >= min_edge_rate, ties to the higher
+                   edge rate (always reachable: T = 1 sends every frame out at the edge).
+    within-cloud:  the most frames at the edge with overall accuracy >= cloud_only - epsilon,
+                   where cloud_only is the cloud's accuracy on every frame of the same split;
+                   ties to the higher overall (always reachable: T = 0 is cloud-only)."""
+    if not points:
+        raise ValueError("no sweep points to choose from")
+    has_cams = points[0]["t1"] is not None
+    if policy == "edge-accuracy":
+        text = f"max edge rate with edge accuracy >= {min_edge_accuracy:.2f}"
+        best = _first_best(points, lambda p: p["edge_acc"] is not None and p["edge_acc"] >= min_edge_accuracy,
+                           lambda p: (p["edge_rate"], p["overall"]))
+    elif policy == "min-edge-rate":
+        text = f"max overall accuracy with edge rate >= {min_edge_rate:.2f}"
+        best = _first_best(points, lambda p: p["edge_rate"] >= min_edge_rate - 1e-12,
+                           lambda p: (p["overall"], p["edge_rate"]))
+    elif policy == "within-cloud":
+        if cloud_only is None:
+            raise ValueError("policy 'within-cloud' needs the cloud-only accuracy")
+        text = f"max edge rate with overall accuracy >= cloud-only {cloud_only:.4f} - {epsilon:.3f}"
+        best = _first_best(points, lambda p: p["overall"] >= cloud_only - epsilon - 1e-12,
+                           lambda p: (p["edge_rate"], p["overall"]))
+    else:
+        raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
+    if best is None:  # nothing reaches the bar: send everything to the cloud
+        return {"t1": 0.0 if has_cams else None, "t2": 0.0, "chosen_on": chosen_on,
+                "policy": f"{text} (unreachable: all to cloud)"}
+    return {"t1": best["t1"], "t2": best["t2"], "chosen_on": chosen_on, "policy": text}
+
 
 def choose_thresholds(
     c: Collected,
-    min_edge_accuracy: float = 0.90,
+    min_edge_accuracy: float = DEFAULT_MIN_EDGE_ACCURACY,
     grid: tuple[float, ...] = THRESHOLD_GRID,
+    policy: str = DEFAULT_POLICY,
+    min_edge_rate: float = DEFAULT_MIN_EDGE_RATE,
+    epsilon: float = DEFAULT_EPSILON,
 ) -> dict:
-    """Policy 'edge-accuracy': the (T1, T2) that send the most frames out at the edge while the
-    edge accuracy stays >= min_edge_accuracy; ties go to the higher overall accuracy. Call it on
-    the validation split only."""
-    has_cams = c.cam_entropy is not None
-    best: tuple | None = None
-    for t1 in grid if has_cams else (None,):
-        for t2 in grid:
-            m = exit_metrics(c, t1, t2)
-            edge_acc = m["accuracy"]["edge"]
-            if edge_acc is None or edge_acc < min_edge_accuracy:
-                continue
-            key = (m["edge_rate"], m["accuracy"]["overall"])
-            if best is None or key > best[0]:
-                best = (key, t1, t2)
-    if best is None:  # nothing reaches the bar: send everything to the cloud
-        return {"t1": 0.0 if has_cams else None, "t2": 0.0, "chosen_on": "validation",
-                "policy": f"max edge rate with edge accuracy >= {min_edge_accuracy:.2f} (unreachable: all to cloud)"}
-    return {"t1": best[1], "t2": best[2], "chosen_on": "validation",
-            "policy": f"max edge rate with edge accuracy >= {min_edge_accuracy:.2f}"}
+    """The deployed (T1, T2) by `policy` (see `select_thresholds`; default 'edge-accuracy': the
+    most frames out at the edge while the edge accuracy stays >= min_edge_accuracy, ties to the
+    higher overall accuracy). Call it on the validation split only."""
+    return select_thresholds(sweep(c, grid), policy, min_edge_accuracy, min_edge_rate, epsilon, cloud_only_accuracy(c),
+                             chosen_on="validation")
+
+
+def cloud_only_accuracy(c: Collected) -> float:
+    """Accuracy when every frame goes to the cloud, as an exact ratio of counts (like `sweep`'s)."""
+    return int((c.cloud_pred == c.labels).sum()) / len(c)

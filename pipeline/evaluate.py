@@ -1,0 +1,340 @@
+"""`ada-ddnn evaluate`: the paper's experiments on the test split, thresholds chosen on validation.
+
+    ada-ddnn evaluate --checkpoint models/ada.safetensors --baseline models/ddnn.safetensors --out reports/release/
+    ada-ddnn evaluate --checkpoint /tmp/ev/ada.safetensors --out /tmp/ev/report --limit 500 --results /tmp/ev/RESULTS.md
+
+For each checkpoint (and the baseline): run the cameras once over the validation and test
+splits (features through the wire codec, `--wire-dtype int8` by default, as deployed), choose
+(T1, T2) on validation with `--policy`, then measure on test: exit rates, eq. 6/7 accuracies,
+every classifier's accuracy, bytes per frame from real encoded messages, one camera missing,
+n cameras missing at random, and the T1 x T2 sweep with its Pareto front. Writes
+
+    OUT/report.json            the checkpoint's report (keys documented in docs/EVALUATION.md)
+    OUT/optimistic.json        the paper's way: thresholds searched on the test split (optimistic)
+    OUT/run.json               provenance: command, git commit, device, seed, timings
+    OUT/baseline/...           the same three for --baseline
+    OUT/figures/*.png          loss and accuracy per epoch, missing cameras, accuracy vs edge rate
+    --results (docs/RESULTS.md) the paper's table next to ours, with the figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge.exits import CLOUD, decide
+from edge.fusion import fuse
+from pipeline import evaluation
+from pipeline.checkpoint import git_commit, load_card, load_checkpoint
+from pipeline.config import default_data_dir, env_default
+from pipeline.data import Cifar10, Split, to_float
+from pipeline.evaluation import CameraPass, Collected
+from pipeline.network import AdaDDNN
+
+log = logging.getLogger(__name__)
+
+WIRE_DTYPES = ("int8", "float16", "float32")
+OPTIMISTIC_LABEL = "test (optimistic: searched on the test split, as the paper did)"
+SITE = "eval"  # site name in the messages encoded to measure bytes (its length is part of the size)
+
+
+def history_path(checkpoint: str) -> str:
+    """Where `ada-ddnn train` writes the per-epoch history of `checkpoint`."""
+    return os.path.splitext(checkpoint)[0] + ".history.json"
+
+
+def load_history(checkpoint: str) -> list[dict] | None:
+    path = history_path(checkpoint)
+    if not os.path.isfile(path):
+        log.warning("no training history at %s: the per-epoch figures leave this checkpoint out", path)
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _metrics(c: Collected, thresholds: dict) -> dict:
+    return evaluation.exit_metrics(c, thresholds["t1"], thresholds["t2"])
+
+
+def missing_one(model: AdaDDNN, cams: CameraPass, thresholds: dict, device: torch.device) -> list[dict]:
+    """One camera absent from every frame, for each camera in turn (the paper's Fig. 5)."""
+    out = []
+    n, k = len(cams), model.cfg.num_cameras
+    for cam in range(k):
+        present = torch.ones(n, k, dtype=torch.bool)
+        present[:, cam] = False
+        m = _metrics(evaluation.fuse_pass(model, cams, present, device), thresholds)
+        out.append({"camera": cam, "edge": m["accuracy"]["edge"], "cloud": m["accuracy"]["cloud"],
+                    "overall": m["accuracy"]["overall"], "exit_rate": m["exit_rate"]})
+    return out
+
+
+def absent_sets(num_cameras: int, n: int, draws: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
+    """`draws` random sets of n absent cameras: distinct while there are enough, else with repeats."""
+    sets = list(itertools.combinations(range(num_cameras), n))
+    idx = rng.choice(len(sets), size=draws, replace=draws > len(sets))
+    return [sets[i] for i in idx]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def missing_n(model: AdaDDNN, cams: CameraPass, thresholds: dict, device: torch.device, draws: int,
+              seed: int) -> list[dict]:
+    """n = 1..cams cameras absent from every frame, the set drawn at random `draws` times (Fig. 6).
+
+    overall_std is the sample standard deviation over the draws (0 for a single distinct set)."""
+    rng = np.random.default_rng(seed)
+    n_frames, k = len(cams), model.cfg.num_cameras
+    out = []
+    for n in range(1, k + 1):
+        overall, edge, cloud = [], [], []
+        for absent in absent_sets(k, n, draws, rng):
+            present = torch.ones(n_frames, k, dtype=torch.bool)
+            present[:, list(absent)] = False
+            m = _metrics(evaluation.fuse_pass(model, cams, present, device), thresholds)
+            overall.append(m["accuracy"]["overall"])
+            edge.append(m["accuracy"]["edge"])
+            cloud.append(m["accuracy"]["cloud"])
+        out.append({"n": n, "overall_mean": float(np.mean(overall)),
+                    "overall_std": float(np.std(overall, ddof=1)) if len(overall) > 1 else 0.0,
+                    "edge_mean": _mean(edge), "cloud_mean": _mean(cloud)})
+    return out
+
+
+@torch.no_grad()
+def bytes_per_frame(model: AdaDDNN, split: Split, cams: CameraPass, c: Collected, thresholds: dict,
+                    wire_dtype: str, sample: int) -> dict:
+    """Mean encoded bytes per frame over the first `sample` frames (0 = all), all cameras present.
+
+    camera_to_edge: the CameraObservation of every camera, summed. edge_to_cloud: the Escalation
+    of a frame that goes to the cloud under `thresholds`, 0 for one that leaves at the edge, so
+    that it is traffic per frame. Messages carry no label (only replays do). raw_views: the six
+    views as uint8 pixels."""
+    from devices.views import all_views
+    from pipeline.messages import CameraObservation, Escalation, FeatureTensor
+
+    n = len(cams) if sample <= 0 else min(sample, len(cams))
+    decided = decide(thresholds["t1"], thresholds["t2"], c.edge_entropy[:n], c.edge_pred[:n], c.cloud_pred[:n],
+                     None if c.cam_entropy is None else c.cam_entropy[:n],
+                     None if c.cam_pred is None else c.cam_pred[:n], c.present[:n])
+    cam_bytes = esc_bytes = raw_bytes = 0
+    now = time.time()
+    for start in range(0, n, 500):
+        stop = min(n, start + 500)
+        views = all_views(model.cfg, to_float(split.images[start:stop]))
+        pixels = views.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        present = c.present[start:stop]
+        fused = fuse(cams.features[start:stop], present, model.cfg.fusion)
+        for i in range(stop - start):
+            f = start + i
+            for k in range(model.cfg.num_cameras):
+                if not present[i, k]:
+                    continue
+                raw_bytes += len(pixels[i, k].numpy().tobytes())
+                pred = None if cams.cam_pred is None else int(cams.cam_pred[f, k])
+                ent = None if cams.cam_entropy is None else float(cams.cam_entropy[f, k])
+                obs = CameraObservation(SITE, f, k, now, pred, ent, FeatureTensor.quantize(cams.features[f, k], wire_dtype))
+                cam_bytes += len(obs.encode())
+            if int(decided.exit[f]) == CLOUD:
+                esc = Escalation(SITE, f, tuple(int(x) for x in present[i].nonzero().flatten()), now,
+                                 FeatureTensor.quantize(fused[i], wire_dtype), float(c.edge_entropy[f]),
+                                 int(c.edge_pred[f]))
+                esc_bytes += len(esc.encode())
+    return {"camera_to_edge": cam_bytes / n, "edge_to_cloud": esc_bytes / n, "raw_views": raw_bytes / n}
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: Cifar10,
+    wire_dtype: str | None = "int8",
+    policy: str = evaluation.DEFAULT_POLICY,
+    min_edge_accuracy: float = evaluation.DEFAULT_MIN_EDGE_ACCURACY,
+    min_edge_rate: float = evaluation.DEFAULT_MIN_EDGE_RATE,
+    epsilon: float = evaluation.DEFAULT_EPSILON,
+    limit: int = 0,
+    draws: int = 5,
+    seed: int = 0,
+    bytes_sample: int = 500,
+    device: str = "cpu",
+    batch_size: int = 500,
+    grid: tuple[float, ...] = evaluation.THRESHOLD_GRID,
+) -> tuple[dict, dict, dict]:
+    """(report, optimistic, run info) for one checkpoint; thresholds see the validation split only."""
+    t0 = time.time()
+    dev = torch.device(device)
+    model = load_checkpoint(checkpoint, device=dev)
+    val, test = data.val.head(limit), data.test.head(limit)
+    policy_args = dict(policy=policy, min_edge_accuracy=min_edge_accuracy, min_edge_rate=min_edge_rate,
+                       epsilon=epsilon)
+
+    val_cams = evaluation.camera_pass(model, val, dev, batch_size, wire_dtype=wire_dtype)
+    thresholds = evaluation.choose_thresholds(evaluation.fuse_pass(model, val_cams, device=dev, batch_size=batch_size),
+                                              grid=grid, **policy_args)
+    del val_cams
+    log.info("%s: thresholds on %d validation frames: t1=%s t2=%s (%s)", checkpoint, len(val), thresholds["t1"],
+             thresholds["t2"], thresholds["policy"])
+
+    cams = evaluation.camera_pass(model, test, dev, batch_size, wire_dtype=wire_dtype)
+    c = evaluation.fuse_pass(model, cams, device=dev, batch_size=batch_size)
+    m = _metrics(c, thresholds)
+    acc = evaluation.classifier_accuracies(c)
+    cameras_all = acc["cameras_all"] or [None] * model.cfg.num_cameras
+    points = evaluation.sweep(c, grid)
+    cloud_only = evaluation.cloud_only_accuracy(c)
+    report = {
+        "mode": model.cfg.mode,
+        "checkpoint": checkpoint,
+        "split": "test",
+        "n": len(test),
+        "thresholds": thresholds,
+        "exit_rate": m["exit_rate"],
+        "accuracy": {"edge": m["accuracy"]["edge"], "cloud": m["accuracy"]["cloud"],
+                     "overall": m["accuracy"]["overall"], "edge_all": acc["edge_all"],
+                     "cloud_all": acc["cloud_all"], "cameras_all": cameras_all},
+        "bytes_per_frame": bytes_per_frame(model, test, cams, c, thresholds, wire_dtype or "float32", bytes_sample),
+        "missing_one": missing_one(model, cams, thresholds, dev),
+        "missing_n": missing_n(model, cams, thresholds, dev, draws, seed),
+        "sweep": {"points": points, "pareto": evaluation.pareto(points)},
+    }
+    # The paper's way: the same policy searched on the test split itself (optimistic).
+    opt_thr = evaluation.select_thresholds(points, cloud_only=cloud_only, chosen_on=OPTIMISTIC_LABEL, **policy_args)
+    om = _metrics(c, opt_thr)
+    optimistic = {"mode": model.cfg.mode, "checkpoint": checkpoint, "split": "test", "n": len(test),
+                  "thresholds": opt_thr, "exit_rate": om["exit_rate"],
+                  "accuracy": {k: om["accuracy"][k] for k in ("edge", "cloud", "overall")}}
+    card = load_card(checkpoint)
+    run = {
+        "command": sys.argv,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "wire_dtype": wire_dtype,
+        "policy": policy_args,
+        "limit": limit,
+        "validation_frames": len(val),
+        "draws": draws,
+        "seed": seed,
+        "bytes_sample": min(bytes_sample, len(test)) if bytes_sample > 0 else len(test),
+        "data_digest_sha256": data.digest,
+        "checkpoint_card": {k: card.get(k) for k in ("epochs", "seed", "device", "wall_time_s", "git_commit", "data")},
+        "seconds": round(time.time() - t0, 1),
+    }
+    log.info("%s: test overall %.4f, edge %s at rate %.3f, cloud-only %.4f (%.0fs)", checkpoint,
+             m["accuracy"]["overall"], "-" if m["accuracy"]["edge"] is None else f"{m['accuracy']['edge']:.4f}",
+             m["edge_rate"], cloud_only, run["seconds"])
+    return rounded(report), rounded(optimistic), run
+
+
+def rounded(obj: Any, digits: int = 6) -> Any:
+    """`obj` with every float rounded to `digits` decimals (1e-6 is far below one frame in 10,000),
+    so that float32 means do not print as 0.38100001215934753."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.data import load_cifar10
+    from pipeline.figures import write_figures
+    from pipeline.results import write_results
+
+    if args.draws < 1:
+        raise ValueError(f"--draws must be at least 1, got {args.draws}")
+    for name in ("min_edge_accuracy", "min_edge_rate"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    wire = None if args.wire_dtype == "none" else args.wire_dtype
+    runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else [])
+    entries = []
+    data_by_val: dict[int, Cifar10] = {}
+    for sub, ckpt in runs:
+        # The validation split must be the one training held out: its size comes from the model card.
+        val_size = int(load_card(ckpt).get("train_config", {}).get("val_size", args.val_size))
+        if val_size not in data_by_val:
+            data_by_val[val_size] = load_cifar10(args.data, val_size=val_size)
+        report, optimistic, run = evaluate_checkpoint(
+            ckpt, data_by_val[val_size], wire_dtype=wire, policy=args.policy, min_edge_accuracy=args.min_edge_accuracy,
+            min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, limit=args.limit, draws=args.draws,
+            seed=args.seed, bytes_sample=args.bytes_sample, device=device, batch_size=args.batch_size)
+        folder = os.path.join(args.out, sub)
+        write_json(os.path.join(folder, "report.json"), report)
+        write_json(os.path.join(folder, "optimistic.json"), optimistic)
+        write_json(os.path.join(folder, "run.json"), run)
+        log.info("wrote %s", os.path.join(folder, "report.json"))
+        entries.append({"report": report, "optimistic": optimistic, "run": run, "history": load_history(ckpt),
+                        "card": load_card(ckpt)})
+    figures = write_figures(entries, os.path.join(args.out, "figures"))
+    written = [os.path.join(args.out, "RESULTS.md")] + ([args.results] if args.results else [])
+    for path in written:
+        write_results(path, entries, figures)
+    print(json.dumps({"reports": [os.path.join(args.out, sub, "report.json") for sub, _ in runs],
+                      "figures": figures, "results": written}, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `evaluate` sub-command to the `ada-ddnn` parser."""
+    p = subparsers.add_parser(
+        "evaluate", help="the paper's experiments on the test split, thresholds chosen on validation",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the checkpoint to evaluate (.safetensors)")
+    p.add_argument("--baseline", help="a second checkpoint (the DDNN baseline), reported side by side")
+    p.add_argument("--out", required=True, help="report folder, e.g. reports/release/")
+    p.add_argument("--data", default=default_data_dir(),
+                   help="folder holding cifar-10-batches-py/ (env ADA_DDNN_DATA; default %(default)s)")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="validation frames when the model card does not record them (default %(default)s)")
+    p.add_argument("--limit", type=int, default=0, help="first N validation and N test frames only (0 = all)")
+    p.add_argument("--wire-dtype", choices=(*WIRE_DTYPES, "none"), default=env_default("WIRE_DTYPE", "int8"),
+                   help="codec the camera features go through before fusion, as deployed; 'none' skips the "
+                        "codec (env ADA_DDNN_WIRE_DTYPE; default %(default)s)")
+    p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
+                   help="threshold policy on validation: edge-accuracy = most frames at the edge with edge "
+                        "accuracy >= --min-edge-accuracy (the model card's); min-edge-rate = best overall "
+                        "accuracy with >= --min-edge-rate at the edge; within-cloud = most frames at the edge "
+                        "with overall accuracy >= cloud-only - --epsilon (default %(default)s)")
+    p.add_argument("--min-edge-accuracy", type=float, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
+                   help="fraction, for --policy edge-accuracy (default %(default)s)")
+    p.add_argument("--min-edge-rate", type=float, default=evaluation.DEFAULT_MIN_EDGE_RATE,
+                   help="fraction of frames, for --policy min-edge-rate (default %(default)s)")
+    p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,
+                   help="absolute accuracy, for --policy within-cloud (default %(default)s)")
+    p.add_argument("--draws", type=int, default=5, help="random camera sets per n for missing_n (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the missing_n draws")
+    p.add_argument("--bytes-sample", type=int, default=500,
+                   help="test frames whose messages are encoded for bytes_per_frame (0 = all; default %(default)s)")
+    p.add_argument("--results", default="docs/RESULTS.md",
+                   help="also write the results page here (default %(default)s; '' for only OUT/RESULTS.md)")
+    p.add_argument("--device", default=env_default("DEVICE", "auto"), help="auto, cpu, cuda (env ADA_DDNN_DEVICE)")
+    p.add_argument("--batch-size", type=int, default=500, help="frames per forward pass")
+    p.add_argument("--threads", dest="num_threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.set_defaults(func=cmd_evaluate)
+    return p

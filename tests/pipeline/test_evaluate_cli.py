@@ -1,0 +1,129 @@
+"""`ada-ddnn evaluate` end to end: tiny trained checkpoints, a tiny CIFAR-10 layout on disk."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import TrainConfig
+from pipeline.data import load_cifar10
+from pipeline.train import train
+from tests.helpers import tiny_config
+
+VAL = 40  # validation frames held out of the 100 training images of the tiny layout
+
+REPORT_KEYS = {"mode", "checkpoint", "split", "n", "thresholds", "exit_rate", "accuracy", "bytes_per_frame",
+               "missing_one", "missing_n", "sweep"}
+THRESHOLD_KEYS = {"t1", "t2", "chosen_on", "policy"}
+EXIT_KEYS = {"exit1", "exit2", "cloud"}
+ACCURACY_KEYS = {"edge", "cloud", "overall", "edge_all", "cloud_all", "cameras_all"}
+BYTES_KEYS = {"camera_to_edge", "edge_to_cloud", "raw_views"}
+MISSING_ONE_KEYS = {"camera", "edge", "cloud", "overall", "exit_rate"}
+MISSING_N_KEYS = {"n", "overall_mean", "overall_std", "edge_mean", "cloud_mean"}
+POINT_KEYS = {"t1", "t2", "edge_rate", "edge_acc", "overall"}
+FIGURES = {"loss", "accuracy_epochs", "missing_one", "missing_n", "tradeoff"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    layout = root / "data" / "cifar-10-batches-py"
+    layout.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = 40 if name == "test_batch" else 20
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        with open(layout / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    data = load_cifar10(str(root / "data"), val_size=VAL)
+    tc = TrainConfig(epochs=2, batch_size=20, val_size=VAL, augment=False)
+    ckpts = {}
+    for mode in ("ada", "ddnn"):
+        ckpts[mode] = str(root / f"{mode}.safetensors")
+        train(tiny_config(mode=mode), tc, data, out_path=ckpts[mode], progress=False)
+    return root, ckpts
+
+
+def _fractions_ok(x):
+    return x is None or 0.0 <= x <= 1.0
+
+
+def check_report(r: dict, mode: str, n: int) -> None:
+    assert set(r) == REPORT_KEYS
+    assert (r["mode"], r["split"], r["n"]) == (mode, "test", n)
+    assert set(r["thresholds"]) == THRESHOLD_KEYS and r["thresholds"]["chosen_on"] == "validation"
+    assert (r["thresholds"]["t1"] is None) == (mode == "ddnn")
+    assert set(r["exit_rate"]) == EXIT_KEYS
+    assert sum(r["exit_rate"].values()) == pytest.approx(1.0)
+    assert all(_fractions_ok(v) for v in r["exit_rate"].values())
+    if mode == "ddnn":
+        assert r["exit_rate"]["exit1"] == 0.0
+    acc = r["accuracy"]
+    assert set(acc) == ACCURACY_KEYS and len(acc["cameras_all"]) == 6
+    assert all(_fractions_ok(acc[k]) for k in ACCURACY_KEYS - {"cameras_all"})
+    assert all(_fractions_ok(v) for v in acc["cameras_all"])
+    assert (acc["cameras_all"][0] is None) == (mode == "ddnn")
+    b = r["bytes_per_frame"]
+    assert set(b) == BYTES_KEYS
+    assert b["raw_views"] == 6 * 3 * 32 * 32
+    assert 0 < b["camera_to_edge"] < b["raw_views"]  # int8 features are smaller than the pixels
+    assert b["edge_to_cloud"] >= 0
+    assert [m["camera"] for m in r["missing_one"]] == list(range(6))
+    for m in r["missing_one"]:
+        assert set(m) == MISSING_ONE_KEYS and set(m["exit_rate"]) == EXIT_KEYS
+        assert all(_fractions_ok(m[k]) for k in ("edge", "cloud", "overall"))
+    assert [m["n"] for m in r["missing_n"]] == list(range(1, 7))
+    for m in r["missing_n"]:
+        assert set(m) == MISSING_N_KEYS
+        assert all(_fractions_ok(m[k]) for k in ("overall_mean", "edge_mean", "cloud_mean"))
+        assert m["overall_std"] >= 0
+    assert set(r["sweep"]) == {"points", "pareto"}
+    for p in r["sweep"]["points"] + r["sweep"]["pareto"]:
+        assert set(p) == POINT_KEYS
+        assert all(_fractions_ok(p[k]) for k in ("edge_rate", "edge_acc", "overall"))
+    assert all(p in r["sweep"]["points"] for p in r["sweep"]["pareto"])
+
+
+def test_evaluate_writes_reports_figures_and_results(setup, capsys):
+    root, ckpts = setup
+    out = root / "report"
+    results = root / "docs" / "RESULTS.md"
+    rc = main(["evaluate", "--checkpoint", ckpts["ada"], "--baseline", ckpts["ddnn"], "--out", str(out),
+               "--data", str(root / "data"), "--limit", "30", "--bytes-sample", "8", "--draws", "5",
+               "--results", str(results), "--device", "cpu"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    for sub, mode in (("", "ada"), ("baseline", "ddnn")):
+        folder = out / sub
+        report = json.loads((folder / "report.json").read_text())
+        check_report(report, mode, 30)
+        optimistic = json.loads((folder / "optimistic.json").read_text())
+        assert "optimistic" in optimistic["thresholds"]["chosen_on"]
+        run = json.loads((folder / "run.json").read_text())
+        assert run["wire_dtype"] == "int8" and run["validation_frames"] == 30
+    assert set(printed["figures"]) == FIGURES
+    for name in FIGURES:
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = results.read_text()
+    for text in ("84.70", "86.62", "67.41", "86.57", "optimistic", "Quick run", "../report/figures/tradeoff.png"):
+        assert text in page, text
+    assert (out / "RESULTS.md").is_file()
+
+
+def test_evaluate_one_checkpoint_with_another_policy_and_codec(setup, capsys):
+    root, ckpts = setup
+    out = root / "within"
+    rc = main(["evaluate", "--checkpoint", ckpts["ada"], "--out", str(out), "--data", str(root / "data"),
+               "--limit", "20", "--bytes-sample", "4", "--draws", "2", "--results", "", "--policy", "within-cloud",
+               "--epsilon", "0.05", "--wire-dtype", "float16", "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    check_report(report, "ada", 20)
+    assert "cloud-only" in report["thresholds"]["policy"]
+    assert json.loads((out / "run.json").read_text())["wire_dtype"] == "float16"
+    assert not os.path.exists(out / "baseline")
