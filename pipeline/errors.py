@@ -1,0 +1,53 @@
+"""Named errors of the streaming pipeline; each names the site, frame and camera it is about.
+
+`MessageError` (malformed wire data) lives with the wire format in `pipeline.messages`.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(RuntimeError):
+    """Base of the streaming pipeline's errors."""
+
+
+class ConnectError(PipelineError):
+    """A broker (Mosquitto or Redis) cannot be reached after the retries allowed."""
+
+
+class FrameError(PipelineError):
+    """Something went wrong with one frame (or one camera's part of it)."""
+
+    def __init__(self, site: str, frame_id: int | None, message: str, camera: int | None = None) -> None:
+        self.site = site
+        self.frame_id = frame_id
+        self.camera = camera
+        where = f"site {site!r}"
+        if frame_id is not None:
+            where += f" frame {frame_id}"
+        if camera is not None:
+            where += f" camera {camera}"
+        super().__init__(f"{where}: {message}")
+
+
+class CameraError(FrameError):
+    """A camera cannot produce or publish an observation."""
+
+
+class AggregationError(FrameError):
+    """The edge cannot assemble or decide a frame."""
+
+
+class EscalationError(FrameError):
+    """The edge cannot hand a frame to the cloud (for example, the stream stays full)."""
+
+
+class CloudError(FrameError):
+    """A cloud worker cannot answer an escalated frame."""
+
+
+class ReplayError(PipelineError):
+    """The replay job cannot run or finish (bad arguments, frames missing at the end)."""
+
+
+__all__ = ["PipelineError", "ConnectError", "FrameError", "CameraError", "AggregationError", "EscalationError",
+           "CloudError", "ReplayError"]

@@ -1,0 +1,116 @@
+"""Every MQTT topic, Redis key and Redis stream name, built in one place with the site as prefix.
+
+    MQTT                                          Redis
+    ada/{site}/cam/{cam}/obs      QoS 1           ada:{site}:frame:{id}        hash, TTL
+    ada/{site}/cam/{cam}/status   retained, LWT   ada:{site}:escalations       stream (edge -> cloud)
+    ada/{site}/results            QoS 1           ada:{site}:results           stream (every decision)
+                                                  ada:{site}:deadletter        stream (rejected messages)
+                                                  ada:{site}:decided:{id}      claim marker, TTL
+                                                  ada:{site}:result:{id}       result marker, TTL
+                                                  ada:{site}:pending           open frames by deadline
+                                                  ada:{site}:counters          hash of counters
+                                                  ada:{site}:heartbeat:{role}:{id}  liveness, TTL
+
+A site id is letters, digits, '-' and '_' only, so it can never add a topic level, an MQTT
+wildcard or a Redis key separator.
+"""
+
+from __future__ import annotations
+
+import re
+
+SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SERVICE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+SHARE_GROUP = "edge"  # MQTT v5 shared-subscription group of the aggregators
+CLOUD_GROUP = "cloud"  # Redis consumer group of the cloud workers
+
+
+def check_site(site: object) -> str:
+    if not isinstance(site, str) or not SITE_RE.match(site):
+        raise ValueError(f"site id must match {SITE_RE.pattern}, got {site!r}")
+    return site
+
+
+def _cam(cam: int) -> int:
+    if isinstance(cam, bool) or not isinstance(cam, int) or cam < 0:
+        raise ValueError(f"camera id must be a non-negative int, got {cam!r}")
+    return cam
+
+
+# --- MQTT ---------------------------------------------------------------------------------
+
+def obs_topic(site: str, cam: int) -> str:
+    return f"ada/{check_site(site)}/cam/{_cam(cam)}/obs"
+
+
+def obs_filter(site: str) -> str:
+    """All cameras' observations of a site."""
+    return f"ada/{check_site(site)}/cam/+/obs"
+
+
+def shared_obs_filter(site: str, group: str = SHARE_GROUP) -> str:
+    """MQTT v5 shared subscription: the broker hands each observation to one member of `group`."""
+    return f"$share/{group}/{obs_filter(site)}"
+
+
+def status_topic(site: str, cam: int) -> str:
+    return f"ada/{check_site(site)}/cam/{_cam(cam)}/status"
+
+
+def status_filter(site: str) -> str:
+    return f"ada/{check_site(site)}/cam/+/status"
+
+
+def results_topic(site: str) -> str:
+    return f"ada/{check_site(site)}/results"
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+def frame_key(site: str, frame_id: int) -> str:
+    return f"ada:{check_site(site)}:frame:{int(frame_id)}"
+
+
+def decided_key(site: str, frame_id: int) -> str:
+    return f"ada:{check_site(site)}:decided:{int(frame_id)}"
+
+
+def result_key(site: str, frame_id: int) -> str:
+    """Marker set by whoever records the frame's result first; a second result is refused."""
+    return f"ada:{check_site(site)}:result:{int(frame_id)}"
+
+
+def pending_key(site: str) -> str:
+    """Sorted set of open frames scored by their deadline (ms since the epoch)."""
+    return f"ada:{check_site(site)}:pending"
+
+
+def escalations_stream(site: str) -> str:
+    return f"ada:{check_site(site)}:escalations"
+
+
+def results_stream(site: str) -> str:
+    return f"ada:{check_site(site)}:results"
+
+
+def deadletter_stream(site: str) -> str:
+    return f"ada:{check_site(site)}:deadletter"
+
+
+def counters_key(site: str) -> str:
+    return f"ada:{check_site(site)}:counters"
+
+
+def heartbeat_key(site: str, role: str, service_id: str) -> str:
+    if not SERVICE_RE.match(role) or not SERVICE_RE.match(service_id):
+        raise ValueError(f"bad role/service id {role!r}/{service_id!r}")
+    return f"ada:{check_site(site)}:heartbeat:{role}:{service_id}"
+
+
+def heartbeat_pattern(site: str, role: str) -> str:
+    return f"ada:{check_site(site)}:heartbeat:{role}:*"
+
+
+def site_pattern(site: str) -> str:
+    """Every Redis key of a site (for cleanup in tests and `replay`)."""
+    return f"ada:{check_site(site)}:*"

@@ -1,0 +1,202 @@
+import math
+import pickle
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pipeline import topics
+from pipeline.messages import (MAX_MESSAGE_BYTES, WIRE_VERSION, CameraObservation, CameraStatus, Decision, Escalation,
+                               FeatureTensor, MessageError, observation_bytes, quantize_roundtrip, unpack)
+
+
+def obs(features=None, **changes):
+    base = dict(site="s1", frame_id=7, camera=2, captured_at=1.7e9, prediction=3, entropy=0.25,
+                features=features or FeatureTensor.quantize(torch.randn(12, 8, 8)), label=4)
+    base.update(changes)
+    return CameraObservation(**base)
+
+
+def wire(message) -> dict:
+    return msgpack.unpackb(message.encode(), raw=False)
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16", "float32"])
+def test_observation_round_trip(dtype):
+    x = torch.randn(12, 8, 8)
+    o = obs(FeatureTensor.quantize(x, dtype))
+    back = CameraObservation.decode(o.encode())
+    assert back == o
+    got = back.features.to_tensor()
+    assert got.dtype == torch.float32 and got.shape == (12, 8, 8)
+    tol = {"int8": x.abs().amax(dim=(1, 2)).max() / 127 / 2 + 1e-7, "float16": 1e-2, "float32": 0.0}[dtype]
+    assert float((got - x).abs().max()) <= tol
+
+
+def test_int8_is_per_channel_with_unit_scale_for_zero_channels():
+    x = torch.randn(4, 8, 8)
+    x[1] = 0
+    x[2] *= 100
+    f = FeatureTensor.quantize(x)
+    scale = np.frombuffer(f.scale, dtype="<f4")
+    assert scale[1] == 1.0
+    assert np.allclose(scale[[0, 2, 3]], x.abs().amax(dim=(1, 2)).numpy()[[0, 2, 3]] / 127)
+    assert f.nbytes == 4 * 64 + 4 * 4
+    assert torch.equal(f.to_tensor()[1], torch.zeros(8, 8))
+
+
+def test_int8_observation_is_small():
+    # 12 x 8 x 8 int8 + 12 scales + fields: under 1 KiB, a third of the raw 32 x 32 x 3 view
+    assert observation_bytes(torch.randn(12, 8, 8)) < 1024
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16", "float32"])
+def test_quantize_roundtrip_matches_the_wire_bit_for_bit(dtype):
+    x = torch.randn(5, 12, 8, 8) * torch.rand(5, 12, 1, 1) * 10
+    x[3, 4] = 0
+    batch = quantize_roundtrip(x, dtype)
+    for i in range(5):
+        assert torch.equal(batch[i], FeatureTensor.quantize(x[i], dtype).to_tensor())
+    if dtype == "float32":
+        assert torch.equal(batch, x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 4), st.integers(1, 4)),
+              elements=st.floats(-1e4, 1e4, width=32)),
+       st.sampled_from(["int8", "float16", "float32"]))
+def test_codec_property(x, dtype):
+    t = torch.from_numpy(x)
+    f = FeatureTensor.quantize(t, dtype)
+    back = FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
+    assert back == f
+    got = back.to_tensor()
+    assert got.shape == t.shape and bool(torch.isfinite(got).all())
+    if dtype == "int8":  # error at most half a step of the channel's scale
+        step = t.abs().reshape(t.shape[0], -1).amax(1).clamp_min(1e-30) / 127
+        assert bool(((got - t).abs() <= step[:, None, None] * 0.5001 + 1e-30).all())
+        assert torch.equal(got, quantize_roundtrip(t[None], "int8")[0])
+    elif dtype == "float32":
+        assert torch.equal(got, t)
+
+
+@settings(max_examples=40, deadline=None)
+@given(frame_id=st.integers(0, 2**63 - 1), camera=st.integers(0, 255), at=st.floats(0, 4e9),
+       pred=st.none() | st.integers(0, 9), ent=st.floats(0, 1), label=st.none() | st.integers(0, 65535),
+       site=st.from_regex(topics.SITE_RE, fullmatch=True))
+def test_observation_property(frame_id, camera, at, pred, ent, label, site):
+    o = CameraObservation(site, frame_id, camera, at, pred, None if pred is None else ent,
+                          FeatureTensor.quantize(torch.ones(2, 2, 2)), label)
+    assert CameraObservation.decode(o.encode()) == o
+
+
+def test_every_message_round_trips():
+    f = FeatureTensor.quantize(torch.randn(72, 8, 8))
+    for m in (Escalation("s", 1, (0, 2, 5), 1.0, f, 0.5, 3, None),
+              Decision("s", 1, "exit1", 3, 0.1, 2, (0, 1, 2), 1.0, 2.0, "edge-1", 4),
+              Decision("s", 2, "cloud", 3, None, None, (), 1.0, 2.0),
+              CameraStatus("s", 3, "offline", 0.0)):
+        assert type(m).decode(m.encode()) == m
+    assert Decision("s", 1, "exit2", 3, 0.1, None, (0,), 1.0, 1.25).latency_ms == 250.0
+
+
+def _bad_obs_maps():
+    good = wire(obs())
+    yield "version", {**good, "v": WIRE_VERSION + 1}
+    yield "tag", {**good, "t": "dec"}
+    yield "missing field", {k: v for k, v in good.items() if k != "entropy"}
+    yield "extra field", {**good, "extra": 1}
+    yield "bool as int", {**good, "frame_id": True}
+    yield "negative frame", {**good, "frame_id": -1}
+    yield "camera range", {**good, "camera": 256}
+    yield "entropy above 1", {**good, "entropy": 1.5}
+    yield "nan entropy", {**good, "entropy": float("nan")}
+    yield "inf time", {**good, "captured_at": math.inf}
+    yield "prediction without entropy", {**good, "entropy": None}
+    yield "site with slash", {**good, "site": "a/b"}
+    yield "site wildcard", {**good, "site": "#"}
+    yield "site type", {**good, "site": 5}
+    feats = good["features"]
+    yield "dtype", {**good, "features": {**feats, "dtype": "float64"}}
+    yield "short data", {**good, "features": {**feats, "data": feats["data"][:-1]}}
+    yield "shape mismatch", {**good, "features": {**feats, "shape": [12, 8, 9]}}
+    yield "too many dims", {**good, "features": {**feats, "shape": [1, 12, 8, 8, 1]}}
+    yield "zero dim", {**good, "features": {**feats, "shape": [0, 8, 8]}}
+    yield "huge shape", {**good, "features": {**feats, "shape": [1 << 20, 1, 1], "data": b""}}
+    yield "no scale", {**good, "features": {**feats, "scale": None}}
+    yield "short scale", {**good, "features": {**feats, "scale": feats["scale"][:-4]}}
+    yield "negative scale", {**good, "features": {**feats, "scale": np.full(12, -1, "<f4").tobytes()}}
+    yield "nan scale", {**good, "features": {**feats, "scale": np.full(12, np.nan, "<f4").tobytes()}}
+    yield "code -128", {**good, "features": {**feats, "data": b"\x80" * 768}}
+    yield "features not a map", {**good, "features": [1, 2]}
+    yield "data as str", {**good, "features": {**feats, "data": "x" * 768}}
+    f32 = FeatureTensor.quantize(torch.ones(2, 2, 2), "float32").to_wire()
+    yield "nan float32", {**good, "features": {**f32, "data": np.full(8, np.nan, "<f4").tobytes()}}
+    yield "inf float16", {**good, "features": {**f32, "dtype": "float16", "data": np.full(8, np.inf, "<f2").tobytes()}}
+    yield "scale on float", {**good, "features": {**f32, "scale": b"\0\0\x80?" * 2}}
+
+
+@pytest.mark.parametrize("case", list(_bad_obs_maps()), ids=lambda c: c[0])
+def test_decode_rejects(case):
+    with pytest.raises(MessageError):
+        CameraObservation.decode(pack(case[1]))
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\xc1", b"\x92\x01\x02", pack([1, 2]), pack({1: 2}), pack("text"),
+    pickle.dumps({"v": 1, "t": "obs"}),  # no pickle on the wire
+    msgpack.packb({"v": 1, "t": "obs", "x": msgpack.ExtType(5, b"abc")}),
+    b"\x81\xa1v" + b"\xdf\xff\xff\xff\xff",  # a map claiming 4 billion entries
+    b"\x00" * (MAX_MESSAGE_BYTES + 1),
+])
+def test_decode_rejects_garbage(raw):
+    with pytest.raises(MessageError):
+        CameraObservation.decode(raw)
+    with pytest.raises(MessageError):
+        unpack(raw)
+
+
+def test_decode_rejects_non_bytes():
+    with pytest.raises(MessageError):
+        CameraObservation.decode("text")  # type: ignore[arg-type]
+
+
+def test_encode_refuses_what_it_cannot_send():
+    with pytest.raises(MessageError):
+        FeatureTensor.quantize(torch.tensor([[[float("nan")]]]))
+    with pytest.raises(MessageError):
+        FeatureTensor.quantize(torch.full((1, 1, 1), 1e6), "float16")  # overflows to inf
+    with pytest.raises(MessageError):
+        FeatureTensor.quantize(torch.ones(1, 1, 1), "bfloat16")
+    with pytest.raises(MessageError):
+        Decision("s", 1, "exit1", 3, 0.1, None, (0,), 1.0, 2.0)  # exit 1 names its camera
+    with pytest.raises(MessageError):
+        Decision("s", 1, "exit2", 3, 0.1, None, (2, 1), 1.0, 2.0)  # present must be sorted
+    with pytest.raises(MessageError):
+        CameraStatus("s", 0, "sleeping", 0.0)
+
+
+def test_message_error_is_a_value_error():
+    assert issubclass(MessageError, ValueError)
+
+
+def test_names_live_in_topics():
+    assert topics.obs_topic("s", 3) == "ada/s/cam/3/obs"
+    assert topics.status_topic("s", 3) == "ada/s/cam/3/status"
+    assert topics.results_topic("s") == "ada/s/results"
+    assert topics.shared_obs_filter("s") == "$share/edge/ada/s/cam/+/obs"
+    assert topics.frame_key("s", 9) == "ada:s:frame:9"
+    assert topics.escalations_stream("s") == "ada:s:escalations"
+    assert topics.results_stream("s") == "ada:s:results"
+    assert topics.deadletter_stream("s") == "ada:s:deadletter"
+    for bad in ("", "a/b", "a+b", "a:b", "#", "x" * 65):
+        with pytest.raises(ValueError):
+            topics.obs_topic(bad, 0)
