@@ -149,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    from pipeline import evaluate
+    evaluate.register(sub)
+    from devices import camera
+    camera.register(sub)
+    from edge import aggregator
+    aggregator.register(sub)
+    from cloud import worker
+    worker.register(sub)
+    from pipeline import replay
+    replay.register(sub)
+
     return parser
 
 

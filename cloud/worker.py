@@ -1,0 +1,290 @@
+"""The cloud worker: answers the frames the edge escalates.
+
+    ada-ddnn cloud --checkpoint models/ada.safetensors --batch 64 --wait-ms 10
+    ada-ddnn cloud --check                       # 0 if a worker of the site is alive
+
+Reads `ada:{site}:escalations` as a member of the consumer group "cloud" (several workers
+split the stream), batches up to --batch entries or --wait-ms, runs the cloud block (on the
+GPU when there is one), records each result once in `ada:{site}:results`, publishes it on
+`ada/{site}/results`, and only then XACKs (and XDELs, so that the stream's length is the
+edge's backpressure signal). On start and every --claim-interval-s it XAUTOCLAIMs entries that
+a dead worker left pending for longer than --claim-idle-ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+import redis
+import torch
+
+from edge.aggregator import DEADLETTER_MAXLEN, DEADLETTER_PAYLOAD_MAX, RECORD_RESULT, record_and_publish
+from pipeline import topics
+from pipeline.config import env_default
+from pipeline.entropy import normalized_entropy
+from pipeline.errors import CloudError
+from pipeline.messages import Decision, Escalation, MessageError
+from pipeline.network import AdaDDNN
+from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env, forward_rows,
+                              mqtt_client, redis_client, resolve_device, service_id, set_threads,
+                              stop_on_signals)
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 30.0
+IDLE_BLOCK_MS = 200  # longest XREADGROUP block while idle, so a stop request is seen quickly
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """One cloud worker."""
+
+    site: str = "site0"
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    checkpoint: str = "models/ada.safetensors"
+    batch: int = 64  # escalations per forward pass at most
+    wait_ms: int = 10  # after the first entry of a batch, wait at most this long for more
+    device: str = "auto"  # "auto" = cuda when available
+    claim_idle_ms: int = 30_000  # an entry pending this long belongs to a dead worker
+    claim_interval_s: float = 5.0  # how often to look for such entries
+    decided_ttl_s: int = 3600  # result markers: how long a frame refuses a second result
+    results_maxlen: int = 1_000_000
+    service_id: str = ""  # consumer name; "" = generated
+    heartbeat_s: float = 2.0
+    group: str = topics.CLOUD_GROUP
+
+    def __post_init__(self) -> None:
+        topics.check_site(self.site)
+        if self.batch < 1 or self.wait_ms < 0 or self.claim_idle_ms < 1:
+            raise ValueError("need batch >= 1, wait_ms >= 0 and claim_idle_ms >= 1")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "CloudConfig":
+        return config_from_env(cls, **overrides)
+
+
+@dataclass
+class CloudStats:
+    entries: int = 0
+    answered: int = 0
+    reclaimed: int = 0
+    deadletter: int = 0
+    batches: int = 0
+
+
+class Worker:
+    def __init__(self, cfg: CloudConfig, model: AdaDDNN) -> None:
+        self.cfg, self.model = cfg, model.eval()
+        self.device = resolve_device(cfg.device)
+        self.model.to(self.device)
+        self.sid = cfg.service_id or service_id("cloud")
+        self.stats = CloudStats()
+        self.stream = topics.escalations_stream(cfg.site)
+        self.redis: redis.Redis | None = None
+        self.mqtt: mqtt.Client | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def connect(self) -> None:
+        cfg = self.cfg
+        self.redis = redis_client(cfg.redis_url)
+        self._record = self.redis.register_script(RECORD_RESULT)
+        try:
+            self.redis.xgroup_create(self.stream, cfg.group, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+        self.heartbeat = Heartbeat(self.redis, cfg.site, "cloud", self.sid, cfg.heartbeat_s,
+                                   lambda: {"answered": self.stats.answered}).start()
+        self.mqtt = mqtt_client(cfg.mqtt_url, self.sid)
+        log.info("cloud %s: site %r, group %r, batch %d / %d ms on %s", self.sid, cfg.site, cfg.group, cfg.batch,
+                 cfg.wait_ms, self.device)
+
+    def close(self) -> None:
+        if self.mqtt is not None:
+            close_mqtt(self.mqtt)
+            self.mqtt = None
+        if self.redis is not None:
+            self.heartbeat.stop()
+            self.redis.close()
+            self.redis = None
+
+    def start(self) -> "Worker":
+        self.connect()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"cloud-{self.sid}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.close()
+
+    # -- the loop --
+    def run(self, stop: threading.Event) -> None:
+        next_claim = time.monotonic()  # reclaim first: entries a dead worker left behind
+        while not stop.is_set():
+            if time.monotonic() >= next_claim:
+                self.process(self.autoclaim(), reclaimed=True)
+                next_claim = time.monotonic() + self.cfg.claim_interval_s
+            batch = self.read_batch()
+            if batch:
+                self.process(batch)
+
+    def read_batch(self) -> list[tuple[bytes, dict]]:
+        """Up to `batch` new entries: block for the first, then at most `wait_ms` for the rest."""
+        cfg, r = self.cfg, self.redis
+        assert r is not None
+        out: list[tuple[bytes, dict]] = []
+        first_at = None
+        while len(out) < cfg.batch:
+            if first_at is None:
+                block = IDLE_BLOCK_MS
+            else:
+                left = cfg.wait_ms - (time.monotonic() - first_at) * 1000
+                if left < 1:
+                    break
+                block = int(left)
+            resp = r.xreadgroup(cfg.group, self.sid, {self.stream: ">"}, count=cfg.batch - len(out), block=block)
+            if not resp:
+                if first_at is None:
+                    return out
+                break
+            for _, entries in resp:
+                out.extend(entries)
+            if first_at is None:
+                first_at = time.monotonic()
+        return out
+
+    def autoclaim(self) -> list[tuple[bytes, dict]]:
+        """Entries pending longer than claim_idle_ms at any consumer, now ours."""
+        r, cfg = self.redis, self.cfg
+        assert r is not None
+        out: list[tuple[bytes, dict]] = []
+        start = "0-0"
+        while True:
+            resp = r.xautoclaim(self.stream, cfg.group, self.sid, cfg.claim_idle_ms, start_id=start, count=cfg.batch)
+            start, entries = resp[0], resp[1]
+            out.extend(e for e in entries if e[1])  # deleted entries come back empty
+            if start in (b"0-0", "0-0") or len(out) >= 4 * cfg.batch:
+                break
+        if out:
+            self.stats.reclaimed += len(out)
+            log.warning("cloud %s: reclaimed %d escalations left pending by dead workers", self.sid, len(out))
+        return out
+
+    def process(self, entries: list[tuple[bytes, dict]], reclaimed: bool = False) -> None:
+        if not entries:
+            return
+        r = self.redis
+        assert r is not None
+        self.stats.entries += len(entries)
+        good: list[tuple[bytes, Escalation]] = []
+        done: list[bytes] = []
+        for entry_id, fields in entries:
+            try:
+                esc = Escalation.decode(fields.get(b"msg", b""))
+                if esc.site != self.cfg.site or esc.features.shape != (self.model.cfg.fused_channels,
+                                                                       *self.model.cfg.wire_shape[1:]):
+                    raise CloudError(self.cfg.site, esc.frame_id, f"escalation of site {esc.site!r} with features "
+                                                                  f"{esc.features.shape} does not fit this network")
+                good.append((entry_id, esc))
+            except (MessageError, CloudError) as err:
+                self.dead_letter(entry_id, fields.get(b"msg", b""), str(err))
+                done.append(entry_id)
+        infos = []
+        if good:
+            try:
+                decisions = self.answer([e for _, e in good])
+            except (RuntimeError, ValueError) as err:  # per-message boundary
+                for entry_id, esc in good:
+                    self.dead_letter(entry_id, b"", f"frame {esc.frame_id}: cloud failed: {err}")
+                    done.append(entry_id)
+                decisions = []
+            for (entry_id, _), dec in zip(good, decisions):
+                info = record_and_publish(r, self._record, self.mqtt, dec, self.cfg.decided_ttl_s * 1000,
+                                          self.cfg.results_maxlen, republish=reclaimed)
+                if info is not None:
+                    infos.append(info)
+                done.append(entry_id)
+            self.stats.answered += len(decisions)
+            self.stats.batches += 1
+        for info in infos:  # acknowledge upstream only what the broker has acknowledged
+            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+        with r.pipeline(transaction=True) as p:
+            p.xack(self.stream, self.cfg.group, *done)
+            p.xdel(self.stream, *done)
+            p.execute()
+
+    @torch.no_grad()
+    def answer(self, escs: list[Escalation]) -> list[Decision]:
+        fused = torch.stack([e.features.to_tensor() for e in escs]).to(self.device)
+        logits = forward_rows(self.model.cloud, fused).float().cpu()
+        entropy, pred = normalized_entropy(logits), logits.argmax(-1)
+        now = time.time()
+        return [Decision(e.site, e.frame_id, "cloud", int(pred[i]), float(entropy[i]), None, e.present, e.captured_at,
+                         now, self.sid, e.label) for i, e in enumerate(escs)]
+
+    def dead_letter(self, entry_id: bytes, payload: bytes, reason: str) -> None:
+        self.stats.deadletter += 1
+        log.warning("site %r: escalation %s to the dead letters: %s", self.cfg.site, entry_id, reason)
+        assert self.redis is not None
+        self.redis.xadd(topics.deadletter_stream(self.cfg.site),
+                        {"source": f"{self.stream} {entry_id!r}", "reason": reason[:1000], "by": self.sid,
+                         "payload": bytes(payload[:DEADLETTER_PAYLOAD_MAX])},
+                        maxlen=DEADLETTER_MAXLEN, approximate=True)
+        self.redis.hincrby(topics.counters_key(self.cfg.site), "deadletter", 1)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = CloudConfig()
+    add_broker_args(p)
+    p.add_argument("--checkpoint", default=env_default("CHECKPOINT", d.checkpoint),
+                   help="weights (.safetensors) (env ADA_DDNN_CHECKPOINT; default %(default)s)")
+    p.add_argument("--batch", type=int, default=env_default("CLOUD_BATCH", d.batch),
+                   help="escalations per forward pass (env ADA_DDNN_CLOUD_BATCH; default %(default)s)")
+    p.add_argument("--wait-ms", type=int, default=env_default("CLOUD_WAIT_MS", d.wait_ms),
+                   help="wait at most this long to fill a batch (env ADA_DDNN_CLOUD_WAIT_MS; default %(default)s)")
+    p.add_argument("--claim-idle-ms", type=int, default=env_default("CLAIM_IDLE_MS", d.claim_idle_ms),
+                   help="reclaim entries pending this long (env ADA_DDNN_CLAIM_IDLE_MS; default %(default)s)")
+    p.add_argument("--device", default=env_default("CLOUD_DEVICE", d.device),
+                   help="auto (GPU when there is one), cpu, cuda (env ADA_DDNN_CLOUD_DEVICE)")
+    p.add_argument("--service-id", default="", help="consumer name (default: generated)")
+    p.add_argument("--check", action="store_true", help="exit 0 if a cloud worker of the site is alive, else 1")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import load_checkpoint
+
+    if args.check:
+        return check_alive(args.redis_url, args.site, "cloud", args.service_id or None)
+    set_threads(args.threads)
+    cfg = CloudConfig.from_env(site=args.site, mqtt_url=args.mqtt_url, redis_url=args.redis_url,
+                               checkpoint=args.checkpoint, batch=args.batch, wait_ms=args.wait_ms,
+                               claim_idle_ms=args.claim_idle_ms, device=args.device, service_id=args.service_id)
+    worker = Worker(cfg, load_checkpoint(cfg.checkpoint))
+    worker.connect()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `cloud` to the `ada-ddnn` parser."""
+    p = subparsers.add_parser("cloud", help="cloud worker: answer escalated frames in batches",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.set_defaults(func=main)

@@ -1,0 +1,303 @@
+"""A camera process: replays CIFAR-10 frames as a camera feed, runs its camera module, publishes.
+
+    ada-ddnn camera --cam 0 --checkpoint models/ada.safetensors --fps 10
+    ada-ddnn cameras --checkpoint models/ada.safetensors --start 0 --stop 1000   # all six, one process
+    ada-ddnn camera --cam 0 --check                                             # 0 if camera 0 is online
+
+Each frame of the split (test by default, or --start/--stop) is a scene; camera k applies its
+view (`devices.views.camera_view`), runs `CameraModule` k and publishes a `CameraObservation`
+(features int8 by default) on `ada/{site}/cam/{k}/obs` with QoS 1. The frame id is the frame's
+index in the split, so every camera names the same scene alike. Liveness: each camera's MQTT
+client keeps a retained status ("online", then "done") with "offline" as its last will.
+
+At --fps 0 (as fast as possible) frames go through the module in batches of --batch; at a set
+FPS one frame at a time, each at its capture time. `forward_rows` keeps both bit-identical to
+offline evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+import torch
+
+from devices.views import camera_view, normalize
+from pipeline import topics
+from pipeline.config import default_data_dir, env_default
+from pipeline.data import Split, load_cifar10, to_float
+from pipeline.entropy import normalized_entropy
+from pipeline.errors import CameraError, ConnectError
+from pipeline.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor, MessageError
+from pipeline.network import AdaDDNN
+from pipeline.runtime import (add_broker_args, close_mqtt, config_from_env, forward_rows, mqtt_client, resolve_device,
+                              set_threads, stop_on_signals)
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 30.0  # a QoS 1 publish not acknowledged by then is reported as lost
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """One camera process (or several cameras in one process)."""
+
+    site: str = "site0"
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    checkpoint: str = "models/ada.safetensors"
+    data: str = field(default_factory=default_data_dir)
+    split: str = "test"  # which CIFAR-10 split the feed replays
+    start: int = 0  # first frame (index into the split)
+    stop: int = 0  # one past the last frame; 0 = the end of the split
+    fps: float = 0.0  # frames per second; 0 = as fast as possible
+    wire_dtype: str = "int8"  # dtype of the features on the wire
+    batch: int = 64  # frames per forward pass at fps 0
+    device: str = "cpu"
+    labels: bool = True  # attach the ground truth (replays score accuracy with it)
+    cameras: tuple[int, ...] = (0,)  # camera ids this process runs
+
+    def __post_init__(self) -> None:
+        topics.check_site(self.site)
+        if self.wire_dtype not in DTYPES:
+            raise ValueError(f"wire_dtype must be one of {tuple(DTYPES)}, got {self.wire_dtype!r}")
+        if self.fps < 0 or self.batch < 1 or self.start < 0 or (self.stop and self.stop <= self.start):
+            raise ValueError("need fps >= 0, batch >= 1 and 0 <= start < stop (stop 0 = end)")
+        if not self.cameras:
+            raise ValueError("no camera to run")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "CameraConfig":
+        return config_from_env(cls, **overrides)
+
+
+@dataclass
+class CameraStats:
+    frames: int = 0
+    published: int = 0
+    bytes: int = 0  # encoded observation bytes published
+    unacknowledged: int = 0
+    first_capture: float | None = None
+    seconds: float = 0.0
+
+
+class CameraFeed:
+    """Runs the camera modules of `cfg.cameras` over a split and publishes their observations.
+
+    Every camera has its own MQTT client (its own session, status and last will); the modules
+    run in this thread. `gate(frames_published)` is called before each batch: the replay uses it
+    to keep a bounded number of frames in flight."""
+
+    def __init__(self, cfg: CameraConfig, model: AdaDDNN, split: Split,
+                 gate: Callable[[int], None] | None = None) -> None:
+        for k in cfg.cameras:
+            if not 0 <= k < model.cfg.num_cameras:
+                raise CameraError(cfg.site, None, f"no such camera (the network has {model.cfg.num_cameras})", camera=k)
+        self.cfg, self.model, self.split, self.gate = cfg, model.eval(), split, gate
+        self.device = resolve_device(cfg.device)
+        self.model.to(self.device)
+        self.stop_at = cfg.stop or len(split)
+        if self.stop_at > len(split) or cfg.start >= self.stop_at:
+            raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {len(split)}")
+        self.stats = CameraStats()
+        self.clients: dict[int, mqtt.Client] = {}
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+
+    def connect(self) -> None:
+        for k in self.cfg.cameras:
+            site = self.cfg.site
+            offline = CameraStatus(site, k, "offline", 0.0).encode()
+
+            def online(c: mqtt.Client, k: int = k) -> None:
+                c.publish(topics.status_topic(site, k), CameraStatus(site, k, "online", time.time()).encode(),
+                          qos=1, retain=True)
+
+            self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=online,
+                                          will=(topics.status_topic(site, k), offline))
+
+    def close(self, state: str = "done") -> None:
+        for k, c in self.clients.items():
+            c.publish(topics.status_topic(self.cfg.site, k), CameraStatus(self.cfg.site, k, state, time.time()).encode(),
+                      qos=1, retain=True).wait_for_publish(PUBLISH_TIMEOUT_S)
+            close_mqtt(c)
+        self.clients.clear()
+
+    @torch.no_grad()
+    def observe(self, scenes: torch.Tensor, frame_ids: list[int], captured_at: list[float]) -> list[list[CameraObservation]]:
+        """Observations of every camera of this process for a batch of scenes: [frame][camera]."""
+        cfg, mcfg = self.cfg, self.model.cfg
+        out: list[list[CameraObservation]] = [[] for _ in frame_ids]
+        labels = self.split.labels
+        for k in cfg.cameras:
+            views = normalize(camera_view(mcfg, k, scenes))
+            feats, logits = forward_rows(self.model.cameras[k], views)
+            feats = feats.float().cpu()
+            if logits is not None:
+                ent, pred = normalized_entropy(logits).cpu(), logits.argmax(-1).cpu()
+            for i, f in enumerate(frame_ids):
+                try:
+                    out[i].append(CameraObservation(
+                        cfg.site, f, k, captured_at[i],
+                        None if logits is None else int(pred[i]), None if logits is None else float(ent[i]),
+                        FeatureTensor.quantize(feats[i], cfg.wire_dtype),
+                        int(labels[f]) if cfg.labels else None))
+                except MessageError as err:
+                    raise CameraError(cfg.site, f, f"cannot encode the observation: {err}", camera=k) from err
+        return out
+
+    def publish(self, obs: CameraObservation) -> None:
+        raw = obs.encode()
+        info = self.clients[obs.camera].publish(topics.obs_topic(obs.site, obs.camera), raw, qos=1)
+        self._pending.append(info)
+        self.stats.published += 1
+        self.stats.bytes += len(raw)
+
+    def _settle(self) -> None:
+        """Wait for the broker's PUBACK of every publish so far."""
+        for info in self._pending:
+            try:
+                info.wait_for_publish(PUBLISH_TIMEOUT_S)
+            except (RuntimeError, ValueError) as err:
+                log.warning("site %r: a publish was not acknowledged: %s", self.cfg.site, err)
+                self.stats.unacknowledged += 1
+        self._pending.clear()
+
+    def run(self, stop: threading.Event | None = None) -> CameraStats:
+        """Replay frames start..stop; returns when all are published and acknowledged (or on `stop`)."""
+        stop = stop or threading.Event()
+        cfg = self.cfg
+        if not self.clients:
+            self.connect()
+        step = cfg.batch if cfg.fps == 0 else 1
+        t_start = time.time()
+        log.info("site %r cameras %s: frames %d..%d at %s", cfg.site, list(cfg.cameras), cfg.start, self.stop_at,
+                 f"{cfg.fps:g} fps" if cfg.fps else "full speed")
+        for begin in range(cfg.start, self.stop_at, step):
+            if stop.is_set():
+                break
+            end = min(self.stop_at, begin + step)
+            if self.gate is not None:
+                self.gate(begin - cfg.start)
+            if cfg.fps > 0 and stop.wait(max(0.0, t_start + (begin - cfg.start) / cfg.fps - time.time())):
+                break
+            now = time.time()
+            if self.stats.first_capture is None:
+                self.stats.first_capture = now
+            ids = list(range(begin, end))
+            scenes = to_float(self.split.images[begin:end], self.device)
+            per_frame = self.observe(scenes, ids, [now] * len(ids))
+            for frame in per_frame:  # frame by frame, so a frame's cameras arrive together
+                for obs in frame:
+                    self.publish(obs)
+            self.stats.frames += len(ids)
+            if len(self._pending) > 4096:
+                self._settle()
+        self._settle()
+        self.stats.seconds = time.time() - t_start
+        log.info("site %r cameras %s: %d frames, %d observations, %.0f bytes/observation, %.1fs", cfg.site,
+                 list(cfg.cameras), self.stats.frames, self.stats.published,
+                 self.stats.bytes / max(1, self.stats.published), self.stats.seconds)
+        return self.stats
+
+
+def load_feed(cfg: CameraConfig, gate: Callable[[int], None] | None = None) -> CameraFeed:
+    """The checkpoint and the split the config names, as a ready (unconnected) feed."""
+    from pipeline.checkpoint import load_checkpoint
+
+    model = load_checkpoint(cfg.checkpoint)
+    data = load_cifar10(cfg.data)
+    return CameraFeed(cfg, model, data.split(cfg.split), gate)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+def check_online(cfg: CameraConfig, timeout_s: float = 5.0) -> int:
+    """0 when every camera of `cfg` has a retained "online" status, else 1."""
+    states: dict[int, str] = {}
+    got = threading.Event()
+
+    def on_message(msg: mqtt.MQTTMessage) -> None:
+        try:
+            st = CameraStatus.decode(msg.payload)
+        except MessageError as err:
+            log.warning("bad status on %s: %s", msg.topic, err)
+            return
+        states[st.camera] = st.state
+        if all(k in states for k in cfg.cameras):
+            got.set()
+
+    try:
+        client = mqtt_client(cfg.mqtt_url, f"{cfg.site}-check-{time.monotonic_ns():x}",
+                             on_connect=lambda c: c.subscribe(topics.status_filter(cfg.site), qos=1),
+                             on_message=on_message)
+    except ConnectError as err:
+        log.error("%s", err)
+        return 1
+    got.wait(timeout_s)  # retained messages arrive right after the subscription, if any
+    close_mqtt(client)
+    down = [k for k in cfg.cameras if states.get(k) != "online"]
+    for k in cfg.cameras:
+        log.info("site %r camera %d: %s", cfg.site, k, states.get(k, "unknown"))
+    return 1 if down else 0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = CameraConfig()
+    add_broker_args(p, redis_=False)
+    p.add_argument("--checkpoint", default=env_default("CHECKPOINT", d.checkpoint),
+                   help="weights (.safetensors) (env ADA_DDNN_CHECKPOINT; default %(default)s)")
+    p.add_argument("--data", default=default_data_dir(), help="CIFAR-10 folder (env ADA_DDNN_DATA; default %(default)s)")
+    p.add_argument("--split", default=env_default("SPLIT", d.split), choices=("train", "val", "test"),
+                   help="split to replay (env ADA_DDNN_SPLIT; default %(default)s)")
+    p.add_argument("--start", type=int, default=env_default("START", d.start), help="first frame (env ADA_DDNN_START)")
+    p.add_argument("--stop", type=int, default=env_default("STOP", d.stop),
+                   help="one past the last frame; 0 = end of the split (env ADA_DDNN_STOP)")
+    p.add_argument("--fps", type=float, default=env_default("FPS", d.fps),
+                   help="frames per second, 0 = as fast as possible (env ADA_DDNN_FPS; default %(default)s)")
+    p.add_argument("--wire-dtype", choices=tuple(DTYPES), default=env_default("WIRE_DTYPE", d.wire_dtype),
+                   help="feature dtype on the wire (env ADA_DDNN_WIRE_DTYPE; default %(default)s)")
+    p.add_argument("--batch", type=int, default=env_default("BATCH", d.batch), help="frames per forward pass at fps 0")
+    p.add_argument("--device", default=env_default("DEVICE", d.device), help="cpu, cuda, auto (env ADA_DDNN_DEVICE)")
+    p.add_argument("--no-labels", dest="labels", action="store_false", help="do not attach ground-truth labels")
+    p.add_argument("--check", action="store_true", help="exit 0 if the camera(s) are online (retained status), else 1")
+
+
+def config_from_args(args: argparse.Namespace, cameras: tuple[int, ...]) -> CameraConfig:
+    return CameraConfig(site=args.site, mqtt_url=args.mqtt_url, checkpoint=args.checkpoint, data=args.data,
+                        split=args.split, start=args.start, stop=args.stop, fps=args.fps, wire_dtype=args.wire_dtype,
+                        batch=args.batch, device=args.device, labels=args.labels, cameras=cameras)
+
+
+def main(args: argparse.Namespace) -> int:
+    cams = (args.cam,) if getattr(args, "cam", None) is not None else tuple(args.cams)
+    cfg = config_from_args(args, cams)
+    if args.check:
+        return check_online(cfg)
+    set_threads(args.threads)
+    feed = load_feed(cfg)
+    feed.connect()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    try:
+        stats = feed.run(stop)
+    finally:
+        feed.close()
+    return 0 if stats.unacknowledged == 0 else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `camera` (one camera) and `cameras` (several in one process) to the `ada-ddnn` parser."""
+    p = subparsers.add_parser("camera", help="one camera: replay frames, run its module, publish observations",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cam", type=int, required=True, help="camera id (0..5)")
+    add_args(p)
+    p.set_defaults(func=main)
+    p = subparsers.add_parser("cameras", help="all six cameras in one process, each with its own MQTT client",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cams", type=int, nargs="+", default=list(range(6)), help="camera ids (default all six)")
+    add_args(p)
+    p.set_defaults(func=main)

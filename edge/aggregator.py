@@ -1,0 +1,502 @@
+"""The edge aggregator: assembles each frame's camera observations in Redis and decides it.
+
+    ada-ddnn edge --checkpoint models/ada.safetensors --deadline-ms 50
+    ada-ddnn edge --check                        # 0 if an aggregator of the site is alive
+
+Several aggregators split the load through an MQTT v5 shared subscription
+(`$share/edge/ada/{site}/cam/+/obs`). For every observation:
+
+1. `ADD_OBSERVATION` (one Lua script, so atomic) stores it in the frame's hash
+   `ada:{site}:frame:{id}` (TTL); a duplicate delivery (QoS 1) and an observation for a frame
+   already decided are dropped and counted. The first observation puts the frame in the pending
+   set with a deadline (Redis clock + --deadline-ms). The observation that completes the frame
+   claims it in the same script.
+2. Every few ms each aggregator runs `CLAIM_EXPIRED`, which claims frames whose deadline has
+   passed with the cameras they have: a dead camera does not stall its frames. A claim sets
+   `ada:{site}:decided:{id}` with SET NX, so exactly one aggregator gets each frame.
+3. The claimer applies exit 1 (the most confident camera), else fusion + edge block + exit 2,
+   else escalates the fused features to `ada:{site}:escalations` (`ESCALATE` refuses to add
+   beyond --escalation-maxlen: the edge waits, nothing is trimmed). Decisions are recorded in
+   `ada:{site}:results` once (`RECORD_RESULT` sets a marker with NX) and published on
+   `ada/{site}/results`.
+
+Messages that fail validation go to `ada:{site}:deadletter` with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import redis
+import torch
+
+from edge.exits import CLOUD, EXIT1, EXIT2, EXIT_NAMES, decide
+from edge.fusion import fuse
+from pipeline import topics
+from pipeline.config import env_default
+from pipeline.entropy import normalized_entropy
+from pipeline.errors import AggregationError, EscalationError
+from pipeline.messages import DTYPES, CameraObservation, Decision, Escalation, FeatureTensor, MessageError
+from pipeline.network import AdaDDNN
+from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env, forward_rows,
+                              mqtt_client, redis_client, resolve_device, service_id, set_threads,
+                              stop_on_signals)
+
+log = logging.getLogger(__name__)
+
+DEADLETTER_MAXLEN = 10_000  # dead letters kept (approximate trim: it is a diagnostic log)
+DEADLETTER_PAYLOAD_MAX = 4096  # bytes of a rejected payload kept with its reason
+PUBLISH_TIMEOUT_S = 30.0
+
+# KEYS: frame hash, decided marker, pending zset, counters
+# ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms
+ADD_OBSERVATION = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[4], 'late', 1)
+  return {'late'}
+end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('HINCRBY', KEYS[4], 'duplicate_observations', 1)
+  return {'duplicate'}
+end
+local n = redis.call('HLEN', KEYS[1])
+if n == 1 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+if n >= tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[2], ARGV[7], 'PX', ARGV[8])
+  local obs = redis.call('HVALS', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[6])
+  return {'claimed', obs}
+end
+return {'added'}
+"""
+
+# KEYS: pending zset.  ARGV: key prefix "ada:{site}:", max frames, owner, decided ttl ms
+# (frame and marker keys are derived from the prefix: this needs one Redis, not a cluster)
+CLAIM_EXPIRED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  if redis.call('SET', ARGV[1] .. 'decided:' .. id, ARGV[3], 'NX', 'PX', ARGV[4]) then
+    local fk = ARGV[1] .. 'frame:' .. id
+    local obs = redis.call('HVALS', fk)
+    redis.call('DEL', fk)
+    if #obs > 0 then
+      table.insert(out, id)
+      table.insert(out, obs)
+    end
+  end
+end
+return out
+"""
+
+# KEYS: result marker, results stream.  ARGV: frame id, payload, owner, marker ttl ms, stream maxlen
+RECORD_RESULT = """
+if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'PX', ARGV[4]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'frame', ARGV[1], 'msg', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: escalation stream.  ARGV: maxlen, frame id, payload.  0 = full (the caller waits).
+ESCALATE = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'frame', ARGV[2], 'msg', ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """One edge aggregator."""
+
+    site: str = "site0"
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    checkpoint: str = "models/ada.safetensors"
+    t1: float | None = None  # exit 1 threshold; None = the model card's
+    t2: float | None = None  # exit 2 threshold; None = the model card's
+    expected: int = 0  # cameras per frame; 0 = the network's num_cameras
+    deadline_ms: int = 50  # after a frame's first observation, decide with the cameras that came
+    scan_ms: int = 5  # how often to look for frames past their deadline
+    frame_ttl_s: int = 60  # an unclaimed frame hash expires after this (all aggregators dead)
+    decided_ttl_s: int = 3600  # how long a decided frame refuses late observations
+    escalation_maxlen: int = 10_000  # escalations waiting for the cloud; beyond, the edge waits
+    results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
+    escalation_dtype: str = "same"  # dtype of escalated features; "same" = the cameras' dtype
+    queue_size: int = 2048  # observations buffered between the MQTT thread and the worker
+    claim_batch: int = 64  # frames claimed per deadline scan
+    device: str = "cpu"
+    service_id: str = ""  # "" = generated
+    heartbeat_s: float = 2.0
+    share_group: str = topics.SHARE_GROUP
+
+    def __post_init__(self) -> None:
+        topics.check_site(self.site)
+        if self.escalation_dtype != "same" and self.escalation_dtype not in DTYPES:
+            raise ValueError(f"escalation_dtype must be 'same' or one of {tuple(DTYPES)}")
+        if self.deadline_ms < 1 or self.scan_ms < 1 or self.escalation_maxlen < 1:
+            raise ValueError("deadline_ms, scan_ms and escalation_maxlen must be positive")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "EdgeConfig":
+        return config_from_env(cls, **overrides)
+
+
+def thresholds_from_card(checkpoint: str, t1: float | None, t2: float | None, mode: str) -> tuple[float | None, float]:
+    """(T1, T2): the given values, else the model card's; T1 is None for DDNN (no exit 1)."""
+    if t1 is None or t2 is None:
+        from pipeline.checkpoint import load_card
+
+        card = load_card(checkpoint).get("thresholds") or {}
+        t1 = card.get("t1") if t1 is None else t1
+        t2 = card.get("t2") if t2 is None else t2
+    if t2 is None:
+        raise ValueError(f"{checkpoint}: no thresholds in its model card; pass --t1/--t2")
+    return (None if mode != "ada" else (0.0 if t1 is None else float(t1))), float(t2)
+
+
+@dataclass
+class Frame:
+    """A claimed frame: its observations, sorted by camera."""
+
+    frame_id: int
+    observations: list[CameraObservation]
+
+    @property
+    def present(self) -> tuple[int, ...]:
+        return tuple(o.camera for o in self.observations)
+
+    @property
+    def captured_at(self) -> float:
+        return min(o.captured_at for o in self.observations)
+
+    @property
+    def label(self) -> int | None:
+        return next((o.label for o in self.observations if o.label is not None), None)
+
+
+@torch.no_grad()
+def decide_frames(model: AdaDDNN, frames: list[Frame], t1: float | None, t2: float,
+                  device: torch.device = torch.device("cpu")) -> tuple[list[tuple[str, int, float, int | None]],
+                                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exit 1, then fusion + edge + exit 2, for claimed frames; pure (no I/O).
+
+    Returns ([(exit name, prediction, entropy, camera or None)], fused, edge entropy, edge
+    prediction); the caller escalates the frames whose exit is "cloud". Numbers match offline
+    evaluation: same camera order, same fusion, batches never of one row."""
+    cfg = model.cfg
+    n, cams = len(frames), cfg.num_cameras
+    features = torch.zeros(n, cams, *cfg.wire_shape)
+    present = torch.zeros(n, cams, dtype=torch.bool)
+    cam_entropy = torch.ones(n, cams)
+    cam_pred = torch.zeros(n, cams, dtype=torch.long)
+    for i, fr in enumerate(frames):
+        for o in fr.observations:
+            features[i, o.camera] = o.features.to_tensor()
+            present[i, o.camera] = True
+            if o.entropy is not None:
+                cam_entropy[i, o.camera] = o.entropy
+                cam_pred[i, o.camera] = o.prediction  # type: ignore[assignment]
+    fused = fuse(features, present, cfg.fusion)
+    edge_logits = forward_rows(model.edge, fused.to(device)).float().cpu()
+    edge_entropy, edge_pred = normalized_entropy(edge_logits), edge_logits.argmax(-1)
+    has_cams = cfg.has_camera_classifiers
+    d = decide(t1 if has_cams else None, t2, edge_entropy, edge_pred, torch.zeros(n, dtype=torch.long),
+               cam_entropy if has_cams else None, cam_pred if has_cams else None, present)
+    out = []
+    for i in range(n):
+        e = int(d.exit[i])
+        if e == EXIT1:
+            cam = int(d.camera[i])
+            out.append(("exit1", int(d.prediction[i]), float(cam_entropy[i, cam]), cam))
+        elif e == EXIT2:
+            out.append(("exit2", int(d.prediction[i]), float(edge_entropy[i]), None))
+        else:
+            out.append(("cloud", -1, float(edge_entropy[i]), None))
+    return out, fused, edge_entropy, edge_pred
+
+
+@dataclass
+class EdgeStats:
+    observations: int = 0
+    claimed: int = 0
+    decided: dict[str, int] = field(default_factory=lambda: {name: 0 for name in EXIT_NAMES})
+    late: int = 0
+    duplicates: int = 0
+    deadletter: int = 0
+    backpressure_waits: int = 0
+    escalated_bytes: int = 0  # encoded Escalation bytes sent to the cloud
+
+
+class Aggregator:
+    """One edge aggregator; `run(stop)` until the event is set (or use start/stop for a thread)."""
+
+    def __init__(self, cfg: EdgeConfig, model: AdaDDNN, t1: float | None, t2: float) -> None:
+        self.cfg, self.model, self.t1, self.t2 = cfg, model.eval(), t1, t2
+        self.device = resolve_device(cfg.device)
+        self.model.to(self.device)
+        self.expected = cfg.expected or model.cfg.num_cameras
+        self.sid = cfg.service_id or service_id("edge")
+        self.stats = EdgeStats()
+        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=cfg.queue_size)
+        self.redis: redis.Redis | None = None
+        self.mqtt: mqtt.Client | None = None
+        self._prefix = topics.frame_key(cfg.site, 0)[: -len("frame:0")]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._scripts: dict[str, Any] = {}
+        self._ready = threading.Event()
+
+    # -- wiring --
+    def connect(self) -> None:
+        cfg = self.cfg
+        self.redis = redis_client(cfg.redis_url)
+        for name, src in (("add", ADD_OBSERVATION), ("expired", CLAIM_EXPIRED), ("record", RECORD_RESULT),
+                          ("escalate", ESCALATE)):
+            self._scripts[name] = self.redis.register_script(src)
+        self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info).start()
+        sub = topics.shared_obs_filter(cfg.site, cfg.share_group)
+
+        def on_connect(c: mqtt.Client) -> None:
+            c.subscribe(sub, qos=1)
+
+        self.mqtt = mqtt_client(cfg.mqtt_url, self.sid, on_connect=on_connect, on_message=self.inbox.put)
+        log.info("edge %s: site %r, subscribed %s, t1=%s t2=%s, deadline %d ms, %d cameras expected", self.sid,
+                 cfg.site, sub, self.t1, self.t2, cfg.deadline_ms, self.expected)
+
+    def _beat_info(self) -> dict:
+        return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late}
+
+    def close(self) -> None:
+        if self.mqtt is not None:
+            close_mqtt(self.mqtt)
+            self.mqtt = None
+        if self.redis is not None:
+            self.heartbeat.stop()
+            self.redis.close()
+            self.redis = None
+
+    def start(self) -> "Aggregator":
+        """Connect and run in a background thread (used by replay and tests)."""
+        self.connect()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"edge-{self.sid}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.close()
+
+    # -- the loop --
+    def run(self, stop: threading.Event) -> None:
+        cfg = self.cfg
+        scan_s = cfg.scan_ms / 1000.0
+        next_scan = time.monotonic()
+        while not stop.is_set():
+            timeout = max(0.0, next_scan - time.monotonic())
+            claimed: list[Frame] = []
+            try:
+                msg = self.inbox.get(timeout=timeout)
+                claimed.extend(self.handle(msg))
+                while len(claimed) < cfg.claim_batch:  # drain what is already queued, decide in one batch
+                    claimed.extend(self.handle(self.inbox.get_nowait()))
+            except queue.Empty:
+                pass
+            if time.monotonic() >= next_scan:
+                claimed.extend(self.claim_expired())
+                next_scan = time.monotonic() + scan_s
+            if claimed:
+                self.decide_and_send(claimed, stop)
+
+    def handle(self, msg: mqtt.MQTTMessage) -> list[Frame]:
+        """One observation off the wire: validate, add to its frame; the frame if this claimed it."""
+        self.stats.observations += 1
+        try:
+            obs = CameraObservation.decode(msg.payload)
+            self._validate(obs, msg.topic)
+        except (MessageError, AggregationError) as err:
+            self.dead_letter(msg.topic, msg.payload, str(err))
+            return []
+        site = self.cfg.site
+        res = self._scripts["add"](
+            keys=[topics.frame_key(site, obs.frame_id), topics.decided_key(site, obs.frame_id),
+                  topics.pending_key(site), topics.counters_key(site)],
+            args=[obs.camera, bytes(msg.payload), self.expected, self.cfg.deadline_ms, self.cfg.frame_ttl_s * 1000,
+                  obs.frame_id, self.sid, self.cfg.decided_ttl_s * 1000])
+        status = res[0].decode()
+        if status == "late":
+            self.stats.late += 1
+            log.debug("site %r frame %d camera %d: late observation dropped", site, obs.frame_id, obs.camera)
+        elif status == "duplicate":
+            self.stats.duplicates += 1
+        elif status == "claimed":
+            return [self._frame(obs.frame_id, res[1])]
+        return []
+
+    def _validate(self, obs: CameraObservation, topic: str) -> None:
+        cfg, mcfg = self.cfg, self.model.cfg
+        if obs.site != cfg.site or topic != topics.obs_topic(obs.site, obs.camera):
+            raise AggregationError(cfg.site, obs.frame_id, f"observation of site {obs.site!r} on topic {topic}",
+                                   camera=obs.camera)
+        if obs.camera >= mcfg.num_cameras:
+            raise AggregationError(cfg.site, obs.frame_id, "camera id beyond the network's cameras", camera=obs.camera)
+        if obs.features.shape != mcfg.wire_shape:
+            raise AggregationError(cfg.site, obs.frame_id, f"features {obs.features.shape}, expected {mcfg.wire_shape}",
+                                   camera=obs.camera)
+        if (obs.entropy is None) == mcfg.has_camera_classifiers:
+            raise AggregationError(cfg.site, obs.frame_id, f"camera prediction does not fit mode {mcfg.mode!r}",
+                                   camera=obs.camera)
+
+    def _frame(self, frame_id: int, payloads: list[bytes]) -> Frame:
+        obs = sorted((CameraObservation.decode(p) for p in payloads), key=lambda o: o.camera)
+        self.stats.claimed += 1
+        return Frame(int(frame_id), obs)
+
+    def claim_expired(self) -> list[Frame]:
+        site = self.cfg.site
+        res = self._scripts["expired"](keys=[topics.pending_key(site)],
+                                       args=[self._prefix, self.cfg.claim_batch, self.sid, self.cfg.decided_ttl_s * 1000])
+        return [self._frame(int(res[i]), res[i + 1]) for i in range(0, len(res), 2)]
+
+    def dead_letter(self, source: str, payload: bytes, reason: str) -> None:
+        self.stats.deadletter += 1
+        log.warning("site %r: dead letter from %s: %s", self.cfg.site, source, reason)
+        assert self.redis is not None
+        self.redis.xadd(topics.deadletter_stream(self.cfg.site),
+                        {"source": source, "reason": reason[:1000], "by": self.sid,
+                         "payload": bytes(payload[:DEADLETTER_PAYLOAD_MAX])},
+                        maxlen=DEADLETTER_MAXLEN, approximate=True)
+        self.redis.hincrby(topics.counters_key(self.cfg.site), "deadletter", 1)
+
+    def decide_and_send(self, frames: list[Frame], stop: threading.Event) -> None:
+        site = self.cfg.site
+        try:
+            outcomes, fused, edge_entropy, edge_pred = decide_frames(self.model, frames, self.t1, self.t2, self.device)
+        except (RuntimeError, ValueError) as err:  # per-message boundary: the frames go to the dead letters
+            for fr in frames:
+                self.dead_letter(f"frame {fr.frame_id}", b"", f"decision failed: {err}")
+            return
+        infos = []
+        for i, (fr, (exit_name, pred, entropy, cam)) in enumerate(zip(frames, outcomes)):
+            if exit_name == "cloud":
+                self.escalate(fr, fused[i], float(edge_entropy[i]), int(edge_pred[i]), stop)
+                continue
+            dec = Decision(site, fr.frame_id, exit_name, pred, entropy, cam, fr.present, fr.captured_at, time.time(),
+                           self.sid, fr.label)
+            info = record_and_publish(self.redis, self._scripts["record"], self.mqtt, dec,
+                                      self.cfg.decided_ttl_s * 1000, self.cfg.results_maxlen)
+            if info is not None:
+                infos.append(info)
+            self.stats.decided[exit_name] += 1
+        for info in infos:
+            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+
+    def escalate(self, fr: Frame, fused: torch.Tensor, edge_entropy: float, edge_pred: int,
+                 stop: threading.Event) -> None:
+        site = self.cfg.site
+        dtype = fr.observations[0].features.dtype if self.cfg.escalation_dtype == "same" else self.cfg.escalation_dtype
+        esc = Escalation(site, fr.frame_id, fr.present, fr.captured_at, FeatureTensor.quantize(fused, dtype),
+                         edge_entropy, edge_pred, fr.label)
+        raw = esc.encode()
+        delay = 0.005
+        while not self._scripts["escalate"](keys=[topics.escalations_stream(site)],
+                                            args=[self.cfg.escalation_maxlen, fr.frame_id, raw]):
+            self.stats.backpressure_waits += 1
+            if self.stats.backpressure_waits % 100 == 1:
+                log.warning("site %r frame %d: escalation stream full (%d entries); waiting for the cloud", site,
+                            fr.frame_id, self.cfg.escalation_maxlen)
+            if stop.wait(delay):
+                raise EscalationError(site, fr.frame_id, "stopped while the escalation stream was full")
+            delay = min(1.0, delay * 2)  # capped backoff while the cloud catches up
+        self.stats.decided["cloud"] += 1
+        self.stats.escalated_bytes += len(raw)
+
+
+def record_and_publish(client: redis.Redis, record: Any, mq: mqtt.Client | None, dec: Decision, ttl_ms: int,
+                       maxlen: int, republish: bool = False) -> mqtt.MQTTMessageInfo | None:
+    """Record `dec` in the results stream unless the frame already has a result, then publish it.
+
+    Returns the MQTT publish info (wait on it before acknowledging upstream), or None when the
+    frame already had a result (and `republish` is False)."""
+    raw = dec.encode()
+    first = record(keys=[topics.result_key(dec.site, dec.frame_id), topics.results_stream(dec.site)],
+                   args=[dec.frame_id, raw, dec.by, ttl_ms, maxlen])
+    if not first:
+        log.info("site %r frame %d: already has a result; %s", dec.site, dec.frame_id,
+                 "publishing again" if republish else "not recorded twice")
+        if not republish:
+            client.hincrby(topics.counters_key(dec.site), "result_conflicts", 1)
+            return None
+    if mq is None:
+        return None
+    return mq.publish(topics.results_topic(dec.site), raw, qos=1)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = EdgeConfig()
+    add_broker_args(p)
+    p.add_argument("--checkpoint", default=env_default("CHECKPOINT", d.checkpoint),
+                   help="weights (.safetensors) (env ADA_DDNN_CHECKPOINT; default %(default)s)")
+    p.add_argument("--t1", type=float, default=None, help="exit 1 threshold (default: the model card's)")
+    p.add_argument("--t2", type=float, default=None, help="exit 2 threshold (default: the model card's)")
+    p.add_argument("--deadline-ms", type=int, default=env_default("DEADLINE_MS", d.deadline_ms),
+                   help="decide a frame this long after its first observation even if cameras are missing "
+                        "(env ADA_DDNN_DEADLINE_MS; default %(default)s)")
+    p.add_argument("--escalation-maxlen", type=int, default=env_default("ESCALATION_MAXLEN", d.escalation_maxlen),
+                   help="escalations waiting for the cloud before the edge waits (env ADA_DDNN_ESCALATION_MAXLEN)")
+    p.add_argument("--device", default=env_default("DEVICE", d.device), help="cpu, cuda, auto (env ADA_DDNN_DEVICE)")
+    p.add_argument("--service-id", default="", help="this aggregator's id (default: generated)")
+    p.add_argument("--check", action="store_true", help="exit 0 if an aggregator of the site is alive, else 1")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import load_checkpoint
+
+    if args.check:
+        return check_alive(args.redis_url, args.site, "edge", args.service_id or None)
+    set_threads(args.threads)
+    cfg = EdgeConfig.from_env(site=args.site, mqtt_url=args.mqtt_url, redis_url=args.redis_url,
+                              checkpoint=args.checkpoint, t1=args.t1, t2=args.t2, deadline_ms=args.deadline_ms,
+                              escalation_maxlen=args.escalation_maxlen, device=args.device, service_id=args.service_id)
+    model = load_checkpoint(cfg.checkpoint)
+    t1, t2 = thresholds_from_card(cfg.checkpoint, cfg.t1, cfg.t2, model.cfg.mode)
+    agg = Aggregator(cfg, model, t1, t2)
+    agg.connect()
+    stop = threading.Event()
+    stop_on_signals(stop)
+    try:
+        agg.run(stop)
+    finally:
+        agg.close()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `edge` to the `ada-ddnn` parser."""
+    p = subparsers.add_parser("edge", help="edge aggregator: assemble frames, exits 1 and 2, escalate the rest",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.set_defaults(func=main)

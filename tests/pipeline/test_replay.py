@@ -1,0 +1,48 @@
+import pytest
+
+from pipeline.cli import main
+from pipeline.replay import ReplayConfig, run_replay, summary_table
+
+pytestmark = pytest.mark.services
+
+
+def replay(stream_setup, brokers, site, **kw):
+    path, model, data, _, _ = stream_setup
+    cfg = ReplayConfig(checkpoint=path, mqtt_url=brokers[0], redis_url=brokers[1], site=site, progress=False,
+                       cloud_device="cpu", **kw)
+    return run_replay(cfg, data=data, model=model)
+
+
+def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
+    rep = replay(stream_setup, brokers, site, n=500, wire_dtype="float32", deadline_ms=5000)
+    assert rep["frames"] == 500 and rep["results"] == 500
+    assert rep["lost"] == 0 and rep["duplicates"] == 0 and rep["incomplete"] == 0
+    assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
+    assert all(rep["exit_rate"][e] > 0 for e in ("exit1", "exit2", "cloud"))
+    assert rep["mqtt_results"]["missing"] == 0
+    for key in ("mode", "checkpoint", "n", "thresholds", "exit_rate", "accuracy", "bytes_per_frame", "frames",
+                "results", "lost", "duplicates", "late", "throughput_fps", "latency_ms"):
+        assert key in rep
+    assert rep["latency_ms"]["cloud"]["p99"] >= rep["latency_ms"]["cloud"]["p50"] > 0
+    assert "decisions equal to offline" in summary_table(rep)
+
+
+def test_two_aggregators_two_workers_int8(stream_setup, brokers, site):
+    rep = replay(stream_setup, brokers, site, n=150, start=200, aggregators=2, workers=2, wire_dtype="int8",
+                 deadline_ms=2000)
+    assert rep["results"] == 150 and rep["lost"] == 0 and rep["duplicates"] == 0
+    assert rep["offline"]["decisions_equal"] == 1.0
+    assert 0.9 <= rep["offline_float32"]["agreement"] <= 1.0
+    assert rep["bytes_per_frame"]["camera_to_edge"] < 6 * 1024
+
+
+def test_one_camera_silent(stream_setup, brokers, site):
+    rep = replay(stream_setup, brokers, site, n=30, silent=(5,), deadline_ms=50)
+    assert rep["results"] == 30 and rep["lost"] == 0 and rep["duplicates"] == 0
+    assert rep["incomplete"] == 30
+    assert rep["offline"]["decisions_equal"] == 1.0
+
+
+def test_health_checks(brokers, site):
+    assert main(["edge", "--check", "--site", site, "--redis-url", brokers[1]]) == 1
+    assert main(["cloud", "--check", "--site", site, "--redis-url", brokers[1]]) == 1
