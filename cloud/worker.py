@@ -29,8 +29,8 @@ from pipeline.config import env_default
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError
 from pipeline.messages import Decision, Escalation, MessageError
-from pipeline.network import AdaDDNN
-from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env, forward_rows,
+from pipeline.network import AdaDDNN, forward_rows
+from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env,
                               mqtt_client, redis_client, resolve_device, service_id, set_threads,
                               stop_on_signals)
 

@@ -34,8 +34,8 @@ from pipeline.data import Split, load_cifar10, to_float
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError
 from pipeline.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor, MessageError
-from pipeline.network import AdaDDNN
-from pipeline.runtime import (add_broker_args, close_mqtt, config_from_env, forward_rows, mqtt_client, resolve_device,
+from pipeline.network import AdaDDNN, forward_rows
+from pipeline.runtime import (add_broker_args, close_mqtt, config_from_env, mqtt_client, resolve_device,
                               set_threads, stop_on_signals)
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from edge.fusion import fuse
 from pipeline.config import ModelConfig
 from pipeline.data import Split, to_float
 from pipeline.entropy import normalized_entropy
-from pipeline.network import AdaDDNN, prepare_views
+from pipeline.network import AdaDDNN, forward_rows, prepare_views
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def camera_pass(
     for start in range(0, len(split), batch_size):
         scenes = to_float(split.images[start:start + batch_size], dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            f, logits = model.run_cameras(prepare_views(cfg, scenes))
+            f, logits = forward_rows(model.run_cameras, prepare_views(cfg, scenes))
         feats.append(wire_roundtrip(f, wire_dtype).cpu())
         if logits is not None:
             ents.append(normalized_entropy(logits).cpu())
@@ -132,8 +132,8 @@ def fuse_pass(
         stop = min(n, start + batch_size)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             fused = fuse(cams.features[start:stop].to(dev), present[start:stop].to(dev), model.cfg.fusion)
-            edge_logits = model.edge(fused)
-            cloud_logits = model.cloud(_codec(fused, cams.wire_dtype))
+            edge_logits = forward_rows(model.edge, fused)
+            cloud_logits = forward_rows(model.cloud, _codec(fused, cams.wire_dtype))
         ee.append(normalized_entropy(edge_logits).cpu())
         ep.append(edge_logits.argmax(-1).cpu())
         cl.append(cloud_logits.argmax(-1).cpu())

@@ -177,10 +177,8 @@ def offline_decisions(model: AdaDDNN, split: Split, present: torch.Tensor, wire_
     """Offline evaluation (`pipeline.evaluation`) of `split` with the given camera mask."""
     from pipeline import evaluation
 
-    n = len(split)
-    batch = OFFLINE_BATCH if n % OFFLINE_BATCH != 1 else OFFLINE_BATCH - 1  # never a batch of one row
-    cams = evaluation.camera_pass(model, split, "cpu", batch, wire_dtype=wire_dtype)
-    c = evaluation.fuse_pass(model, cams, present, "cpu", batch)
+    cams = evaluation.camera_pass(model, split, "cpu", OFFLINE_BATCH, wire_dtype=wire_dtype)
+    c = evaluation.fuse_pass(model, cams, present, "cpu", OFFLINE_BATCH)
     has_cams = c.cam_entropy is not None
     return decide(t1 if has_cams else None, t2, c.edge_entropy, c.edge_pred, c.cloud_pred, c.cam_entropy, c.cam_pred,
                   c.present)

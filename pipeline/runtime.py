@@ -4,7 +4,6 @@
 - broker clients: paho MQTT v5 clients that connect with capped exponential backoff, and Redis
   clients that retry connection errors the same way;
 - heartbeats: a Redis key with a TTL per running service, which `--check` looks for;
-- `forward_rows`: a forward pass whose per-row results do not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -253,17 +252,3 @@ def check_alive(redis_url: str, site: str, role: str, sid: str | None = None) ->
 
 
 # --- batch-size-invariant forward passes ------------------------------------------------
-
-def forward_rows(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
-    """`fn(x)` for a batch x, never run with a single row.
-
-    On CPU, conv2d and linear take another code path for a batch of one (gemv instead of gemm),
-    which changes results in the last bits; every batch of two or more rows gives each row the
-    same numbers. A single row is therefore run twice and the first copy kept, so the streaming
-    path (one frame at a time) reproduces offline evaluation (hundreds at a time) bit for bit."""
-    if x.shape[0] != 1:
-        return fn(x)
-    out = fn(torch.cat([x, x]))
-    if isinstance(out, tuple):
-        return tuple(o[:1] if isinstance(o, torch.Tensor) else o for o in out)
-    return out[:1]

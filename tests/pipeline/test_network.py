@@ -5,7 +5,7 @@ import torch
 
 from edge.fusion import fuse
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.network import AdaDDNN, joint_loss, prepare_views, sample_present
+from pipeline.network import AdaDDNN, forward_rows, joint_loss, prepare_views, sample_present
 from tests.helpers import tiny_config
 
 ALL_SUBSETS = [s for r in range(0, 7) for s in itertools.combinations(range(6), r)]
@@ -115,3 +115,16 @@ def test_release_wire_size_is_under_a_third_of_a_view():
     cfg = ModelConfig()
     k, s, _ = cfg.wire_shape
     assert k * s * s <= 1024  # int8 payload bytes per camera per frame, before the header
+
+
+def test_forward_rows_gives_a_single_row_the_numbers_of_a_batch():
+    torch.manual_seed(0)
+    model = AdaDDNN(tiny_config()).eval()
+    g = torch.Generator().manual_seed(2)
+    fused = torch.randn(5, model.cfg.fused_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        batch = forward_rows(model.cloud, fused)
+        rows = torch.cat([forward_rows(model.cloud, fused[i:i + 1]) for i in range(5)])
+        feats, logits = forward_rows(model.run_cameras, torch.randn(1, 6, 3, 32, 32, generator=g))
+    assert torch.equal(batch, rows)
+    assert feats.shape[0] == 1 and logits.shape[0] == 1
