@@ -2,8 +2,12 @@
 
     ada-ddnn data [--download]        make sure CIFAR-10 is where --data points
     ada-ddnn train --mode ada|ddnn    joint training, writes a checkpoint + model card
+    ada-ddnn evaluate --checkpoint C  the paper's experiments offline (report.json, figures)
     ada-ddnn bench train [--json]     training throughput on this device
-    ada-ddnn replay                   the main job (see `ada-ddnn replay --help`)
+    ada-ddnn camera|cameras           camera nodes: replay frames, publish over MQTT
+    ada-ddnn edge                     edge aggregator (MQTT in, Redis frames, exits 1 and 2)
+    ada-ddnn cloud                    cloud worker (Redis Stream consumer group)
+    ada-ddnn replay                   the main job: all of the above over real brokers
 
 Every option that has an env-var fallback says so in its help.
 """
