@@ -23,20 +23,19 @@ import paho.mqtt.client as mqtt
 import redis
 import torch
 
-from edge.aggregator import DEADLETTER_MAXLEN, DEADLETTER_PAYLOAD_MAX, RECORD_RESULT, record_and_publish
 from pipeline import topics
 from pipeline.config import env_default
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError
 from pipeline.messages import Decision, Escalation, MessageError
 from pipeline.network import AdaDDNN, forward_rows
+from pipeline.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
 from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env,
                               mqtt_client, redis_client, resolve_device, service_id, set_threads,
                               stop_on_signals)
 
 log = logging.getLogger(__name__)
 
-PUBLISH_TIMEOUT_S = 30.0
 IDLE_BLOCK_MS = 200  # longest XREADGROUP block while idle, so a stop request is seen quickly
 
 
@@ -236,11 +235,7 @@ class Worker:
         self.stats.deadletter += 1
         log.warning("site %r: escalation %s to the dead letters: %s", self.cfg.site, entry_id, reason)
         assert self.redis is not None
-        self.redis.xadd(topics.deadletter_stream(self.cfg.site),
-                        {"source": f"{self.stream} {entry_id!r}", "reason": reason[:1000], "by": self.sid,
-                         "payload": bytes(payload[:DEADLETTER_PAYLOAD_MAX])},
-                        maxlen=DEADLETTER_MAXLEN, approximate=True)
-        self.redis.hincrby(topics.counters_key(self.cfg.site), "deadletter", 1)
+        add_dead_letter(self.redis, self.cfg.site, f"{self.stream} {entry_id!r}", payload, reason, self.sid)
 
 
 # --- CLI ----------------------------------------------------------------------------------

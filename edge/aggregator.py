@@ -8,19 +8,32 @@ Several aggregators split the load through an MQTT v5 shared subscription
 
 1. `ADD_OBSERVATION` (one Lua script, so atomic) stores it in the frame's hash
    `ada:{site}:frame:{id}` (TTL); a duplicate delivery (QoS 1) and an observation for a frame
-   already decided are dropped and counted. The first observation puts the frame in the pending
+   already claimed are dropped and counted. The first observation puts the frame in the pending
    set with a deadline (Redis clock + --deadline-ms). The observation that completes the frame
    claims it in the same script.
 2. Every few ms each aggregator runs `CLAIM_EXPIRED`, which claims frames whose deadline has
    passed with the cameras they have: a dead camera does not stall its frames. A claim sets
    `ada:{site}:decided:{id}` with SET NX, so exactly one aggregator gets each frame.
-3. The claimer applies exit 1 (the most confident camera), else fusion + edge block + exit 2,
+3. A claim is a lease, so that an aggregator that dies holding frames loses none of them. The
+   claim renames the frame hash to `ada:{site}:claimed:{id}` (the observations stay in Redis)
+   and adds the frame to the sorted set `ada:{site}:claimed`, scored by Redis TIME +
+   --claim-lease-ms. The same `CLAIM_EXPIRED` scan takes over every lease that has expired (the
+   owner died or is stalled): it renews the lease in its own name, re-reads the observations,
+   counts `reclaimed` in `ada:{site}:counters` and decides the frame again.
+4. The claimer applies exit 1 (the most confident camera), else fusion + edge block + exit 2,
    else escalates the fused features to `ada:{site}:escalations` (`ESCALATE` refuses to add
-   beyond --escalation-maxlen: the edge waits, nothing is trimmed). Decisions are recorded in
-   `ada:{site}:results` once (`RECORD_RESULT` sets a marker with NX) and published on
-   `ada/{site}/results`.
+   beyond --escalation-maxlen: the edge waits, renewing its lease, and nothing is trimmed).
+   Decisions are recorded in `ada:{site}:results` once (`RECORD_RESULT` sets the marker
+   `ada:{site}:result:{id}` with NX) and published on `ada/{site}/results`; an escalation is
+   added once (`ESCALATE` sets `ada:{site}:escalated:{id}` with NX and refuses a frame that
+   already has a result, and `RECORD_RESULT` refuses a frame already escalated). Either script
+   releases the lease (ZREM + DEL of the claimed hash) in the same step. So a slow owner that
+   finishes after its lease was taken over changes nothing: the frame still gets exactly one
+   result (its second attempt is counted in `result_conflicts` or `escalation_conflicts`).
 
-Messages that fail validation go to `ada:{site}:deadletter` with the reason.
+Messages that fail validation go to `ada:{site}:deadletter` with the reason; so do frames whose
+decision fails, and their leases are released. Lua scripts build per-frame keys from the site's
+prefix and RENAME between keys: this needs one Redis, not a cluster.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import redis
@@ -45,18 +58,23 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import AggregationError, EscalationError
 from pipeline.messages import DTYPES, CameraObservation, Decision, Escalation, FeatureTensor, MessageError
 from pipeline.network import AdaDDNN, forward_rows
+from pipeline.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
 from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env,
                               mqtt_client, redis_client, resolve_device, service_id, set_threads,
                               stop_on_signals)
 
 log = logging.getLogger(__name__)
 
-DEADLETTER_MAXLEN = 10_000  # dead letters kept (approximate trim: it is a diagnostic log)
-DEADLETTER_PAYLOAD_MAX = 4096  # bytes of a rejected payload kept with its reason
-PUBLISH_TIMEOUT_S = 30.0
+# A claim is a lease. The claimer renames the frame hash to `claimed:{id}` (the observations
+# stay in Redis) and adds the frame to the `claimed` sorted set scored by Redis TIME + lease.
+# Recording the result (RECORD_RESULT with the lease keys) or escalating it (ESCALATE) removes
+# both in the same script. A lease still there when it expires belongs to a dead (or slow)
+# owner: CLAIM_EXPIRED takes it over. Keys are built from prefixes inside the scripts, and RENAME
+# moves a key: this needs one Redis, not a cluster.
 
-# KEYS: frame hash, decided marker, pending zset, counters
-# ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms
+# KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash
+# ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
+#       lease ms
 ADD_OBSERVATION = """
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HINCRBY', KEYS[4], 'late', 1)
@@ -67,59 +85,99 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return {'duplicate'}
 end
 local n = redis.call('HLEN', KEYS[1])
-if n == 1 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local complete = n >= tonumber(ARGV[3])
+if n > 1 and not complete then
+  return {'added'}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not complete then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[6])
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return {'added'}
 end
-if n >= tonumber(ARGV[3]) then
-  redis.call('SET', KEYS[2], ARGV[7], 'PX', ARGV[8])
-  local obs = redis.call('HVALS', KEYS[1])
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[3], ARGV[6])
-  return {'claimed', obs}
-end
-return {'added'}
+redis.call('SET', KEYS[2], ARGV[7], 'PX', ARGV[8])
+redis.call('RENAME', KEYS[1], KEYS[6])
+redis.call('PEXPIRE', KEYS[6], ARGV[8])
+redis.call('ZREM', KEYS[3], ARGV[6])
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[9]), ARGV[6])
+return {'claimed', redis.call('HVALS', KEYS[6])}
 """
 
-# KEYS: pending zset.  ARGV: key prefix "ada:{site}:", max frames, owner, decided ttl ms
-# (frame and marker keys are derived from the prefix: this needs one Redis, not a cluster)
+# KEYS: pending zset, claimed zset, counters
+# ARGV: key prefixes of frame hash, decided marker, claimed frame hash, result marker, escalated marker
+#       (each "ada:{site}:<name>:", the frame id is appended), max frames, owner, decided ttl ms, lease ms
+# Returns flat (frame id, observations, kind, previous owner) quadruples; kind is 'claimed' (past
+# its deadline), 'reclaimed' (its lease expired) or 'lost' (its observations expired with it).
 CLAIM_EXPIRED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local lease_until = now + tonumber(ARGV[9])
+local limit = tonumber(ARGV[6])
 local out = {}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
-  if redis.call('SET', ARGV[1] .. 'decided:' .. id, ARGV[3], 'NX', 'PX', ARGV[4]) then
-    local fk = ARGV[1] .. 'frame:' .. id
-    local obs = redis.call('HVALS', fk)
-    redis.call('DEL', fk)
-    if #obs > 0 then
-      table.insert(out, id)
-      table.insert(out, obs)
-    end
+  local fk = ARGV[1] .. id
+  if redis.call('SET', ARGV[2] .. id, ARGV[7], 'NX', 'PX', ARGV[8]) and redis.call('EXISTS', fk) == 1 then
+    local ck = ARGV[3] .. id
+    redis.call('RENAME', fk, ck)
+    redis.call('PEXPIRE', ck, ARGV[8])
+    redis.call('ZADD', KEYS[2], lease_until, id)
+    table.insert(out, id)
+    table.insert(out, redis.call('HVALS', ck))
+    table.insert(out, 'claimed')
+    table.insert(out, '')
+  end
+end
+ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  local ck = ARGV[3] .. id
+  if redis.call('EXISTS', ARGV[4] .. id) == 1 or redis.call('EXISTS', ARGV[5] .. id) == 1 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('DEL', ck)
+  elseif redis.call('EXISTS', ck) == 0 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HINCRBY', KEYS[3], 'claims_lost', 1)
+    table.insert(out, id)
+    table.insert(out, {})
+    table.insert(out, 'lost')
+    table.insert(out, '')
+  else
+    local prev = redis.call('GET', ARGV[2] .. id) or ''
+    redis.call('SET', ARGV[2] .. id, ARGV[7], 'XX', 'KEEPTTL')
+    redis.call('ZADD', KEYS[2], lease_until, id)
+    redis.call('PEXPIRE', ck, ARGV[8])
+    redis.call('HINCRBY', KEYS[3], 'reclaimed', 1)
+    table.insert(out, id)
+    table.insert(out, redis.call('HVALS', ck))
+    table.insert(out, 'reclaimed')
+    table.insert(out, prev)
   end
 end
 return out
 """
 
-# KEYS: result marker, results stream.  ARGV: frame id, payload, owner, marker ttl ms, stream maxlen
-RECORD_RESULT = """
-if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'PX', ARGV[4]) then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'frame', ARGV[1], 'msg', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: escalation stream.  ARGV: maxlen, frame id, payload.  0 = full (the caller waits).
+# KEYS: escalation stream, escalated marker, result marker, claimed zset, claimed frame hash
+# ARGV: maxlen, frame id, payload, owner, marker ttl ms, lease ms
+# 1 = added (lease released); 0 = the stream is full: the caller waits, its lease is extended;
+# -1 = the frame was already escalated or has a result (a slow owner after a take-over): lease released.
 ESCALATE = """
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('ZREM', KEYS[4], ARGV[2])
+  redis.call('DEL', KEYS[5])
+  return -1
+end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[4], 'XX', now + tonumber(ARGV[6]), ARGV[2])
   return 0
 end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'frame', ARGV[2], 'msg', ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('DEL', KEYS[5])
 return 1
 """
 
@@ -138,7 +196,8 @@ class EdgeConfig:
     deadline_ms: int = 50  # after a frame's first observation, decide with the cameras that came
     scan_ms: int = 5  # how often to look for frames past their deadline
     frame_ttl_s: int = 60  # an unclaimed frame hash expires after this (all aggregators dead)
-    decided_ttl_s: int = 3600  # how long a decided frame refuses late observations
+    decided_ttl_s: int = 3600  # how long a decided frame refuses late observations (and claims, markers live)
+    claim_lease_ms: int = 10_000  # a claimed frame not decided within this is taken over by another aggregator
     escalation_maxlen: int = 10_000  # escalations waiting for the cloud; beyond, the edge waits
     results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
     escalation_dtype: str = "same"  # dtype of escalated features; "same" = the cameras' dtype
@@ -153,8 +212,8 @@ class EdgeConfig:
         topics.check_site(self.site)
         if self.escalation_dtype != "same" and self.escalation_dtype not in DTYPES:
             raise ValueError(f"escalation_dtype must be 'same' or one of {tuple(DTYPES)}")
-        if self.deadline_ms < 1 or self.scan_ms < 1 or self.escalation_maxlen < 1:
-            raise ValueError("deadline_ms, scan_ms and escalation_maxlen must be positive")
+        if self.deadline_ms < 1 or self.scan_ms < 1 or self.escalation_maxlen < 1 or self.claim_lease_ms < 1:
+            raise ValueError("deadline_ms, scan_ms, escalation_maxlen and claim_lease_ms must be positive")
 
     @classmethod
     def from_env(cls, **overrides) -> "EdgeConfig":
@@ -180,6 +239,7 @@ class Frame:
 
     frame_id: int
     observations: list[CameraObservation]
+    reclaimed: bool = False  # taken over from an owner whose lease expired
 
     @property
     def present(self) -> tuple[int, ...]:
@@ -242,6 +302,8 @@ class EdgeStats:
     decided: dict[str, int] = field(default_factory=lambda: {name: 0 for name in EXIT_NAMES})
     late: int = 0
     duplicates: int = 0
+    reclaimed: int = 0  # frames taken over from an owner whose lease expired
+    escalation_conflicts: int = 0  # escalations refused: the frame was already escalated or decided
     deadletter: int = 0
     backpressure_waits: int = 0
     escalated_bytes: int = 0  # encoded Escalation bytes sent to the cloud
@@ -260,7 +322,10 @@ class Aggregator:
         self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=cfg.queue_size)
         self.redis: redis.Redis | None = None
         self.mqtt: mqtt.Client | None = None
-        self._prefix = topics.frame_key(cfg.site, 0)[: -len("frame:0")]
+        # key prefixes the Lua scripts append a frame id to ("ada:{site}:frame:", ...)
+        self._key_prefixes = [_prefix(fn, cfg.site) for fn in (topics.frame_key, topics.decided_key,
+                                                             topics.claimed_frame_key, topics.result_key,
+                                                             topics.escalated_key)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._scripts: dict[str, Any] = {}
@@ -284,7 +349,8 @@ class Aggregator:
                  cfg.site, sub, self.t1, self.t2, cfg.deadline_ms, self.expected)
 
     def _beat_info(self) -> dict:
-        return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late}
+        return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late,
+                "reclaimed": self.stats.reclaimed}
 
     def close(self) -> None:
         if self.mqtt is not None:
@@ -341,9 +407,10 @@ class Aggregator:
         site = self.cfg.site
         res = self._scripts["add"](
             keys=[topics.frame_key(site, obs.frame_id), topics.decided_key(site, obs.frame_id),
-                  topics.pending_key(site), topics.counters_key(site)],
+                  topics.pending_key(site), topics.counters_key(site), topics.claimed_key(site),
+                  topics.claimed_frame_key(site, obs.frame_id)],
             args=[obs.camera, bytes(msg.payload), self.expected, self.cfg.deadline_ms, self.cfg.frame_ttl_s * 1000,
-                  obs.frame_id, self.sid, self.cfg.decided_ttl_s * 1000])
+                  obs.frame_id, self.sid, self.cfg.decided_ttl_s * 1000, self.cfg.claim_lease_ms])
         status = res[0].decode()
         if status == "late":
             self.stats.late += 1
@@ -368,26 +435,55 @@ class Aggregator:
             raise AggregationError(cfg.site, obs.frame_id, f"camera prediction does not fit mode {mcfg.mode!r}",
                                    camera=obs.camera)
 
-    def _frame(self, frame_id: int, payloads: list[bytes]) -> Frame:
+    def _frame(self, frame_id: int, payloads: list[bytes], reclaimed: bool = False) -> Frame:
         obs = sorted((CameraObservation.decode(p) for p in payloads), key=lambda o: o.camera)
         self.stats.claimed += 1
-        return Frame(int(frame_id), obs)
+        return Frame(int(frame_id), obs, reclaimed)
 
     def claim_expired(self) -> list[Frame]:
+        """Claim the frames past their deadline, and take over the claims whose lease expired."""
+        site, cfg = self.cfg.site, self.cfg
+        res = self._scripts["expired"](keys=[topics.pending_key(site), topics.claimed_key(site),
+                                             topics.counters_key(site)],
+                                       args=[*self._key_prefixes, cfg.claim_batch, self.sid, cfg.decided_ttl_s * 1000,
+                                             cfg.claim_lease_ms])
+        frames, owners = [], []
+        for i in range(0, len(res), 4):
+            frame_id, payloads, kind, prev = int(res[i]), res[i + 1], res[i + 2].decode(), res[i + 3].decode()
+            if kind == "lost":
+                log.error("edge %s: site %r frame %d: its claim expired with its observations (no aggregator for "
+                          "%d s); the frame has no result", self.sid, site, frame_id, cfg.decided_ttl_s)
+                continue
+            if kind == "reclaimed":
+                owners.append(prev or "?")
+                log.debug("edge %s: site %r frame %d: lease of %s expired, re-claimed", self.sid, site, frame_id, prev)
+            frames.append(self._frame(frame_id, payloads, reclaimed=kind == "reclaimed"))
+        if owners:
+            self.stats.reclaimed += len(owners)
+            log.warning("edge %s: site %r: re-claimed %d frames whose lease (%d ms) expired, claimed by %s", self.sid,
+                        site, len(owners), cfg.claim_lease_ms, ", ".join(sorted(set(owners))))
+        return frames
+
+    def _lease_keys(self, frame_id: int) -> tuple[str, str, str]:
+        """The keys `RECORD_RESULT` needs to release a frame's claim lease."""
         site = self.cfg.site
-        res = self._scripts["expired"](keys=[topics.pending_key(site)],
-                                       args=[self._prefix, self.cfg.claim_batch, self.sid, self.cfg.decided_ttl_s * 1000])
-        return [self._frame(int(res[i]), res[i + 1]) for i in range(0, len(res), 2)]
+        return topics.claimed_key(site), topics.claimed_frame_key(site, frame_id), topics.escalated_key(site, frame_id)
+
+    def release(self, frames: list[Frame]) -> None:
+        """Drop the claim leases of frames that reached an end other than a result (the dead letters)."""
+        assert self.redis is not None
+        site = self.cfg.site
+        with self.redis.pipeline(transaction=True) as p:
+            for fr in frames:
+                p.zrem(topics.claimed_key(site), fr.frame_id)
+                p.delete(topics.claimed_frame_key(site, fr.frame_id))
+            p.execute()
 
     def dead_letter(self, source: str, payload: bytes, reason: str) -> None:
         self.stats.deadletter += 1
         log.warning("site %r: dead letter from %s: %s", self.cfg.site, source, reason)
         assert self.redis is not None
-        self.redis.xadd(topics.deadletter_stream(self.cfg.site),
-                        {"source": source, "reason": reason[:1000], "by": self.sid,
-                         "payload": bytes(payload[:DEADLETTER_PAYLOAD_MAX])},
-                        maxlen=DEADLETTER_MAXLEN, approximate=True)
-        self.redis.hincrby(topics.counters_key(self.cfg.site), "deadletter", 1)
+        add_dead_letter(self.redis, self.cfg.site, source, payload, reason, self.sid)
 
     def decide_and_send(self, frames: list[Frame], stop: threading.Event) -> None:
         site = self.cfg.site
@@ -396,6 +492,7 @@ class Aggregator:
         except (RuntimeError, ValueError) as err:  # per-message boundary: the frames go to the dead letters
             for fr in frames:
                 self.dead_letter(f"frame {fr.frame_id}", b"", f"decision failed: {err}")
+            self.release(frames)
             return
         infos = []
         for i, (fr, (exit_name, pred, entropy, cam)) in enumerate(zip(frames, outcomes)):
@@ -405,7 +502,8 @@ class Aggregator:
             dec = Decision(site, fr.frame_id, exit_name, pred, entropy, cam, fr.present, fr.captured_at, time.time(),
                            self.sid, fr.label)
             info = record_and_publish(self.redis, self._scripts["record"], self.mqtt, dec,
-                                      self.cfg.decided_ttl_s * 1000, self.cfg.results_maxlen)
+                                      self.cfg.decided_ttl_s * 1000, self.cfg.results_maxlen,
+                                      lease_keys=self._lease_keys(fr.frame_id))
             if info is not None:
                 infos.append(info)
             self.stats.decided[exit_name] += 1
@@ -419,9 +517,14 @@ class Aggregator:
         esc = Escalation(site, fr.frame_id, fr.present, fr.captured_at, FeatureTensor.quantize(fused, dtype),
                          edge_entropy, edge_pred, fr.label)
         raw = esc.encode()
+        keys = [topics.escalations_stream(site), topics.escalated_key(site, fr.frame_id),
+                topics.result_key(site, fr.frame_id), topics.claimed_key(site),
+                topics.claimed_frame_key(site, fr.frame_id)]
+        args = [self.cfg.escalation_maxlen, fr.frame_id, raw, self.sid, self.cfg.decided_ttl_s * 1000,
+                self.cfg.claim_lease_ms]
+        assert self.redis is not None
         delay = 0.005
-        while not self._scripts["escalate"](keys=[topics.escalations_stream(site)],
-                                            args=[self.cfg.escalation_maxlen, fr.frame_id, raw]):
+        while (added := self._scripts["escalate"](keys=keys, args=args)) == 0:  # full: the lease is extended
             self.stats.backpressure_waits += 1
             if self.stats.backpressure_waits % 100 == 1:
                 log.warning("site %r frame %d: escalation stream full (%d entries); waiting for the cloud", site,
@@ -429,28 +532,19 @@ class Aggregator:
             if stop.wait(delay):
                 raise EscalationError(site, fr.frame_id, "stopped while the escalation stream was full")
             delay = min(1.0, delay * 2)  # capped backoff while the cloud catches up
+        if added < 0:
+            self.stats.escalation_conflicts += 1
+            log.info("site %r frame %d: already escalated or decided (lease taken over); not escalated twice", site,
+                     fr.frame_id)
+            self.redis.hincrby(topics.counters_key(site), "escalation_conflicts", 1)
+            return
         self.stats.decided["cloud"] += 1
         self.stats.escalated_bytes += len(raw)
 
 
-def record_and_publish(client: redis.Redis, record: Any, mq: mqtt.Client | None, dec: Decision, ttl_ms: int,
-                       maxlen: int, republish: bool = False) -> mqtt.MQTTMessageInfo | None:
-    """Record `dec` in the results stream unless the frame already has a result, then publish it.
-
-    Returns the MQTT publish info (wait on it before acknowledging upstream), or None when the
-    frame already had a result (and `republish` is False)."""
-    raw = dec.encode()
-    first = record(keys=[topics.result_key(dec.site, dec.frame_id), topics.results_stream(dec.site)],
-                   args=[dec.frame_id, raw, dec.by, ttl_ms, maxlen])
-    if not first:
-        log.info("site %r frame %d: already has a result; %s", dec.site, dec.frame_id,
-                 "publishing again" if republish else "not recorded twice")
-        if not republish:
-            client.hincrby(topics.counters_key(dec.site), "result_conflicts", 1)
-            return None
-    if mq is None:
-        return None
-    return mq.publish(topics.results_topic(dec.site), raw, qos=1)
+def _prefix(key: Callable[[str, int], str], site: str) -> str:
+    """The part of a per-frame key before the frame id: `ada:{site}:frame:` from `topics.frame_key`."""
+    return key(site, 0)[:-1]
 
 
 # --- CLI ----------------------------------------------------------------------------------
@@ -467,6 +561,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "(env ADA_DDNN_DEADLINE_MS; default %(default)s)")
     p.add_argument("--escalation-maxlen", type=int, default=env_default("ESCALATION_MAXLEN", d.escalation_maxlen),
                    help="escalations waiting for the cloud before the edge waits (env ADA_DDNN_ESCALATION_MAXLEN)")
+    p.add_argument("--claim-lease-ms", type=int, default=env_default("CLAIM_LEASE_MS", d.claim_lease_ms),
+                   help="a claimed frame not decided within this is taken over by another aggregator "
+                        "(env ADA_DDNN_CLAIM_LEASE_MS; default %(default)s)")
     p.add_argument("--device", default=env_default("DEVICE", d.device), help="cpu, cuda, auto (env ADA_DDNN_DEVICE)")
     p.add_argument("--service-id", default="", help="this aggregator's id (default: generated)")
     p.add_argument("--check", action="store_true", help="exit 0 if an aggregator of the site is alive, else 1")
@@ -480,7 +577,8 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     cfg = EdgeConfig.from_env(site=args.site, mqtt_url=args.mqtt_url, redis_url=args.redis_url,
                               checkpoint=args.checkpoint, t1=args.t1, t2=args.t2, deadline_ms=args.deadline_ms,
-                              escalation_maxlen=args.escalation_maxlen, device=args.device, service_id=args.service_id)
+                              escalation_maxlen=args.escalation_maxlen, claim_lease_ms=args.claim_lease_ms,
+                              device=args.device, service_id=args.service_id)
     model = load_checkpoint(cfg.checkpoint)
     t1, t2 = thresholds_from_card(cfg.checkpoint, cfg.t1, cfg.t2, model.cfg.mode)
     agg = Aggregator(cfg, model, t1, t2)

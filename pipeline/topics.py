@@ -6,6 +6,9 @@
     ada/{site}/results            QoS 1           ada:{site}:results           stream (every decision)
                                                   ada:{site}:deadletter        stream (rejected messages)
                                                   ada:{site}:decided:{id}      claim marker, TTL
+                                                  ada:{site}:claimed           claimed frames by lease expiry
+                                                  ada:{site}:claimed:{id}      a claimed frame's hash, TTL
+                                                  ada:{site}:escalated:{id}    escalation marker, TTL
                                                   ada:{site}:result:{id}       result marker, TTL
                                                   ada:{site}:pending           open frames by deadline
                                                   ada:{site}:counters          hash of counters
@@ -73,6 +76,21 @@ def frame_key(site: str, frame_id: int) -> str:
 
 def decided_key(site: str, frame_id: int) -> str:
     return f"ada:{check_site(site)}:decided:{int(frame_id)}"
+
+
+def claimed_key(site: str) -> str:
+    """Sorted set of claimed, not yet decided frames scored by their lease expiry (ms since the epoch)."""
+    return f"ada:{check_site(site)}:claimed"
+
+
+def claimed_frame_key(site: str, frame_id: int) -> str:
+    """A claimed frame's observations (its frame hash, renamed on claim) until it is decided."""
+    return f"ada:{check_site(site)}:claimed:{int(frame_id)}"
+
+
+def escalated_key(site: str, frame_id: int) -> str:
+    """Marker set by whoever escalates the frame first; a second escalation is refused."""
+    return f"ada:{check_site(site)}:escalated:{int(frame_id)}"
 
 
 def result_key(site: str, frame_id: int) -> str:

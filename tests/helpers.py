@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline import topics
 from pipeline.config import ModelConfig
 from pipeline.data import Cifar10, Split
+from pipeline.messages import Decision
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -22,3 +24,16 @@ def synthetic_cifar(n_train: int = 64, n_val: int = 32, n_test: int = 32, seed: 
         return Split(name, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n))
 
     return Cifar10(split("train", n_train), split("val", n_val), split("test", n_test), "synthetic", "synthetic")
+
+
+def wait_results(r, site: str, n: int, timeout_s: float = 20) -> list[Decision]:
+    """Block on the site's results stream (a Redis client `r`) until n results are there."""
+    last, got = "0-0", []
+    while len(got) < n:
+        resp = r.xread({topics.results_stream(site): last}, block=int(timeout_s * 1000))
+        if not resp:
+            break
+        for entry_id, f in resp[0][1]:
+            last = entry_id
+            got.append(Decision.decode(f[b"msg"]))
+    return got

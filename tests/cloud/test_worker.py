@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -7,6 +9,7 @@ from cloud.worker import CloudConfig, Worker
 from pipeline import topics
 from pipeline.messages import Decision, Escalation, FeatureTensor
 from pipeline.runtime import alive, close_mqtt, mqtt_client
+from tests.helpers import wait_results
 
 
 def escalations(model, site, n, dtype="int8"):
@@ -29,19 +32,6 @@ def worker(stream_setup, brokers, site, **kw):
     path, model, _, _, _ = stream_setup
     return Worker(CloudConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, device="cpu",
                               **kw), model)
-
-
-def wait_results(r, site, n, timeout_s=20):
-    """Block on the results stream until n results are there."""
-    last, got = "0-0", []
-    while len(got) < n:
-        resp = r.xread({topics.results_stream(site): last}, block=int(timeout_s * 1000))
-        if not resp:
-            break
-        for entry_id, f in resp[0][1]:
-            last = entry_id
-            got.append(Decision.decode(f[b"msg"]))
-    return got
 
 
 @pytest.mark.services
@@ -113,3 +103,11 @@ def test_two_workers_and_bad_entries(stream_setup, brokers, site, redis_conn):
     assert len(results(redis_conn, site)) == 30
     assert redis_conn.xlen(topics.deadletter_stream(site)) == 1
     assert redis_conn.xlen(topics.escalations_stream(site)) == 0
+
+
+def test_the_cloud_does_not_import_the_edge_role():
+    """The cloud worker shares result recording with the edge through pipeline.results_sink, not
+    through the edge aggregator (the network's edge block, via pipeline.network, is the model's)."""
+    code = "import sys, cloud.worker; sys.exit('edge.aggregator' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -6,10 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cloud.worker import CloudConfig, Worker
 from edge.aggregator import Aggregator, EdgeConfig, Frame, decide_frames, thresholds_from_card
 from edge.exits import EXIT_NAMES, decide
 from pipeline import evaluation, topics
-from pipeline.messages import CameraObservation, Escalation, FeatureTensor
+from pipeline.messages import CameraObservation, Decision, Escalation, FeatureTensor
+from tests.helpers import wait_results
 
 
 def observations(model, data, frame_ids, dtype="int8"):
@@ -55,10 +57,14 @@ def msg(o: CameraObservation, site: str):
     return SimpleNamespace(topic=topics.obs_topic(site, o.camera), payload=o.encode())
 
 
-def make(stream_setup, brokers, site, **kw):
+def aggregator(stream_setup, brokers, site, **kw):
     path, model, _, t1, t2 = stream_setup
     cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, **kw)
-    agg = Aggregator(cfg, model, t1, t2)
+    return Aggregator(cfg, model, t1, t2)
+
+
+def make(stream_setup, brokers, site, **kw):
+    agg = aggregator(stream_setup, brokers, site, **kw)
     agg.connect()
     return agg
 
@@ -94,6 +100,8 @@ def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redi
         counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(topics.counters_key(site)).items()}
         assert counters == {"duplicate_observations": 1, "late": 2}
         assert not redis_conn.exists(topics.frame_key(site, 0), topics.frame_key(site, 1))
+        assert redis_conn.zcard(topics.claimed_key(site)) == 2  # claimed, not decided: leased, observations kept
+        assert redis_conn.hlen(topics.claimed_frame_key(site, 1)) == 4
     finally:
         agg.close()
 
@@ -171,3 +179,125 @@ def test_malformed_observation_goes_to_the_dead_letters(stream_setup, brokers, s
         assert b"frame 1 camera 0" in letters[1][1][b"reason"]
     finally:
         agg.close()
+
+
+def collect_claims(agg, expect, timeout_s=10.0):
+    """{frame id: Frame} that `agg` claims through its deadline/lease scan, until `expect` ids are there."""
+    got: dict[int, Frame] = {}
+
+    def scan():
+        got.update((fr.frame_id, fr) for fr in agg.claim_expired())
+        return set(got) >= set(expect)
+
+    assert poll(scan, timeout_s), f"claimed {sorted(got)}, expected {sorted(expect)}"
+    return got
+
+
+def stream_frame_ids(r, stream):
+    return [int(f[b"frame"]) for _, f in r.xrange(stream)]
+
+
+def assert_no_lease_left(r, site):
+    assert r.zcard(topics.claimed_key(site)) == 0
+    assert not list(r.scan_iter(match=topics.claimed_frame_key(site, 0)[:-1] + "*"))
+
+
+def claim_all(agg, model, data, site, n, dead_camera_every=5):
+    """Feed frames 0..n-1 to `agg` (camera 3 dead on every fifth frame) and claim them all, deciding none."""
+    obs = observations(model, data, list(range(n)))
+    claimed: dict[int, Frame] = {}
+    for f in range(n):
+        for o in obs[f]:
+            if not (f % dead_camera_every == 0 and o.camera == 3):
+                claimed.update((fr.frame_id, fr) for fr in agg.handle(msg(o, site)))
+    claimed.update(collect_claims(agg, range(n)))  # the incomplete frames, past their deadline
+    return claimed
+
+
+@pytest.mark.services
+def test_frames_of_a_crashed_aggregator_are_reclaimed_and_decided_once(stream_setup, brokers, site, redis_conn):
+    """An aggregator claims every frame and dies before deciding any; a second one takes over
+    their leases once they expire, and every frame gets exactly one result (cloud included)."""
+    _, model, data, t1, t2 = stream_setup
+    n = 30
+    dead = make(stream_setup, brokers, site, deadline_ms=20, claim_lease_ms=50)
+    claimed = claim_all(dead, model, data, site, n)
+    dead.close()  # the crash: claimed, never decided
+    assert sorted(claimed) == list(range(n))
+    assert redis_conn.zcard(topics.claimed_key(site)) == n and redis_conn.xlen(topics.results_stream(site)) == 0
+
+    survivor = aggregator(stream_setup, brokers, site, deadline_ms=20).start()
+    cloud = Worker(CloudConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], device="cpu", wait_ms=2),
+                   model).start()
+    try:
+        got = wait_results(redis_conn, site, n)
+    finally:
+        survivor.stop()
+        cloud.stop()
+    assert sorted(d.frame_id for d in got) == list(range(n))
+    assert len(stream_frame_ids(redis_conn, topics.results_stream(site))) == n  # nothing recorded twice
+    assert survivor.stats.reclaimed == n
+    assert int(redis_conn.hget(topics.counters_key(site), "reclaimed")) >= n  # the dead one may have renewed its own
+    assert_no_lease_left(redis_conn, site)
+    # the observations survived the crash: the survivor decided what the dead one would have
+    frames = [claimed[f] for f in range(n)]
+    expect, _, _, _ = decide_frames(model, frames, t1, t2)
+    by_id = {d.frame_id: d for d in got}
+    assert {e for e, _, _, _ in expect} >= {"exit2", "cloud"}
+    for fr, (exit_name, pred, _, _) in zip(frames, expect):
+        d = by_id[fr.frame_id]
+        assert d.present == fr.present and d.exit == exit_name
+        assert d.by == (cloud.sid if exit_name == "cloud" else survivor.sid)
+        if exit_name != "cloud":
+            assert d.prediction == pred
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("race", [False, True], ids=["in-turn", "concurrent"])
+def test_a_slow_owner_after_a_takeover_changes_nothing(stream_setup, brokers, site, redis_conn, race):
+    """The owner is slow, not dead: its lease is taken over and both decide the frames. Each frame
+    still gets one result or one escalation (never both, never two), and the cloud answers once."""
+    _, model, data, _, _ = stream_setup
+    n = 30
+    slow = make(stream_setup, brokers, site, deadline_ms=20, claim_lease_ms=50)
+    taker = make(stream_setup, brokers, site, deadline_ms=20)  # the default lease: it keeps what it takes
+    stop = threading.Event()
+    try:
+        mine = claim_all(slow, model, data, site, n)
+        taken = collect_claims(taker, range(n))  # every lease of the slow owner expired
+        assert all(fr.reclaimed for fr in taken.values()) and taker.stats.reclaimed == n
+        assert [fr.present for fr in taken.values()] == [mine[f].present for f in taken]
+        if race:
+            threads = [threading.Thread(target=a.decide_and_send, args=([fs[f] for f in range(n)], stop))
+                       for a, fs in ((slow, mine), (taker, taken))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        else:  # the taker first on even frames, the slow owner first on odd ones
+            taker.decide_and_send([taken[f] for f in range(0, n, 2)], stop)
+            slow.decide_and_send([mine[f] for f in range(n)], stop)
+            taker.decide_and_send([taken[f] for f in range(1, n, 2)], stop)
+    finally:
+        stop.set()
+        slow.close()
+        taker.close()
+    recorded = stream_frame_ids(redis_conn, topics.results_stream(site))
+    escalated = stream_frame_ids(redis_conn, topics.escalations_stream(site))
+    assert recorded and escalated
+    assert len(set(recorded)) == len(recorded) and len(set(escalated)) == len(escalated)
+    assert sorted(recorded + escalated) == list(range(n))  # one end per frame
+    counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(topics.counters_key(site)).items()}
+    assert counters.get("result_conflicts", 0) + counters.get("escalation_conflicts", 0) == n  # each second try refused
+    assert_no_lease_left(redis_conn, site)
+
+    cloud = Worker(CloudConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], device="cpu", wait_ms=2),
+                   model).start()
+    try:
+        got = wait_results(redis_conn, site, n)
+    finally:
+        cloud.stop()
+    assert sorted(d.frame_id for d in got) == list(range(n))
+    results = [Decision.decode(f[b"msg"]) for _, f in redis_conn.xrange(topics.results_stream(site))]
+    assert sorted(d.frame_id for d in results) == list(range(n))  # exactly one result per frame
+    assert redis_conn.xlen(topics.escalations_stream(site)) == 0
