@@ -338,8 +338,12 @@ def _report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: 
         "frames": feed.stats.frames,
         "results": got,
         "lost": feed.stats.frames - got,
-        "duplicates": collector.extra + counters.get("result_conflicts", 0),
+        "duplicates": collector.extra,  # results beyond the first for a frame in the results stream
         "late": counters.get("late", 0),
+        # second attempts refused by the result/escalation markers (a slow owner after a take-over)
+        "conflicts_refused": counters.get("result_conflicts", 0) + counters.get("escalation_conflicts", 0),
+        "reclaimed": counters.get("reclaimed", 0),
+        "claims_lost": counters.get("claims_lost", 0),
         "duplicate_observations": counters.get("duplicate_observations", 0),
         "deadletter": counters.get("deadletter", 0),
         "incomplete": sum(1 for d in decs if len(d.present) < model.cfg.num_cameras),
