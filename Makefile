@@ -2,6 +2,7 @@
 # (plus this machine's local torch wheels, when present) into .venv on first use.
 #
 #   make replay   streaming replay of the CIFAR-10 test set through cameras -> edge -> cloud
+#                 (embedded Mosquitto and Redis; report in runs/replay.json)
 #   make test     the test suite (starts Mosquitto and Redis if they are not answering)
 
 PYTHON ?= python3
@@ -34,7 +35,7 @@ services:
 	@bash scripts/ensure-services.sh
 
 replay: data
-	$(BIN)/ada-ddnn replay
+	$(BIN)/ada-ddnn replay --n 0 --json runs/replay.json
 
 test: data services
 	ADA_DDNN_REQUIRE_DATA=1 $(BIN)/python -m pytest

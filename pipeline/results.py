@@ -39,6 +39,16 @@ def _edge_rate(r: dict) -> float:
     return r["exit_rate"]["exit1"] + r["exit_rate"]["exit2"]
 
 
+EQUAL_ACCURACY_LEVELS = (0.86, 0.88, 0.90, 0.92, 0.94, 0.96, 0.98)  # edge accuracies compared across modes
+
+
+def edge_rate_at_accuracy(sweep_points: list[dict], min_edge_acc: float) -> float | None:
+    """Largest fraction of frames leaving at the edge among sweep points with edge accuracy >=
+    `min_edge_acc` (on the split the sweep ran on); None when no point reaches it."""
+    rates = [q["edge_rate"] for q in sweep_points if q["edge_acc"] is not None and q["edge_acc"] >= min_edge_acc]
+    return max(rates) if rates else None
+
+
 def render(entries: list[dict], figures: dict[str, str], page_dir: str) -> str:
     """The page as markdown; figure links are relative to `page_dir`."""
     first = entries[0]
@@ -104,6 +114,20 @@ def render(entries: list[dict], figures: dict[str, str], page_dir: str) -> str:
     for e in entries:
         b = e["report"]["bytes_per_frame"]
         lines.append(f"| {label(e, entries)} | {b['camera_to_edge']:.0f} | {b['edge_to_cloud']:.0f} | {b['raw_views']:.0f} |")
+    lines += [
+        "",
+        "## Frames resolved at the edge at equal edge accuracy (%)",
+        "",
+        "For each edge accuracy, the largest share of frames leaving at exit 1 or 2 over the T1 x T2 sweep "
+        "on the test split (an oracle choice of thresholds per level, the same for both modes).",
+        "",
+        "| | " + " | ".join(f"edge acc. >= {100 * a:.0f}" for a in EQUAL_ACCURACY_LEVELS) + " |",
+        "|---|" + "---:|" * len(EQUAL_ACCURACY_LEVELS),
+    ]
+    for e in entries:
+        pts = e["report"]["sweep"]["points"]
+        lines.append(f"| {label(e, entries)} | "
+                     + " | ".join(pct(edge_rate_at_accuracy(pts, a)) for a in EQUAL_ACCURACY_LEVELS) + " |")
     lines += ["", "## Missing cameras (overall accuracy, %)", "",
               "| | none | " + " | ".join(f"cam {r['camera']} missing" for r in first["report"]["missing_one"]) + " |",
               "|---|---:|" + "---:|" * len(first["report"]["missing_one"])]
