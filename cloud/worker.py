@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import paho.mqtt.client as mqtt
 import redis
 import torch
 
@@ -30,7 +29,7 @@ from pipeline.errors import CloudError
 from pipeline.messages import Decision, Escalation, MessageError
 from pipeline.network import AdaDDNN, forward_rows
 from pipeline.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
-from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env,
+from pipeline.runtime import (BrokerService, Heartbeat, add_broker_args, check_alive, config_from_env,
                               mqtt_client, redis_client, resolve_device, service_id, set_threads,
                               stop_on_signals)
 
@@ -77,18 +76,16 @@ class CloudStats:
     batches: int = 0
 
 
-class Worker:
+class Worker(BrokerService):
+    role = "cloud"
+
     def __init__(self, cfg: CloudConfig, model: AdaDDNN) -> None:
+        super().__init__(cfg.service_id or service_id("cloud"))
         self.cfg, self.model = cfg, model.eval()
         self.device = resolve_device(cfg.device)
         self.model.to(self.device)
-        self.sid = cfg.service_id or service_id("cloud")
         self.stats = CloudStats()
         self.stream = topics.escalations_stream(cfg.site)
-        self.redis: redis.Redis | None = None
-        self.mqtt: mqtt.Client | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def connect(self) -> None:
         cfg = self.cfg
@@ -104,27 +101,6 @@ class Worker:
         self.mqtt = mqtt_client(cfg.mqtt_url, self.sid)
         log.info("cloud %s: site %r, group %r, batch %d / %d ms on %s", self.sid, cfg.site, cfg.group, cfg.batch,
                  cfg.wait_ms, self.device)
-
-    def close(self) -> None:
-        if self.mqtt is not None:
-            close_mqtt(self.mqtt)
-            self.mqtt = None
-        if self.redis is not None:
-            self.heartbeat.stop()
-            self.redis.close()
-            self.redis = None
-
-    def start(self) -> "Worker":
-        self.connect()
-        self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"cloud-{self.sid}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        self.close()
 
     # -- the loop --
     def run(self, stop: threading.Event) -> None:

@@ -47,10 +47,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
-import redis
 import torch
 
-from edge.exits import CLOUD, EXIT1, EXIT2, EXIT_NAMES, decide
+from edge.exits import EXIT1, EXIT2, EXIT_NAMES, decide
 from edge.fusion import fuse
 from pipeline import topics
 from pipeline.config import env_default
@@ -59,7 +58,7 @@ from pipeline.errors import AggregationError, EscalationError
 from pipeline.messages import DTYPES, CameraObservation, Decision, Escalation, FeatureTensor, MessageError
 from pipeline.network import AdaDDNN, forward_rows
 from pipeline.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
-from pipeline.runtime import (Heartbeat, add_broker_args, check_alive, close_mqtt, config_from_env,
+from pipeline.runtime import (BrokerService, Heartbeat, add_broker_args, check_alive, config_from_env,
                               mqtt_client, redis_client, resolve_device, service_id, set_threads,
                               stop_on_signals)
 
@@ -309,25 +308,23 @@ class EdgeStats:
     escalated_bytes: int = 0  # encoded Escalation bytes sent to the cloud
 
 
-class Aggregator:
+class Aggregator(BrokerService):
     """One edge aggregator; `run(stop)` until the event is set (or use start/stop for a thread)."""
 
+    role = "edge"
+
     def __init__(self, cfg: EdgeConfig, model: AdaDDNN, t1: float | None, t2: float) -> None:
+        super().__init__(cfg.service_id or service_id("edge"))
         self.cfg, self.model, self.t1, self.t2 = cfg, model.eval(), t1, t2
         self.device = resolve_device(cfg.device)
         self.model.to(self.device)
         self.expected = cfg.expected or model.cfg.num_cameras
-        self.sid = cfg.service_id or service_id("edge")
         self.stats = EdgeStats()
         self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=cfg.queue_size)
-        self.redis: redis.Redis | None = None
-        self.mqtt: mqtt.Client | None = None
         # key prefixes the Lua scripts append a frame id to ("ada:{site}:frame:", ...)
         self._key_prefixes = [_prefix(fn, cfg.site) for fn in (topics.frame_key, topics.decided_key,
                                                              topics.claimed_frame_key, topics.result_key,
                                                              topics.escalated_key)]
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._scripts: dict[str, Any] = {}
         self._ready = threading.Event()
 
@@ -351,28 +348,6 @@ class Aggregator:
     def _beat_info(self) -> dict:
         return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late,
                 "reclaimed": self.stats.reclaimed}
-
-    def close(self) -> None:
-        if self.mqtt is not None:
-            close_mqtt(self.mqtt)
-            self.mqtt = None
-        if self.redis is not None:
-            self.heartbeat.stop()
-            self.redis.close()
-            self.redis = None
-
-    def start(self) -> "Aggregator":
-        """Connect and run in a background thread (used by replay and tests)."""
-        self.connect()
-        self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"edge-{self.sid}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        self.close()
 
     # -- the loop --
     def run(self, stop: threading.Event) -> None:

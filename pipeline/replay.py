@@ -191,9 +191,6 @@ def _accuracy(decs: list[Decision]) -> float | None:
 
 def run_replay(cfg: ReplayConfig, data: Cifar10 | None = None, model: AdaDDNN | None = None) -> dict:
     """Run the whole pipeline over the frames `cfg` names and return the JSON report."""
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.data import load_cifar10
-
     threads_before = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

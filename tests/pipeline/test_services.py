@@ -1,0 +1,51 @@
+import shutil
+import socket
+
+import paho.mqtt.client as mqtt
+import pytest
+import redis
+
+from pipeline import services
+from pipeline.services import ServiceError, embedded_services, parse_mqtt_url
+
+
+def test_parse_mqtt_url():
+    assert parse_mqtt_url("mqtt://broker:1884") == ("broker", 1884)
+    assert parse_mqtt_url("tcp://10.0.0.2") == ("10.0.0.2", 1883)
+    assert parse_mqtt_url("localhost:1999") == ("localhost", 1999)
+    for bad in ("http://broker:1883", "mqtt://", "mqtt://broker:notaport"):
+        with pytest.raises(ServiceError):
+            parse_mqtt_url(bad)
+
+
+@pytest.mark.services
+def test_embedded_servers_answer_and_stop():
+    if not shutil.which("mosquitto") or not services._redis_executable():
+        pytest.skip("mosquitto or a Redis server is not installed")
+    with embedded_services() as (mqtt_url, redis_url):
+        r = redis.Redis.from_url(redis_url)
+        assert r.ping()
+        r.close()
+        host, port = parse_mqtt_url(mqtt_url)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        assert client.connect(host, port) == mqtt.MQTT_ERR_SUCCESS
+        client.disconnect()
+    for p in (port, int(redis_url.rsplit(":", 1)[1].split("/")[0])):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", p), timeout=0.5).close()
+
+
+def test_given_urls_start_nothing(monkeypatch):
+    monkeypatch.setattr(services, "start_mqtt", lambda: pytest.fail("must not start a broker"))
+    monkeypatch.setattr(services, "start_redis", lambda: pytest.fail("must not start redis"))
+    with embedded_services("mqtt://example:1883", "redis://example:6379/0") as urls:
+        assert urls == ("mqtt://example:1883", "redis://example:6379/0")
+
+
+def test_no_broker_to_embed_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(services.shutil, "which", lambda name: None)
+    with pytest.raises(ServiceError, match="install Mosquitto"):
+        services.start_mqtt()
+    monkeypatch.setattr(services, "_redis_executable", lambda: None)
+    with pytest.raises(ServiceError, match="redis-server"):
+        services.start_redis()
