@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 from typing import Sequence
 
@@ -107,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     tc = train_config_from(args)
     data = load_data(args, tc.val_size)
     out = args.out or f"runs/{cfg.mode}.safetensors"
-    _, _, card = train(cfg, tc, data, out_path=out, progress=not args.no_progress)
+    command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    _, _, card = train(cfg, tc, data, out_path=out, progress=not args.no_progress, command=command)
     test = card["test"]
     print(json.dumps({"checkpoint": out, "thresholds": card["thresholds"], "test": test}, indent=2))
     return 0

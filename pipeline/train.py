@@ -112,6 +112,7 @@ def train(
     out_path: str | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    command: str | None = None,
 ) -> tuple[AdaDDNN, list[EpochStats], dict[str, Any]]:
     """Train jointly; returns the model, its history and the model card (also written when `out_path`)."""
     torch.manual_seed(tc.seed)
@@ -185,6 +186,8 @@ def train(
             _write_history(out_path, history)
     wall = time.time() - t_start
     card = _model_card(model, tc, data, device, amp, wall, history)  # metrics in float32, as deployed
+    if command:
+        card = {"command": command, **card}
     if out_path:
         save_checkpoint(model, out_path, card)
         log.info("wrote %s", out_path)
