@@ -30,8 +30,7 @@ from pipeline.messages import Decision, Escalation, MessageError
 from pipeline.network import AdaDDNN, forward_rows
 from pipeline.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
 from pipeline.runtime import (BrokerService, Heartbeat, add_broker_args, check_alive, config_from_env,
-                              mqtt_client, redis_client, resolve_device, service_id, set_threads,
-                              stop_on_signals)
+                              mqtt_client, redis_client, resolve_device, service_id, serve, set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +241,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = CloudConfig.from_env(site=args.site, mqtt_url=args.mqtt_url, redis_url=args.redis_url,
                                checkpoint=args.checkpoint, batch=args.batch, wait_ms=args.wait_ms,
                                claim_idle_ms=args.claim_idle_ms, device=args.device, service_id=args.service_id)
-    worker = Worker(cfg, load_checkpoint(cfg.checkpoint))
-    worker.connect()
-    stop = threading.Event()
-    stop_on_signals(stop)
-    try:
-        worker.run(stop)
-    finally:
-        worker.close()
+    serve(Worker(cfg, load_checkpoint(cfg.checkpoint)))
     return 0
 
 

@@ -36,7 +36,7 @@ from pipeline.errors import CameraError, ConnectError
 from pipeline.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor, MessageError
 from pipeline.network import AdaDDNN, forward_rows
 from pipeline.runtime import (add_broker_args, close_mqtt, config_from_env, mqtt_client, resolve_device,
-                              set_threads, stop_on_signals)
+                              serve, set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -278,14 +278,7 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         return check_online(cfg)
     set_threads(args.threads)
-    feed = load_feed(cfg)
-    feed.connect()
-    stop = threading.Event()
-    stop_on_signals(stop)
-    try:
-        stats = feed.run(stop)
-    finally:
-        feed.close()
+    stats = serve(load_feed(cfg))
     return 0 if stats.unacknowledged == 0 else 1
 
 

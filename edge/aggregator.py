@@ -59,8 +59,7 @@ from pipeline.messages import DTYPES, CameraObservation, Decision, Escalation, F
 from pipeline.network import AdaDDNN, forward_rows
 from pipeline.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
 from pipeline.runtime import (BrokerService, Heartbeat, add_broker_args, check_alive, config_from_env,
-                              mqtt_client, redis_client, resolve_device, service_id, set_threads,
-                              stop_on_signals)
+                              mqtt_client, redis_client, resolve_device, service_id, serve, set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -556,14 +555,7 @@ def main(args: argparse.Namespace) -> int:
                               device=args.device, service_id=args.service_id)
     model = load_checkpoint(cfg.checkpoint)
     t1, t2 = thresholds_from_card(cfg.checkpoint, cfg.t1, cfg.t2, model.cfg.mode)
-    agg = Aggregator(cfg, model, t1, t2)
-    agg.connect()
-    stop = threading.Event()
-    stop_on_signals(stop)
-    try:
-        agg.run(stop)
-    finally:
-        agg.close()
+    serve(Aggregator(cfg, model, t1, t2))
     return 0
 
 

@@ -254,6 +254,20 @@ def check_alive(redis_url: str, site: str, role: str, sid: str | None = None) ->
 # --- batch-size-invariant forward passes ------------------------------------------------
 
 
+def serve(service: Any) -> Any:
+    """Run a role in the foreground: `connect()`, `run(stop)` until SIGTERM/SIGINT, then `close()`;
+    returns what `run` returned. Shared by the camera, edge and cloud commands. The signal
+    handlers go in before connecting, so a stop request during the connect is honoured cleanly
+    (the loop then ends at once) instead of killing the process mid-way."""
+    stop = threading.Event()
+    stop_on_signals(stop)
+    service.connect()
+    try:
+        return service.run(stop)
+    finally:
+        service.close()
+
+
 class BrokerService:
     """Lifecycle shared by the edge aggregator and the cloud worker: `connect()` opens the broker
     connections (subclasses set `self.redis`, `self.mqtt`, `self.heartbeat`), `run(stop)` is the

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import git_commit, save_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import Cifar10, Split, augment, to_float
-from pipeline.evaluation import choose_thresholds, classifier_accuracies, collect, exit_metrics
+from pipeline.evaluation import Collected, choose_thresholds, classifier_accuracies, collect, exit_metrics
 from pipeline.network import AdaDDNN, joint_loss, parameter_count, prepare_views, sample_present
 
 log = logging.getLogger(__name__)
@@ -202,18 +202,18 @@ def _write_history(out_path: str, history: list[EpochStats]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def split_report(model: AdaDDNN, split: Split, thresholds: dict, device: torch.device) -> dict[str, Any]:
-    """Per-exit metrics on `split` in float32 with the given thresholds."""
-    col = collect(model, split, device)
+def split_report(col: Collected, thresholds: dict) -> dict[str, Any]:
+    """Per-exit metrics of a split's collected outputs with the given thresholds."""
     m = exit_metrics(col, thresholds["t1"], thresholds["t2"])
-    return {"n": len(split), **classifier_accuracies(col), "exit_rate": m["exit_rate"], "accuracy": m["accuracy"]}
+    return {"n": len(col), **classifier_accuracies(col), "exit_rate": m["exit_rate"], "accuracy": m["accuracy"]}
 
 
 def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.device, amp: bool,
                 wall: float, history: list[EpochStats]) -> dict[str, Any]:
     val_split = data.val.head(tc.limit_eval)
     test_split = data.test.head(tc.limit_eval)
-    thresholds = choose_thresholds(collect(model, val_split, device))
+    val_outputs = collect(model, val_split, device)  # float32, as deployed
+    thresholds = choose_thresholds(val_outputs)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "data": {"digest_sha256": data.digest, "train": len(data.train.head(tc.limit_train)), "val": len(val_split),
@@ -228,7 +228,7 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
         "torch": torch.__version__,
         "parameters": parameter_count(model),
         "thresholds": thresholds,
-        "validation": split_report(model, val_split, thresholds, device),
-        "test": split_report(model, test_split, thresholds, device),
+        "validation": split_report(val_outputs, thresholds),
+        "test": split_report(collect(model, test_split, device), thresholds),
         "final_epoch": history[-1].__dict__ if history else None,
     }
