@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.checkpoint import load_part, read_config
 from pipeline.config import ModelConfig
 from pipeline.layers import BasicBlock, Classifier, conv_bn
 
@@ -15,6 +16,7 @@ from pipeline.layers import BasicBlock, Classifier, conv_bn
 class CloudModule(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         d = cfg.cloud_channels
         self.block = nn.Sequential(
             conv_bn(cfg.fused_channels, d, 3),
@@ -26,3 +28,10 @@ class CloudModule(nn.Module):
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.block(fused))
+
+
+def load_cloud(path: str, device: str | torch.device = "cpu") -> CloudModule:
+    """The cloud part of the checkpoint at `path` (a full checkpoint or its `cloud` part file)."""
+    module = CloudModule(read_config(path))
+    load_part(path, "cloud", module, device)
+    return module

@@ -14,6 +14,7 @@ a dead worker left pending for longer than --claim-idle-ms.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import threading
 import time
@@ -22,15 +23,18 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from pipeline import topics
-from pipeline.config import env_default
+from cloud.cloud_net import CloudModule, load_cloud
+from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import normalized_entropy
-from pipeline.errors import CloudError
-from pipeline.messages import Decision, Escalation, MessageError
-from pipeline.network import AdaDDNN, forward_rows
-from pipeline.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
-from pipeline.runtime import (BrokerService, Heartbeat, add_broker_args, check_alive, config_from_env,
-                              mqtt_client, redis_client, resolve_device, service_id, serve, set_threads)
+from pipeline.errors import CloudError, MessageError
+from pipeline.layers import forward_rows
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_config_args, config_dict, config_from_args
+from pipeline.transport.mqtt_client import mqtt_client
+from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
+from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
+from pipeline.transport.service import BrokerService, serve, service_id
+from pipeline.wire import names
+from pipeline.wire.messages import Decision, Escalation
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +45,26 @@ IDLE_BLOCK_MS = 200  # longest XREADGROUP block while idle, so a stop request is
 class CloudConfig:
     """One cloud worker."""
 
-    site: str = "site0"
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    checkpoint: str = "models/ada.safetensors"
+    site: str = "site0"  # site id: prefix of every topic and key
+    mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
+    redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS)
+    checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or its cloud part
     batch: int = 64  # escalations per forward pass at most
-    wait_ms: int = 10  # after the first entry of a batch, wait at most this long for more
-    device: str = "auto"  # "auto" = cuda when available
-    claim_idle_ms: int = 30_000  # an entry pending this long belongs to a dead worker
-    claim_interval_s: float = 5.0  # how often to look for such entries
-    decided_ttl_s: int = 3600  # result markers: how long a frame refuses a second result
-    results_maxlen: int = 1_000_000
+    wait_ms: int = 10  # after the first entry of a batch, wait at most this long (ms) for more
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    claim_idle_ms: int = 30_000  # an entry pending this long (ms) belongs to a dead worker and is reclaimed
+    claim_interval_s: float = 5.0  # how often (s) to look for such entries
+    decided_ttl_s: int = 3600  # result markers: how long (s) a frame refuses a second result
+    results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
     service_id: str = ""  # consumer name; "" = generated
-    heartbeat_s: float = 2.0
-    group: str = topics.CLOUD_GROUP
+    heartbeat_s: float = 2.0  # seconds between heartbeats; three missed and the worker counts as dead
+    group: str = names.CLOUD_GROUP  # Redis consumer group the workers share
 
     def __post_init__(self) -> None:
-        topics.check_site(self.site)
+        names.check_site(self.site)
         if self.batch < 1 or self.wait_ms < 0 or self.claim_idle_ms < 1:
             raise ValueError("need batch >= 1, wait_ms >= 0 and claim_idle_ms >= 1")
-
-    @classmethod
-    def from_env(cls, **overrides) -> "CloudConfig":
-        return config_from_env(cls, **overrides)
 
 
 @dataclass
@@ -78,13 +79,12 @@ class CloudStats:
 class Worker(BrokerService):
     role = "cloud"
 
-    def __init__(self, cfg: CloudConfig, model: AdaDDNN) -> None:
+    def __init__(self, cfg: CloudConfig, model: CloudModule) -> None:
         super().__init__(cfg.service_id or service_id("cloud"))
-        self.cfg, self.model = cfg, model.eval()
         self.device = resolve_device(cfg.device)
-        self.model.to(self.device)
+        self.cfg, self.model = cfg, model.to(self.device).eval()
         self.stats = CloudStats()
-        self.stream = topics.escalations_stream(cfg.site)
+        self.stream = names.escalations_stream(cfg.site)
 
     def connect(self) -> None:
         cfg = self.cfg
@@ -200,7 +200,7 @@ class Worker(BrokerService):
     @torch.no_grad()
     def answer(self, escs: list[Escalation]) -> list[Decision]:
         fused = torch.stack([e.features.to_tensor() for e in escs]).to(self.device)
-        logits = forward_rows(self.model.cloud, fused).float().cpu()
+        logits = forward_rows(self.model, fused).float().cpu()
         entropy, pred = normalized_entropy(logits), logits.argmax(-1)
         now = time.time()
         return [Decision(e.site, e.frame_id, "cloud", int(pred[i]), float(entropy[i]), None, e.present, e.captured_at,
@@ -215,33 +215,15 @@ class Worker(BrokerService):
 
 # --- CLI ----------------------------------------------------------------------------------
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    d = CloudConfig()
-    add_broker_args(p)
-    p.add_argument("--checkpoint", default=env_default("CHECKPOINT", d.checkpoint),
-                   help="weights (.safetensors) (env ADA_DDNN_CHECKPOINT; default %(default)s)")
-    p.add_argument("--batch", type=int, default=env_default("CLOUD_BATCH", d.batch),
-                   help="escalations per forward pass (env ADA_DDNN_CLOUD_BATCH; default %(default)s)")
-    p.add_argument("--wait-ms", type=int, default=env_default("CLOUD_WAIT_MS", d.wait_ms),
-                   help="wait at most this long to fill a batch (env ADA_DDNN_CLOUD_WAIT_MS; default %(default)s)")
-    p.add_argument("--claim-idle-ms", type=int, default=env_default("CLAIM_IDLE_MS", d.claim_idle_ms),
-                   help="reclaim entries pending this long (env ADA_DDNN_CLAIM_IDLE_MS; default %(default)s)")
-    p.add_argument("--device", default=env_default("CLOUD_DEVICE", d.device),
-                   help="auto (GPU when there is one), cpu, cuda (env ADA_DDNN_CLOUD_DEVICE)")
-    p.add_argument("--service-id", default="", help="consumer name (default: generated)")
-    p.add_argument("--check", action="store_true", help="exit 0 if a cloud worker of the site is alive, else 1")
-
-
 def main(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint import load_checkpoint
-
+    cfg = config_from_args(CloudConfig, args)
+    if args.print_config:
+        print(json.dumps(config_dict(cfg), indent=2))
+        return 0
     if args.check:
-        return check_alive(args.redis_url, args.site, "cloud", args.service_id or None)
-    set_threads(args.threads)
-    cfg = CloudConfig.from_env(site=args.site, mqtt_url=args.mqtt_url, redis_url=args.redis_url,
-                               checkpoint=args.checkpoint, batch=args.batch, wait_ms=args.wait_ms,
-                               claim_idle_ms=args.claim_idle_ms, device=args.device, service_id=args.service_id)
-    serve(Worker(cfg, load_checkpoint(cfg.checkpoint)))
+        return check_alive(cfg.redis_url, cfg.site, "cloud", cfg.service_id or None)
+    set_threads(cfg.threads)
+    serve(Worker(cfg, load_cloud(cfg.checkpoint)))
     return 0
 
 
@@ -249,5 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `cloud` to the `ada-ddnn` parser."""
     p = subparsers.add_parser("cloud", help="cloud worker: answer escalated frames in batches",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
+    add_config_args(p, CloudConfig)
+    p.add_argument("--check", action="store_true", help="exit 0 if a cloud worker of the site is alive, else 1")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     p.set_defaults(func=main)

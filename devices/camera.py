@@ -2,10 +2,13 @@
 
     ada-ddnn camera --cam 0 --checkpoint models/ada.safetensors --fps 10
     ada-ddnn cameras --checkpoint models/ada.safetensors --start 0 --stop 1000   # all six, one process
+    ada-ddnn export --checkpoint models/ada.safetensors --parts parts/   # then on camera k's device:
+    ada-ddnn camera --cam 3 --checkpoint parts/camera3.safetensors        # only its own weights
     ada-ddnn camera --cam 0 --check                                             # 0 if camera 0 is online
 
 Each frame of the split (test by default, or --start/--stop) is a scene; camera k applies its
-view (`devices.views.camera_view`), runs `CameraModule` k and publishes a `CameraObservation`
+view (`devices.views.camera_view`), runs `CameraModule` k (the only part of the checkpoint it
+loads) and publishes a `CameraObservation`
 (features int8 by default) on `ada/{site}/cam/{k}/obs` with QoS 1. The frame id is the frame's
 index in the split, so every camera names the same scene alike. Liveness: each camera's MQTT
 client keeps a retained status ("online", then "done") with "offline" as its last will.
@@ -18,6 +21,7 @@ offline evaluation.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import threading
 import time
@@ -27,52 +31,52 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 import torch
 
+from devices.camera_net import CameraModule, load_camera
 from devices.views import camera_view, normalize
-from pipeline import topics
-from pipeline.config import default_data_dir, env_default
-from pipeline.data import Split, load_cifar10, to_float
+from pipeline.checkpoint import read_config
+from pipeline.compute import resolve_device, set_threads
+from pipeline.config import default_data_dir
+from pipeline.data import SPLITS, Split, load_cifar10, to_float
 from pipeline.entropy import normalized_entropy
-from pipeline.errors import CameraError, ConnectError
-from pipeline.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor, MessageError
-from pipeline.network import AdaDDNN, forward_rows
-from pipeline.runtime import (add_broker_args, close_mqtt, config_from_env, mqtt_client, resolve_device,
-                              serve, set_threads)
+from pipeline.errors import CameraError, ConnectError, MessageError
+from pipeline.layers import forward_rows
+from pipeline.settings import DEFAULT_MQTT_URL, add_config_args, config_dict, config_from_args
+from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
+from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S
+from pipeline.transport.service import serve
+from pipeline.wire import names
+from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor
 
 log = logging.getLogger(__name__)
-
-PUBLISH_TIMEOUT_S = 30.0  # a QoS 1 publish not acknowledged by then is reported as lost
 
 
 @dataclass(frozen=True)
 class CameraConfig:
     """One camera process (or several cameras in one process)."""
 
-    site: str = "site0"
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    checkpoint: str = "models/ada.safetensors"
-    data: str = field(default_factory=default_data_dir)
-    split: str = "test"  # which CIFAR-10 split the feed replays
+    site: str = "site0"  # site id: prefix of every topic and key
+    mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
+    checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this camera's part
+    data: str = field(default_factory=default_data_dir)  # folder holding cifar-10-batches-py/
+    split: str = field(default="test", metadata={"choices": SPLITS})  # which CIFAR-10 split the feed replays
     start: int = 0  # first frame (index into the split)
     stop: int = 0  # one past the last frame; 0 = the end of the split
     fps: float = 0.0  # frames per second; 0 = as fast as possible
-    wire_dtype: str = "int8"  # dtype of the features on the wire
+    wire_dtype: str = field(default="int8", metadata={"choices": tuple(DTYPES)})  # dtype of the features on the wire
     batch: int = 64  # frames per forward pass at fps 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or auto, for the camera modules
+    threads: int = 0  # torch CPU threads; 0 = torch's default
     labels: bool = True  # attach the ground truth (replays score accuracy with it)
-    cameras: tuple[int, ...] = (0,)  # camera ids this process runs
+    cameras: tuple[int, ...] = field(default=(0,), metadata={"flags": ["--cameras", "--cams"]})  # camera ids this process runs, comma-separated
 
     def __post_init__(self) -> None:
-        topics.check_site(self.site)
+        names.check_site(self.site)
         if self.wire_dtype not in DTYPES:
             raise ValueError(f"wire_dtype must be one of {tuple(DTYPES)}, got {self.wire_dtype!r}")
         if self.fps < 0 or self.batch < 1 or self.start < 0 or (self.stop and self.stop <= self.start):
             raise ValueError("need fps >= 0, batch >= 1 and 0 <= start < stop (stop 0 = end)")
         if not self.cameras:
             raise ValueError("no camera to run")
-
-    @classmethod
-    def from_env(cls, **overrides) -> "CameraConfig":
-        return config_from_env(cls, **overrides)
 
 
 @dataclass
@@ -92,14 +96,14 @@ class CameraFeed:
     run in this thread. `gate(frames_published)` is called before each batch: the replay uses it
     to keep a bounded number of frames in flight."""
 
-    def __init__(self, cfg: CameraConfig, model: AdaDDNN, split: Split,
+    def __init__(self, cfg: CameraConfig, modules: dict[int, CameraModule], split: Split,
                  gate: Callable[[int], None] | None = None) -> None:
-        for k in cfg.cameras:
-            if not 0 <= k < model.cfg.num_cameras:
-                raise CameraError(cfg.site, None, f"no such camera (the network has {model.cfg.num_cameras})", camera=k)
-        self.cfg, self.model, self.split, self.gate = cfg, model.eval(), split, gate
+        if set(modules) != set(cfg.cameras):
+            raise CameraError(cfg.site, None, f"modules for cameras {sorted(modules)}, config names {list(cfg.cameras)}")
         self.device = resolve_device(cfg.device)
-        self.model.to(self.device)
+        self.cfg, self.split, self.gate = cfg, split, gate
+        self.modules = {k: m.to(self.device).eval() for k, m in modules.items()}
+        self.net = next(iter(modules.values())).cfg  # the network's ModelConfig
         self.stop_at = cfg.stop or len(split)
         if self.stop_at > len(split) or cfg.start >= self.stop_at:
             raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {len(split)}")
@@ -113,15 +117,15 @@ class CameraFeed:
             offline = CameraStatus(site, k, "offline", 0.0).encode()
 
             def online(c: mqtt.Client, k: int = k) -> None:
-                c.publish(topics.status_topic(site, k), CameraStatus(site, k, "online", time.time()).encode(),
+                c.publish(names.status_topic(site, k), CameraStatus(site, k, "online", time.time()).encode(),
                           qos=1, retain=True)
 
             self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=online,
-                                          will=(topics.status_topic(site, k), offline))
+                                          will=(names.status_topic(site, k), offline))
 
     def close(self, state: str = "done") -> None:
         for k, c in self.clients.items():
-            c.publish(topics.status_topic(self.cfg.site, k), CameraStatus(self.cfg.site, k, state, time.time()).encode(),
+            c.publish(names.status_topic(self.cfg.site, k), CameraStatus(self.cfg.site, k, state, time.time()).encode(),
                       qos=1, retain=True).wait_for_publish(PUBLISH_TIMEOUT_S)
             close_mqtt(c)
         self.clients.clear()
@@ -129,12 +133,12 @@ class CameraFeed:
     @torch.no_grad()
     def observe(self, scenes: torch.Tensor, frame_ids: list[int], captured_at: list[float]) -> list[list[CameraObservation]]:
         """Observations of every camera of this process for a batch of scenes: [frame][camera]."""
-        cfg, mcfg = self.cfg, self.model.cfg
+        cfg = self.cfg
         out: list[list[CameraObservation]] = [[] for _ in frame_ids]
         labels = self.split.labels
         for k in cfg.cameras:
-            views = normalize(camera_view(mcfg, k, scenes))
-            feats, logits = forward_rows(self.model.cameras[k], views)
+            views = normalize(camera_view(self.net, k, scenes))
+            feats, logits = forward_rows(self.modules[k], views)
             feats = feats.float().cpu()
             if logits is not None:
                 ent, pred = normalized_entropy(logits).cpu(), logits.argmax(-1).cpu()
@@ -151,7 +155,7 @@ class CameraFeed:
 
     def publish(self, obs: CameraObservation) -> None:
         raw = obs.encode()
-        info = self.clients[obs.camera].publish(topics.obs_topic(obs.site, obs.camera), raw, qos=1)
+        info = self.clients[obs.camera].publish(names.obs_topic(obs.site, obs.camera), raw, qos=1)
         self._pending.append(info)
         self.stats.published += 1
         self.stats.bytes += len(raw)
@@ -205,12 +209,15 @@ class CameraFeed:
 
 
 def load_feed(cfg: CameraConfig, gate: Callable[[int], None] | None = None) -> CameraFeed:
-    """The checkpoint and the split the config names, as a ready (unconnected) feed."""
-    from pipeline.checkpoint import load_checkpoint
-
-    model = load_checkpoint(cfg.checkpoint)
+    """The split and the cameras' parts of the checkpoint the config names, as a ready
+    (unconnected) feed. Only the cameras' own tensors are read."""
+    net = read_config(cfg.checkpoint)
+    for k in cfg.cameras:
+        if not 0 <= k < net.num_cameras:
+            raise CameraError(cfg.site, None, f"no such camera (the network has {net.num_cameras})", camera=k)
+    modules = {k: load_camera(cfg.checkpoint, k) for k in cfg.cameras}
     data = load_cifar10(cfg.data)
-    return CameraFeed(cfg, model, data.split(cfg.split), gate)
+    return CameraFeed(cfg, modules, data.split(cfg.split), gate)
 
 
 # --- CLI ----------------------------------------------------------------------------------
@@ -232,7 +239,7 @@ def check_online(cfg: CameraConfig, timeout_s: float = 5.0) -> int:
 
     try:
         client = mqtt_client(cfg.mqtt_url, f"{cfg.site}-check-{time.monotonic_ns():x}",
-                             on_connect=lambda c: c.subscribe(topics.status_filter(cfg.site), qos=1),
+                             on_connect=lambda c: c.subscribe(names.status_filter(cfg.site), qos=1),
                              on_message=on_message)
     except ConnectError as err:
         log.error("%s", err)
@@ -245,52 +252,30 @@ def check_online(cfg: CameraConfig, timeout_s: float = 5.0) -> int:
     return 1 if down else 0
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    d = CameraConfig()
-    add_broker_args(p, redis_=False)
-    p.add_argument("--checkpoint", default=env_default("CHECKPOINT", d.checkpoint),
-                   help="weights (.safetensors) (env ADA_DDNN_CHECKPOINT; default %(default)s)")
-    p.add_argument("--data", default=default_data_dir(), help="CIFAR-10 folder (env ADA_DDNN_DATA; default %(default)s)")
-    p.add_argument("--split", default=env_default("SPLIT", d.split), choices=("train", "val", "test"),
-                   help="split to replay (env ADA_DDNN_SPLIT; default %(default)s)")
-    p.add_argument("--start", type=int, default=env_default("START", d.start), help="first frame (env ADA_DDNN_START)")
-    p.add_argument("--stop", type=int, default=env_default("STOP", d.stop),
-                   help="one past the last frame; 0 = end of the split (env ADA_DDNN_STOP)")
-    p.add_argument("--fps", type=float, default=env_default("FPS", d.fps),
-                   help="frames per second, 0 = as fast as possible (env ADA_DDNN_FPS; default %(default)s)")
-    p.add_argument("--wire-dtype", choices=tuple(DTYPES), default=env_default("WIRE_DTYPE", d.wire_dtype),
-                   help="feature dtype on the wire (env ADA_DDNN_WIRE_DTYPE; default %(default)s)")
-    p.add_argument("--batch", type=int, default=env_default("BATCH", d.batch), help="frames per forward pass at fps 0")
-    p.add_argument("--device", default=env_default("DEVICE", d.device), help="cpu, cuda, auto (env ADA_DDNN_DEVICE)")
-    p.add_argument("--no-labels", dest="labels", action="store_false", help="do not attach ground-truth labels")
-    p.add_argument("--check", action="store_true", help="exit 0 if the camera(s) are online (retained status), else 1")
-
-
-def config_from_args(args: argparse.Namespace, cameras: tuple[int, ...]) -> CameraConfig:
-    return CameraConfig(site=args.site, mqtt_url=args.mqtt_url, checkpoint=args.checkpoint, data=args.data,
-                        split=args.split, start=args.start, stop=args.stop, fps=args.fps, wire_dtype=args.wire_dtype,
-                        batch=args.batch, device=args.device, labels=args.labels, cameras=cameras)
-
-
 def main(args: argparse.Namespace) -> int:
-    cams = (args.cam,) if getattr(args, "cam", None) is not None else tuple(args.cams)
-    cfg = config_from_args(args, cams)
+    overrides = {"cameras": (args.cam,)} if getattr(args, "cam", None) is not None else {}
+    cfg = config_from_args(CameraConfig, args, **overrides)
+    if args.print_config:
+        print(json.dumps(config_dict(cfg), indent=2))
+        return 0
     if args.check:
         return check_online(cfg)
-    set_threads(args.threads)
+    set_threads(cfg.threads)
     stats = serve(load_feed(cfg))
     return 0 if stats.unacknowledged == 0 else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `camera` (one camera) and `cameras` (several in one process) to the `ada-ddnn` parser."""
-    p = subparsers.add_parser("camera", help="one camera: replay frames, run its module, publish observations",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cam", type=int, required=True, help="camera id (0..5)")
-    add_args(p)
-    p.set_defaults(func=main)
-    p = subparsers.add_parser("cameras", help="all six cameras in one process, each with its own MQTT client",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cams", type=int, nargs="+", default=list(range(6)), help="camera ids (default all six)")
-    add_args(p)
-    p.set_defaults(func=main)
+    for name, help_text in (("camera", "one camera: replay frames, run its module, publish observations"),
+                            ("cameras", "several cameras in one process (default all six), each with its own MQTT client")):
+        p = subparsers.add_parser(name, help=help_text, description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "camera":
+            p.add_argument("--cam", type=int, required=True, help="camera id (0..5)")
+            add_config_args(p, CameraConfig, exclude=("cameras",))
+        else:
+            add_config_args(p, CameraConfig, defaults={"cameras": tuple(range(6))})
+        p.add_argument("--check", action="store_true", help="exit 0 if the camera(s) are online (retained status), else 1")
+        p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+        p.set_defaults(func=main)

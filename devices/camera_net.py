@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.checkpoint import load_part, read_config
 from pipeline.config import ModelConfig
 from pipeline.layers import Classifier, ResidualLayer, conv_bn
 
@@ -21,6 +22,7 @@ from pipeline.layers import Classifier, ResidualLayer, conv_bn
 class CameraModule(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         c = cfg.camera_channels
         self.wire_size = cfg.wire_size
         self.stem = conv_bn(3, c, 3, stride=cfg.camera_stem_stride)
@@ -41,3 +43,10 @@ class CameraModule(nn.Module):
         wire = F.adaptive_avg_pool2d(self.bottleneck(x), self.wire_size)
         logits = self.classifier(x) if self.classifier is not None else None
         return wire, logits
+
+
+def load_camera(path: str, camera: int, device: str | torch.device = "cpu") -> CameraModule:
+    """Camera `camera`'s part of the checkpoint at `path` (a full checkpoint or its `camera{k}` part file)."""
+    module = CameraModule(read_config(path))
+    load_part(path, f"camera{camera}", module, device)
+    return module

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-EXIT1, EXIT2, CLOUD = 0, 1, 2
-EXIT_NAMES = ("exit1", "exit2", "cloud")
+EXIT1, EXIT2, CLOUD = 0, 1, 2  # indices into pipeline.wire.messages.EXIT_NAMES
 
 
 def under(entropy: torch.Tensor, threshold: float | None) -> torch.Tensor:

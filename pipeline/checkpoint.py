@@ -1,8 +1,15 @@
-"""Checkpoints: weights in safetensors (no pickle) plus a JSON model card beside them.
+"""Checkpoints: weights in safetensors (no pickle), a JSON model card beside them, and parts.
 
     models/ada.safetensors   tensors; metadata holds the format version and the ModelConfig
     models/ada.json          model card: config, mode, data digest, seed, epochs, device,
                              wall time, git commit, thresholds, validation and test metrics
+
+The network has one part per process: `camera0` .. `camera{n-1}` (state-dict prefix
+`cameras.{k}.`), `edge` (`edge.`) and `cloud` (`cloud.`). Each process loads only its part's
+tensors (`load_part`), from the full checkpoint or from a part file that `export_parts` wrote
+(`ada-ddnn export --parts DIR`): the same tensors under the same names, the same config, and
+the part's name in the metadata, with the model card copied beside it. This module knows the
+names of the parts, not the modules: each tier builds its own module and hands it here.
 """
 
 from __future__ import annotations
@@ -15,15 +22,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.network import AdaDDNN
+from pipeline.errors import CheckpointError
+from pipeline.fileio import write_json
 
 FORMAT = "ada-ddnn/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded into this code."""
 
 
 def card_path(weights_path: str) -> str:
@@ -31,63 +36,114 @@ def card_path(weights_path: str) -> str:
     return root + ".json"
 
 
-def save_checkpoint(model: AdaDDNN, path: str, card: dict[str, Any] | None = None) -> None:
-    """Write `path` (.safetensors) and its model card atomically."""
+# --- parts --------------------------------------------------------------------------------
+
+def part_names(cfg: ModelConfig) -> list[str]:
+    """Every part of the network, in the order the data flows."""
+    return [f"camera{k}" for k in range(cfg.num_cameras)] + ["edge", "cloud"]
+
+
+def part_prefix(part: str, cfg: ModelConfig) -> str:
+    """The state-dict prefix of `part` ("camera3" -> "cameras.3.")."""
+    if part not in part_names(cfg):
+        raise CheckpointError(f"no part {part!r}: the network has {', '.join(part_names(cfg))}")
+    if part.startswith("camera"):
+        return f"cameras.{int(part[len('camera'):])}."
+    return f"{part}."
+
+
+# --- writing --------------------------------------------------------------------------------
+
+def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, card: dict[str, Any] | None = None,
+               part: str | None = None) -> None:
+    """Write tensors `state` of a network with config `cfg` to `path` (.safetensors) and its model
+    card beside it, each atomically. `part` marks a file that holds one part only."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "config": model.cfg.to_json()}
-    tmp = path + ".tmp"
-    save_file(state, tmp, metadata=meta)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {"format": FORMAT, "config": cfg.to_json(), **({"part": part} if part else {})}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
-    full_card = {"format": FORMAT, "config": model.cfg.to_dict(), "mode": model.cfg.mode, **(card or {})}
-    tmp_card = card_path(path) + ".tmp"
-    with open(tmp_card, "w") as f:
-        json.dump(full_card, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp_card, card_path(path))
+    full_card = {"format": FORMAT, "config": cfg.to_dict(), "mode": cfg.mode, **(card or {})}
+    if part:
+        full_card["part"] = part
+    write_json(card_path(path), full_card)
 
 
-def read_config(path: str) -> ModelConfig:
-    """The ModelConfig stored in a checkpoint, validated against this code's fields."""
+def export_parts(path: str, out_dir: str) -> list[str]:
+    """One file per part of the checkpoint at `path` into `out_dir` (`camera0.safetensors`, ...,
+    `edge.safetensors`, `cloud.safetensors`), each with the model card; returns their paths."""
+    cfg = read_config(path)
+    card = load_card(path)
+    written = []
+    for part in part_names(cfg):
+        state = read_tensors(path, part_prefix(part, cfg))
+        out = os.path.join(out_dir, f"{part}.safetensors")
+        save_state(state, cfg, out, {k: v for k, v in card.items() if k not in ("format", "config", "mode")}, part)
+        written.append(out)
+    return written
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def read_meta(path: str) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint of this format."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise CheckpointError(f"{path}: not a safetensors file ({err})") from err
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
+    return meta
+
+
+def read_config(path: str, expect: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint, validated against this code's fields (and `expect`)."""
+    meta = read_meta(path)
     try:
-        return ModelConfig.from_dict(json.loads(meta["config"]))
+        cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: its config does not match this code: {err}") from err
-
-
-def load_checkpoint(path: str, expect: ModelConfig | None = None, device: str | torch.device = "cpu") -> AdaDDNN:
-    """Build the network from the checkpoint's config and load its weights.
-
-    Fails with CheckpointError when `expect` is given and differs from the stored config, or when
-    the stored tensors do not match what this code builds from that config."""
-    cfg = read_config(path)
     if expect is not None and expect != cfg:
         a, b = expect.to_dict(), cfg.to_dict()
         diff = ", ".join(f"{k}: expected {a[k]!r}, checkpoint has {b[k]!r}" for k in a if a[k] != b[k])
         raise CheckpointError(f"{path}: config mismatch ({diff})")
-    model = AdaDDNN(cfg)
+    return cfg
+
+
+def read_tensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix` (all with ""); no other tensor is read."""
     with safe_open(path, framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    own = model.state_dict()
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: str, what: str = "network") -> None:
+    """`module.load_state_dict(state)` after checking names and shapes, with a message naming the difference."""
+    own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
         raise CheckpointError(
-            f"{path}: weights do not match the network this code builds from its config "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {shapes[:5]})"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+            f"{path}: weights do not match the {what} this code builds from its config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {shapes[:5]})")
+    module.load_state_dict(state, strict=True)
+
+
+def load_part(path: str, part: str, module: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """Load part `part` ("camera3", "edge", "cloud") of the checkpoint at `path` into `module`
+    (built by the tier from `read_config(path)`): only that part's tensors are read."""
+    meta = read_meta(path)
+    cfg = read_config(path)
+    if meta.get("part") not in (None, part):
+        raise CheckpointError(f"{path}: holds part {meta['part']!r}, not {part!r}")
+    prefix = part_prefix(part, cfg)
+    state = {k[len(prefix):]: v for k, v in read_tensors(path, prefix).items()}
+    load_into(module, state, path, what=f"part {part!r}")
+    return module.to(device).eval()
 
 
 def load_card(path: str) -> dict[str, Any]:
@@ -98,14 +154,29 @@ def load_card(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def thresholds(path: str, cfg: ModelConfig, t1: float | None = None,
+               t2: float | None = None) -> tuple[float | None, float]:
+    """The deployed (T1, T2): the given values, else the model card's. T1 is None for a network
+    without camera classifiers (DDNN has no exit 1) whatever is given."""
+    if t1 is None or t2 is None:
+        card = load_card(path).get("thresholds") or {}
+        t1 = card.get("t1") if t1 is None else t1
+        t2 = card.get("t2") if t2 is None else t2
+    if t2 is None:
+        raise CheckpointError(f"{path}: no thresholds in its model card; pass --t1/--t2")
+    if not cfg.has_camera_classifiers:
+        return None, float(t2)
+    return (0.0 if t1 is None else float(t1)), float(t2)
+
+
 def git_commit(cwd: str | None = None) -> str | None:
+    where = cwd or os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=cwd or os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -2,7 +2,8 @@
 
 Every size that shapes a tensor lives in `ModelConfig`; a checkpoint stores it and refuses to
 load into code whose config differs. `TrainConfig` holds the recipe. Role configs for the
-streaming processes live next to those processes and share `env_default` from here.
+streaming processes live next to those processes; `pipeline.settings` turns any of them into
+flags and `ADA_DDNN_*` env vars.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["ada", "ddnn"]
@@ -22,29 +23,15 @@ FUSIONS: tuple[str, ...] = ("max", "mean", "concat")
 VIEW_MODES: tuple[str, ...] = ("viewpoints", "tiles")
 
 
-def env_default(name: str, default: Any) -> Any:
-    """Value of env var `ADA_DDNN_<name>` converted to the type of `default`, else `default`."""
-    raw = os.environ.get(f"ADA_DDNN_{name}")
-    if raw is None:
-        return default
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    return raw
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Every hyper-parameter that shapes the network (ADA-DDNN and the DDNN baseline)."""
 
-    mode: str = "ada"  # "ada": camera classifiers and exit 1; "ddnn": neither (baseline)
-    num_cameras: int = 6  # end devices; the paper uses n = 6
-    num_classes: int = 10  # CIFAR-10
-    image_size: int = 32  # pixels, square; each camera's view has the scene's size
-    view_mode: str = "viewpoints"  # "viewpoints" (six perspectives) or "tiles" (DDNN's 3x2 split)
+    mode: str = field(default="ada", metadata={"choices": MODES})  # ada: camera classifiers and exit 1; ddnn: neither (the baseline)
+    num_cameras: int = field(default=6, metadata={"cli": False})  # end devices; the paper uses n = 6
+    num_classes: int = field(default=10, metadata={"cli": False})  # CIFAR-10
+    image_size: int = field(default=32, metadata={"cli": False})  # pixels, square; each camera's view has the scene's size
+    view_mode: str = field(default="viewpoints", metadata={"choices": VIEW_MODES, "flags": ["--views", "--view-mode"]})  # viewpoints (six perspectives) or tiles (DDNN's 3x2 split)
 
     # Camera (end device): stem -> four residual layers -> {classifier head, wire bottleneck}.
     camera_stem_stride: int = 2  # 2 halves the resolution once, so the residual layers run at 16x16
@@ -55,7 +42,7 @@ class ModelConfig:
     wire_size: int = 8  # spatial side of the features a camera sends (adaptive average pool)
 
     # Edge: fusion of camera features -> edge block -> classifier (exit 2).
-    fusion: str = "concat"  # "max", "mean" or "concat"; missing cameras are masked in all three
+    fusion: str = field(default="concat", metadata={"choices": FUSIONS})  # max, mean or concat; missing cameras are masked in all three
     edge_channels: int = 64  # width of the edge block
     edge_blocks: int = 1  # residual blocks in the edge block (8x8)
 
@@ -118,25 +105,24 @@ class TrainConfig:
     epochs: int = 30  # passes over the 45,000 training images; the paper uses 180
     batch_size: int = 200  # frames per step (the paper's value)
     lr: float = 0.1  # peak SGD learning rate (the paper's value)
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # SGD momentum (the paper's value)
+    nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 on conv/linear weights, not on BN or biases
     warmup_epochs: float = 1.0  # linear warm-up before the cosine decay, in epochs
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # of every exit's cross-entropy target; 0 = hard labels
     # Loss weights of the joint objective: sum of w * CE for every exit.
-    # camera weight applies to each camera's CE averaged over the cameras present.
-    weight_camera: float = 1.0
-    weight_edge: float = 1.0
-    weight_cloud: float = 1.0
+    weight_camera: float = 1.0  # loss weight of the camera exits (each camera's CE averaged over the cameras present)
+    weight_edge: float = 1.0  # loss weight of exit 2
+    weight_cloud: float = 1.0  # loss weight of the cloud exit
     camera_dropout: float = 0.1  # probability that each camera is absent from a training frame
     augment: bool = True  # random crop (pad 4) and horizontal flip of the scene before the views
     val_size: int = 5000  # the last N training images form the validation split
-    seed: int = 0
-    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    seed: int = 0  # seed of the weights, the data order, augmentation and camera dropout
+    num_threads: int = field(default=0, metadata={"flags": ["--threads", "--num-threads"]})  # torch CPU threads; 0 keeps torch's default
     limit_train: int = 0  # use only the first N training images (0 = all); for smoke runs
     limit_eval: int = 0  # evaluate on the first N validation/test images (0 = all)
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    device: str = "auto"
+    bf16: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,5 +132,5 @@ def default_data_dir() -> str:
     return os.environ.get("ADA_DDNN_DATA", os.path.expanduser("~/.cache/ada-ddnn/cifar10"))
 
 
-__all__ = ["ModelConfig", "TrainConfig", "env_default", "default_data_dir", "MODES", "FUSIONS",
+__all__ = ["ModelConfig", "TrainConfig", "default_data_dir", "MODES", "FUSIONS",
            "VIEW_MODES"]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.errors import DataError
+
 log = logging.getLogger(__name__)
 
 LAYOUT_DIR = "cifar-10-batches-py"
@@ -28,10 +30,8 @@ TEST_FILE = "test_batch"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 training-set channel means, for normalisation
 STD = (0.2470, 0.2435, 0.2616)
+SPLITS = ("train", "val", "test")  # the 45,000 / 5,000 (last training images) / 10,000 frame splits
 
-
-class DataError(RuntimeError):
-    """The data set is missing, malformed or unsafe to load."""
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -134,8 +134,8 @@ class Cifar10:
     path: str
 
     def split(self, name: str) -> Split:
-        if name not in ("train", "val", "validation", "test"):
-            raise ValueError(f"unknown split {name!r}; use train, val or test")
+        if name not in (*SPLITS, "validation"):
+            raise DataError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return {"train": self.train, "val": self.val, "validation": self.val, "test": self.test}[name]
 
 

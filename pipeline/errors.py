@@ -1,6 +1,6 @@
 """Named errors of the streaming pipeline; each names the site, frame and camera it is about.
 
-`MessageError` (malformed wire data) lives with the wire format in `pipeline.messages`.
+`MessageError` (malformed wire data) lives with the wire format in `pipeline.wire.messages`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,26 @@ class PipelineError(RuntimeError):
 
 class ConnectError(PipelineError):
     """A broker (Mosquitto or Redis) cannot be reached after the retries allowed."""
+
+
+class DataError(PipelineError):
+    """The data set is missing, malformed or unsafe to load."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint (or one of its parts) cannot be loaded into this code."""
+
+
+class ServiceError(PipelineError):
+    """A broker URL is malformed, or an embedded server could not be started."""
+
+
+class SettingsError(PipelineError, ValueError):
+    """A setting's text (env var or flag) that does not parse as its field's type."""
+
+
+class MessageError(PipelineError, ValueError):
+    """A message that cannot be encoded or decoded: malformed, oversized, wrong version or type."""
 
 
 class FrameError(PipelineError):
@@ -49,5 +69,5 @@ class ReplayError(PipelineError):
     """The replay job cannot run or finish (bad arguments, frames missing at the end)."""
 
 
-__all__ = ["PipelineError", "ConnectError", "FrameError", "CameraError", "AggregationError", "EscalationError",
+__all__ = ["PipelineError", "ConnectError", "DataError", "CheckpointError", "ServiceError", "SettingsError", "MessageError", "FrameError", "CameraError", "AggregationError", "EscalationError",
            "CloudError", "ReplayError"]

@@ -17,7 +17,8 @@ import uuid
 
 import pytest
 
-from pipeline.services import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, parse_mqtt_url
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL
+from pipeline.transport.mqtt_client import parse_mqtt_url
 
 
 def _docker_answers() -> bool:
@@ -98,9 +99,8 @@ def stream_setup(tmp_path_factory):
     of exit 1, exit 2 and cloud on them: (checkpoint path, model, data, t1, t2)."""
     import torch
 
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.evaluation import collect
-    from pipeline.network import AdaDDNN
+    from pipeline.offline.evaluation import collect
+    from pipeline.offline.network import AdaDDNN, save_checkpoint
     from tests.helpers import synthetic_cifar, tiny_config
 
     torch.manual_seed(0)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import topics
 from pipeline.config import ModelConfig
 from pipeline.data import Cifar10, Split
-from pipeline.messages import Decision
+from pipeline.wire import names
+from pipeline.wire.messages import Decision
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -30,7 +30,7 @@ def wait_results(r, site: str, n: int, timeout_s: float = 20) -> list[Decision]:
     """Block on the site's results stream (a Redis client `r`) until n results are there."""
     last, got = "0-0", []
     while len(got) < n:
-        resp = r.xread({topics.results_stream(site): last}, block=int(timeout_s * 1000))
+        resp = r.xread({names.results_stream(site): last}, block=int(timeout_s * 1000))
         if not resp:
             break
         for entry_id, f in resp[0][1]:

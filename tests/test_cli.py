@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from pipeline.orchestration.cli import build_parser, main
 
 
 def _subcommands(parser):
@@ -26,7 +26,7 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "pipeline.orchestration.cli", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "bench" in out.stdout
 
 

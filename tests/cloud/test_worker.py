@@ -1,14 +1,13 @@
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 
 from cloud.worker import CloudConfig, Worker
-from pipeline import topics
-from pipeline.messages import Decision, Escalation, FeatureTensor
-from pipeline.runtime import alive, close_mqtt, mqtt_client
+from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
+from pipeline.transport.redis_client import alive
+from pipeline.wire import names
+from pipeline.wire.messages import Decision, Escalation, FeatureTensor
 from tests.helpers import wait_results
 
 
@@ -21,17 +20,17 @@ def escalations(model, site, n, dtype="int8"):
 
 def xadd(r, escs):
     for e in escs:
-        r.xadd(topics.escalations_stream(e.site), {"frame": e.frame_id, "msg": e.encode()})
+        r.xadd(names.escalations_stream(e.site), {"frame": e.frame_id, "msg": e.encode()})
 
 
 def results(r, site):
-    return [Decision.decode(f[b"msg"]) for _, f in r.xrange(topics.results_stream(site))]
+    return [Decision.decode(f[b"msg"]) for _, f in r.xrange(names.results_stream(site))]
 
 
 def worker(stream_setup, brokers, site, **kw):
     path, model, _, _, _ = stream_setup
     return Worker(CloudConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, device="cpu",
-                              **kw), model)
+                              **kw), model.cloud)
 
 
 @pytest.mark.services
@@ -46,7 +45,7 @@ def test_worker_answers_publishes_then_acks(stream_setup, brokers, site, redis_c
         if len(on_mqtt) == 9:
             nine.set()
 
-    sub = mqtt_client(brokers[0], f"{site}-sub", on_connect=lambda c: c.subscribe(topics.results_topic(site), qos=1),
+    sub = mqtt_client(brokers[0], f"{site}-sub", on_connect=lambda c: c.subscribe(names.results_topic(site), qos=1),
                       on_message=on_message)
     w = worker(stream_setup, brokers, site, batch=4, wait_ms=5).start()
     try:
@@ -64,15 +63,15 @@ def test_worker_answers_publishes_then_acks(stream_setup, brokers, site, redis_c
     for d in got:
         assert d.exit == "cloud" and d.prediction == int(expect[d.frame_id - 100]) and d.label == (d.frame_id - 100) % 10
     assert sorted(d.frame_id for d in on_mqtt) == sorted(d.frame_id for d in got)
-    assert redis_conn.xlen(topics.escalations_stream(site)) == 0  # acked and deleted
-    assert redis_conn.xpending(topics.escalations_stream(site), "cloud")["pending"] == 0
+    assert redis_conn.xlen(names.escalations_stream(site)) == 0  # acked and deleted
+    assert redis_conn.xpending(names.escalations_stream(site), "cloud")["pending"] == 0
     assert alive(redis_conn, site, "cloud") == []
 
 
 @pytest.mark.services
 def test_entries_of_a_dead_worker_are_reclaimed_once(stream_setup, brokers, site, redis_conn):
     _, model, _, _, _ = stream_setup
-    stream = topics.escalations_stream(site)
+    stream = names.escalations_stream(site)
     redis_conn.xgroup_create(stream, "cloud", id="0", mkstream=True)
     xadd(redis_conn, escalations(model, site, 5))
     taken = redis_conn.xreadgroup("cloud", "dead-worker", {stream: ">"}, count=5)  # read, never acked
@@ -93,7 +92,7 @@ def test_two_workers_and_bad_entries(stream_setup, brokers, site, redis_conn):
     escs = escalations(model, site, 30, dtype="float16")
     ws = [worker(stream_setup, brokers, site, batch=3, wait_ms=2).start() for _ in range(2)]
     try:
-        redis_conn.xadd(topics.escalations_stream(site), {"frame": 1, "msg": b"not msgpack"})
+        redis_conn.xadd(names.escalations_stream(site), {"frame": 1, "msg": b"not msgpack"})
         xadd(redis_conn, escs)
         got = wait_results(redis_conn, site, 30)
     finally:
@@ -101,13 +100,5 @@ def test_two_workers_and_bad_entries(stream_setup, brokers, site, redis_conn):
             w.stop()
     assert sorted(d.frame_id for d in got) == [e.frame_id for e in escs]
     assert len(results(redis_conn, site)) == 30
-    assert redis_conn.xlen(topics.deadletter_stream(site)) == 1
-    assert redis_conn.xlen(topics.escalations_stream(site)) == 0
-
-
-def test_the_cloud_does_not_import_the_edge_role():
-    """The cloud worker shares result recording with the edge through pipeline.results_sink, not
-    through the edge aggregator (the network's edge block, via pipeline.network, is the model's)."""
-    code = "import sys, cloud.worker; sys.exit('edge.aggregator' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert redis_conn.xlen(names.deadletter_stream(site)) == 1
+    assert redis_conn.xlen(names.escalations_stream(site)) == 0

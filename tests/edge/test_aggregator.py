@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from cloud.worker import CloudConfig, Worker
-from edge.aggregator import Aggregator, EdgeConfig, Frame, decide_frames, thresholds_from_card
-from edge.exits import EXIT_NAMES, decide
-from pipeline import evaluation, topics
-from pipeline.messages import CameraObservation, Decision, Escalation, FeatureTensor
+from edge.aggregator import Aggregator, EdgeConfig, Frame, decide_frames
+from edge.exits import decide
+from pipeline.checkpoint import thresholds
+from pipeline.offline import evaluation
+from pipeline.wire import names
+from pipeline.wire.messages import EXIT_NAMES, CameraObservation, Decision, Escalation, FeatureTensor
 from tests.helpers import wait_results
 
 
@@ -36,7 +38,7 @@ def test_decide_frames_equals_offline(stream_setup):
     ref = decide(t1, t2, c.edge_entropy, c.edge_pred, c.cloud_pred, c.cam_entropy, c.cam_pred, c.present)
     for batch, upto in ((1, 8), (3, 40), (40, 40)):
         for s in range(0, upto, batch):
-            out, _, _, _ = decide_frames(model, frames[s:s + batch], t1, t2)
+            out, _, _, _ = decide_frames(model.edge, frames[s:s + batch], t1, t2)
             for i, (exit_name, pred, _, _) in enumerate(out):
                 f = s + i
                 assert exit_name == EXIT_NAMES[int(ref.exit[f])]
@@ -46,21 +48,22 @@ def test_decide_frames_equals_offline(stream_setup):
 
 
 def test_thresholds_from_card(stream_setup):
-    path, _, _, t1, t2 = stream_setup
-    assert thresholds_from_card(path, None, None, "ada") == (t1, t2)
-    assert thresholds_from_card(path, 0.1, None, "ada") == (0.1, t2)
-    assert thresholds_from_card(path, None, 0.2, "ddnn") == (None, 0.2)
+    path, model, _, t1, t2 = stream_setup
+    ada = model.cfg
+    assert thresholds(path, ada, None, None) == (t1, t2)
+    assert thresholds(path, ada, 0.1, None) == (0.1, t2)
+    assert thresholds(path, ada.replace(mode="ddnn"), 0.3, 0.2) == (None, 0.2)  # DDNN has no exit 1
 
 
 def msg(o: CameraObservation, site: str):
     o = CameraObservation(site, o.frame_id, o.camera, o.captured_at, o.prediction, o.entropy, o.features, o.label)
-    return SimpleNamespace(topic=topics.obs_topic(site, o.camera), payload=o.encode())
+    return SimpleNamespace(topic=names.obs_topic(site, o.camera), payload=o.encode())
 
 
 def aggregator(stream_setup, brokers, site, **kw):
     path, model, _, t1, t2 = stream_setup
     cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, **kw)
-    return Aggregator(cfg, model, t1, t2)
+    return Aggregator(cfg, model.edge, t1, t2)
 
 
 def make(stream_setup, brokers, site, **kw):
@@ -97,11 +100,11 @@ def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redi
         (frame,) = poll(agg.claim_expired)
         assert frame.frame_id == 1 and frame.present == (0, 1, 2, 3)
         assert agg.handle(msg(obs[1][5], site)) == []
-        counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(topics.counters_key(site)).items()}
+        counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(names.counters_key(site)).items()}
         assert counters == {"duplicate_observations": 1, "late": 2}
-        assert not redis_conn.exists(topics.frame_key(site, 0), topics.frame_key(site, 1))
-        assert redis_conn.zcard(topics.claimed_key(site)) == 2  # claimed, not decided: leased, observations kept
-        assert redis_conn.hlen(topics.claimed_frame_key(site, 1)) == 4
+        assert not redis_conn.exists(names.frame_key(site, 0), names.frame_key(site, 1))
+        assert redis_conn.zcard(names.claimed_key(site)) == 2  # claimed, not decided: leased, observations kept
+        assert redis_conn.hlen(names.claimed_frame_key(site, 1)) == 4
     finally:
         agg.close()
 
@@ -154,12 +157,12 @@ def test_escalation_backpressure_never_trims(stream_setup, brokers, site, redis_
         t = threading.Thread(target=agg.escalate, args=(frames[2], fused, 0.9, 1, stop))
         t.start()
         t.join(0.3)
-        assert t.is_alive() and redis_conn.xlen(topics.escalations_stream(site)) == 2  # waiting, nothing trimmed
-        first = redis_conn.xrange(topics.escalations_stream(site), count=1)[0][0]
-        redis_conn.xdel(topics.escalations_stream(site), first)  # the cloud finished one
+        assert t.is_alive() and redis_conn.xlen(names.escalations_stream(site)) == 2  # waiting, nothing trimmed
+        first = redis_conn.xrange(names.escalations_stream(site), count=1)[0][0]
+        redis_conn.xdel(names.escalations_stream(site), first)  # the cloud finished one
         t.join(10)
         assert not t.is_alive()
-        ids = [Escalation.decode(f[b"msg"]).frame_id for _, f in redis_conn.xrange(topics.escalations_stream(site))]
+        ids = [Escalation.decode(f[b"msg"]).frame_id for _, f in redis_conn.xrange(names.escalations_stream(site))]
         assert ids == [1, 2] and agg.stats.backpressure_waits >= 1
     finally:
         stop.set()
@@ -170,10 +173,10 @@ def test_escalation_backpressure_never_trims(stream_setup, brokers, site, redis_
 def test_malformed_observation_goes_to_the_dead_letters(stream_setup, brokers, site, redis_conn):
     agg = make(stream_setup, brokers, site)
     try:
-        assert agg.handle(SimpleNamespace(topic=topics.obs_topic(site, 0), payload=b"\x93garbage")) == []
+        assert agg.handle(SimpleNamespace(topic=names.obs_topic(site, 0), payload=b"\x93garbage")) == []
         wrong = CameraObservation(site, 1, 0, 1.0, 1, 0.5, FeatureTensor.quantize(torch.ones(3, 2, 2)))
-        assert agg.handle(SimpleNamespace(topic=topics.obs_topic(site, 0), payload=wrong.encode())) == []
-        letters = redis_conn.xrange(topics.deadletter_stream(site))
+        assert agg.handle(SimpleNamespace(topic=names.obs_topic(site, 0), payload=wrong.encode())) == []
+        letters = redis_conn.xrange(names.deadletter_stream(site))
         assert len(letters) == 2
         assert b"msgpack" in letters[0][1][b"reason"] or b"map" in letters[0][1][b"reason"]
         assert b"frame 1 camera 0" in letters[1][1][b"reason"]
@@ -198,8 +201,8 @@ def stream_frame_ids(r, stream):
 
 
 def assert_no_lease_left(r, site):
-    assert r.zcard(topics.claimed_key(site)) == 0
-    assert not list(r.scan_iter(match=topics.claimed_frame_key(site, 0)[:-1] + "*"))
+    assert r.zcard(names.claimed_key(site)) == 0
+    assert not list(r.scan_iter(match=names.claimed_frame_key(site, 0)[:-1] + "*"))
 
 
 def claim_all(agg, model, data, site, n, dead_camera_every=5):
@@ -224,24 +227,24 @@ def test_frames_of_a_crashed_aggregator_are_reclaimed_and_decided_once(stream_se
     claimed = claim_all(dead, model, data, site, n)
     dead.close()  # the crash: claimed, never decided
     assert sorted(claimed) == list(range(n))
-    assert redis_conn.zcard(topics.claimed_key(site)) == n and redis_conn.xlen(topics.results_stream(site)) == 0
+    assert redis_conn.zcard(names.claimed_key(site)) == n and redis_conn.xlen(names.results_stream(site)) == 0
 
     survivor = aggregator(stream_setup, brokers, site, deadline_ms=20).start()
     cloud = Worker(CloudConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], device="cpu", wait_ms=2),
-                   model).start()
+                   model.cloud).start()
     try:
         got = wait_results(redis_conn, site, n)
     finally:
         survivor.stop()
         cloud.stop()
     assert sorted(d.frame_id for d in got) == list(range(n))
-    assert len(stream_frame_ids(redis_conn, topics.results_stream(site))) == n  # nothing recorded twice
+    assert len(stream_frame_ids(redis_conn, names.results_stream(site))) == n  # nothing recorded twice
     assert survivor.stats.reclaimed == n
-    assert int(redis_conn.hget(topics.counters_key(site), "reclaimed")) >= n  # the dead one may have renewed its own
+    assert int(redis_conn.hget(names.counters_key(site), "reclaimed")) >= n  # the dead one may have renewed its own
     assert_no_lease_left(redis_conn, site)
     # the observations survived the crash: the survivor decided what the dead one would have
     frames = [claimed[f] for f in range(n)]
-    expect, _, _, _ = decide_frames(model, frames, t1, t2)
+    expect, _, _, _ = decide_frames(model.edge, frames, t1, t2)
     by_id = {d.frame_id: d for d in got}
     assert {e for e, _, _, _ in expect} >= {"exit2", "cloud"}
     for fr, (exit_name, pred, _, _) in zip(frames, expect):
@@ -282,22 +285,22 @@ def test_a_slow_owner_after_a_takeover_changes_nothing(stream_setup, brokers, si
         stop.set()
         slow.close()
         taker.close()
-    recorded = stream_frame_ids(redis_conn, topics.results_stream(site))
-    escalated = stream_frame_ids(redis_conn, topics.escalations_stream(site))
+    recorded = stream_frame_ids(redis_conn, names.results_stream(site))
+    escalated = stream_frame_ids(redis_conn, names.escalations_stream(site))
     assert recorded and escalated
     assert len(set(recorded)) == len(recorded) and len(set(escalated)) == len(escalated)
     assert sorted(recorded + escalated) == list(range(n))  # one end per frame
-    counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(topics.counters_key(site)).items()}
+    counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(names.counters_key(site)).items()}
     assert counters.get("result_conflicts", 0) + counters.get("escalation_conflicts", 0) == n  # each second try refused
     assert_no_lease_left(redis_conn, site)
 
     cloud = Worker(CloudConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], device="cpu", wait_ms=2),
-                   model).start()
+                   model.cloud).start()
     try:
         got = wait_results(redis_conn, site, n)
     finally:
         cloud.stop()
     assert sorted(d.frame_id for d in got) == list(range(n))
-    results = [Decision.decode(f[b"msg"]) for _, f in redis_conn.xrange(topics.results_stream(site))]
+    results = [Decision.decode(f[b"msg"]) for _, f in redis_conn.xrange(names.results_stream(site))]
     assert sorted(d.frame_id for d in results) == list(range(n))  # exactly one result per frame
-    assert redis_conn.xlen(topics.escalations_stream(site)) == 0
+    assert redis_conn.xlen(names.escalations_stream(site)) == 0

@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.checkpoint import CheckpointError, card_path, load_card, load_checkpoint, read_config, save_checkpoint
-from pipeline.network import AdaDDNN
+from pipeline.checkpoint import card_path, load_card, read_config
+from pipeline.errors import CheckpointError
+from pipeline.offline.network import AdaDDNN, load_checkpoint, save_checkpoint
 from tests.helpers import tiny_config
 
 

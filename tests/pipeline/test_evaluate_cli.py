@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import TrainConfig
 from pipeline.data import load_cifar10
-from pipeline.train import train
+from pipeline.offline.train import train
+from pipeline.orchestration.cli import main
 from tests.helpers import tiny_config
 
 VAL = 40  # validation frames held out of the 100 training images of the tiny layout

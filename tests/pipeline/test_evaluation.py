@@ -4,11 +4,11 @@ thresholds are chosen on validation outputs only."""
 import pytest
 import torch
 
-from pipeline import evaluate, evaluation
-from pipeline.checkpoint import save_checkpoint
-from pipeline.evaluation import Collected, classifier_accuracies, exit_metrics, pareto, select_thresholds
 from pipeline.data import to_float
-from pipeline.network import AdaDDNN, prepare_views
+from pipeline.offline import evaluation
+from pipeline.offline import experiments as evaluate
+from pipeline.offline.evaluation import Collected, classifier_accuracies, exit_metrics, pareto, select_thresholds
+from pipeline.offline.network import AdaDDNN, prepare_views, save_checkpoint
 from tests.helpers import synthetic_cifar, tiny_config
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # a coarse T grid keeps the end-to-end tests fast

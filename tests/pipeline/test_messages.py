@@ -9,9 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline import topics
-from pipeline.messages import (MAX_MESSAGE_BYTES, WIRE_VERSION, CameraObservation, CameraStatus, Decision, Escalation,
-                               FeatureTensor, MessageError, observation_bytes, quantize_roundtrip, unpack)
+from pipeline.wire import names
+from pipeline.wire.messages import (
+    MAX_MESSAGE_BYTES,
+    WIRE_VERSION,
+    CameraObservation,
+    CameraStatus,
+    Decision,
+    Escalation,
+    FeatureTensor,
+    MessageError,
+    observation_bytes,
+    quantize_roundtrip,
+    unpack,
+)
 
 
 def obs(features=None, **changes):
@@ -91,7 +102,7 @@ def test_codec_property(x, dtype):
 @settings(max_examples=40, deadline=None)
 @given(frame_id=st.integers(0, 2**63 - 1), camera=st.integers(0, 255), at=st.floats(0, 4e9),
        pred=st.none() | st.integers(0, 9), ent=st.floats(0, 1), label=st.none() | st.integers(0, 65535),
-       site=st.from_regex(topics.SITE_RE, fullmatch=True))
+       site=st.from_regex(names.SITE_RE, fullmatch=True))
 def test_observation_property(frame_id, camera, at, pred, ent, label, site):
     o = CameraObservation(site, frame_id, camera, at, pred, None if pred is None else ent,
                           FeatureTensor.quantize(torch.ones(2, 2, 2)), label)
@@ -188,15 +199,15 @@ def test_message_error_is_a_value_error():
     assert issubclass(MessageError, ValueError)
 
 
-def test_names_live_in_topics():
-    assert topics.obs_topic("s", 3) == "ada/s/cam/3/obs"
-    assert topics.status_topic("s", 3) == "ada/s/cam/3/status"
-    assert topics.results_topic("s") == "ada/s/results"
-    assert topics.shared_obs_filter("s") == "$share/edge/ada/s/cam/+/obs"
-    assert topics.frame_key("s", 9) == "ada:s:frame:9"
-    assert topics.escalations_stream("s") == "ada:s:escalations"
-    assert topics.results_stream("s") == "ada:s:results"
-    assert topics.deadletter_stream("s") == "ada:s:deadletter"
+def test_names_live_in_the_names_module():
+    assert names.obs_topic("s", 3) == "ada/s/cam/3/obs"
+    assert names.status_topic("s", 3) == "ada/s/cam/3/status"
+    assert names.results_topic("s") == "ada/s/results"
+    assert names.shared_obs_filter("s") == "$share/edge/ada/s/cam/+/obs"
+    assert names.frame_key("s", 9) == "ada:s:frame:9"
+    assert names.escalations_stream("s") == "ada:s:escalations"
+    assert names.results_stream("s") == "ada:s:results"
+    assert names.deadletter_stream("s") == "ada:s:deadletter"
     for bad in ("", "a/b", "a+b", "a:b", "#", "x" * 65):
         with pytest.raises(ValueError):
-            topics.obs_topic(bad, 0)
+            names.obs_topic(bad, 0)

@@ -5,7 +5,8 @@ import torch
 
 from edge.fusion import fuse
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.network import AdaDDNN, forward_rows, joint_loss, prepare_views, sample_present
+from pipeline.layers import forward_rows
+from pipeline.offline.network import AdaDDNN, joint_loss, prepare_views, sample_present
 from tests.helpers import tiny_config
 
 ALL_SUBSETS = [s for r in range(0, 7) for s in itertools.combinations(range(6), r)]

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.cli import main
-from pipeline.replay import ReplayConfig, run_replay, summary_table
+from pipeline.orchestration.cli import main
+from pipeline.orchestration.replay import ReplayConfig, run_replay, summary_table
 
 pytestmark = pytest.mark.services
 

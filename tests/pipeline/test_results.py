@@ -1,4 +1,4 @@
-from pipeline.results import edge_rate_at_accuracy
+from pipeline.offline.results_page import edge_rate_at_accuracy
 
 
 def test_edge_rate_at_accuracy_takes_the_best_point_reaching_the_level():

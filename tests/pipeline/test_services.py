@@ -5,8 +5,10 @@ import paho.mqtt.client as mqtt
 import pytest
 import redis
 
-from pipeline import services
-from pipeline.services import ServiceError, embedded_services, parse_mqtt_url
+from pipeline.errors import ServiceError
+from pipeline.transport import embedded
+from pipeline.transport.embedded import embedded_services
+from pipeline.transport.mqtt_client import parse_mqtt_url
 
 
 def test_parse_mqtt_url():
@@ -20,7 +22,7 @@ def test_parse_mqtt_url():
 
 @pytest.mark.services
 def test_embedded_servers_answer_and_stop():
-    if not shutil.which("mosquitto") or not services._redis_executable():
+    if not shutil.which("mosquitto") or not embedded._redis_executable():
         pytest.skip("mosquitto or a Redis server is not installed")
     with embedded_services() as (mqtt_url, redis_url):
         r = redis.Redis.from_url(redis_url)
@@ -36,16 +38,16 @@ def test_embedded_servers_answer_and_stop():
 
 
 def test_given_urls_start_nothing(monkeypatch):
-    monkeypatch.setattr(services, "start_mqtt", lambda: pytest.fail("must not start a broker"))
-    monkeypatch.setattr(services, "start_redis", lambda: pytest.fail("must not start redis"))
+    monkeypatch.setattr(embedded, "start_mqtt", lambda: pytest.fail("must not start a broker"))
+    monkeypatch.setattr(embedded, "start_redis", lambda: pytest.fail("must not start redis"))
     with embedded_services("mqtt://example:1883", "redis://example:6379/0") as urls:
         assert urls == ("mqtt://example:1883", "redis://example:6379/0")
 
 
 def test_no_broker_to_embed_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(services.shutil, "which", lambda name: None)
+    monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
     with pytest.raises(ServiceError, match="install Mosquitto"):
-        services.start_mqtt()
-    monkeypatch.setattr(services, "_redis_executable", lambda: None)
+        embedded.start_mqtt()
+    monkeypatch.setattr(embedded, "_redis_executable", lambda: None)
     with pytest.raises(ServiceError, match="redis-server"):
-        services.start_redis()
+        embedded.start_redis()

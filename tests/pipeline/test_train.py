@@ -4,10 +4,11 @@ import os
 
 import pytest
 
-from pipeline.checkpoint import load_card, load_checkpoint
+from pipeline.checkpoint import load_card
 from pipeline.config import TrainConfig, default_data_dir
 from pipeline.data import DataError, load_cifar10
-from pipeline.train import lr_at, train
+from pipeline.offline.network import load_checkpoint
+from pipeline.offline.train import lr_at, train
 from tests.helpers import synthetic_cifar, tiny_config
 
 

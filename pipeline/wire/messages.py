@@ -25,7 +25,8 @@ import msgpack
 import numpy as np
 import torch
 
-from pipeline.topics import check_site
+from pipeline.errors import MessageError
+from pipeline.wire.names import check_site
 
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # hard cap on one encoded message (a float32 6 x 12 x 8 x 8 tensor is 18 KiB)
@@ -42,11 +43,8 @@ DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
 }
-EXITS = ("exit1", "exit2", "cloud")
+EXIT_NAMES = ("exit1", "exit2", "cloud")  # every exit a frame can leave by, in the order of the tiers
 
-
-class MessageError(ValueError):
-    """A message that cannot be encoded or decoded: malformed, oversized, wrong version or type."""
 
 
 # --- the int8 codec, shared by FeatureTensor (one frame) and quantize_roundtrip (a batch) ----
@@ -387,8 +385,8 @@ class Decision(_Message):
     def __post_init__(self) -> None:
         _site(self.site)
         _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
-        if self.exit not in EXITS:
-            raise MessageError(f"exit must be one of {EXITS}, got {self.exit!r}")
+        if self.exit not in EXIT_NAMES:
+            raise MessageError(f"exit must be one of {EXIT_NAMES}, got {self.exit!r}")
         _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1))
         _set(self, "entropy", _float("entropy", self.entropy, 0.0, 1.0, optional=True))
         _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1, optional=True))
@@ -420,4 +418,4 @@ def observation_bytes(features: torch.Tensor, dtype: str = "int8", site: str = "
 
 __all__ = ["MessageError", "FeatureTensor", "CameraObservation", "CameraStatus", "Escalation", "Decision",
            "quantize_roundtrip", "observation_bytes", "unpack", "WIRE_VERSION", "MAX_MESSAGE_BYTES", "DTYPES",
-           "EXITS"]
+           "EXIT_NAMES"]

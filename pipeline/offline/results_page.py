@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from pipeline.figures import NAMES, label
+from pipeline.fileio import atomic_write_text
+from pipeline.offline.figures import NAMES, label
 
 # The ADA-DDNN paper's CIFAR-10 table: accuracy (%) at the edge and at the cloud, per mode.
 PAPER = {
@@ -156,9 +157,4 @@ def render(entries: list[dict], figures: dict[str, str], page_dir: str) -> str:
 
 
 def write_results(path: str, entries: list[dict], figures: dict[str, str]) -> str:
-    page_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(page_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(render(entries, figures, page_dir))
-    os.replace(path + ".tmp", path)
-    return path
+    return atomic_write_text(path, render(entries, figures, os.path.dirname(os.path.abspath(path))))

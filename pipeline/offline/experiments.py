@@ -34,16 +34,18 @@ import torch
 
 from edge.exits import CLOUD, decide
 from edge.fusion import fuse
-from pipeline import evaluation
-from pipeline.checkpoint import git_commit, load_card, load_checkpoint
-from pipeline.config import default_data_dir, env_default
+from pipeline.checkpoint import git_commit, load_card
+from pipeline.compute import resolve_device, set_threads
+from pipeline.config import default_data_dir
 from pipeline.data import Cifar10, Split, to_float
-from pipeline.evaluation import CameraPass, Collected
-from pipeline.network import AdaDDNN
+from pipeline.fileio import write_json
+from pipeline.offline import evaluation
+from pipeline.offline.evaluation import CameraPass, Collected
+from pipeline.offline.network import AdaDDNN, load_checkpoint
+from pipeline.wire.messages import DTYPES
 
 log = logging.getLogger(__name__)
 
-WIRE_DTYPES = ("int8", "float16", "float32")
 OPTIMISTIC_LABEL = "test (optimistic: searched on the test split, as the paper did)"
 SITE = "eval"  # site name in the messages encoded to measure bytes (its length is part of the size)
 
@@ -124,7 +126,7 @@ def bytes_per_frame(model: AdaDDNN, split: Split, cams: CameraPass, c: Collected
     that it is traffic per frame. Messages carry no label (only replays do). raw_views: the six
     views as uint8 pixels."""
     from devices.views import all_views
-    from pipeline.messages import CameraObservation, Escalation, FeatureTensor
+    from pipeline.wire.messages import CameraObservation, Escalation, FeatureTensor
 
     n = len(cams) if sample <= 0 else min(sample, len(cams))
     decided = decide(thresholds["t1"], thresholds["t2"], c.edge_entropy[:n], c.edge_pred[:n], c.cloud_pred[:n],
@@ -250,27 +252,18 @@ def rounded(obj: Any, digits: int = 6) -> Any:
     return obj
 
 
-def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.data import load_cifar10
-    from pipeline.figures import write_figures
-    from pipeline.results import write_results
+    from pipeline.offline.figures import write_figures
+    from pipeline.offline.results_page import write_results
 
     if args.draws < 1:
         raise ValueError(f"--draws must be at least 1, got {args.draws}")
     for name in ("min_edge_accuracy", "min_edge_rate"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    set_threads(args.num_threads)
+    device = str(resolve_device(args.device))
     wire = None if args.wire_dtype == "none" else args.wire_dtype
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else [])
     entries = []
@@ -285,9 +278,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, limit=args.limit, draws=args.draws,
             seed=args.seed, bytes_sample=args.bytes_sample, device=device, batch_size=args.batch_size)
         folder = os.path.join(args.out, sub)
-        write_json(os.path.join(folder, "report.json"), report)
-        write_json(os.path.join(folder, "optimistic.json"), optimistic)
-        write_json(os.path.join(folder, "run.json"), run)
+        write_json(os.path.join(folder, "report.json"), report, indent=1)
+        write_json(os.path.join(folder, "optimistic.json"), optimistic, indent=1)
+        write_json(os.path.join(folder, "run.json"), run, indent=1)
         log.info("wrote %s", os.path.join(folder, "report.json"))
         entries.append({"report": report, "optimistic": optimistic, "run": run, "history": load_history(ckpt),
                         "card": load_card(ckpt)})
@@ -313,7 +306,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=5000,
                    help="validation frames when the model card does not record them (default %(default)s)")
     p.add_argument("--limit", type=int, default=0, help="first N validation and N test frames only (0 = all)")
-    p.add_argument("--wire-dtype", choices=(*WIRE_DTYPES, "none"), default=env_default("WIRE_DTYPE", "int8"),
+    p.add_argument("--wire-dtype", choices=(*DTYPES, "none"), default=os.environ.get("ADA_DDNN_WIRE_DTYPE", "int8"),
                    help="codec the camera features go through before fusion, as deployed; 'none' skips the "
                         "codec (env ADA_DDNN_WIRE_DTYPE; default %(default)s)")
     p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
@@ -331,9 +324,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the missing_n draws")
     p.add_argument("--bytes-sample", type=int, default=500,
                    help="test frames whose messages are encoded for bytes_per_frame (0 = all; default %(default)s)")
-    p.add_argument("--results", default="docs/RESULTS.md",
-                   help="also write the results page here (default %(default)s; '' for only OUT/RESULTS.md)")
-    p.add_argument("--device", default=env_default("DEVICE", "auto"), help="auto, cpu, cuda (env ADA_DDNN_DEVICE)")
+    p.add_argument("--results", default="",
+                   help="also write the results page here, e.g. docs/RESULTS.md for a release (default: only "
+                        "OUT/RESULTS.md)")
+    p.add_argument("--device", default=os.environ.get("ADA_DDNN_DEVICE", "auto"),
+                   help="auto, cpu, cuda (env ADA_DDNN_DEVICE; default %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="frames per forward pass")
     p.add_argument("--threads", dest="num_threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.set_defaults(func=cmd_evaluate)

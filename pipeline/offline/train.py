@@ -11,7 +11,6 @@ checkpoint, its model card and a per-epoch history (JSON) next to it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,39 +23,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import git_commit, save_checkpoint
+from pipeline.checkpoint import git_commit
+from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import Cifar10, Split, augment, to_float
-from pipeline.evaluation import Collected, choose_thresholds, classifier_accuracies, collect, exit_metrics
-from pipeline.network import AdaDDNN, joint_loss, parameter_count, prepare_views, sample_present
+from pipeline.fileio import write_json
+from pipeline.offline.evaluation import Collected, choose_thresholds, classifier_accuracies, collect, exit_metrics
+from pipeline.offline.network import (
+    AdaDDNN,
+    joint_loss,
+    parameter_count,
+    prepare_views,
+    sample_present,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_enabled(device: torch.device, bf16: bool) -> bool:
-    """bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX) where it is 2-3x faster."""
-    if not bf16:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and _cpu_has_bf16()
-    return False
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -117,9 +99,8 @@ def train(
     """Train jointly; returns the model, its history and the model card (also written when `out_path`)."""
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
-    if tc.num_threads > 0:
-        torch.set_num_threads(tc.num_threads)
-    device = pick_device(tc.device)
+    set_threads(tc.num_threads)
+    device = resolve_device(tc.device)
     amp = autocast_enabled(device, tc.bf16)
     train_split = data.train.head(tc.limit_train)
     val_split = data.val.head(tc.limit_eval)
@@ -195,11 +176,7 @@ def train(
 
 
 def _write_history(out_path: str, history: list[EpochStats]) -> None:
-    path = os.path.splitext(out_path)[0] + ".history.json"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump([h.__dict__ for h in history], f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.splitext(out_path)[0] + ".history.json", [h.__dict__ for h in history], indent=1)
 
 
 def split_report(col: Collected, thresholds: dict) -> dict[str, Any]:

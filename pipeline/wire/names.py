@@ -69,13 +69,28 @@ def results_topic(site: str) -> str:
 
 
 # --- Redis --------------------------------------------------------------------------------
+# Per-frame keys are a prefix (`frame_prefix`) plus the frame id. The edge's Lua scripts that
+# scan many frames append ids to the prefixes they are given; nothing else builds a key.
+
+FRAME, DECIDED, CLAIMED, ESCALATED, RESULT = "frame", "decided", "claimed", "escalated", "result"
+FRAME_KINDS = (FRAME, DECIDED, CLAIMED, ESCALATED, RESULT)
+
+
+def frame_prefix(site: str, kind: str) -> str:
+    """`ada:{site}:{kind}:`, the part of a per-frame key before the frame id."""
+    if kind not in FRAME_KINDS:
+        raise ValueError(f"per-frame key kind must be one of {FRAME_KINDS}, got {kind!r}")
+    return f"ada:{check_site(site)}:{kind}:"
+
 
 def frame_key(site: str, frame_id: int) -> str:
-    return f"ada:{check_site(site)}:frame:{int(frame_id)}"
+    """A frame's observations (hash, camera -> payload) while it assembles; TTL."""
+    return frame_prefix(site, FRAME) + str(int(frame_id))
 
 
 def decided_key(site: str, frame_id: int) -> str:
-    return f"ada:{check_site(site)}:decided:{int(frame_id)}"
+    """Claim marker (owner id) set when a frame is claimed: later observations are late."""
+    return frame_prefix(site, DECIDED) + str(int(frame_id))
 
 
 def claimed_key(site: str) -> str:
@@ -85,17 +100,17 @@ def claimed_key(site: str) -> str:
 
 def claimed_frame_key(site: str, frame_id: int) -> str:
     """A claimed frame's observations (its frame hash, renamed on claim) until it is decided."""
-    return f"ada:{check_site(site)}:claimed:{int(frame_id)}"
+    return frame_prefix(site, CLAIMED) + str(int(frame_id))
 
 
 def escalated_key(site: str, frame_id: int) -> str:
     """Marker set by whoever escalates the frame first; a second escalation is refused."""
-    return f"ada:{check_site(site)}:escalated:{int(frame_id)}"
+    return frame_prefix(site, ESCALATED) + str(int(frame_id))
 
 
 def result_key(site: str, frame_id: int) -> str:
     """Marker set by whoever records the frame's result first; a second result is refused."""
-    return f"ada:{check_site(site)}:result:{int(frame_id)}"
+    return frame_prefix(site, RESULT) + str(int(frame_id))
 
 
 def pending_key(site: str) -> str:
@@ -120,13 +135,19 @@ def counters_key(site: str) -> str:
 
 
 def heartbeat_key(site: str, role: str, service_id: str) -> str:
-    if not SERVICE_RE.match(role) or not SERVICE_RE.match(service_id):
-        raise ValueError(f"bad role/service id {role!r}/{service_id!r}")
-    return f"ada:{check_site(site)}:heartbeat:{role}:{service_id}"
+    if not SERVICE_RE.match(service_id):
+        raise ValueError(f"bad service id {service_id!r}")
+    return heartbeat_prefix(site, role) + service_id
+
+
+def heartbeat_prefix(site: str, role: str) -> str:
+    if not SERVICE_RE.match(role):
+        raise ValueError(f"bad role {role!r}")
+    return f"ada:{check_site(site)}:heartbeat:{role}:"
 
 
 def heartbeat_pattern(site: str, role: str) -> str:
-    return f"ada:{check_site(site)}:heartbeat:{role}:*"
+    return heartbeat_prefix(site, role) + "*"
 
 
 def site_pattern(site: str) -> str:

@@ -24,7 +24,8 @@ from edge.fusion import fuse
 from pipeline.config import ModelConfig
 from pipeline.data import Split, to_float
 from pipeline.entropy import normalized_entropy
-from pipeline.network import AdaDDNN, forward_rows, prepare_views
+from pipeline.layers import forward_rows
+from pipeline.offline.network import AdaDDNN, prepare_views
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,17 @@ class CameraPass:
 
 
 def _codec(x: torch.Tensor, wire_dtype: str | None) -> torch.Tensor:
-    """N x K x S x S features after `pipeline.messages.quantize_roundtrip`; None: unchanged."""
+    """N x K x S x S features after `pipeline.wire.messages.quantize_roundtrip`; None: unchanged."""
     if wire_dtype is None:
         return x
-    from pipeline.messages import quantize_roundtrip  # the wire codec; imported only when asked for
+    from pipeline.wire.messages import quantize_roundtrip  # the wire codec; imported only when asked for
 
     return quantize_roundtrip(x.float(), wire_dtype).to(x.device)
 
 
 def wire_roundtrip(features: torch.Tensor, wire_dtype: str | None) -> torch.Tensor:
     """N x cams x K x S x S camera features as the edge receives them: each camera's tensor
-    quantized with `pipeline.messages.quantize_roundtrip`; None returns them unchanged."""
+    quantized with `pipeline.wire.messages.quantize_roundtrip`; None returns them unchanged."""
     if wire_dtype is None:
         return features
     n, cams = features.shape[:2]

@@ -23,33 +23,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterator
-from urllib.parse import urlparse
+
+from pipeline.errors import ServiceError
+from pipeline.transport.mqtt_client import parse_mqtt_url
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 START_TIMEOUT_S = 15.0  # a server that does not accept connections by then failed to start
 
-
-class ServiceError(RuntimeError):
-    """A broker URL is malformed, or an embedded server could not be started."""
-
-
-def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """`mqtt://host[:port]` (or `tcp://`, or a bare `host:port`) -> (host, port); port defaults to 1883."""
-    if "://" not in url:
-        url = "mqtt://" + url
-    u = urlparse(url)
-    if u.scheme not in ("mqtt", "tcp"):
-        raise ServiceError(f"MQTT URL {url!r}: scheme must be mqtt:// or tcp://")
-    if not u.hostname:
-        raise ServiceError(f"MQTT URL {url!r}: no host")
-    try:
-        port = u.port or 1883
-    except ValueError as err:
-        raise ServiceError(f"MQTT URL {url!r}: bad port") from err
-    return u.hostname, port
 
 
 def free_port() -> int:

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.network import AdaDDNN, joint_loss, parameter_count, prepare_views, sample_present
-from pipeline.train import autocast_enabled, make_optimizer, pick_device
+from pipeline.offline.network import AdaDDNN, joint_loss, parameter_count, prepare_views, sample_present
+from pipeline.offline.train import make_optimizer
 
 TRAIN_IMAGES = 45_000  # CIFAR-10 training split after holding out 5,000 for validation
 
@@ -28,9 +29,8 @@ def _sync(device: torch.device) -> None:
 def bench_train(cfg: ModelConfig, tc: TrainConfig, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    if tc.num_threads > 0:
-        torch.set_num_threads(tc.num_threads)
-    device = pick_device(tc.device)
+    set_threads(tc.num_threads)
+    device = resolve_device(tc.device)
     amp = autocast_enabled(device, tc.bf16)
     torch.manual_seed(tc.seed)
     model = AdaDDNN(cfg).to(device).train()

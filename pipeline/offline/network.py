@@ -1,14 +1,13 @@
 """The assembled ADA-DDNN (or DDNN) network: six camera modules, the edge, the cloud.
 
 Each part lives in its tier's package (devices/, edge/, cloud/); this module only wires them
-together for joint training and offline evaluation. The streaming processes load the same
-state dict and run only their own part.
+together for joint training and offline evaluation. The streaming processes never build it:
+each loads only its own part of the same checkpoint (`pipeline.checkpoint.load_part`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from devices.camera_net import CameraModule
 from devices.views import all_views, normalize
 from edge.edge_net import EdgeModule
 from edge.fusion import fuse
+from pipeline.checkpoint import load_into, read_config, read_tensors, save_state
 from pipeline.config import ModelConfig, TrainConfig
 
 
@@ -111,16 +111,16 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def forward_rows(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
-    """`fn(x)` for a batch x, never run with a single row.
+def save_checkpoint(model: AdaDDNN, path: str, card: dict | None = None) -> None:
+    """The whole network's weights and model card (see `pipeline.checkpoint.save_state`)."""
+    save_state(model.state_dict(), model.cfg, path, card)
 
-    On CPU, conv2d and linear take another code path for a batch of one (gemv instead of gemm),
-    which changes results in the last bits; every batch of two or more rows gives each row the
-    same numbers. A single row is therefore run twice and the first copy kept, so the streaming
-    path (one frame at a time) reproduces offline evaluation (hundreds at a time) bit for bit."""
-    if x.shape[0] != 1:
-        return fn(x)
-    out = fn(torch.cat([x, x]))
-    if isinstance(out, tuple):
-        return tuple(o[:1] if isinstance(o, torch.Tensor) else o for o in out)
-    return out[:1]
+
+def load_checkpoint(path: str, expect: ModelConfig | None = None, device: str | torch.device = "cpu") -> AdaDDNN:
+    """Build the whole network from the checkpoint's config and load every weight.
+
+    Fails with CheckpointError when `expect` is given and differs from the stored config, or when
+    the stored tensors do not match what this code builds from that config."""
+    model = AdaDDNN(read_config(path, expect))
+    load_into(model, read_tensors(path), path)
+    return model.to(device).eval()

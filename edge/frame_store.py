@@ -1,0 +1,249 @@
+"""The edge's frame store in Redis: frames assembled from observations, claims held as leases,
+the hand-off to the cloud and the release of a lease with the frame's result. Every Lua script
+of that protocol is here; every key comes from `pipeline.wire.names`.
+
+1. `add` (ADD_OBSERVATION, atomic) stores an observation in the frame's hash
+   `ada:{site}:frame:{id}` (TTL); a duplicate delivery (QoS 1) and an observation for a frame
+   already claimed are dropped and counted. The first observation puts the frame in the pending
+   set with a deadline (Redis clock + deadline). The observation that completes the frame
+   claims it in the same script.
+2. `claim_expired` (CLAIM_EXPIRED) claims frames whose deadline has passed with the cameras they
+   have, so a dead camera does not stall its frames. A claim sets `ada:{site}:decided:{id}` with
+   SET NX, so exactly one aggregator gets each frame.
+3. A claim is a lease, so that an aggregator that dies holding frames loses none of them. The
+   claim renames the frame hash to `ada:{site}:claimed:{id}` (the observations stay in Redis)
+   and adds the frame to the sorted set `ada:{site}:claimed`, scored by Redis TIME + lease. The
+   same `claim_expired` scan takes over every lease that has expired (the owner died or is
+   stalled): it renews the lease in its own name and hands the observations back, counting
+   `reclaimed` in `ada:{site}:counters`.
+4. `escalate` (ESCALATE) adds a frame to `ada:{site}:escalations` once (marker
+   `ada:{site}:escalated:{id}` with NX; a frame that already has a result is refused) and
+   refuses to add beyond maxlen (the caller waits, its lease extended; nothing is trimmed).
+   `record` (RECORD_AND_RELEASE) records a result once and refuses a frame already escalated.
+   Either script releases the lease (ZREM + DEL of the claimed hash) in the same step, so a
+   slow owner that finishes after its lease was taken over changes nothing: the frame still
+   gets exactly one result (its second attempt is counted in `result_conflicts` or
+   `escalation_conflicts`).
+
+The scripts scan frames by id and RENAME between keys: this needs one Redis, not a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+import redis
+
+from pipeline.transport.results_sink import RECORD_BODY, record_and_publish
+from pipeline.wire import names
+from pipeline.wire.messages import CameraObservation, Decision
+
+log = logging.getLogger(__name__)
+
+# Lua: `now` in ms from the Redis server's clock, so every aggregator shares one clock.
+REDIS_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash
+# ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
+#       lease ms
+ADD_OBSERVATION = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HINCRBY', KEYS[4], 'late', 1)
+  return {'late'}
+end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('HINCRBY', KEYS[4], 'duplicate_observations', 1)
+  return {'duplicate'}
+end
+local n = redis.call('HLEN', KEYS[1])
+local complete = n >= tonumber(ARGV[3])
+if n > 1 and not complete then
+  return {'added'}
+end
+""" + REDIS_NOW + """
+if not complete then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return {'added'}
+end
+redis.call('SET', KEYS[2], ARGV[7], 'PX', ARGV[8])
+redis.call('RENAME', KEYS[1], KEYS[6])
+redis.call('PEXPIRE', KEYS[6], ARGV[8])
+redis.call('ZREM', KEYS[3], ARGV[6])
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[9]), ARGV[6])
+return {'claimed', redis.call('HVALS', KEYS[6])}
+"""
+
+# KEYS: pending zset, claimed zset, counters
+# ARGV: key prefixes of frame hash, decided marker, claimed frame hash, result marker, escalated marker
+#       (`names.frame_prefix`; the frame id is appended), max frames, owner, decided ttl ms, lease ms
+# Returns flat (frame id, observations, kind, previous owner) quadruples; kind is 'claimed' (past
+# its deadline), 'reclaimed' (its lease expired) or 'lost' (its observations expired with it).
+CLAIM_EXPIRED = REDIS_NOW + """
+local lease_until = now + tonumber(ARGV[9])
+local limit = tonumber(ARGV[6])
+local out = {}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local fk = ARGV[1] .. id
+  if redis.call('SET', ARGV[2] .. id, ARGV[7], 'NX', 'PX', ARGV[8]) and redis.call('EXISTS', fk) == 1 then
+    local ck = ARGV[3] .. id
+    redis.call('RENAME', fk, ck)
+    redis.call('PEXPIRE', ck, ARGV[8])
+    redis.call('ZADD', KEYS[2], lease_until, id)
+    table.insert(out, id)
+    table.insert(out, redis.call('HVALS', ck))
+    table.insert(out, 'claimed')
+    table.insert(out, '')
+  end
+end
+ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  local ck = ARGV[3] .. id
+  if redis.call('EXISTS', ARGV[4] .. id) == 1 or redis.call('EXISTS', ARGV[5] .. id) == 1 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('DEL', ck)
+  elseif redis.call('EXISTS', ck) == 0 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HINCRBY', KEYS[3], 'claims_lost', 1)
+    table.insert(out, id)
+    table.insert(out, {})
+    table.insert(out, 'lost')
+    table.insert(out, '')
+  else
+    local prev = redis.call('GET', ARGV[2] .. id) or ''
+    redis.call('SET', ARGV[2] .. id, ARGV[7], 'XX', 'KEEPTTL')
+    redis.call('ZADD', KEYS[2], lease_until, id)
+    redis.call('PEXPIRE', ck, ARGV[8])
+    redis.call('HINCRBY', KEYS[3], 'reclaimed', 1)
+    table.insert(out, id)
+    table.insert(out, redis.call('HVALS', ck))
+    table.insert(out, 'reclaimed')
+    table.insert(out, prev)
+  end
+end
+return out
+"""
+
+# KEYS: escalation stream, escalated marker, result marker, claimed zset, claimed frame hash
+# ARGV: maxlen, frame id, payload, owner, marker ttl ms, lease ms
+# 1 = added (lease released); 0 = the stream is full: the caller waits, its lease is extended;
+# -1 = the frame was already escalated or has a result (a slow owner after a take-over): lease released.
+ESCALATE = """
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('ZREM', KEYS[4], ARGV[2])
+  redis.call('DEL', KEYS[5])
+  return -1
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+""" + REDIS_NOW + """
+  redis.call('ZADD', KEYS[4], 'XX', now + tonumber(ARGV[6]), ARGV[2])
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'frame', ARGV[2], 'msg', ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('DEL', KEYS[5])
+return 1
+"""
+
+# KEYS: result marker, results stream, claimed zset, claimed frame hash, escalated marker
+# ARGV: frame id, payload, owner, marker ttl ms, stream maxlen (as RECORD_BODY)
+# The lease is released whether the result is recorded or refused; a frame already escalated
+# to the cloud gets no edge result.
+RECORD_AND_RELEASE = """
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('DEL', KEYS[4])
+  return 0
+end
+""" + RECORD_BODY + """
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[4])
+return first
+"""
+
+
+@dataclass(frozen=True)
+class StoreTimes:
+    """The frame store's clock settings, all in milliseconds except the counts."""
+
+    expected: int  # cameras per frame: the frame is claimed when this many have reported
+    deadline_ms: int  # after its first observation, a frame is claimed with the cameras it has
+    frame_ttl_ms: int  # an unclaimed frame hash expires after this (every aggregator dead)
+    decided_ttl_ms: int  # how long a decided frame refuses late observations (markers live as long)
+    lease_ms: int  # a claim not released within this is taken over
+    claim_batch: int  # frames claimed per scan at most
+    escalation_maxlen: int  # escalations waiting for the cloud; beyond, `escalate` answers 0
+    results_maxlen: int  # results kept in the results stream (approximate trim)
+
+
+class FrameStore:
+    """One aggregator's handle on a site's frames in Redis (`owner` is its service id)."""
+
+    def __init__(self, client: redis.Redis, site: str, owner: str, times: StoreTimes) -> None:
+        self.redis, self.site, self.owner, self.times = client, site, owner, times
+        self._add = client.register_script(ADD_OBSERVATION)
+        self._expired = client.register_script(CLAIM_EXPIRED)
+        self._escalate = client.register_script(ESCALATE)
+        self._record = client.register_script(RECORD_AND_RELEASE)
+        self._prefixes = [names.frame_prefix(site, kind) for kind in (names.FRAME, names.DECIDED, names.CLAIMED,
+                                                                      names.RESULT, names.ESCALATED)]
+
+    def add(self, obs: CameraObservation, payload: bytes) -> tuple[str, list[bytes]]:
+        """Store one observation: ("added" | "late" | "duplicate", []) or ("claimed", the frame's payloads)."""
+        site, t, fid = self.site, self.times, obs.frame_id
+        res = self._add(keys=[names.frame_key(site, fid), names.decided_key(site, fid), names.pending_key(site),
+                              names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, fid)],
+                        args=[obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, fid, self.owner,
+                              t.decided_ttl_ms, t.lease_ms])
+        status = res[0].decode()
+        return status, (list(res[1]) if status == "claimed" else [])
+
+    def claim_expired(self) -> list[tuple[int, list[bytes], str, str]]:
+        """(frame id, payloads, kind, previous owner) for frames past their deadline ("claimed"),
+        leases taken over ("reclaimed") and claims whose observations expired ("lost")."""
+        t = self.times
+        res = self._expired(keys=[names.pending_key(self.site), names.claimed_key(self.site),
+                                  names.counters_key(self.site)],
+                            args=[*self._prefixes, t.claim_batch, self.owner, t.decided_ttl_ms, t.lease_ms])
+        return [(int(res[i]), list(res[i + 1]), res[i + 2].decode(), res[i + 3].decode())
+                for i in range(0, len(res), 4)]
+
+    def escalate(self, frame_id: int, payload: bytes) -> int:
+        """1 added (lease released), 0 stream full (lease extended: retry later), -1 already
+        escalated or decided (lease released)."""
+        site, t = self.site, self.times
+        return int(self._escalate(
+            keys=[names.escalations_stream(site), names.escalated_key(site, frame_id), names.result_key(site, frame_id),
+                  names.claimed_key(site), names.claimed_frame_key(site, frame_id)],
+            args=[t.escalation_maxlen, frame_id, payload, self.owner, t.decided_ttl_ms, t.lease_ms]))
+
+    def record(self, dec: Decision, mq: mqtt.Client | None) -> mqtt.MQTTMessageInfo | None:
+        """Record the edge's decision once, release the lease, publish it (see `record_and_publish`)."""
+        site = self.site
+        lease = (names.claimed_key(site), names.claimed_frame_key(site, dec.frame_id),
+                 names.escalated_key(site, dec.frame_id))
+        return record_and_publish(self.redis, self._record, mq, dec, self.times.decided_ttl_ms,
+                                  self.times.results_maxlen, extra_keys=lease)
+
+    def release(self, frame_ids: list[int]) -> None:
+        """Drop the claim leases of frames that reached an end other than a result (the dead letters)."""
+        with self.redis.pipeline(transaction=True) as p:
+            for fid in frame_ids:
+                p.zrem(names.claimed_key(self.site), fid)
+                p.delete(names.claimed_frame_key(self.site, fid))
+            p.execute()
+
+    def count(self, counter: str, n: int = 1) -> None:
+        self.redis.hincrby(names.counters_key(self.site), counter, n)
+
+
+__all__ = ["FrameStore", "StoreTimes", "ADD_OBSERVATION", "CLAIM_EXPIRED", "ESCALATE", "RECORD_AND_RELEASE",
+           "REDIS_NOW"]

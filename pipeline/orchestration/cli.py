@@ -1,0 +1,172 @@
+"""The `ada-ddnn` command: one entry point, a sub-command per job.
+
+    ada-ddnn data [--download]        make sure CIFAR-10 is where --data points
+    ada-ddnn train --mode ada|ddnn    joint training, writes a checkpoint + model card
+    ada-ddnn export --checkpoint C --parts DIR   one file per part (camera k, edge, cloud)
+    ada-ddnn evaluate --checkpoint C  the paper's experiments offline (report.json, figures)
+    ada-ddnn bench train [--json]     training throughput on this device
+    ada-ddnn camera|cameras           camera nodes: replay frames, publish over MQTT
+    ada-ddnn edge                     edge aggregator (MQTT in, Redis frames, exits 1 and 2)
+    ada-ddnn cloud                    cloud worker (Redis Stream consumer group)
+    ada-ddnn replay                   the main job: all of the above over real brokers
+
+Every option with an `ADA_DDNN_*` env-var fallback says so in its help. Every sub-command is a
+module's `register(subparsers)`; `COMMANDS` lists them in the order of `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from typing import Callable, Sequence
+
+from cloud import worker
+from devices import camera
+from edge import aggregator
+from pipeline.config import ModelConfig, TrainConfig, default_data_dir
+from pipeline.offline import experiments
+from pipeline.orchestration import replay
+from pipeline.settings import add_config_args, config_from_args
+
+log = logging.getLogger("ada_ddnn")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=default_data_dir(),
+                   help="folder holding cifar-10-batches-py/ (env ADA_DDNN_DATA; default %(default)s)")
+    p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 with torchvision first")
+
+
+def add_model_train_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p.add_argument_group("model (sizes; defaults are the release configuration)"), ModelConfig)
+    add_config_args(p.add_argument_group("training recipe"), TrainConfig)
+
+
+def load_data(args: argparse.Namespace, val_size: int = 5000):
+    from pipeline.data import download, load_cifar10
+
+    if getattr(args, "download", False):
+        download(args.data)
+    return load_cifar10(args.data, val_size=val_size)
+
+
+# --- data, train, bench, export -------------------------------------------------------------
+
+def cmd_data(args: argparse.Namespace) -> int:
+    data = load_data(args)
+    print(json.dumps({"path": data.path, "train": len(data.train), "val": len(data.val), "test": len(data.test),
+                      "digest_sha256": data.digest}, indent=2))
+    return 0
+
+
+def register_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check (or --download) the CIFAR-10 copy")
+    add_data_args(p)
+    p.set_defaults(func=cmd_data)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.offline.train import train
+
+    cfg, tc = config_from_args(ModelConfig, args), config_from_args(TrainConfig, args)
+    data = load_data(args, tc.val_size)
+    out = args.out or f"runs/{cfg.mode}.safetensors"
+    command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    _, _, card = train(cfg, tc, data, out_path=out, progress=not args.no_progress, command=command)
+    print(json.dumps({"checkpoint": out, "thresholds": card["thresholds"], "test": card["test"]}, indent=2))
+    return 0
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train ADA-DDNN or DDNN jointly and write a checkpoint")
+    add_data_args(p)
+    add_model_train_args(p)
+    p.add_argument("--out", help="checkpoint path (.safetensors); default runs/<mode>.safetensors")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs each epoch still)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.offline.bench import bench_train
+
+    result = bench_train(config_from_args(ModelConfig, args), config_from_args(TrainConfig, args), steps=args.steps,
+                         warmup=args.warmup)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}: {v}")
+    return 0
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    b = bsub.add_parser("train", help="training samples/s and seconds per epoch on this device")
+    add_model_train_args(b)
+    b.add_argument("--steps", type=int, default=10, help="timed steps")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import export_parts
+
+    written = export_parts(args.checkpoint, args.parts)
+    print(json.dumps({"checkpoint": args.checkpoint, "parts": written}, indent=2))
+    return 0
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="one safetensors file per part (camera k, edge, cloud) with the model card",
+                       description="Write DIR/camera0.safetensors .. DIR/edge.safetensors, DIR/cloud.safetensors, "
+                                   "each with the model card beside it, so each device ships only its own weights.")
+    p.add_argument("--checkpoint", required=True, help="the full checkpoint (.safetensors)")
+    p.add_argument("--parts", required=True, metavar="DIR", help="folder for the part files")
+    p.set_defaults(func=cmd_export)
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    register_data, register_train, register_export, experiments.register, register_bench,
+    camera.register, aggregator.register, worker.register, replay.register,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ada-ddnn", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+    except (ValueError, RuntimeError, OSError) as err:
+        # Named errors from the package (DataError, CheckpointError, ...) end here with one line.
+        log.error("%s: %s", type(err).__name__, err)
+        if args.verbose:
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
