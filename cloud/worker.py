@@ -14,7 +14,6 @@ a dead worker left pending for longer than --claim-idle-ms.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import threading
 import time
@@ -28,7 +27,7 @@ from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError, MessageError
 from pipeline.layers import forward_rows
-from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_config_args, config_dict, config_from_args
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, config_from_args, printed
 from pipeline.transport.mqtt_client import mqtt_client
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
@@ -217,8 +216,7 @@ class Worker(BrokerService):
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(CloudConfig, args)
-    if args.print_config:
-        print(json.dumps(config_dict(cfg), indent=2))
+    if printed(cfg, args):
         return 0
     if args.check:
         return check_alive(cfg.redis_url, cfg.site, "cloud", cfg.service_id or None)
@@ -229,9 +227,5 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `cloud` to the `ada-ddnn` parser."""
-    p = subparsers.add_parser("cloud", help="cloud worker: answer escalated frames in batches",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, CloudConfig)
-    p.add_argument("--check", action="store_true", help="exit 0 if a cloud worker of the site is alive, else 1")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-    p.set_defaults(func=main)
+    add_command(subparsers, "cloud", CloudConfig, main, help="cloud worker: answer escalated frames in batches",
+                description=__doc__, check="exit 0 if a cloud worker of the site is alive, else 1")

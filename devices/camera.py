@@ -2,14 +2,14 @@
 
     ada-ddnn camera --cam 0 --checkpoint models/ada.safetensors --fps 10
     ada-ddnn cameras --checkpoint models/ada.safetensors --start 0 --stop 1000   # all six, one process
-    ada-ddnn export --checkpoint models/ada.safetensors --parts parts/   # then on camera k's device:
-    ada-ddnn camera --cam 3 --checkpoint parts/camera3.safetensors        # only its own weights
     ada-ddnn camera --cam 0 --check                                             # 0 if camera 0 is online
+    ada-ddnn export --checkpoint models/ada.safetensors --parts parts/   # then, on camera 3's device:
+    ada-ddnn camera --cam 3 --checkpoint parts/camera3.safetensors       # only its own weights
 
 Each frame of the split (test by default, or --start/--stop) is a scene; camera k applies its
 view (`devices.views.camera_view`), runs `CameraModule` k (the only part of the checkpoint it
-loads) and publishes a `CameraObservation`
-(features int8 by default) on `ada/{site}/cam/{k}/obs` with QoS 1. The frame id is the frame's
+reads) and publishes a `CameraObservation` (features int8 by default) on
+`ada/{site}/cam/{k}/obs` with QoS 1. The frame id is the frame's
 index in the split, so every camera names the same scene alike. Liveness: each camera's MQTT
 client keeps a retained status ("online", then "done") with "offline" as its last will.
 
@@ -21,7 +21,6 @@ offline evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import threading
 import time
@@ -40,7 +39,7 @@ from pipeline.data import SPLITS, Split, load_cifar10, to_float
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError, MessageError
 from pipeline.layers import forward_rows
-from pipeline.settings import DEFAULT_MQTT_URL, add_config_args, config_dict, config_from_args
+from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, printed
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S
 from pipeline.transport.service import serve
@@ -255,8 +254,7 @@ def check_online(cfg: CameraConfig, timeout_s: float = 5.0) -> int:
 def main(args: argparse.Namespace) -> int:
     overrides = {"cameras": (args.cam,)} if getattr(args, "cam", None) is not None else {}
     cfg = config_from_args(CameraConfig, args, **overrides)
-    if args.print_config:
-        print(json.dumps(config_dict(cfg), indent=2))
+    if printed(cfg, args):
         return 0
     if args.check:
         return check_online(cfg)
@@ -267,15 +265,10 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `camera` (one camera) and `cameras` (several in one process) to the `ada-ddnn` parser."""
-    for name, help_text in (("camera", "one camera: replay frames, run its module, publish observations"),
-                            ("cameras", "several cameras in one process (default all six), each with its own MQTT client")):
-        p = subparsers.add_parser(name, help=help_text, description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        if name == "camera":
-            p.add_argument("--cam", type=int, required=True, help="camera id (0..5)")
-            add_config_args(p, CameraConfig, exclude=("cameras",))
-        else:
-            add_config_args(p, CameraConfig, defaults={"cameras": tuple(range(6))})
-        p.add_argument("--check", action="store_true", help="exit 0 if the camera(s) are online (retained status), else 1")
-        p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-        p.set_defaults(func=main)
+    check = "exit 0 if the camera(s) are online (retained status), else 1"
+    p = add_command(subparsers, "camera", CameraConfig, main, help="one camera: replay frames, run its module, publish "
+                    "observations", description=__doc__, check=check, exclude=("cameras",))
+    p.add_argument("--cam", type=int, required=True, help="camera id (0..5)")
+    add_command(subparsers, "cameras", CameraConfig, main, help="several cameras in one process (default all six), "
+                "each with its own MQTT client", description=__doc__, check=check,
+                defaults={"cameras": tuple(range(6))})

@@ -18,7 +18,6 @@ decision fails, and their leases are released.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import queue
 import threading
@@ -37,7 +36,7 @@ from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import AggregationError, EscalationError, MessageError
 from pipeline.layers import forward_rows
-from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_config_args, config_dict, config_from_args
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, config_from_args, printed
 from pipeline.transport.mqtt_client import mqtt_client
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S, add_dead_letter
@@ -337,8 +336,7 @@ class Aggregator(BrokerService):
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(EdgeConfig, args)
-    if args.print_config:
-        print(json.dumps(config_dict(cfg), indent=2))
+    if printed(cfg, args):
         return 0
     if args.check:
         return check_alive(cfg.redis_url, cfg.site, "edge", cfg.service_id or None)
@@ -351,9 +349,5 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `edge` to the `ada-ddnn` parser."""
-    p = subparsers.add_parser("edge", help="edge aggregator: assemble frames, exits 1 and 2, escalate the rest",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, EdgeConfig)
-    p.add_argument("--check", action="store_true", help="exit 0 if an aggregator of the site is alive, else 1")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-    p.set_defaults(func=main)
+    add_command(subparsers, "edge", EdgeConfig, main, help="edge aggregator: assemble frames, exits 1 and 2, escalate "
+                "the rest", description=__doc__, check="exit 0 if an aggregator of the site is alive, else 1")

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import io
+import json
 import math
 import os
 import textwrap
@@ -190,25 +191,48 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default if factory is dataclasses.MISSING else factory()
 
 
+def _defaults_key(cls: type) -> str:
+    """Namespace attribute holding a command's own defaults for the fields of `cls`."""
+    return f"_defaults_{cls.__module__}.{cls.__qualname__}"
+
+
+def _shown_default(cls: type, name: str, fallback: Any) -> str:
+    """The default --help shows: the env var's value when it parses, else `fallback`."""
+    try:
+        env = env_values(cls, skip=_init_fields(cls).keys() - {name})
+    except SettingsError:
+        return f"{fallback!r}, but {env_name(name)} does not parse"
+    value = env.get(name, fallback)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
 def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                     exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> None:
-    """Add one flag per field of `cls` (not excluded, metadata cli not False); dest = field name."""
+    """Add one flag per field of `cls` (not excluded, metadata cli not False); dest = field name.
+
+    A flag that is not given leaves nothing in the namespace (argparse.SUPPRESS), so that
+    `config_from_args` reads the env var then, at run time: a bad env value of a command that is
+    not run never stops another one. `defaults` are this command's own defaults (below env)."""
     fields, defaults, exclude = _init_fields(cls), dict(defaults or {}), set(exclude)
     unknown = (exclude | defaults.keys()) - fields.keys()
     if unknown:
         raise ValueError(f"not fields of {cls.__name__}: {', '.join(sorted(unknown))}")
-    comments, env = field_comments(cls), env_values(cls, skip=exclude)
+    if defaults:
+        parser.set_defaults(**{_defaults_key(cls): defaults})
+    comments = field_comments(cls)
     hints = typing.get_type_hints(cls)
     for name, field in fields.items():
         if name in exclude or field.metadata.get("cli", True) is False:
             continue
-        default = env.get(name, defaults.get(name, _default(field)))
-        required = default is dataclasses.MISSING
-        text = comments.get(name, "").replace("%", "%%")
-        tail = "required" if required else "default %(default)s"
-        help_text = f"{text} (env {env_name(name)}; {tail})".lstrip()
-        kwargs: dict[str, Any] = {"dest": name, "help": help_text}
-        kwargs.update({"required": True} if required else {"default": default})
+        default = defaults.get(name, _default(field))
+        required = default is dataclasses.MISSING and env_name(name) not in os.environ
+        tail = "required" if required else f"default {_shown_default(cls, name, default)}"
+        help_text = f"{comments.get(name, '')} (env {env_name(name)}; {tail})".lstrip().replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
+        if required:
+            kwargs["required"] = True
         flags = field.metadata.get("flags") or ["--" + name.replace("_", "-")]
         inner, optional = _unwrap(hints[name])
         if inner is bool:
@@ -223,11 +247,12 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
-    """An instance of `cls`: overrides, else the namespace (dest = field), else env, else default."""
-    names = [n for n in _init_fields(cls) if n not in overrides and hasattr(args, n)]
-    given = {name: getattr(args, name) for name in names}
+    """An instance of `cls`: overrides, else flags given, else env, else the command's defaults,
+    else the field's default. A bad env value raises SettingsError naming the variable."""
+    given = {n: getattr(args, n) for n in _init_fields(cls) if n not in overrides and hasattr(args, n)}
+    command_defaults = getattr(args, _defaults_key(cls), {})
     env = env_values(cls, skip=given.keys() | overrides.keys())
-    return cls(**{**env, **given, **overrides})
+    return cls(**{**command_defaults, **env, **given, **overrides})
 
 
 def _jsonable(value: Any) -> Any:
@@ -241,3 +266,26 @@ def _jsonable(value: Any) -> Any:
 def config_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of the dataclass instance `cfg` (tuples become lists), for --print-config."""
     return _jsonable(dataclasses.asdict(cfg))
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, cls: type, func: Callable[[argparse.Namespace], int],
+                *, help: str, description: str | None = None, check: str | None = None,
+                exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """A role's sub-command: one flag per field of `cls`, `--print-config`, and `--check` when
+    `check` (its help) is given; `func(args)` runs it."""
+    p = subparsers.add_parser(name, help=help, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, cls, exclude=exclude, defaults=defaults)
+    if check:
+        p.add_argument("--check", action="store_true", help=check)
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+    p.set_defaults(func=func)
+    return p
+
+
+def printed(cfg: Any, args: argparse.Namespace) -> bool:
+    """Print `cfg` as JSON when the command was given `--print-config`; True if it was."""
+    if not getattr(args, "print_config", False):
+        return False
+    print(json.dumps(config_dict(cfg), indent=2))
+    return True

@@ -41,7 +41,7 @@ from pipeline.errors import ReplayError
 from pipeline.fileio import write_json
 from pipeline.offline.network import AdaDDNN
 from pipeline.orchestration.replay_report import ResultCollector, accuracy, compare, report, summary_table
-from pipeline.settings import add_config_args, config_dict, config_from_args
+from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.redis_client import redis_client
 from pipeline.wire import names
@@ -213,8 +213,7 @@ def _bar(n: int, enabled: bool):
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(ReplayConfig, args)
-    if args.print_config:
-        print(json.dumps(config_dict(cfg), indent=2))
+    if printed(cfg, args):
         return 0
     out = run_replay(cfg)
     print(summary_table(out))
@@ -226,9 +225,6 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `replay` to the `ada-ddnn` parser."""
-    p = subparsers.add_parser("replay", help="the main job: cameras + edge + cloud over MQTT and Redis, with a report",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, ReplayConfig)
+    p = add_command(subparsers, "replay", ReplayConfig, main, help="the main job: cameras + edge + cloud over MQTT and "
+                    "Redis, with a report", description=__doc__)
     p.add_argument("--json", dest="json_out", help="also write the JSON report here")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-    p.set_defaults(func=main)
