@@ -27,11 +27,11 @@ from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError, MessageError
 from pipeline.layers import forward_rows
-from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, config_from_args, printed
+from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.mqtt_client import mqtt_client
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
-from pipeline.transport.service import BrokerService, serve, service_id
+from pipeline.transport.service import BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
 from pipeline.wire.messages import Decision, Escalation
 
@@ -41,13 +41,9 @@ IDLE_BLOCK_MS = 200  # longest XREADGROUP block while idle, so a stop request is
 
 
 @dataclass(frozen=True)
-class CloudConfig:
-    """One cloud worker."""
+class CloudConfig(BrokerRoleConfig):
+    """One cloud worker (site, brokers and checkpoint as in `BrokerRoleConfig`)."""
 
-    site: str = "site0"  # site id: prefix of every topic and key
-    mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
-    redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS)
-    checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or its cloud part
     batch: int = 64  # escalations per forward pass at most
     wait_ms: int = 10  # after the first entry of a batch, wait at most this long (ms) for more
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
@@ -61,7 +57,7 @@ class CloudConfig:
     group: str = names.CLOUD_GROUP  # Redis consumer group the workers share
 
     def __post_init__(self) -> None:
-        names.check_site(self.site)
+        super().__post_init__()
         if self.batch < 1 or self.wait_ms < 0 or self.claim_idle_ms < 1:
             raise ValueError("need batch >= 1, wait_ms >= 0 and claim_idle_ms >= 1")
 

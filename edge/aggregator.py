@@ -36,11 +36,11 @@ from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import AggregationError, EscalationError, MessageError
 from pipeline.layers import forward_rows
-from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, config_from_args, printed
+from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.mqtt_client import mqtt_client
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S, add_dead_letter
-from pipeline.transport.service import BrokerService, serve, service_id
+from pipeline.transport.service import BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
 from pipeline.wire.messages import DTYPES, EXIT_NAMES, CameraObservation, Decision, Escalation, FeatureTensor
 
@@ -48,13 +48,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EdgeConfig:
-    """One edge aggregator."""
+class EdgeConfig(BrokerRoleConfig):
+    """One edge aggregator (site, brokers and checkpoint as in `BrokerRoleConfig`)."""
 
-    site: str = "site0"  # site id: prefix of every topic and key
-    mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
-    redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS)
-    checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or its edge part
     t1: float | None = None  # exit 1 threshold (normalized entropy); none = the model card's
     t2: float | None = None  # exit 2 threshold (normalized entropy); none = the model card's
     expected: int = 0  # cameras per frame; 0 = the network's num_cameras
@@ -75,7 +71,7 @@ class EdgeConfig:
     share_group: str = names.SHARE_GROUP  # MQTT v5 shared-subscription group the aggregators share
 
     def __post_init__(self) -> None:
-        names.check_site(self.site)
+        super().__post_init__()
         if self.escalation_dtype != "same" and self.escalation_dtype not in DTYPES:
             raise ValueError(f"escalation_dtype must be 'same' or one of {tuple(DTYPES)}")
         if self.deadline_ms < 1 or self.scan_ms < 1 or self.escalation_maxlen < 1 or self.claim_lease_ms < 1:

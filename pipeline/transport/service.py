@@ -9,15 +9,31 @@ import signal
 import socket
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import redis
 
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL
 from pipeline.transport.mqtt_client import close_mqtt
 from pipeline.transport.redis_client import Heartbeat
+from pipeline.wire import names
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerRoleConfig:
+    """What the edge and the cloud configs share: the site, both brokers and the checkpoint."""
+
+    site: str = "site0"  # site id: prefix of every topic and key
+    mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
+    redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS)
+    checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this role's part
+
+    def __post_init__(self) -> None:
+        names.check_site(self.site)
 
 
 def stop_on_signals(stop: threading.Event) -> None:
