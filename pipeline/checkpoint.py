@@ -63,6 +63,7 @@ def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, card
     meta = {"format": FORMAT, "config": cfg.to_json(), **({"part": part} if part else {})}
     tmp = f"{path}.{os.getpid()}.tmp"
     save_file(tensors, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; a part file is meant to be shipped and read by a service user
     os.replace(tmp, path)
     full_card = {"format": FORMAT, "config": cfg.to_dict(), "mode": cfg.mode, **(card or {})}
     if part:

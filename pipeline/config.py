@@ -118,7 +118,7 @@ class TrainConfig:
     augment: bool = True  # random crop (pad 4) and horizontal flip of the scene before the views
     val_size: int = 5000  # the last N training images form the validation split
     seed: int = 0  # seed of the weights, the data order, augmentation and camera dropout
-    num_threads: int = field(default=0, metadata={"flags": ["--threads", "--num-threads"]})  # torch CPU threads; 0 keeps torch's default
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
     limit_train: int = 0  # use only the first N training images (0 = all); for smoke runs
     limit_eval: int = 0  # evaluate on the first N validation/test images (0 = all)
     bf16: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16

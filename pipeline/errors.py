@@ -1,7 +1,5 @@
-"""Named errors of the streaming pipeline; each names the site, frame and camera it is about.
-
-`MessageError` (malformed wire data) lives with the wire format in `pipeline.wire.messages`.
-"""
+"""Every named error of ada-ddnn, in one place. `FrameError` and its kinds name the site, frame
+and camera they are about; the others name the file, URL, setting or message at fault."""
 
 from __future__ import annotations
 

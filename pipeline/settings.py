@@ -2,7 +2,8 @@
 
 Each process role has a frozen dataclass. Its fields give the flags (`--deadline-ms`, dest
 `deadline_ms`) and env vars (`ADA_DDNN_DEADLINE_MS`); the field's annotation gives the parser and
-its trailing `# comment` gives the help text. Precedence: overrides > flags > env > default.
+its trailing `# comment` gives the help text. Precedence: overrides > flags > env > the command's
+own defaults > the field's default.
 Field metadata: `help` (replaces the comment), `choices` (allowed values), `flags` (flag names
 instead of the derived one), `cli` (False: env only). Part of the base: it knows no role.
 """

@@ -29,7 +29,7 @@ def _sync(device: torch.device) -> None:
 def bench_train(cfg: ModelConfig, tc: TrainConfig, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    set_threads(tc.num_threads)
+    set_threads(tc.threads)
     device = resolve_device(tc.device)
     amp = autocast_enabled(device, tc.bf16)
     torch.manual_seed(tc.seed)

@@ -1,6 +1,7 @@
 """`ada-ddnn evaluate`: the paper's experiments on the test split, thresholds chosen on validation.
 
-    ada-ddnn evaluate --checkpoint models/ada.safetensors --baseline models/ddnn.safetensors --out reports/release/
+    ada-ddnn evaluate --checkpoint models/ada.safetensors --baseline models/ddnn.safetensors --out reports/release/ \\
+        --results docs/RESULTS.md      # a release: also rewrite the tracked results page
     ada-ddnn evaluate --checkpoint /tmp/ev/ada.safetensors --out /tmp/ev/report --limit 500 --results /tmp/ev/RESULTS.md
 
 For each checkpoint (and the baseline): run the cameras once over the validation and test
@@ -14,7 +15,9 @@ n cameras missing at random, and the T1 x T2 sweep with its Pareto front. Writes
     OUT/run.json               provenance: command, git commit, device, seed, timings
     OUT/baseline/...           the same three for --baseline
     OUT/figures/*.png          loss and accuracy per epoch, missing cameras, accuracy vs edge rate
-    --results (docs/RESULTS.md) the paper's table next to ours, with the figures
+    OUT/RESULTS.md             the paper's table next to ours, with the figures (also at --results PATH)
+
+Nothing is written outside OUT unless --results names a path.
 """
 
 from __future__ import annotations
@@ -262,7 +265,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name in ("min_edge_accuracy", "min_edge_rate"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
-    set_threads(args.num_threads)
+    set_threads(args.threads)
     device = str(resolve_device(args.device))
     wire = None if args.wire_dtype == "none" else args.wire_dtype
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else [])
@@ -330,6 +333,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default=os.environ.get("ADA_DDNN_DEVICE", "auto"),
                    help="auto, cpu, cuda (env ADA_DDNN_DEVICE; default %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="frames per forward pass")
-    p.add_argument("--threads", dest="num_threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("ADA_DDNN_THREADS", "0")),
+                   help="torch CPU threads, 0 = torch's default (env ADA_DDNN_THREADS; default %(default)s)")
     p.set_defaults(func=cmd_evaluate)
     return p

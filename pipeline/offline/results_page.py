@@ -1,6 +1,7 @@
-"""The results page (docs/RESULTS.md): the paper's table, ours for both modes, and the figures.
+"""The results page: the paper's table, ours for both modes, and the figures.
 
-Written by `ada-ddnn evaluate` from the entries it has just measured; nothing in it is typed by
+`ada-ddnn evaluate` writes it to OUT/RESULTS.md from the entries it has just measured (and to
+docs/RESULTS.md when a release passes `--results docs/RESULTS.md`); nothing in it is typed by
 hand except the paper's numbers below.
 """
 

@@ -99,7 +99,7 @@ def train(
     """Train jointly; returns the model, its history and the model card (also written when `out_path`)."""
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
-    set_threads(tc.num_threads)
+    set_threads(tc.threads)
     device = resolve_device(tc.device)
     amp = autocast_enabled(device, tc.bf16)
     train_split = data.train.head(tc.limit_train)

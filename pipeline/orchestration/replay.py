@@ -1,7 +1,7 @@
 """`ada-ddnn replay`, the main job: cameras + edge + cloud streaming CIFAR-10 frames end to end.
 
     ada-ddnn replay --checkpoint models/ada.safetensors --n 1000
-    ada-ddnn replay --checkpoint models/ada.safetensors --mqtt-url mqtt://host:1883 --redis-url redis://host:6379/0 \
+    ada-ddnn replay --checkpoint models/ada.safetensors --mqtt-url mqtt://host:1883 --redis-url redis://host:6379/0 \\
         --aggregators 2 --workers 2 --wire-dtype float32 --json reports/replay.json
 
 Runs the six cameras, --aggregators edge aggregators and --workers cloud workers (threads of

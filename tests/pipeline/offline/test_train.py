@@ -24,7 +24,7 @@ def cifar():
 
 @pytest.mark.slow
 def test_short_training_on_cifar_lowers_the_loss(cifar):
-    tc = TrainConfig(epochs=3, batch_size=50, lr=0.05, limit_train=1000, limit_eval=200, num_threads=0,
+    tc = TrainConfig(epochs=3, batch_size=50, lr=0.05, limit_train=1000, limit_eval=200, threads=0,
                      camera_dropout=0.1, warmup_epochs=0.5)
     model, history, card = train(tiny_config(), tc, cifar, progress=False)
     assert len(history) == 3
