@@ -53,7 +53,6 @@ class CloudConfig(BrokerRoleConfig):
     decided_ttl_s: int = 3600  # result markers: how long (s) a frame refuses a second result
     results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
     service_id: str = ""  # consumer name; "" = generated
-    heartbeat_s: float = 2.0  # seconds between heartbeats; three missed and the worker counts as dead
     group: str = names.CLOUD_GROUP  # Redis consumer group the workers share
 
     def __post_init__(self) -> None:

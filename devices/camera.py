@@ -76,6 +76,8 @@ class CameraConfig:
             raise ValueError("need fps >= 0, batch >= 1 and 0 <= start < stop (stop 0 = end)")
         if not self.cameras:
             raise ValueError("no camera to run")
+        if any(k < 0 for k in self.cameras):
+            raise ValueError(f"camera ids are 0 or more, got {list(self.cameras)}")
 
 
 @dataclass

@@ -67,7 +67,6 @@ class EdgeConfig(BrokerRoleConfig):
     device: str = "cpu"  # cpu, cuda or auto, for the edge block
     threads: int = 0  # torch CPU threads; 0 = torch's default
     service_id: str = ""  # this aggregator's id; "" = generated
-    heartbeat_s: float = 2.0  # seconds between heartbeats; three missed and the aggregator counts as dead
     share_group: str = names.SHARE_GROUP  # MQTT v5 shared-subscription group the aggregators share
 
     def __post_init__(self) -> None:

@@ -74,6 +74,8 @@ def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, card
 def export_parts(path: str, out_dir: str) -> list[str]:
     """One file per part of the checkpoint at `path` into `out_dir` (`camera0.safetensors`, ...,
     `edge.safetensors`, `cloud.safetensors`), each with the model card; returns their paths."""
+    if read_meta(path).get("part"):
+        raise CheckpointError(f"{path}: holds part {read_meta(path)['part']!r} only; export needs the full checkpoint")
     cfg = read_config(path)
     card = load_card(path)
     written = []

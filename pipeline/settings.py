@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -72,6 +73,7 @@ def _source_comments(klass: type) -> dict[str, str]:
     return found
 
 
+@functools.cache  # tokenizing class sources is most of a command's start-up
 def field_comments(cls: type) -> dict[str, str]:
     """Field name -> help text: metadata "help", else the trailing comment in the class source."""
     comments: dict[str, str] = {}

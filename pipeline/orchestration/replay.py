@@ -87,6 +87,8 @@ class ReplayConfig:
             raise ValueError(f"wire_dtype must be one of {tuple(DTYPES)}")
         if self.aggregators < 1 or self.workers < 1 or self.window < 1 or self.n < 0:
             raise ValueError("need at least one aggregator, one worker, window >= 1 and n >= 0")
+        if self.fps < 0 or self.start < 0 or self.camera_batch < 1 or self.cloud_batch < 1 or self.deadline_ms < 1:
+            raise ValueError("need fps >= 0, start >= 0, camera_batch and cloud_batch >= 1, deadline_ms >= 1")
         if self.site:
             names.check_site(self.site)
 

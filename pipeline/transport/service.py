@@ -32,8 +32,12 @@ class BrokerRoleConfig:
     redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS)
     checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this role's part
 
+    heartbeat_s: float = 2.0  # seconds between heartbeats; three missed and the service counts as dead
+
     def __post_init__(self) -> None:
         names.check_site(self.site)
+        if not self.heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
 
 
 def stop_on_signals(stop: threading.Event) -> None:
