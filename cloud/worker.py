@@ -5,10 +5,16 @@
 
 Reads `ada:{site}:escalations` as a member of the consumer group "cloud" (several workers
 split the stream), batches up to --batch entries or --wait-ms, runs the cloud block (on the
-GPU when there is one), records each result once in `ada:{site}:results`, publishes it on
-`ada/{site}/results`, and only then XACKs (and XDELs, so that the stream's length is the
-edge's backpressure signal). On start and every --claim-interval-s it XAUTOCLAIMs entries that
-a dead worker left pending for longer than --claim-idle-ms.
+GPU when there is one), records each result once in `ada:{site}:results` (one pipelined round
+trip a batch), publishes it on `ada/{site}/results` (tracked by PUBACK, not waited on: paho
+keeps it across a broker restart) and then XACKs and XDELs the entries (so that the stream's
+length is the edge's backpressure signal). On start and every --claim-interval-s it
+XAUTOCLAIMs entries that a dead worker left pending for longer than --claim-idle-ms; one
+delivered more than --max-deliveries times goes to the dead letters.
+
+A batch that fails is answered entry by entry, so one bad escalation sinks only itself. A Redis
+outage is retried with capped backoff; a consumer group that vanished (Redis restarted without
+persistence) is created again and the loss is logged.
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import add_command, config_from_args, printed
-from pipeline.transport.mqtt_client import mqtt_client
+from pipeline.transport.mqtt_client import MqttClient
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
-from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S, RECORD_RESULT, add_dead_letter, record_and_publish
-from pipeline.transport.service import BrokerRoleConfig, BrokerService, serve, service_id
+from pipeline.transport.results_sink import RECORD_RESULT, add_dead_letters, record_results
+from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
 from pipeline.wire.messages import Decision, Escalation
 
@@ -54,11 +60,14 @@ class CloudConfig(BrokerRoleConfig):
     results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
     service_id: str = ""  # consumer name; "" = generated
     group: str = names.CLOUD_GROUP  # Redis consumer group the workers share
+    max_deliveries: int = 5  # an escalation reclaimed after this many deliveries goes to the dead letters
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.batch < 1 or self.wait_ms < 0 or self.claim_idle_ms < 1:
-            raise ValueError("need batch >= 1, wait_ms >= 0 and claim_idle_ms >= 1")
+        if self.batch < 1 or self.wait_ms < 0 or self.claim_idle_ms < 1 or self.max_deliveries < 1:
+            raise ValueError("need batch >= 1, wait_ms >= 0, claim_idle_ms >= 1 and max_deliveries >= 1")
+        if not self.claim_interval_s > 0 or self.decided_ttl_s < 1 or self.results_maxlen < 1:
+            raise ValueError("need claim_interval_s > 0, decided_ttl_s >= 1 and results_maxlen >= 1")
 
 
 @dataclass
@@ -68,6 +77,9 @@ class CloudStats:
     reclaimed: int = 0
     deadletter: int = 0
     batches: int = 0
+    isolated: int = 0  # batches that failed whole and were answered entry by entry
+    redis_outages: int = 0  # loop turns that met Redis down (each retried after a backoff)
+    groups_recreated: int = 0  # the consumer group was gone (Redis restarted without persistence)
 
 
 class Worker(BrokerService):
@@ -79,32 +91,57 @@ class Worker(BrokerService):
         self.cfg, self.model = cfg, model.to(self.device).eval()
         self.stats = CloudStats()
         self.stream = names.escalations_stream(cfg.site)
+        self.fused_shape = (model.cfg.fused_channels, *model.cfg.wire_shape[1:])
 
     def connect(self) -> None:
         cfg = self.cfg
         self.redis = redis_client(cfg.redis_url)
         self._record = self.redis.register_script(RECORD_RESULT)
+        self.ensure_group()
+        self.heartbeat = Heartbeat(self.redis, cfg.site, "cloud", self.sid, cfg.heartbeat_s,
+                                   lambda: {"answered": self.stats.answered, "loop_age_s": round(self.watchdog.age(), 3)},
+                                   self.healthy).start()
+        self.mqtt = MqttClient(cfg.mqtt_url, self.sid).connect()
+        self.start_watchdog()
+        log.info("cloud %s: site %r, group %r, batch %d / %d ms on %s", self.sid, cfg.site, cfg.group, cfg.batch,
+                 cfg.wait_ms, self.device)
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) unless they exist."""
+        assert self.redis is not None
         try:
-            self.redis.xgroup_create(self.stream, cfg.group, id="0", mkstream=True)
+            self.redis.xgroup_create(self.stream, self.cfg.group, id="0", mkstream=True)
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
-        self.heartbeat = Heartbeat(self.redis, cfg.site, "cloud", self.sid, cfg.heartbeat_s,
-                                   lambda: {"answered": self.stats.answered}).start()
-        self.mqtt = mqtt_client(cfg.mqtt_url, self.sid)
-        log.info("cloud %s: site %r, group %r, batch %d / %d ms on %s", self.sid, cfg.site, cfg.group, cfg.batch,
-                 cfg.wait_ms, self.device)
 
     # -- the loop --
     def run(self, stop: threading.Event) -> None:
         next_claim = time.monotonic()  # reclaim first: entries a dead worker left behind
+        backoff = Backoff()
         while not stop.is_set():
-            if time.monotonic() >= next_claim:
-                self.process(self.autoclaim(), reclaimed=True)
-                next_claim = time.monotonic() + self.cfg.claim_interval_s
-            batch = self.read_batch()
-            if batch:
-                self.process(batch)
+            self.watchdog.tick()
+            try:
+                if time.monotonic() >= next_claim:
+                    self.process(self.autoclaim(), reclaimed=True)
+                    next_claim = time.monotonic() + self.cfg.claim_interval_s
+                batch = self.read_batch()
+                if batch:
+                    self.process(batch)
+                backoff.reset()
+            except REDIS_DOWN as err:
+                self.stats.redis_outages += 1
+                delay = backoff.next()
+                log.warning("cloud %s: Redis unavailable (%s); retrying in %.1f s", self.sid, err, delay)
+                stop.wait(delay)
+            except redis.ResponseError as err:
+                if "NOGROUP" not in str(err):
+                    raise
+                self.stats.groups_recreated += 1
+                log.error("cloud %s: the consumer group %r of %s is gone (Redis restarted without persistence?); "
+                          "creating it again: escalations that were in the stream are lost with it", self.sid,
+                          self.cfg.group, self.stream)
+                self.ensure_group()
 
     def read_batch(self) -> list[tuple[bytes, dict]]:
         """Up to `batch` new entries: block for the first, then at most `wait_ms` for the rest."""
@@ -132,7 +169,8 @@ class Worker(BrokerService):
         return out
 
     def autoclaim(self) -> list[tuple[bytes, dict]]:
-        """Entries pending longer than claim_idle_ms at any consumer, now ours."""
+        """Entries pending longer than claim_idle_ms at any consumer, now ours. An entry already
+        delivered `max_deliveries` times (it keeps killing workers) goes to the dead letters."""
         r, cfg = self.redis, self.cfg
         assert r is not None
         out: list[tuple[bytes, dict]] = []
@@ -143,68 +181,103 @@ class Worker(BrokerService):
             out.extend(e for e in entries if e[1])  # deleted entries come back empty
             if start in (b"0-0", "0-0") or len(out) >= 4 * cfg.batch:
                 break
-        if out:
-            self.stats.reclaimed += len(out)
-            log.warning("cloud %s: reclaimed %d escalations left pending by dead workers", self.sid, len(out))
-        return out
+        if not out:
+            return out
+        with r.pipeline(transaction=False) as p:
+            for entry_id, _ in out:
+                p.xpending_range(self.stream, cfg.group, min=entry_id, max=entry_id, count=1)
+            pending = p.execute()
+        keep, poison = [], []
+        for (entry_id, fields), info in zip(out, pending):
+            times = int(info[0]["times_delivered"]) if info else 0
+            (poison if times > cfg.max_deliveries else keep).append((entry_id, fields, times))
+        if poison:
+            self.finish([entry_id for entry_id, _, _ in poison],
+                        [(entry_id, fields.get(b"msg", b""), f"delivered {times} times without an answer (it kills "
+                          f"or stalls every worker that takes it); given up") for entry_id, fields, times in poison])
+        self.stats.reclaimed += len(keep)
+        if keep:
+            log.warning("cloud %s: reclaimed %d escalations left pending by dead workers", self.sid, len(keep))
+        return [(entry_id, fields) for entry_id, fields, _ in keep]
 
     def process(self, entries: list[tuple[bytes, dict]], reclaimed: bool = False) -> None:
+        """Answer a batch: record each result once, publish it, then XACK + XDEL every entry (the
+        stream's length is the edge's backpressure signal). An entry that cannot be answered goes
+        to the dead letters alone."""
         if not entries:
             return
-        r = self.redis
-        assert r is not None
+        assert self.redis is not None and self.mqtt is not None
         self.stats.entries += len(entries)
         good: list[tuple[bytes, Escalation]] = []
-        done: list[bytes] = []
+        letters: list[tuple[bytes, bytes, str]] = []
         for entry_id, fields in entries:
             try:
                 esc = Escalation.decode(fields.get(b"msg", b""))
-                if esc.site != self.cfg.site or esc.features.shape != (self.model.cfg.fused_channels,
-                                                                       *self.model.cfg.wire_shape[1:]):
+                if esc.site != self.cfg.site or esc.features.shape != self.fused_shape:
                     raise CloudError(self.cfg.site, esc.frame_id, f"escalation of site {esc.site!r} with features "
                                                                   f"{esc.features.shape} does not fit this network")
                 good.append((entry_id, esc))
             except (MessageError, CloudError) as err:
-                self.dead_letter(entry_id, fields.get(b"msg", b""), str(err))
-                done.append(entry_id)
-        infos = []
-        if good:
+                letters.append((entry_id, fields.get(b"msg", b""), str(err)))
+        answered = self.answer_isolated(good, letters)
+        decisions = [(dec, dec.encode()) for _, dec in answered]
+        firsts = record_results(self.redis, self._record, decisions, self.cfg.decided_ttl_s * 1000,
+                                self.cfg.results_maxlen)
+        for (dec, raw), first in zip(decisions, firsts):
+            if first or reclaimed:  # a reclaimed entry's result may have been recorded but never published
+                self.mqtt.publish(names.results_topic(dec.site), raw)
+        self.stats.answered += len(answered)
+        self.stats.batches += 1
+        self.finish([entry_id for entry_id, _ in answered], letters)
+
+    def answer_isolated(self, good: list[tuple[bytes, Escalation]],
+                        letters: list[tuple[bytes, bytes, str]]) -> list[tuple[bytes, Decision]]:
+        """Answers for a batch; when the batch fails, entry by entry, so that one bad escalation
+        takes none of its batch-mates with it (those that fail alone join `letters`)."""
+        if not good:
+            return []
+        try:
+            return list(zip([e for e, _ in good], self.answer([esc for _, esc in good])))
+        except (RuntimeError, ValueError) as err:
+            self.stats.isolated += 1
+            log.warning("cloud %s: a batch of %d failed (%s); answering its entries one by one", self.sid, len(good),
+                        err)
+        out = []
+        for entry_id, esc in good:
             try:
-                decisions = self.answer([e for _, e in good])
+                out.append((entry_id, self.answer([esc])[0]))
             except (RuntimeError, ValueError) as err:  # per-message boundary
-                for entry_id, esc in good:
-                    self.dead_letter(entry_id, b"", f"frame {esc.frame_id}: cloud failed: {err}")
-                    done.append(entry_id)
-                decisions = []
-            for (entry_id, _), dec in zip(good, decisions):
-                info = record_and_publish(r, self._record, self.mqtt, dec, self.cfg.decided_ttl_s * 1000,
-                                          self.cfg.results_maxlen, republish=reclaimed)
-                if info is not None:
-                    infos.append(info)
-                done.append(entry_id)
-            self.stats.answered += len(decisions)
-            self.stats.batches += 1
-        for info in infos:  # acknowledge upstream only what the broker has acknowledged
-            info.wait_for_publish(PUBLISH_TIMEOUT_S)
-        with r.pipeline(transaction=True) as p:
-            p.xack(self.stream, self.cfg.group, *done)
-            p.xdel(self.stream, *done)
-            p.execute()
+                letters.append((entry_id, esc.encode(), f"site {esc.site!r} frame {esc.frame_id}: cloud failed: {err}"))
+        return out
 
     @torch.no_grad()
     def answer(self, escs: list[Escalation]) -> list[Decision]:
+        """The cloud block on a batch; ValueError when a row's numbers are not finite."""
         fused = torch.stack([e.features.to_tensor() for e in escs]).to(self.device)
         logits = forward_rows(self.model, fused).float().cpu()
+        bad = [e.frame_id for e, ok in zip(escs, torch.isfinite(logits).all(dim=1)) if not ok]
+        if bad:
+            raise ValueError(f"the cloud block's output is not finite for frames {bad}")
         entropy, pred = normalized_entropy(logits), logits.argmax(-1)
         now = time.time()
         return [Decision(e.site, e.frame_id, "cloud", int(pred[i]), float(entropy[i]), None, e.present, e.captured_at,
                          now, self.sid, e.label) for i, e in enumerate(escs)]
 
-    def dead_letter(self, entry_id: bytes, payload: bytes, reason: str) -> None:
-        self.stats.deadletter += 1
-        log.warning("site %r: escalation %s to the dead letters: %s", self.cfg.site, entry_id, reason)
+    def finish(self, done: list[bytes], letters: list[tuple[bytes, bytes, str]]) -> None:
+        """Dead-letter `letters` (entry id, payload, reason), then XACK + XDEL them and `done`."""
         assert self.redis is not None
-        add_dead_letter(self.redis, self.cfg.site, f"{self.stream} {entry_id!r}", payload, reason, self.sid)
+        if letters:
+            self.stats.deadletter += len(letters)
+            for entry_id, _, reason in letters[:5]:
+                log.warning("site %r: escalation %s to the dead letters: %s", self.cfg.site, entry_id, reason)
+            add_dead_letters(self.redis, self.cfg.site, [(f"{self.stream} {entry_id!r}", payload, reason)
+                                                          for entry_id, payload, reason in letters], self.sid)
+        ids = done + [entry_id for entry_id, _, _ in letters]
+        if ids:
+            with self.redis.pipeline(transaction=True) as p:
+                p.xack(self.stream, self.cfg.group, *ids)
+                p.xdel(self.stream, *ids)
+                p.execute()
 
 
 # --- CLI ----------------------------------------------------------------------------------

@@ -40,13 +40,15 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, printed
-from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
-from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S
+from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
 from pipeline.transport.service import serve
 from pipeline.wire import names
 from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor
 
 log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
+MAX_BACKLOG = 4096  # at full speed, observations in flight (unacknowledged) before the feed waits for the broker
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ class CameraStats:
     frames: int = 0
     published: int = 0
     bytes: int = 0  # encoded observation bytes published
-    unacknowledged: int = 0
+    unacknowledged: int = 0  # observations the broker had not acknowledged when the camera stopped
+    refused: int = 0  # observations dropped because too many were waiting for the broker (named in the log)
     first_capture: float | None = None
     seconds: float = 0.0
 
@@ -109,8 +112,7 @@ class CameraFeed:
         if self.stop_at > len(split) or cfg.start >= self.stop_at:
             raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {len(split)}")
         self.stats = CameraStats()
-        self.clients: dict[int, mqtt.Client] = {}
-        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self.clients: dict[int, MqttClient] = {}
 
     def connect(self) -> None:
         for k in self.cfg.cameras:
@@ -127,8 +129,12 @@ class CameraFeed:
     def close(self, state: str = "done") -> None:
         for k, c in self.clients.items():
             c.publish(names.status_topic(self.cfg.site, k), CameraStatus(self.cfg.site, k, state, time.time()).encode(),
-                      qos=1, retain=True).wait_for_publish(PUBLISH_TIMEOUT_S)
-            close_mqtt(c)
+                      qos=1, retain=True)
+            if not c.wait_confirmed(PUBLISH_TIMEOUT_S):
+                self.stats.unacknowledged += c.unconfirmed
+                log.warning("site %r camera %d: %d publishes not acknowledged by the broker after %.0f s",
+                            self.cfg.site, k, c.unconfirmed, PUBLISH_TIMEOUT_S)
+            c.close(timeout_s=0)
         self.clients.clear()
 
     @torch.no_grad()
@@ -155,21 +161,20 @@ class CameraFeed:
         return out
 
     def publish(self, obs: CameraObservation) -> None:
+        """Queue one observation (QoS 1). Through a broker outage paho keeps it and sends it on
+        reconnect; only when MAX_QUEUED are already waiting is it dropped, named by frame id."""
         raw = obs.encode()
-        info = self.clients[obs.camera].publish(names.obs_topic(obs.site, obs.camera), raw, qos=1)
-        self._pending.append(info)
+        if not self.clients[obs.camera].publish(names.obs_topic(obs.site, obs.camera), raw, qos=1):
+            self.stats.refused += 1
+            log.warning("site %r frame %d camera %d: dropped, %d observations already wait for the broker",
+                        obs.site, obs.frame_id, obs.camera, self.clients[obs.camera].unconfirmed)
+            return
         self.stats.published += 1
         self.stats.bytes += len(raw)
 
-    def _settle(self) -> None:
-        """Wait for the broker's PUBACK of every publish so far."""
-        for info in self._pending:
-            try:
-                info.wait_for_publish(PUBLISH_TIMEOUT_S)
-            except (RuntimeError, ValueError) as err:
-                log.warning("site %r: a publish was not acknowledged: %s", self.cfg.site, err)
-                self.stats.unacknowledged += 1
-        self._pending.clear()
+    def backlog(self) -> int:
+        """Observations published and not yet acknowledged by the broker, over this process's cameras."""
+        return sum(c.unconfirmed for c in self.clients.values())
 
     def run(self, stop: threading.Event | None = None) -> CameraStats:
         """Replay frames start..stop; returns when all are published and acknowledged (or on `stop`)."""
@@ -199,9 +204,8 @@ class CameraFeed:
                 for obs in frame:
                     self.publish(obs)
             self.stats.frames += len(ids)
-            if len(self._pending) > 4096:
-                self._settle()
-        self._settle()
+            while self.backlog() > MAX_BACKLOG and not stop.is_set():  # the broker is away or slow: let it catch up
+                stop.wait(0.01)
         self.stats.seconds = time.time() - t_start
         log.info("site %r cameras %s: %d frames, %d observations, %.0f bytes/observation, %.1fs", cfg.site,
                  list(cfg.cameras), self.stats.frames, self.stats.published,

@@ -11,15 +11,22 @@ fuses the camera features and runs the edge block (exit 2), else escalates the f
 to `ada:{site}:escalations` for the cloud. Decisions go to `ada:{site}:results` and
 `ada/{site}/results`. It loads only the edge's part of the checkpoint.
 
-Messages that fail validation go to `ada:{site}:deadletter` with the reason; so do frames whose
-decision fails, and their leases are released.
+The loop batches its I/O: it drains up to --batch observations, stores them in one pipelined
+round trip, acknowledges them to the broker only then (MQTT v5 manual acknowledgement, so an
+aggregator that dies holding observations loses none: the broker still has them), decides the
+claimed frames in one batch, and records results and escalations in one round trip each.
+Results are published without waiting on each PUBACK (paho keeps them across a reconnect).
+
+Nothing it receives stops it: a message that fails validation goes to `ada:{site}:deadletter`
+with its reason; so does a frame whose numbers are not finite, alone. A Redis outage is retried
+with capped backoff (the observations in hand are kept and stored afterwards); a broker outage
+is paho's reconnect loop. A loop that stops turning is caught by the watchdog.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,24 +34,23 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 import torch
 
+from edge.decisions import REFUSED, Frame, decide_frames
 from edge.edge_net import EdgeModule, load_edge
-from edge.exits import EXIT1, EXIT2, decide
 from edge.frame_store import FrameStore, StoreTimes
-from edge.fusion import fuse
 from pipeline.checkpoint import thresholds
 from pipeline.compute import resolve_device, set_threads
-from pipeline.entropy import normalized_entropy
 from pipeline.errors import AggregationError, EscalationError, MessageError
-from pipeline.layers import forward_rows
 from pipeline.settings import add_command, config_from_args, printed
-from pipeline.transport.mqtt_client import mqtt_client
+from pipeline.transport.mqtt_client import Inbox, MqttClient
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
-from pipeline.transport.results_sink import PUBLISH_TIMEOUT_S, add_dead_letter
-from pipeline.transport.service import BrokerRoleConfig, BrokerService, serve, service_id
+from pipeline.transport.results_sink import add_dead_letters
+from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
 from pipeline.wire.messages import DTYPES, EXIT_NAMES, CameraObservation, Decision, Escalation, FeatureTensor
 
 log = logging.getLogger(__name__)
+
+DRAIN_S = 5.0  # on stop, store what the broker already sent for at most this long
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,9 @@ class EdgeConfig(BrokerRoleConfig):
     escalation_maxlen: int = 10_000  # escalations waiting for the cloud; beyond, the edge waits
     results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
     escalation_dtype: str = field(default="same", metadata={"choices": ("same", *DTYPES)})  # dtype of escalated features; same = the cameras'
-    queue_size: int = 2048  # observations buffered between the MQTT thread and the decision loop
+    batch: int = 256  # observations stored per Redis round trip at most
+    receive_maximum: int = 1024  # unacknowledged observations the broker may send this aggregator at once (MQTT v5)
+    session_expiry_s: int = 300  # the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; give a stable --service-id to resume it
     claim_batch: int = 64  # frames claimed per deadline scan at most
     device: str = "cpu"  # cpu, cuda or auto, for the edge block
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -73,74 +81,16 @@ class EdgeConfig(BrokerRoleConfig):
         super().__post_init__()
         if self.escalation_dtype != "same" and self.escalation_dtype not in DTYPES:
             raise ValueError(f"escalation_dtype must be 'same' or one of {tuple(DTYPES)}")
-        if self.deadline_ms < 1 or self.scan_ms < 1 or self.escalation_maxlen < 1 or self.claim_lease_ms < 1:
-            raise ValueError("deadline_ms, scan_ms, escalation_maxlen and claim_lease_ms must be positive")
+        for name in ("deadline_ms", "scan_ms", "escalation_maxlen", "claim_lease_ms", "batch", "receive_maximum",
+                     "claim_batch", "frame_ttl_s", "decided_ttl_s", "results_maxlen"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.receive_maximum > 65535 or self.session_expiry_s < 0 or self.expected < 0:
+            raise ValueError("need receive_maximum <= 65535 (MQTT v5), session_expiry_s >= 0 and expected >= 0")
 
     def store_times(self, expected: int) -> StoreTimes:
         return StoreTimes(expected, self.deadline_ms, self.frame_ttl_s * 1000, self.decided_ttl_s * 1000,
                           self.claim_lease_ms, self.claim_batch, self.escalation_maxlen, self.results_maxlen)
-
-
-@dataclass
-class Frame:
-    """A claimed frame: its observations, sorted by camera."""
-
-    frame_id: int
-    observations: list[CameraObservation]
-    reclaimed: bool = False  # taken over from an owner whose lease expired
-
-    @property
-    def present(self) -> tuple[int, ...]:
-        return tuple(o.camera for o in self.observations)
-
-    @property
-    def captured_at(self) -> float:
-        return min(o.captured_at for o in self.observations)
-
-    @property
-    def label(self) -> int | None:
-        return next((o.label for o in self.observations if o.label is not None), None)
-
-
-@torch.no_grad()
-def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: float,
-                  device: torch.device = torch.device("cpu")) -> tuple[list[tuple[str, int, float, int | None]],
-                                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exit 1, then fusion + edge + exit 2, for claimed frames; pure (no I/O).
-
-    Returns ([(exit name, prediction, entropy, camera or None)], fused, edge entropy, edge
-    prediction); the caller escalates the frames whose exit is "cloud". Numbers match offline
-    evaluation: same camera order, same fusion, batches never of one row."""
-    cfg = edge.cfg
-    n, cams = len(frames), cfg.num_cameras
-    features = torch.zeros(n, cams, *cfg.wire_shape)
-    present = torch.zeros(n, cams, dtype=torch.bool)
-    cam_entropy = torch.ones(n, cams)
-    cam_pred = torch.zeros(n, cams, dtype=torch.long)
-    for i, fr in enumerate(frames):
-        for o in fr.observations:
-            features[i, o.camera] = o.features.to_tensor()
-            present[i, o.camera] = True
-            if o.entropy is not None:
-                cam_entropy[i, o.camera] = o.entropy
-                cam_pred[i, o.camera] = o.prediction  # type: ignore[assignment]
-    fused = fuse(features, present, cfg.fusion)
-    edge_logits = forward_rows(edge, fused.to(device)).float().cpu()
-    edge_entropy, edge_pred = normalized_entropy(edge_logits), edge_logits.argmax(-1)
-    has_cams = cfg.has_camera_classifiers
-    d = decide(t1 if has_cams else None, t2, edge_entropy, edge_pred, torch.zeros(n, dtype=torch.long),
-               cam_entropy if has_cams else None, cam_pred if has_cams else None, present)
-    out = []
-    for i in range(n):
-        e = int(d.exit[i])
-        if e == EXIT1:
-            cam = int(d.camera[i])
-            out.append(("exit1", int(d.prediction[i]), float(cam_entropy[i, cam]), cam))
-        elif e == EXIT2:
-            out.append(("exit2", int(d.prediction[i]), float(edge_entropy[i]), None))
-        else:
-            out.append(("cloud", -1, float(edge_entropy[i]), None))
-    return out, fused, edge_entropy, edge_pred
 
 
 @dataclass
@@ -152,9 +102,11 @@ class EdgeStats:
     duplicates: int = 0
     reclaimed: int = 0  # frames taken over from an owner whose lease expired
     escalation_conflicts: int = 0  # escalations refused: the frame was already escalated or decided
-    deadletter: int = 0
+    deadletter: int = 0  # messages and frames sent to the dead letters
     backpressure_waits: int = 0
     escalated_bytes: int = 0  # encoded Escalation bytes sent to the cloud
+    redis_outages: int = 0  # loop turns that met Redis down (each retried after a backoff)
+    batches: int = 0  # Redis round trips that stored observations
 
 
 class Aggregator(BrokerService):
@@ -169,68 +121,122 @@ class Aggregator(BrokerService):
         self.net = edge.cfg  # the network's ModelConfig: cameras, wire shape, mode
         self.expected = cfg.expected or self.net.num_cameras
         self.stats = EdgeStats()
-        self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=cfg.queue_size)
+        self.inbox = Inbox(lambda: self.mqtt.generation if self.mqtt is not None else 0)
         self.store: FrameStore | None = None
+        self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
 
     # -- wiring --
     def connect(self) -> None:
         cfg = self.cfg
         self.redis = redis_client(cfg.redis_url)
         self.store = FrameStore(self.redis, cfg.site, self.sid, cfg.store_times(self.expected))
-        self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info).start()
+        self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info,
+                                   self.healthy).start()
         sub = names.shared_obs_filter(cfg.site, cfg.share_group)
 
         def on_connect(c: mqtt.Client) -> None:
             c.subscribe(sub, qos=1)
 
-        self.mqtt = mqtt_client(cfg.mqtt_url, self.sid, on_connect=on_connect, on_message=self.inbox.put)
+        self.mqtt = MqttClient(cfg.mqtt_url, self.sid, on_connect=on_connect, on_message=self.inbox.put,
+                               manual_ack=True, receive_maximum=cfg.receive_maximum,
+                               session_expiry_s=cfg.session_expiry_s)
+        self.mqtt.connect()
+        self.start_watchdog()
         log.info("edge %s: site %r, subscribed %s, t1=%s t2=%s, deadline %d ms, %d cameras expected", self.sid,
                  cfg.site, sub, self.t1, self.t2, cfg.deadline_ms, self.expected)
 
     def _beat_info(self) -> dict:
         return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late,
-                "reclaimed": self.stats.reclaimed}
+                "reclaimed": self.stats.reclaimed, "inbox": len(self.inbox) + len(self._held),
+                "unconfirmed": self.mqtt.unconfirmed if self.mqtt else 0, "loop_age_s": round(self.watchdog.age(), 3)}
 
     # -- the loop --
     def run(self, stop: threading.Event) -> None:
-        cfg = self.cfg
-        scan_s = cfg.scan_ms / 1000.0
+        scan_s = self.cfg.scan_ms / 1000.0
         next_scan = time.monotonic()
+        backoff = Backoff()
         while not stop.is_set():
-            timeout = max(0.0, next_scan - time.monotonic())
-            claimed: list[Frame] = []
+            self.watchdog.tick()
+            if not self._held:
+                self._held = self.inbox.take(self.cfg.batch, max(0.0, next_scan - time.monotonic()))
             try:
-                msg = self.inbox.get(timeout=timeout)
-                claimed.extend(self.handle(msg))
-                while len(claimed) < cfg.claim_batch:  # drain what is already queued, decide in one batch
-                    claimed.extend(self.handle(self.inbox.get_nowait()))
-            except queue.Empty:
-                pass
-            if time.monotonic() >= next_scan:
-                claimed.extend(self.claim_expired())
-                next_scan = time.monotonic() + scan_s
-            if claimed:
-                self.decide_and_send(claimed, stop)
+                claimed = self.ingest()
+                if time.monotonic() >= next_scan:
+                    claimed.extend(self.claim_expired())
+                    next_scan = time.monotonic() + scan_s
+                if claimed:
+                    self.decide_and_send(claimed, stop)
+                backoff.reset()
+            except REDIS_DOWN as err:  # the observations in hand stay held; claimed frames come back by lease
+                self.stats.redis_outages += 1
+                delay = backoff.next()
+                log.warning("edge %s: Redis unavailable (%s); %d observations held, retrying in %.1f s", self.sid,
+                            err, len(self._held) + len(self.inbox), delay)
+                stop.wait(delay)
+            except EscalationError as err:
+                if not stop.is_set():
+                    raise
+                log.info("edge %s: %s", self.sid, err)
 
-    def handle(self, msg: mqtt.MQTTMessage) -> list[Frame]:
-        """One observation off the wire: validate, add to its frame; the frame if this claimed it."""
-        self.stats.observations += 1
-        try:
-            obs = CameraObservation.decode(msg.payload)
-            self._validate(obs, msg.topic)
-        except (MessageError, AggregationError) as err:
-            self.dead_letter(msg.topic, msg.payload, str(err))
+    def close(self) -> None:
+        """Stop taking observations, store and acknowledge those in hand (so that the broker can
+        forget them), then close the connections. Frames already claimed keep their lease: if
+        this aggregator does not come back, another one takes them over."""
+        if self.mqtt is not None and self.store is not None and self.mqtt.connected.is_set():
+            self.mqtt.client.unsubscribe(names.shared_obs_filter(self.cfg.site, self.cfg.share_group))
+            end = time.monotonic() + DRAIN_S
+            try:
+                while time.monotonic() < end:
+                    if not self._held:
+                        self._held = self.inbox.take(self.cfg.batch, 0.05)
+                    if not self._held:
+                        break
+                    if claimed := self.ingest():
+                        log.info("edge %s: stopping; %d frames claimed now wait for their lease (%d ms) to be taken "
+                                 "over", self.sid, len(claimed), self.cfg.claim_lease_ms)
+            except REDIS_DOWN as err:
+                log.warning("edge %s: stopping with Redis down (%s); %d observations unacknowledged stay with the "
+                            "broker", self.sid, err, len(self._held) + len(self.inbox))
+        super().close()
+
+    def handle(self, msgs: list[mqtt.MQTTMessage]) -> list[Frame]:
+        """Store messages received on the current connection (what `run` does with each batch)."""
+        gen = self.mqtt.generation if self.mqtt is not None else 0
+        self._held.extend((gen, m) for m in msgs)
+        return self.ingest()
+
+    def ingest(self) -> list[Frame]:
+        """Store the held observations (dead-lettering the invalid ones) and acknowledge them to
+        the broker; the frames they completed, now claimed by this aggregator."""
+        if not self._held:
             return []
-        assert self.store is not None
-        status, payloads = self.store.add(obs, bytes(msg.payload))
-        if status == "late":
-            self.stats.late += 1
-            log.debug("site %r frame %d camera %d: late observation dropped", self.cfg.site, obs.frame_id, obs.camera)
-        elif status == "duplicate":
-            self.stats.duplicates += 1
-        elif status == "claimed":
-            return [self._frame(obs.frame_id, payloads)]
-        return []
+        assert self.store is not None and self.redis is not None and self.mqtt is not None
+        good: list[tuple[int, mqtt.MQTTMessage, CameraObservation]] = []
+        bad: list[tuple[int, mqtt.MQTTMessage, str]] = []
+        for gen, msg in self._held:
+            try:
+                obs = CameraObservation.decode(msg.payload)
+                self._validate(obs, msg.topic)
+                good.append((gen, msg, obs))
+            except (MessageError, AggregationError) as err:
+                bad.append((gen, msg, str(err)))
+        if bad:
+            self.dead_letter([(msg.topic, msg.payload, reason) for _, msg, reason in bad])
+        statuses = self.store.add([(obs, bytes(msg.payload)) for _, msg, obs in good])
+        for gen, msg in self._held:
+            self.mqtt.ack(msg, gen)
+        self.stats.observations += len(self._held)
+        self.stats.batches += 1
+        self._held = []
+        frames = []
+        for (_, _, obs), (status, payloads) in zip(good, statuses):
+            if status == "late":
+                self.stats.late += 1
+            elif status == "duplicate":
+                self.stats.duplicates += 1
+            elif status == "claimed":
+                frames.append(self._frame(obs.frame_id, payloads))
+        return frames
 
     def _validate(self, obs: CameraObservation, topic: str) -> None:
         cfg, net = self.cfg, self.net
@@ -271,60 +277,86 @@ class Aggregator(BrokerService):
                         site, len(owners), cfg.claim_lease_ms, ", ".join(sorted(set(owners))))
         return frames
 
-    def dead_letter(self, source: str, payload: bytes, reason: str) -> None:
-        self.stats.deadletter += 1
-        log.warning("site %r: dead letter from %s: %s", self.cfg.site, source, reason)
+    def dead_letter(self, letters: list[tuple[str, bytes, str]]) -> None:
+        """(source, payload, reason) of each rejected message or frame, in one round trip."""
         assert self.redis is not None
-        add_dead_letter(self.redis, self.cfg.site, source, payload, reason, self.sid)
+        self.stats.deadletter += len(letters)
+        for source, _, reason in letters[:5]:
+            log.warning("site %r: dead letter from %s: %s", self.cfg.site, source, reason)
+        if len(letters) > 5:
+            log.warning("site %r: %d more dead letters in this batch", self.cfg.site, len(letters) - 5)
+        add_dead_letters(self.redis, self.cfg.site, letters, self.sid)
 
     def decide_and_send(self, frames: list[Frame], stop: threading.Event) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.mqtt is not None
+        site = self.cfg.site
         try:
             outcomes, fused, edge_entropy, edge_pred = decide_frames(self.edge, frames, self.t1, self.t2, self.device)
         except (RuntimeError, ValueError) as err:  # per-message boundary: the frames go to the dead letters
-            for fr in frames:
-                self.dead_letter(f"frame {fr.frame_id}", b"", f"decision failed: {err}")
+            self.dead_letter([(f"frame {fr.frame_id}", b"", f"decision failed: {err}") for fr in frames])
             self.store.release([fr.frame_id for fr in frames])
             return
-        infos = []
+        decisions: list[tuple[Decision, bytes]] = []
+        escalations: list[tuple[Frame, bytes]] = []
+        refused: list[tuple[Frame, str]] = []
+        now = time.time()
         for i, (fr, (exit_name, pred, entropy, cam)) in enumerate(zip(frames, outcomes)):
-            if exit_name == "cloud":
-                self.escalate(fr, fused[i], float(edge_entropy[i]), int(edge_pred[i]), stop)
-                continue
-            dec = Decision(self.cfg.site, fr.frame_id, exit_name, pred, entropy, cam, fr.present, fr.captured_at,
-                           time.time(), self.sid, fr.label)
-            info = self.store.record(dec, self.mqtt)
-            if info is not None:
-                infos.append(info)
-            self.stats.decided[exit_name] += 1
-        for info in infos:
-            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+            try:
+                if exit_name == REFUSED:
+                    raise MessageError("its features or the edge block's output are not finite")
+                if exit_name == "cloud":
+                    escalations.append((fr, self._escalation(fr, fused[i], float(edge_entropy[i]),
+                                                             int(edge_pred[i]))))
+                    continue
+                dec = Decision(site, fr.frame_id, exit_name, pred, entropy, cam, fr.present, fr.captured_at, now,
+                               self.sid, fr.label)
+                decisions.append((dec, dec.encode()))
+            except MessageError as err:
+                refused.append((fr, str(err)))
+        if refused:
+            self.dead_letter([(f"frame {fr.frame_id}", b"", f"site {site!r} frame {fr.frame_id}: {reason}")
+                              for fr, reason in refused])
+            self.store.release([fr.frame_id for fr, _ in refused])
+        for (dec, raw), first in zip(decisions, self.store.record(decisions)):
+            if first:
+                self.mqtt.publish(names.results_topic(site), raw)
+                self.stats.decided[dec.exit] += 1
+        self.escalate(escalations, stop)
 
-    def escalate(self, fr: Frame, fused: torch.Tensor, edge_entropy: float, edge_pred: int,
-                 stop: threading.Event) -> None:
-        assert self.store is not None
-        site = self.cfg.site
+    def _escalation(self, fr: Frame, fused: torch.Tensor, edge_entropy: float, edge_pred: int) -> bytes:
         dtype = fr.observations[0].features.dtype if self.cfg.escalation_dtype == "same" else self.cfg.escalation_dtype
-        esc = Escalation(site, fr.frame_id, fr.present, fr.captured_at, FeatureTensor.quantize(fused, dtype),
-                         edge_entropy, edge_pred, fr.label)
-        raw = esc.encode()
-        delay = 0.005
-        while (added := self.store.escalate(fr.frame_id, raw)) == 0:  # full: the lease is extended
-            self.stats.backpressure_waits += 1
-            if self.stats.backpressure_waits % 100 == 1:
-                log.warning("site %r frame %d: escalation stream full (%d entries); waiting for the cloud", site,
-                            fr.frame_id, self.cfg.escalation_maxlen)
-            if stop.wait(delay):
-                raise EscalationError(site, fr.frame_id, "stopped while the escalation stream was full")
-            delay = min(1.0, delay * 2)  # capped backoff while the cloud catches up
-        if added < 0:
-            self.stats.escalation_conflicts += 1
-            log.info("site %r frame %d: already escalated or decided (lease taken over); not escalated twice", site,
-                     fr.frame_id)
-            self.store.count("escalation_conflicts")
-            return
-        self.stats.decided["cloud"] += 1
-        self.stats.escalated_bytes += len(raw)
+        return Escalation(self.cfg.site, fr.frame_id, fr.present, fr.captured_at, FeatureTensor.quantize(fused, dtype),
+                          edge_entropy, edge_pred, fr.label).encode()
+
+    def escalate(self, items: list[tuple[Frame, bytes]], stop: threading.Event) -> None:
+        """Hand frames to the cloud; while the stream is full (the cloud is behind) wait with
+        capped backoff, leases extended, nothing trimmed."""
+        assert self.store is not None
+        site, backoff = self.cfg.site, Backoff(first_s=0.005, cap_s=1.0)
+        while items:
+            waiting = []
+            for (fr, raw), added in zip(items, self.store.escalate([(fr.frame_id, raw) for fr, raw in items])):
+                if added > 0:
+                    self.stats.decided["cloud"] += 1
+                    self.stats.escalated_bytes += len(raw)
+                elif added < 0:
+                    self.stats.escalation_conflicts += 1
+                    log.info("site %r frame %d: already escalated or decided (lease taken over); not escalated "
+                             "twice", site, fr.frame_id)
+                    self.store.count("escalation_conflicts")
+                else:
+                    waiting.append((fr, raw))
+            items = waiting
+            if items:
+                self.stats.backpressure_waits += 1
+                if self.stats.backpressure_waits % 100 == 1:
+                    log.warning("site %r: escalation stream full (%d entries); %d frames wait for the cloud", site,
+                                self.cfg.escalation_maxlen, len(items))
+                self.watchdog.tick()  # waiting on the cloud is progress of a kind: the loop is not stuck
+                if stop.wait(backoff.next()):
+                    raise EscalationError(site, items[0][0].frame_id, f"stopped while {len(items)} frames waited "
+                                          "for room in the escalation stream (their leases expire and another "
+                                          "aggregator takes them over)")
 
 
 # --- CLI ----------------------------------------------------------------------------------

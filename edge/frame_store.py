@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Iterable
 
-import paho.mqtt.client as mqtt
 import redis
+from redis.commands.core import Script
 
-from pipeline.transport.results_sink import RECORD_BODY, record_and_publish
+from pipeline.transport.redis_client import run_script_batch
+from pipeline.transport.results_sink import RECORD_BODY
 from pipeline.wire import names
 from pipeline.wire.messages import CameraObservation, Decision
 
@@ -153,19 +155,23 @@ redis.call('DEL', KEYS[5])
 return 1
 """
 
-# KEYS: result marker, results stream, claimed zset, claimed frame hash, escalated marker
+# KEYS: result marker, results stream, claimed zset, claimed frame hash, escalated marker, counters
 # ARGV: frame id, payload, owner, marker ttl ms, stream maxlen (as RECORD_BODY)
-# The lease is released whether the result is recorded or refused; a frame already escalated
-# to the cloud gets no edge result.
+# The lease is released whether the result is recorded or refused (counted in result_conflicts);
+# a frame already escalated to the cloud gets no edge result.
 RECORD_AND_RELEASE = """
 if redis.call('EXISTS', KEYS[5]) == 1 then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('DEL', KEYS[4])
+  redis.call('HINCRBY', KEYS[6], 'result_conflicts', 1)
   return 0
 end
 """ + RECORD_BODY + """
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[4])
+if first == 0 then
+  redis.call('HINCRBY', KEYS[6], 'result_conflicts', 1)
+end
 return first
 """
 
@@ -196,15 +202,21 @@ class FrameStore:
         self._prefixes = [names.frame_prefix(site, kind) for kind in (names.FRAME, names.DECIDED, names.CLAIMED,
                                                                       names.RESULT, names.ESCALATED)]
 
-    def add(self, obs: CameraObservation, payload: bytes) -> tuple[str, list[bytes]]:
-        """Store one observation: ("added" | "late" | "duplicate", []) or ("claimed", the frame's payloads)."""
-        site, t, fid = self.site, self.times, obs.frame_id
-        res = self._add(keys=[names.frame_key(site, fid), names.decided_key(site, fid), names.pending_key(site),
-                              names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, fid)],
-                        args=[obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, fid, self.owner,
-                              t.decided_ttl_ms, t.lease_ms])
-        status = res[0].decode()
-        return status, (list(res[1]) if status == "claimed" else [])
+    def add(self, items: Iterable[tuple[CameraObservation, bytes]]) -> list[tuple[str, list[bytes]]]:
+        """Store observations in one pipelined round trip; for each, ("added" | "late" |
+        "duplicate", []) or ("claimed", the frame's payloads) when it completed its frame."""
+        site, t = self.site, self.times
+        replies = self._pipelined(self._add, [
+            ([names.frame_key(site, obs.frame_id), names.decided_key(site, obs.frame_id), names.pending_key(site),
+              names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, obs.frame_id)],
+             [obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, obs.frame_id, self.owner,
+              t.decided_ttl_ms, t.lease_ms])
+            for obs, payload in items])
+        out = []
+        for res in replies:
+            status = res[0].decode()
+            out.append((status, list(res[1]) if status == "claimed" else []))
+        return out
 
     def claim_expired(self) -> list[tuple[int, list[bytes], str, str]]:
         """(frame id, payloads, kind, previous owner) for frames past their deadline ("claimed"),
@@ -216,22 +228,32 @@ class FrameStore:
         return [(int(res[i]), list(res[i + 1]), res[i + 2].decode(), res[i + 3].decode())
                 for i in range(0, len(res), 4)]
 
-    def escalate(self, frame_id: int, payload: bytes) -> int:
-        """1 added (lease released), 0 stream full (lease extended: retry later), -1 already
-        escalated or decided (lease released)."""
+    def escalate(self, items: Iterable[tuple[int, bytes]]) -> list[int]:
+        """Hand frames (id, encoded Escalation) to the cloud in one round trip; for each: 1 added
+        (lease released), 0 stream full (lease extended: retry later), -1 already escalated or
+        decided (lease released)."""
         site, t = self.site, self.times
-        return int(self._escalate(
-            keys=[names.escalations_stream(site), names.escalated_key(site, frame_id), names.result_key(site, frame_id),
-                  names.claimed_key(site), names.claimed_frame_key(site, frame_id)],
-            args=[t.escalation_maxlen, frame_id, payload, self.owner, t.decided_ttl_ms, t.lease_ms]))
+        return [int(x) for x in self._pipelined(self._escalate, [
+            ([names.escalations_stream(site), names.escalated_key(site, frame_id), names.result_key(site, frame_id),
+              names.claimed_key(site), names.claimed_frame_key(site, frame_id)],
+             [t.escalation_maxlen, frame_id, payload, self.owner, t.decided_ttl_ms, t.lease_ms])
+            for frame_id, payload in items])]
 
-    def record(self, dec: Decision, mq: mqtt.Client | None) -> mqtt.MQTTMessageInfo | None:
-        """Record the edge's decision once, release the lease, publish it (see `record_and_publish`)."""
-        site = self.site
-        lease = (names.claimed_key(site), names.claimed_frame_key(site, dec.frame_id),
-                 names.escalated_key(site, dec.frame_id))
-        return record_and_publish(self.redis, self._record, mq, dec, self.times.decided_ttl_ms,
-                                  self.times.results_maxlen, extra_keys=lease)
+    def record(self, decisions: Iterable[tuple[Decision, bytes]]) -> list[bool]:
+        """Record the edge's decisions (with their encoded form) once each and release their
+        leases, in one round trip; True where this call recorded the result."""
+        site, t = self.site, self.times
+        return [bool(x) for x in self._pipelined(self._record, [
+            ([names.result_key(site, dec.frame_id), names.results_stream(site), names.claimed_key(site),
+              names.claimed_frame_key(site, dec.frame_id), names.escalated_key(site, dec.frame_id),
+              names.counters_key(site)],
+             [dec.frame_id, raw, dec.by, t.decided_ttl_ms, t.results_maxlen])
+            for dec, raw in decisions])]
+
+    def _pipelined(self, script: Script, calls: list[tuple[list[str], list]]) -> list:
+        """`run_script_batch` with every script of the store reloaded after a Redis restart (each
+        is safe to run twice: markers and HSETNX make the second run a no-op)."""
+        return run_script_batch(self.redis, script, calls, (self._add, self._expired, self._escalate, self._record))
 
     def release(self, frame_ids: list[int]) -> None:
         """Drop the claim leases of frames that reached an end other than a result (the dead letters)."""

@@ -49,7 +49,9 @@ class SafeUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise DataError(f"refusing to unpickle {module}.{name}: not part of a CIFAR-10 batch")
         if module.startswith("numpy") and module.endswith("multiarray"):
-            from numpy._core import multiarray  # numpy >= 2 moved numpy.core to numpy._core
+            from numpy._core import (
+                multiarray,  # numpy >= 2 moved numpy.core to numpy._core
+            )
 
             return getattr(multiarray, name)
         return super().find_class(module, name)

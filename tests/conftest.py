@@ -58,7 +58,8 @@ def brokers():
         return
     mqtt_url = os.environ.get("ADA_DDNN_MQTT_URL", DEFAULT_MQTT_URL)
     redis_url = os.environ.get("ADA_DDNN_REDIS_URL", DEFAULT_REDIS_URL)
-    host, port = parse_mqtt_url(mqtt_url)
+    u = parse_mqtt_url(mqtt_url)
+    host, port = u.host, u.port
     if not _reachable(host, port):
         _unavailable(f"no Docker engine and no MQTT broker at {mqtt_url}")
     import redis

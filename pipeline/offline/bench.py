@@ -15,7 +15,13 @@ import torch
 
 from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.offline.network import AdaDDNN, joint_loss, parameter_count, prepare_views, sample_present
+from pipeline.offline.network import (
+    AdaDDNN,
+    joint_loss,
+    parameter_count,
+    prepare_views,
+    sample_present,
+)
 from pipeline.offline.train import make_optimizer
 
 TRAIN_IMAGES = 45_000  # CIFAR-10 training split after holding out 5,000 for validation

@@ -64,7 +64,9 @@ def _codec(x: torch.Tensor, wire_dtype: str | None) -> torch.Tensor:
     """N x K x S x S features after `pipeline.wire.messages.quantize_roundtrip`; None: unchanged."""
     if wire_dtype is None:
         return x
-    from pipeline.wire.messages import quantize_roundtrip  # the wire codec; imported only when asked for
+    from pipeline.wire.messages import (
+        quantize_roundtrip,  # the wire codec; imported only when asked for
+    )
 
     return quantize_roundtrip(x.float(), wire_dtype).to(x.device)
 

@@ -28,7 +28,13 @@ from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import Cifar10, Split, augment, to_float
 from pipeline.fileio import write_json
-from pipeline.offline.evaluation import Collected, choose_thresholds, classifier_accuracies, collect, exit_metrics
+from pipeline.offline.evaluation import (
+    Collected,
+    choose_thresholds,
+    classifier_accuracies,
+    collect,
+    exit_metrics,
+)
 from pipeline.offline.network import (
     AdaDDNN,
     joint_loss,

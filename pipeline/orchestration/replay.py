@@ -40,7 +40,13 @@ from pipeline.data import SPLITS, Cifar10
 from pipeline.errors import ReplayError
 from pipeline.fileio import write_json
 from pipeline.offline.network import AdaDDNN
-from pipeline.orchestration.replay_report import ResultCollector, accuracy, compare, report, summary_table
+from pipeline.orchestration.replay_report import (
+    ResultCollector,
+    accuracy,
+    compare,
+    report,
+    summary_table,
+)
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.redis_client import redis_client

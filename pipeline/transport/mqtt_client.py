@@ -1,100 +1,283 @@
-"""MQTT clients of every role: paho MQTT v5, connected with capped exponential backoff."""
+"""MQTT clients of every role: paho MQTT v5 that survives a broker restart.
+
+    mqtt://host[:port]                      plain (port 1883)
+    mqtts://user:password@host[:port]?ca=/etc/ada/ca.pem&cert=...&key=...   TLS (port 8883)
+
+`MqttClient` connects with capped exponential backoff and then reconnects forever (paho's
+loop), resubscribing in `on_connect`. A publish never raises because the broker is away: paho
+keeps QoS 1 messages until they are acknowledged, also across a reconnect, and the client
+tracks each one by its PUBACK (`unconfirmed`, `wait_confirmed`), so a caller never blocks on
+one acknowledgement at a time. With `manual_ack` a received QoS 1 message is acknowledged only
+when the caller says so (`ack`), after it has stored it: a crash before that leaves the message
+with the broker. `receive_maximum` caps the unacknowledged messages the broker sends us (MQTT v5
+flow control), so the network thread never waits on a full queue. With `session_expiry_s` > 0
+the session (subscriptions and queued QoS 1 messages) survives a disconnect of that long.
+
+A refused login or a TLS mismatch fails the first connect at once with a clear error: those
+never heal by retrying.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
+import ssl
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from pipeline.errors import ConnectError, ServiceError
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 30.0  # give up on a broker after this long (retrying with capped backoff meanwhile)
+CONNECT_TIMEOUT_S = 30.0  # give up on a broker after this long at start-up (retrying with capped backoff meanwhile)
 BACKOFF_MIN_S = 0.1  # first retry delay
 BACKOFF_MAX_S = 5.0  # cap of the exponential backoff between retries
-MQTT_KEEPALIVE_S = 30
+MQTT_KEEPALIVE_S = 15  # a dead connection is noticed within 1.5x this
+MAX_QUEUED = 100_000  # QoS 1 publishes kept while the broker is away; beyond, publish refuses (counted)
+FATAL_CONNACK = ("Bad user name or password", "Not authorized", "Banned", "Client identifier not valid",
+                 "Bad authentication method")
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """`mqtt://host[:port]` (or `tcp://`, or a bare `host:port`) -> (host, port); port defaults to 1883."""
+@dataclass(frozen=True)
+class MqttUrl:
+    """What an MQTT URL says: where, who, and how to check TLS."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca: str | None = None  # CA bundle for the broker's certificate (default: the system's)
+    cert: str | None = None  # client certificate (mutual TLS)
+    key: str | None = None  # its private key
+
+    def safe(self) -> str:
+        """The URL without the password, for logs."""
+        who = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{who}{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> MqttUrl:
+    """`mqtt://[user:pass@]host[:port]` (or `tcp://`, or a bare `host:port`), `mqtts://...?ca=&cert=&key=`."""
     if "://" not in url:
         url = "mqtt://" + url
     u = urlparse(url)
-    if u.scheme not in ("mqtt", "tcp"):
-        raise ServiceError(f"MQTT URL {url!r}: scheme must be mqtt:// or tcp://")
+    if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
+        raise ServiceError(f"MQTT URL {_hide(url)!r}: scheme must be mqtt://, tcp:// or mqtts://")
     if not u.hostname:
-        raise ServiceError(f"MQTT URL {url!r}: no host")
+        raise ServiceError(f"MQTT URL {_hide(url)!r}: no host")
+    tls = u.scheme in ("mqtts", "ssl")
     try:
-        port = u.port or 1883
+        port = u.port or (8883 if tls else 1883)
     except ValueError as err:
-        raise ServiceError(f"MQTT URL {url!r}: bad port") from err
-    return u.hostname, port
+        raise ServiceError(f"MQTT URL {_hide(url)!r}: bad port") from err
+    query = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    unknown = set(query) - {"ca", "cert", "key"}
+    if unknown:
+        raise ServiceError(f"MQTT URL {_hide(url)!r}: unknown options {sorted(unknown)} (ca, cert, key)")
+    if query and not tls:
+        raise ServiceError(f"MQTT URL {_hide(url)!r}: ca/cert/key need mqtts://")
+    return MqttUrl(u.hostname, port, tls, unquote(u.username) if u.username else None,
+                   unquote(u.password) if u.password else None, query.get("ca"), query.get("cert"), query.get("key"))
+
+
+def _hide(url: str) -> str:
+    u = urlparse(url)
+    return url.replace(f":{u.password}@", ":***@") if u.password else url
+
+
+class MqttClient:
+    """One role's MQTT v5 connection (see the module docstring)."""
+
+    def __init__(self, url: str, client_id: str, *, on_connect: Callable[[mqtt.Client], None] | None = None,
+                 on_message: Callable[[mqtt.MQTTMessage], None] | None = None, will: tuple[str, bytes] | None = None,
+                 manual_ack: bool = False, receive_maximum: int | None = None, session_expiry_s: int = 0) -> None:
+        self.url, self.client_id = parse_mqtt_url(url), client_id
+        self._on_connect, self._on_message = on_connect, on_message
+        self.session_expiry_s, self.receive_maximum = session_expiry_s, receive_maximum
+        self.connected = threading.Event()
+        self.generation = 0  # connections so far; a message's mid means something only in its own
+        self.reconnects = 0  # connections after the first
+        self.refused = 0  # publishes refused because MAX_QUEUED were waiting
+        self._refusal: str | None = None
+        self._pending: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes not yet known to be acknowledged
+        self._lock = threading.Lock()
+        self._ever_connected = False
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        c.reconnect_delay_set(min_delay=1, max_delay=int(BACKOFF_MAX_S))
+        c.max_queued_messages_set(MAX_QUEUED)
+        c.manual_ack_set(manual_ack)
+        if self.url.username:
+            c.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls:
+            c.tls_set(ca_certs=self.url.ca, certfile=self.url.cert, keyfile=self.url.key,
+                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.on_connect, c.on_disconnect = self._connected, self._disconnected
+        if on_message is not None:
+            c.on_message = self._message
+        self.client = c
+
+    # -- paho callbacks (network thread: keep them short, log every exception) --
+    def _connected(self, c: mqtt.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            self._refusal = str(reason_code)
+            log.error("MQTT %s: %s refused the connection: %s", self.client_id, self.url.safe(), reason_code)
+            return
+        self.generation += 1
+        if self._ever_connected:
+            self.reconnects += 1
+            log.warning("MQTT %s: reconnected to %s (session %s)", self.client_id, self.url.safe(),
+                        "resumed" if flags.session_present else "new")
+        self._ever_connected = True
+        try:
+            if self._on_connect is not None:
+                self._on_connect(c)
+        except Exception:  # noqa: BLE001 - a callback error must be logged, never swallowed silently
+            log.exception("MQTT %s: on_connect failed", self.client_id)
+        self.connected.set()
+
+    def _disconnected(self, c: mqtt.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("MQTT %s lost %s (%s); reconnecting with backoff, %d publishes waiting", self.client_id,
+                        self.url.safe(), reason_code, self.unconfirmed)
+
+    def _message(self, c: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+        try:
+            self._on_message(msg)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001
+            log.exception("MQTT %s: on_message failed for topic %s", self.client_id, msg.topic)
+
+    # -- life cycle --
+    def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> "MqttClient":
+        """Connect (retrying an unreachable broker with capped backoff for `timeout_s`) and start
+        the network thread; ConnectError at once when the broker refuses the login or TLS fails."""
+        props = Properties(PacketTypes.CONNECT)
+        if self.session_expiry_s:
+            props.SessionExpiryInterval = self.session_expiry_s
+        if self.receive_maximum:
+            props.ReceiveMaximum = self.receive_maximum
+        delay, deadline = BACKOFF_MIN_S, time.monotonic() + timeout_s
+        where = self.url.safe()
+        while True:
+            try:
+                self.client.connect(self.url.host, self.url.port, keepalive=MQTT_KEEPALIVE_S,
+                                    clean_start=not self.session_expiry_s, properties=props)
+                break
+            except ssl.SSLError as err:
+                raise ConnectError(f"MQTT broker {where}: TLS failed ({err}); is it a TLS port, and is the CA right?") from err
+            except OSError as err:
+                if time.monotonic() + delay > deadline:
+                    raise ConnectError(f"MQTT broker {where} unreachable for {timeout_s:.0f}s: {err}") from err
+                log.warning("MQTT broker %s unreachable (%s); retrying in %.1fs", where, err, delay)
+                time.sleep(delay)  # backoff between connection attempts
+                delay = min(BACKOFF_MAX_S, delay * 2)
+        self.client.loop_start()
+        end = time.monotonic() + timeout_s
+        while not self.connected.wait(0.05):
+            if self._refusal is not None and any(text in self._refusal for text in FATAL_CONNACK):
+                self.close()
+                raise ConnectError(f"MQTT broker {where} refused {self.client_id}: {self._refusal}")
+            if time.monotonic() > end:
+                self.close()
+                reason = f": {self._refusal}" if self._refusal else " (TLS on a plain port, or a plain URL on a TLS port?)"
+                raise ConnectError(f"MQTT broker {where} accepted TCP but no MQTT session for {self.client_id}{reason}")
+        return self
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Wait up to `timeout_s` for unacknowledged publishes, then disconnect."""
+        if self.connected.is_set():
+            self.wait_confirmed(timeout_s)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- traffic --
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.client.subscribe(topic, qos=qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a publish; False only when MAX_QUEUED publishes are already waiting (counted)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.refused += 1
+            return False
+        if qos > 0:
+            with self._lock:
+                self._pending.append(info)
+        return True
+
+    def ack(self, msg: mqtt.MQTTMessage, generation: int) -> None:
+        """Acknowledge a QoS 1 message received on connection `generation` (with manual_ack): the
+        broker forgets it. One from an earlier connection is not acknowledged: its mid may now
+        name another message, and a resumed session sends it again (dropped then as a duplicate)."""
+        if msg.qos > 0 and generation == self.generation:
+            self.client.ack(msg.mid, msg.qos)
+
+    @property
+    def unconfirmed(self) -> int:
+        """QoS 1 publishes the broker has not acknowledged yet (queued while away included)."""
+        with self._lock:
+            # `_published` is set on the PUBACK, also for a message resent after a reconnect, where
+            # the public `is_published()` raises because the first attempt found no connection.
+            self._pending = [info for info in self._pending if not info._published]
+            return len(self._pending)
+
+    def wait_confirmed(self, timeout_s: float) -> bool:
+        """Block until every QoS 1 publish so far is acknowledged by the broker, or `timeout_s`."""
+        end = time.monotonic() + timeout_s
+        while self.unconfirmed:
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.005)  # PUBACKs arrive on paho's thread; polling keeps its callbacks lock-free
+        return True
+
+
+class Inbox:
+    """Received messages handed from paho's network thread to a role's loop. `put` never blocks
+    (the network thread must never wait on the loop: that deadlocked the edge once); with
+    manual acknowledgement the broker sends at most `receive_maximum` unacknowledged messages,
+    which bounds it."""
+
+    def __init__(self, client_generation: Callable[[], int]) -> None:
+        self._items: collections.deque[tuple[int, mqtt.MQTTMessage]] = collections.deque()
+        self._ready = threading.Event()
+        self._generation = client_generation
+
+    def put(self, msg: mqtt.MQTTMessage) -> None:
+        self._items.append((self._generation(), msg))
+        self._ready.set()
+
+    def take(self, n: int, timeout_s: float) -> list[tuple[int, mqtt.MQTTMessage]]:
+        """Up to `n` (connection generation, message) pairs; waits at most `timeout_s` for the first."""
+        if not self._items:
+            self._ready.wait(timeout_s)
+        self._ready.clear()
+        out = []
+        while self._items and len(out) < n:
+            out.append(self._items.popleft())
+        if self._items:
+            self._ready.set()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def mqtt_client(url: str, client_id: str, on_connect: Callable[[mqtt.Client], None] | None = None,
                 on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
-                will: tuple[str, bytes] | None = None) -> mqtt.Client:
-    """A connected MQTT v5 client with its network thread running.
-
-    `on_connect(client)` runs on every (re)connect: subscribe there so subscriptions survive
-    reconnects. `on_message(msg)` runs in the network thread: keep it tiny. `will` is a retained
-    QoS 1 last will (topic, payload). Reconnects use paho's capped backoff."""
-    host, port = parse_mqtt_url(url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.reconnect_delay_set(min_delay=1, max_delay=int(BACKOFF_MAX_S))
-    client.max_queued_messages_set(0)  # paho queues publishes while reconnecting, unbounded
-    connected = threading.Event()
-
-    def _on_connect(c, userdata, flags, reason_code, properties):  # noqa: ANN001 - paho callback
-        if reason_code.is_failure:
-            log.warning("MQTT %s at %s refused the connection: %s", client_id, url, reason_code)
-            return
-        try:
-            if on_connect is not None:
-                on_connect(c)
-        except Exception:  # noqa: BLE001 - a callback error must be logged, never swallowed silently
-            log.exception("MQTT %s: on_connect failed", client_id)
-        connected.set()
-
-    def _on_disconnect(c, userdata, flags, reason_code, properties):  # noqa: ANN001
-        if reason_code != 0:
-            log.warning("MQTT %s lost the connection to %s (%s); paho reconnects with backoff", client_id, url, reason_code)
-
-    def _on_message(c, userdata, msg):  # noqa: ANN001
-        try:
-            on_message(msg)  # type: ignore[misc]
-        except Exception:  # noqa: BLE001
-            log.exception("MQTT %s: on_message failed for topic %s", client_id, msg.topic)
-
-    client.on_connect = _on_connect
-    client.on_disconnect = _on_disconnect
-    if on_message is not None:
-        client.on_message = _on_message
-    if will is not None:
-        client.will_set(will[0], will[1], qos=1, retain=True)
-    delay, deadline = BACKOFF_MIN_S, time.monotonic() + CONNECT_TIMEOUT_S
-    while True:
-        try:
-            client.connect(host, port, keepalive=MQTT_KEEPALIVE_S, clean_start=True)
-            break
-        except OSError as err:
-            if time.monotonic() + delay > deadline:
-                raise ConnectError(f"MQTT broker {url} unreachable for {CONNECT_TIMEOUT_S:.0f}s: {err}") from err
-            log.warning("MQTT broker %s unreachable (%s); retrying in %.1fs", url, err, delay)
-            time.sleep(delay)  # backoff between connection attempts
-            delay = min(BACKOFF_MAX_S, delay * 2)
-    client.loop_start()
-    if not connected.wait(CONNECT_TIMEOUT_S):
-        client.loop_stop()
-        raise ConnectError(f"MQTT broker {url} accepted TCP but no MQTT session for {client_id}")
-    return client
+                will: tuple[str, bytes] | None = None, **options) -> MqttClient:
+    """A connected `MqttClient` with its network thread running (see the module docstring)."""
+    return MqttClient(url, client_id, on_connect=on_connect, on_message=on_message, will=will, **options).connect()
 
 
-def close_mqtt(client: mqtt.Client) -> None:
-    client.disconnect()
-    client.loop_stop()
+def close_mqtt(client: MqttClient) -> None:
+    client.close()

@@ -9,46 +9,100 @@ import os
 import threading
 import time
 from typing import Callable
+from urllib.parse import urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from pipeline.errors import ConnectError
-from pipeline.transport.mqtt_client import BACKOFF_MAX_S, BACKOFF_MIN_S, CONNECT_TIMEOUT_S
+from pipeline.transport.mqtt_client import (
+    BACKOFF_MAX_S,
+    BACKOFF_MIN_S,
+    CONNECT_TIMEOUT_S,
+)
 from pipeline.wire import names
 
 log = logging.getLogger(__name__)
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A Redis client that retries connection errors with capped exponential backoff; pinged once."""
-    retry = Retry(ExponentialBackoff(cap=BACKOFF_MAX_S, base=BACKOFF_MIN_S), retries=6)
-    client = redis.Redis.from_url(url, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                  socket_connect_timeout=5, health_check_interval=30)
-    delay, deadline = BACKOFF_MIN_S, time.monotonic() + CONNECT_TIMEOUT_S
+SOCKET_TIMEOUT_S = 10.0  # a reply that takes longer means the server is gone (blocking reads use 0.2 s)
+COMMAND_RETRIES = 2  # the client's own retries of a command on a connection error, before the loop's backoff
+
+
+def safe_url(url: str) -> str:
+    """A Redis URL without its password, for logs and errors."""
+    u = urlparse(url)
+    return url.replace(f":{u.password}@", ":***@") if u.password else url
+
+
+def redis_client(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
+    """A Redis client, pinged once: an unreachable server is retried with capped backoff for
+    `timeout_s`; a refused login (wrong password, unknown ACL user) or a TLS mismatch fails at
+    once. Later, each command retries a connection error twice with backoff; a longer outage
+    reaches the caller's loop (see `pipeline.transport.service.REDIS_DOWN`)."""
+    retry = Retry(ExponentialBackoff(cap=BACKOFF_MAX_S, base=BACKOFF_MIN_S), retries=COMMAND_RETRIES)
+    try:
+        client = redis.Redis.from_url(url, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                                      socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S,
+                                      health_check_interval=30)
+    except ValueError as err:
+        raise ConnectError(f"Redis URL {safe_url(url)!r}: {err}") from err
+    delay, deadline = BACKOFF_MIN_S, time.monotonic() + timeout_s
     while True:
         try:
             client.ping()
             return client
+        except redis.AuthenticationError as err:
+            raise ConnectError(f"Redis {safe_url(url)} refused the login: {err}") from err
+        except redis.ResponseError as err:  # NOAUTH / WRONGPASS / NOPERM come back as replies
+            raise ConnectError(f"Redis {safe_url(url)} refused: {err}") from err
         except (redis.ConnectionError, redis.TimeoutError) as err:
+            if "SSL" in str(err) or "ssl" in type(err.__cause__ or err).__module__:
+                raise ConnectError(f"Redis {safe_url(url)}: TLS failed ({err}); rediss:// needs a TLS port") from err
             if time.monotonic() + delay > deadline:
-                raise ConnectError(f"Redis {url} unreachable for {CONNECT_TIMEOUT_S:.0f}s: {err}") from err
-            log.warning("Redis %s unreachable (%s); retrying in %.1fs", url, err, delay)
+                hint = "" if url.startswith("rediss") else " (a TLS port needs rediss://)"
+                raise ConnectError(f"Redis {safe_url(url)} unreachable for {timeout_s:.0f}s: {err}{hint}") from err
+            log.warning("Redis %s unreachable (%s); retrying in %.1fs", safe_url(url), err, delay)
             time.sleep(delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
+
+
+def run_script_batch(client: redis.Redis, script: Script, calls: list[tuple[list[str], list]],
+                     reload: tuple[Script, ...] = ()) -> list:
+    """Run `script` once per (keys, args) in one pipelined round trip (EVALSHA, with no SCRIPT
+    EXISTS round trip first). When Redis has forgotten the script (NOSCRIPT: it restarted),
+    `script` and `reload` are loaded again and the batch is run once more, so every script run
+    this way must be safe to run twice."""
+    if not calls:
+        return []
+    for attempt in (1, 2):
+        with client.pipeline(transaction=False) as p:
+            for keys, args in calls:
+                p.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return p.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                log.warning("Redis forgot our Lua scripts (restarted?); loading them again")
+                for known in (script, *reload):
+                    client.script_load(known.script)
+    raise AssertionError("unreachable")
 
 
 class Heartbeat:
     """Sets `ada:{site}:heartbeat:{role}:{id}` with a TTL every `interval_s` in a daemon thread."""
 
     def __init__(self, client: redis.Redis, site: str, role: str, sid: str, interval_s: float = 2.0,
-                 info: Callable[[], dict] | None = None) -> None:
+                 info: Callable[[], dict] | None = None, healthy: Callable[[], bool] | None = None) -> None:
         self.key = names.heartbeat_key(site, role, sid)
         self.client, self.role, self.sid = client, role, sid
         self.interval_s = interval_s
         self.ttl_ms = int(3 * interval_s * 1000)  # three missed beats and the service counts as dead
-        self.info = info
+        self.info, self.healthy = info, healthy
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{sid}", daemon=True)
 
@@ -57,7 +111,15 @@ class Heartbeat:
         self.client.set(self.key, json.dumps(body), px=self.ttl_ms)
 
     def _run(self) -> None:
+        silent = False
         while not self._stop.wait(self.interval_s):
+            if self.healthy is not None and not self.healthy():
+                if not silent:
+                    log.error("heartbeat %s: the service's loop is not turning; not beating, so --check fails",
+                              self.key)
+                silent = True
+                continue
+            silent = False
             try:
                 self.beat()
             except redis.RedisError as err:

@@ -1,26 +1,35 @@
 """The lifecycle every running role shares: a unique service id, a clean stop on SIGTERM and
-SIGINT, and `BrokerService` (connect, run until stopped, close) for the edge and the cloud."""
+SIGINT, `BrokerService` (connect, run until stopped, close) for the edge and the cloud, capped
+backoff for a broker outage, and a watchdog that turns a silent wedge into a loud exit."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import redis
 
 from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL
-from pipeline.transport.mqtt_client import close_mqtt
+from pipeline.transport.mqtt_client import BACKOFF_MAX_S, BACKOFF_MIN_S, MqttClient
 from pipeline.transport.redis_client import Heartbeat
 from pipeline.wire import names
 
 log = logging.getLogger(__name__)
+
+# What a Redis outage looks like to a running loop: retried with backoff, never fatal. (Redis's
+# own client retries a few times first; see `redis_client`.)
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+              redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)
+WATCHDOG_EXIT = 70  # exit status of a process the watchdog found stuck (EX_SOFTWARE)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,65 @@ def service_id(role: str) -> str:
     return f"{role}-{safe}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+class Backoff:
+    """Capped exponential backoff for an outage: 0.1 s, 0.2 s, ... 5 s, until `reset()`."""
+
+    def __init__(self, first_s: float = BACKOFF_MIN_S, cap_s: float = BACKOFF_MAX_S) -> None:
+        self.first_s, self.cap_s, self.failures = first_s, cap_s, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return min(self.cap_s, self.first_s * 2 ** min(self.failures - 1, 30))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Watchdog:
+    """Watches a loop that calls `tick()` every turn. A loop that has not turned for `limit_s`
+    is stuck (a deadlock, a call that never returns): the watchdog logs every thread's stack and,
+    with `exit_on_stuck` (a process of its own, under a supervisor), exits the process with
+    status 70 so that it is restarted; in a thread of a bigger process it only logs."""
+
+    def __init__(self, name: str, limit_s: float, exit_on_stuck: bool = False) -> None:
+        self.name, self.limit_s, self.exit_on_stuck = name, limit_s, exit_on_stuck
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"watchdog-{name}", daemon=True)
+
+    def tick(self) -> None:
+        self._last = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the loop last turned."""
+        return time.monotonic() - self._last
+
+    def start(self) -> "Watchdog":
+        self.tick()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        reported = False
+        while not self._stop.wait(min(1.0, self.limit_s / 4)):
+            age = self.age()
+            if age < self.limit_s:
+                reported = False
+                continue
+            if not reported:
+                log.critical("%s: its loop has not turned for %.0f s (limit %.0f s); thread stacks follow", self.name,
+                             age, self.limit_s)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                reported = True
+            if self.exit_on_stuck:
+                log.critical("%s: exiting with status %d so that its supervisor restarts it", self.name, WATCHDOG_EXIT)
+                logging.shutdown()
+                os._exit(WATCHDOG_EXIT)
+
+
 def serve(service: Any) -> Any:
     """Run a role in the foreground: `connect()`, `run(stop)` until SIGTERM/SIGINT, then `close()`;
     returns what `run` returned. Shared by the camera, edge and cloud commands. The signal
@@ -60,6 +128,8 @@ def serve(service: Any) -> Any:
     (the loop then ends at once) instead of killing the process mid-way."""
     stop = threading.Event()
     stop_on_signals(stop)
+    if isinstance(service, BrokerService):
+        service.exit_on_stuck = True  # its own process: a stuck loop exits for the supervisor to restart
     service.connect()
     try:
         return service.run(stop)
@@ -74,14 +144,22 @@ class BrokerService:
     closes the connections."""
 
     role = "service"
+    watchdog_s = 30.0  # a loop that has not turned for this long is stuck (see Watchdog)
 
     def __init__(self, sid: str) -> None:
         self.sid = sid
         self.redis: redis.Redis | None = None
-        self.mqtt: mqtt.Client | None = None
+        self.mqtt: MqttClient | None = None
         self.heartbeat: Heartbeat | None = None
+        self.exit_on_stuck = False
+        self.watchdog = Watchdog(f"{self.role} {sid}", self.watchdog_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def healthy(self) -> bool:
+        """What the heartbeat reports: the loop turned within a third of the watchdog's limit. A
+        wedged process stops beating, so `--check` fails for it before the watchdog fires."""
+        return self.watchdog.age() < self.watchdog_s / 3
 
     def connect(self) -> None:
         raise NotImplementedError
@@ -89,9 +167,15 @@ class BrokerService:
     def run(self, stop: threading.Event) -> None:
         raise NotImplementedError
 
+    def start_watchdog(self) -> None:
+        """Called by `connect()` once the connections are up."""
+        self.watchdog.exit_on_stuck = self.exit_on_stuck
+        self.watchdog.start()
+
     def close(self) -> None:
+        self.watchdog.stop()
         if self.mqtt is not None:
-            close_mqtt(self.mqtt)
+            self.mqtt.close()
             self.mqtt = None
         if self.redis is not None:
             if self.heartbeat is not None:

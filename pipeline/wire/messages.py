@@ -36,6 +36,10 @@ MAX_CAMERAS = 256  # camera ids are 0..255
 MAX_CLASSES = 1 << 16  # class ids are 0..65535
 MAX_FRAME_ID = (1 << 63) - 1
 MAX_TEXT = 256  # characters of a free-text field (service ids, reasons)
+# Largest feature magnitude on the wire: float16's largest finite value. Camera features are
+# batch-normalised (|x| in the tens); anything near float32's range overflows the edge block into
+# NaN, so such a message is refused at the door instead of poisoning a frame's computation.
+MAX_FEATURE_ABS = 65504.0
 INT8_LEVELS = 127  # symmetric int8: codes in -127..127, scale = max|x| / 127 per channel
 
 DTYPES: dict[str, np.dtype] = {
@@ -169,16 +173,19 @@ class FeatureTensor:
             if len(self.scale) != 4 * shape[0]:
                 raise MessageError(f"int8 scale has {len(self.scale)} bytes, {shape[0]} channels need {4 * shape[0]}")
             s = np.frombuffer(self.scale, dtype="<f4")
-            if not (np.isfinite(s).all() and (s > 0).all()):
-                raise MessageError("int8 scales must be finite and positive")
+            if not (np.isfinite(s).all() and (s > 0).all() and (s <= MAX_FEATURE_ABS / 127).all()):
+                raise MessageError(f"int8 scales must be positive and at most {MAX_FEATURE_ABS / 127:g}")
             codes = np.frombuffer(self.data, dtype=dt)
             if (codes == -128).any():
                 raise MessageError("int8 codes must be in -127..127")
         else:
             if self.scale is not None:
                 raise MessageError(f"{self.dtype} features carry no scale")
-            if not np.isfinite(np.frombuffer(self.data, dtype=dt)).all():
+            values = np.frombuffer(self.data, dtype=dt)
+            if not np.isfinite(values).all():
                 raise MessageError(f"{self.dtype} features must be finite")
+            if (np.abs(values) > MAX_FEATURE_ABS).any():
+                raise MessageError(f"{self.dtype} features must be at most {MAX_FEATURE_ABS:g} in magnitude")
 
     @property
     def nbytes(self) -> int:
@@ -192,6 +199,8 @@ class FeatureTensor:
         x = x.detach().to("cpu", torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise MessageError("features must be finite")
+        if bool((x.abs() > MAX_FEATURE_ABS).any()):
+            raise MessageError(f"features must be at most {MAX_FEATURE_ABS:g} in magnitude")
         shape = tuple(x.shape)
         if dtype == "int8":
             codes, scale = _int8_codes(x, channel_dim=0)
@@ -276,8 +285,11 @@ def unpack(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
         raise MessageError(f"not a msgpack message: {err}") from err
     if not isinstance(obj, dict):
         raise MessageError(f"a message is a msgpack map, got {type(obj).__name__}")
-    if obj.get("v") != WIRE_VERSION:
-        raise MessageError(f"wire version {obj.get('v')!r}, this code speaks {WIRE_VERSION}")
+    version = obj.get("v")
+    if type(version) is not int or version != WIRE_VERSION:  # not 1.0, not True: the int itself
+        raise MessageError(f"wire version {version!r}, this code speaks {WIRE_VERSION}")
+    if type(obj.get("t")) is not str:
+        raise MessageError(f"message tag must be a string, got {type(obj.get('t')).__name__}")
     return obj
 
 

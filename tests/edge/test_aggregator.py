@@ -57,7 +57,7 @@ def test_thresholds_from_card(stream_setup):
 
 def msg(o: CameraObservation, site: str):
     o = CameraObservation(site, o.frame_id, o.camera, o.captured_at, o.prediction, o.entropy, o.features, o.label)
-    return SimpleNamespace(topic=names.obs_topic(site, o.camera), payload=o.encode())
+    return SimpleNamespace(topic=names.obs_topic(site, o.camera), payload=o.encode(), qos=0, mid=0)
 
 
 def aggregator(stream_setup, brokers, site, **kw):
@@ -90,16 +90,16 @@ def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redi
     agg = make(stream_setup, brokers, site, deadline_ms=30)
     try:
         for o in obs[0][:5]:
-            assert agg.handle(msg(o, site)) == []
-        assert agg.handle(msg(obs[0][2], site)) == []  # QoS 1 redelivery
-        (frame,) = agg.handle(msg(obs[0][5], site))  # the sixth camera completes and claims the frame
+            assert agg.handle([msg(o, site)]) == []
+        assert agg.handle([msg(obs[0][2], site)]) == []  # QoS 1 redelivery
+        (frame,) = agg.handle([msg(obs[0][5], site)])  # the sixth camera completes and claims the frame
         assert frame.frame_id == 0 and frame.present == (0, 1, 2, 3, 4, 5)
-        assert agg.handle(msg(obs[0][1], site)) == []  # late: the frame is decided
+        assert agg.handle([msg(obs[0][1], site)]) == []  # late: the frame is decided
         for o in obs[1][:4]:  # cameras 4 and 5 are dead
-            agg.handle(msg(o, site))
+            agg.handle([msg(o, site)])
         (frame,) = poll(agg.claim_expired)
         assert frame.frame_id == 1 and frame.present == (0, 1, 2, 3)
-        assert agg.handle(msg(obs[1][5], site)) == []
+        assert agg.handle([msg(obs[1][5], site)]) == []
         counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(names.counters_key(site)).items()}
         assert counters == {"duplicate_observations": 1, "late": 2}
         assert not redis_conn.exists(names.frame_key(site, 0), names.frame_key(site, 1))
@@ -124,7 +124,7 @@ def test_two_aggregators_claim_each_frame_once(stream_setup, brokers, site):
     def run(i):
         for who, o in deliveries:
             if who == i:
-                claimed[i].extend(fr.frame_id for fr in aggs[i].handle(msg(o, site)))
+                claimed[i].extend(fr.frame_id for fr in aggs[i].handle([msg(o, site)]))
         end = time.monotonic() + 5
         while time.monotonic() < end and len(claimed[0]) + len(claimed[1]) < n:
             claimed[i].extend(fr.frame_id for fr in aggs[i].claim_expired())
@@ -150,11 +150,11 @@ def test_escalation_backpressure_never_trims(stream_setup, brokers, site, redis_
     obs = observations(model, data, [0, 1, 2])
     frames = [Frame(f, obs[f]) for f in range(3)]
     fused = torch.zeros(model.cfg.fused_channels, *model.cfg.wire_shape[1:])
+    raw = [agg._escalation(fr, fused, 0.9, 1) for fr in frames]
     stop = threading.Event()
     try:
-        agg.escalate(frames[0], fused, 0.9, 1, stop)
-        agg.escalate(frames[1], fused, 0.9, 1, stop)
-        t = threading.Thread(target=agg.escalate, args=(frames[2], fused, 0.9, 1, stop))
+        agg.escalate([(frames[0], raw[0]), (frames[1], raw[1])], stop)
+        t = threading.Thread(target=agg.escalate, args=([(frames[2], raw[2])], stop))
         t.start()
         t.join(0.3)
         assert t.is_alive() and redis_conn.xlen(names.escalations_stream(site)) == 2  # waiting, nothing trimmed
@@ -173,9 +173,9 @@ def test_escalation_backpressure_never_trims(stream_setup, brokers, site, redis_
 def test_malformed_observation_goes_to_the_dead_letters(stream_setup, brokers, site, redis_conn):
     agg = make(stream_setup, brokers, site)
     try:
-        assert agg.handle(SimpleNamespace(topic=names.obs_topic(site, 0), payload=b"\x93garbage")) == []
+        assert agg.handle([SimpleNamespace(topic=names.obs_topic(site, 0), payload=b"\x93garbage", qos=0, mid=0)]) == []
         wrong = CameraObservation(site, 1, 0, 1.0, 1, 0.5, FeatureTensor.quantize(torch.ones(3, 2, 2)))
-        assert agg.handle(SimpleNamespace(topic=names.obs_topic(site, 0), payload=wrong.encode())) == []
+        assert agg.handle([SimpleNamespace(topic=names.obs_topic(site, 0), payload=wrong.encode(), qos=0, mid=0)]) == []
         letters = redis_conn.xrange(names.deadletter_stream(site))
         assert len(letters) == 2
         assert b"msgpack" in letters[0][1][b"reason"] or b"map" in letters[0][1][b"reason"]
@@ -212,7 +212,7 @@ def claim_all(agg, model, data, site, n, dead_camera_every=5):
     for f in range(n):
         for o in obs[f]:
             if not (f % dead_camera_every == 0 and o.camera == 3):
-                claimed.update((fr.frame_id, fr) for fr in agg.handle(msg(o, site)))
+                claimed.update((fr.frame_id, fr) for fr in agg.handle([msg(o, site)]))
     claimed.update(collect_claims(agg, range(n)))  # the incomplete frames, past their deadline
     return claimed
 
