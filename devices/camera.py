@@ -9,13 +9,22 @@
 Each frame of the split (test by default, or --start/--stop) is a scene; camera k applies its
 view (`devices.views.camera_view`), runs `CameraModule` k (the only part of the checkpoint it
 reads) and publishes a `CameraObservation` (features int8 by default) on
-`ada/{site}/cam/{k}/obs` with QoS 1. The frame id is the frame's
-index in the split, so every camera names the same scene alike. Liveness: each camera's MQTT
-client keeps a retained status ("online", then "done") with "offline" as its last will.
+`ada/{site}/cam/{k}/obs` with QoS 1. The frame id is the frame's index in the split, so every
+camera names the same scene alike. Liveness: each camera's MQTT client keeps a retained status
+("online", then "done") with "offline" as its last will.
 
-At --fps 0 (as fast as possible) frames go through the module in batches of --batch; at a set
-FPS one frame at a time, each at its capture time. `forward_rows` keeps both bit-identical to
-offline evaluation.
+At a set --fps the cameras of a site share a clock (retained on `ada/{site}/clock`: frame i is
+captured at epoch + (i - start) / fps), so cameras started separately capture the same frame at
+the same moment. The frames that are due are computed together (a camera that fell behind
+catches up in batches of up to --batch, each frame keeping its capture time); a frame due more
+than --max-lag-ms ago is shed instead. Every 5 s the process logs its achieved rate, and warns
+with numbers when it is behind. At --fps 0 (as fast as possible) frames go through the module
+in batches of --batch. `forward_rows` keeps every batch size bit-identical to offline evaluation.
+
+Overload: the aggregators publish how late observations reach them (`ada/{site}/edge/flow/+`);
+while one reports --shed-lag-ms or more, the cameras shed frames at the source. Every frame a
+camera does not send is named, by id and reason, in a ShedNotice on `ada/{site}/cam/{k}/shed`,
+which the edge records in `ada:{site}:losses`.
 """
 
 from __future__ import annotations
@@ -43,10 +52,15 @@ from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, p
 from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
 from pipeline.transport.service import serve
 from pipeline.wire import names
+from pipeline.wire.control import MAX_SHED_IDS, FlowStatus, ShedNotice, SiteClock
 from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor
 
 log = logging.getLogger(__name__)
 
+RATE_REPORT_S = 5.0  # how often a paced camera process reports its achieved rate
+FLOW_STALE_S = 3.0  # an aggregator's flow status older than this is ignored (it stopped saying)
+CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announcing one
+CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera can join in time
 PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
 MAX_BACKLOG = 4096  # at full speed, observations in flight (unacknowledged) before the feed waits for the broker
 
@@ -69,6 +83,8 @@ class CameraConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     labels: bool = True  # attach the ground truth (replays score accuracy with it)
     cameras: tuple[int, ...] = field(default=(0,), metadata={"flags": ["--cameras", "--cams"]})  # camera ids this process runs, comma-separated
+    max_lag_ms: int = 200  # at a set fps, a frame due longer ago than this (ms) is shed instead of sent late (the edge would have decided it)
+    shed_lag_ms: int = 2000  # shed frames while an aggregator reports observations reaching it this late (ms); 0 = never
 
     def __post_init__(self) -> None:
         names.check_site(self.site)
@@ -80,6 +96,8 @@ class CameraConfig:
             raise ValueError("no camera to run")
         if any(k < 0 for k in self.cameras):
             raise ValueError(f"camera ids are 0 or more, got {list(self.cameras)}")
+        if self.max_lag_ms < 1 or self.shed_lag_ms < 0:
+            raise ValueError("need max_lag_ms >= 1 and shed_lag_ms >= 0")
 
 
 @dataclass
@@ -89,8 +107,10 @@ class CameraStats:
     bytes: int = 0  # encoded observation bytes published
     unacknowledged: int = 0  # observations the broker had not acknowledged when the camera stopped
     refused: int = 0  # observations dropped because too many were waiting for the broker (named in the log)
+    shed: dict[str, int] = field(default_factory=dict)  # frames not sent, by reason (each named in a ShedNotice)
     first_capture: float | None = None
     seconds: float = 0.0
+    achieved_fps: float = 0.0  # frames captured per second over the run
 
 
 class CameraFeed:
@@ -113,6 +133,10 @@ class CameraFeed:
             raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {len(split)}")
         self.stats = CameraStats()
         self.clients: dict[int, MqttClient] = {}
+        self._flow: dict[str, FlowStatus] = {}  # aggregator id -> its latest flow status
+        self._shedding = False
+        self._clock: SiteClock | None = None
+        self._clock_seen = threading.Event()
 
     def connect(self) -> None:
         for k in self.cfg.cameras:
@@ -123,8 +147,71 @@ class CameraFeed:
                 c.publish(names.status_topic(site, k), CameraStatus(site, k, "online", time.time()).encode(),
                           qos=1, retain=True)
 
-            self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=online,
+            control = k == self.cfg.cameras[0]  # one client per process listens to the site's control topics
+
+            def on_connect(c: mqtt.Client, online=online, control: bool = control) -> None:
+                online(c)
+                if control:
+                    c.subscribe([(names.flow_filter(site), 0), (names.clock_topic(site), 1)])
+
+            self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=on_connect,
+                                          on_message=self._on_control if control else None,
                                           will=(names.status_topic(site, k), offline))
+
+    def _on_control(self, msg: mqtt.MQTTMessage) -> None:
+        """Flow status of an aggregator, or the site clock (network thread: just store them)."""
+        if not msg.payload:  # a cleared retained message: that aggregator stopped
+            self._flow.pop(msg.topic.rsplit("/", 1)[-1], None)
+            return
+        try:
+            if msg.topic == names.clock_topic(self.cfg.site):
+                self._clock = SiteClock.decode(msg.payload)
+                self._clock_seen.set()
+            else:
+                status = FlowStatus.decode(msg.payload)
+                self._flow[status.by] = status
+        except MessageError as err:
+            log.warning("site %r: ignoring a bad control message on %s: %s", self.cfg.site, msg.topic, err)
+
+    def overloaded(self) -> bool:
+        """True while an aggregator reports observations arriving --shed-lag-ms late or later
+        (until they arrive in less than half that: hysteresis, so shedding does not flap)."""
+        limit = self.cfg.shed_lag_ms
+        if not limit:
+            return False
+        fresh = [f.lag_ms for f in list(self._flow.values()) if f.at > time.time() - FLOW_STALE_S]
+        worst = max(fresh, default=0.0)
+        self._shedding = worst >= (limit / 2 if self._shedding else limit)
+        return self._shedding
+
+    def site_clock(self) -> SiteClock:
+        """The site's capture schedule: the retained one if it has this fps and is not over,
+        else a new one this process announces (two cameras starting at once converge on the
+        last one the broker retained)."""
+        cfg = self.cfg
+        self._clock_seen.wait(CLOCK_WAIT_S)  # a retained clock arrives right after subscribing
+        c = self._clock
+        if c is not None and c.fps == cfg.fps and c.at(self.stop_at) > time.time():
+            return c
+        mine = SiteClock(cfg.site, time.time() + CLOCK_LEAD_S, cfg.fps, cfg.start)
+        self._clock_seen.clear()
+        self.clients[cfg.cameras[0]].publish(names.clock_topic(cfg.site), mine.encode(), qos=1, retain=True)
+        self._clock_seen.wait(CLOCK_WAIT_S)
+        c = self._clock
+        return c if c is not None and c.fps == cfg.fps else mine
+
+    def shed(self, frame_ids: list[int], reason: str) -> None:
+        """Skip frames, naming them (per camera, in ShedNotices the edge records as losses)."""
+        if not frame_ids:
+            return
+        site = self.cfg.site
+        self.stats.shed[reason] = self.stats.shed.get(reason, 0) + len(frame_ids)
+        log.warning("site %r cameras %s: shedding %d frames (%s), %d..%d", site, list(self.cfg.cameras),
+                    len(frame_ids), reason, frame_ids[0], frame_ids[-1])
+        for k, client in self.clients.items():
+            for i in range(0, len(frame_ids), MAX_SHED_IDS):
+                notice = ShedNotice(site, k, tuple(frame_ids[i:i + MAX_SHED_IDS]), reason, time.time())
+                client.publish(names.shed_topic(site, k), notice.encode(), qos=1)
 
     def close(self, state: str = "done") -> None:
         for k, c in self.clients.items():
@@ -176,41 +263,91 @@ class CameraFeed:
         """Observations published and not yet acknowledged by the broker, over this process's cameras."""
         return sum(c.unconfirmed for c in self.clients.values())
 
+    def capture(self, ids: list[int], captured_at: list[float]) -> None:
+        """Run the cameras on frames `ids` (one batch) and publish, frame by frame, so that a
+        frame's cameras arrive together."""
+        if self.stats.first_capture is None:
+            self.stats.first_capture = captured_at[0]
+        scenes = to_float(self.split.images[ids[0]:ids[-1] + 1], self.device)
+        for frame in self.observe(scenes, ids, captured_at):
+            for obs in frame:
+                self.publish(obs)
+        self.stats.frames += len(ids)
+
     def run(self, stop: threading.Event | None = None) -> CameraStats:
-        """Replay frames start..stop; returns when all are published and acknowledged (or on `stop`)."""
+        """Replay frames start..stop; returns when every frame is published or shed (or on `stop`)."""
         stop = stop or threading.Event()
         cfg = self.cfg
         if not self.clients:
             self.connect()
-        step = cfg.batch if cfg.fps == 0 else 1
         t_start = time.time()
         log.info("site %r cameras %s: frames %d..%d at %s", cfg.site, list(cfg.cameras), cfg.start, self.stop_at,
                  f"{cfg.fps:g} fps" if cfg.fps else "full speed")
-        for begin in range(cfg.start, self.stop_at, step):
+        if cfg.fps > 0:
+            self._run_paced(stop)
+        else:
+            self._run_full_speed(stop)
+        self.stats.seconds = time.time() - t_start
+        self.stats.achieved_fps = self.stats.frames / max(1e-9, self.stats.seconds)
+        log.info("site %r cameras %s: %d frames (%.1f fps), %d observations, %.0f bytes/observation, shed %s, "
+                 "%.1fs", cfg.site, list(cfg.cameras), self.stats.frames, self.stats.achieved_fps,
+                 self.stats.published, self.stats.bytes / max(1, self.stats.published), self.stats.shed or "none",
+                 self.stats.seconds)
+        return self.stats
+
+    def _run_full_speed(self, stop: threading.Event) -> None:
+        cfg = self.cfg
+        for begin in range(cfg.start, self.stop_at, cfg.batch):
             if stop.is_set():
                 break
-            end = min(self.stop_at, begin + step)
+            ids = list(range(begin, min(self.stop_at, begin + cfg.batch)))
             if self.gate is not None:
                 self.gate(begin - cfg.start)
-            if cfg.fps > 0 and stop.wait(max(0.0, t_start + (begin - cfg.start) / cfg.fps - time.time())):
-                break
-            now = time.time()
-            if self.stats.first_capture is None:
-                self.stats.first_capture = now
-            ids = list(range(begin, end))
-            scenes = to_float(self.split.images[begin:end], self.device)
-            per_frame = self.observe(scenes, ids, [now] * len(ids))
-            for frame in per_frame:  # frame by frame, so a frame's cameras arrive together
-                for obs in frame:
-                    self.publish(obs)
-            self.stats.frames += len(ids)
+            if self.overloaded():
+                self.shed(ids, "overload")
+                stop.wait(0.05)  # give the edge a moment before looking again
+                continue
+            self.capture(ids, [time.time()] * len(ids))
             while self.backlog() > MAX_BACKLOG and not stop.is_set():  # the broker is away or slow: let it catch up
                 stop.wait(0.01)
-        self.stats.seconds = time.time() - t_start
-        log.info("site %r cameras %s: %d frames, %d observations, %.0f bytes/observation, %.1fs", cfg.site,
-                 list(cfg.cameras), self.stats.frames, self.stats.published,
-                 self.stats.bytes / max(1, self.stats.published), self.stats.seconds)
-        return self.stats
+
+    def _run_paced(self, stop: threading.Event) -> None:
+        """At --fps on the site clock: capture the frames that are due in one batch, shed those
+        too late to matter, report the achieved rate."""
+        cfg = self.cfg
+        clock = self.site_clock()
+        i = cfg.start
+        report_at, report_frames = time.monotonic() + RATE_REPORT_S, 0
+        while i < self.stop_at and not stop.is_set():
+            now = time.time()
+            if clock.at(i) > now:
+                stop.wait(min(clock.at(i) - now, 0.25))
+                continue
+            due_end = min(self.stop_at, max(i + 1, clock.start + int((now - clock.epoch) * clock.fps) + 1))
+            fresh = i
+            while fresh < due_end and clock.at(fresh) < now - cfg.max_lag_ms / 1000:
+                fresh += 1
+            self.shed(list(range(i, fresh)), "behind")
+            i = fresh
+            if i >= due_end:
+                continue
+            if self.overloaded():
+                self.shed(list(range(i, due_end)), "overload")
+                i = due_end
+                continue
+            ids = list(range(i, min(due_end, i + cfg.batch)))
+            if self.gate is not None:
+                self.gate(i - cfg.start)
+            self.capture(ids, [clock.at(f) for f in ids])
+            i = ids[-1] + 1
+            report_frames += len(ids)
+            if time.monotonic() >= report_at:
+                rate = report_frames / RATE_REPORT_S
+                behind = max(0, clock.start + int((time.time() - clock.epoch) * clock.fps) + 1 - i)
+                level = logging.WARNING if rate < 0.95 * cfg.fps or behind > cfg.fps else logging.INFO
+                log.log(level, "site %r cameras %s: %.1f fps of %.1f asked, %d frames behind, shed so far %s",
+                        cfg.site, list(cfg.cameras), rate, cfg.fps, behind, self.stats.shed or "none")
+                report_at, report_frames = time.monotonic() + RATE_REPORT_S, 0
 
 
 def load_feed(cfg: CameraConfig, gate: Callable[[int], None] | None = None) -> CameraFeed:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,11 +47,13 @@ from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import add_dead_letters
 from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
+from pipeline.wire.control import FlowStatus, ShedNotice
 from pipeline.wire.messages import DTYPES, EXIT_NAMES, CameraObservation, Decision, Escalation, FeatureTensor
 
 log = logging.getLogger(__name__)
 
 DRAIN_S = 5.0  # on stop, store what the broker already sent for at most this long
+FLOW_INTERVAL_S = 0.25  # how often the aggregator tells the cameras its lag
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class EdgeConfig(BrokerRoleConfig):
     t1: float | None = None  # exit 1 threshold (normalized entropy); none = the model card's
     t2: float | None = None  # exit 2 threshold (normalized entropy); none = the model card's
     expected: int = 0  # cameras per frame; 0 = the network's num_cameras
+    admit_window: int = 256  # frames an observation may be ahead of the second most advanced camera; 0 = no check
     deadline_ms: int = 50  # after a frame's first observation, decide it this long (ms) later with the cameras that came
     scan_ms: int = 5  # how often (ms) to look for frames past their deadline
     frame_ttl_s: int = 60  # an unclaimed frame hash expires after this (s; every aggregator dead)
@@ -85,11 +89,11 @@ class EdgeConfig(BrokerRoleConfig):
                      "claim_batch", "frame_ttl_s", "decided_ttl_s", "results_maxlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.receive_maximum > 65535 or self.session_expiry_s < 0 or self.expected < 0:
+        if self.receive_maximum > 65535 or self.session_expiry_s < 0 or self.expected < 0 or self.admit_window < 0:
             raise ValueError("need receive_maximum <= 65535 (MQTT v5), session_expiry_s >= 0 and expected >= 0")
 
     def store_times(self, expected: int) -> StoreTimes:
-        return StoreTimes(expected, self.deadline_ms, self.frame_ttl_s * 1000, self.decided_ttl_s * 1000,
+        return StoreTimes(expected, self.admit_window, self.deadline_ms, self.frame_ttl_s * 1000, self.decided_ttl_s * 1000,
                           self.claim_lease_ms, self.claim_batch, self.escalation_maxlen, self.results_maxlen)
 
 
@@ -106,6 +110,8 @@ class EdgeStats:
     backpressure_waits: int = 0
     escalated_bytes: int = 0  # encoded Escalation bytes sent to the cloud
     redis_outages: int = 0  # loop turns that met Redis down (each retried after a backoff)
+    ahead: int = 0  # observations refused: beyond the admission window
+    shed: int = 0  # observations cameras named as shed (never sent)
     batches: int = 0  # Redis round trips that stored observations
 
 
@@ -124,6 +130,7 @@ class Aggregator(BrokerService):
         self.inbox = Inbox(lambda: self.mqtt.generation if self.mqtt is not None else 0)
         self.store: FrameStore | None = None
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
+        self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
 
     # -- wiring --
     def connect(self) -> None:
@@ -135,7 +142,7 @@ class Aggregator(BrokerService):
         sub = names.shared_obs_filter(cfg.site, cfg.share_group)
 
         def on_connect(c: mqtt.Client) -> None:
-            c.subscribe(sub, qos=1)
+            c.subscribe([(sub, 1), (names.shared_shed_filter(cfg.site, cfg.share_group), 1)])
 
         self.mqtt = MqttClient(cfg.mqtt_url, self.sid, on_connect=on_connect, on_message=self.inbox.put,
                                manual_ack=True, receive_maximum=cfg.receive_maximum,
@@ -153,10 +160,13 @@ class Aggregator(BrokerService):
     # -- the loop --
     def run(self, stop: threading.Event) -> None:
         scan_s = self.cfg.scan_ms / 1000.0
-        next_scan = time.monotonic()
+        next_scan = next_flow = time.monotonic()
         backoff = Backoff()
         while not stop.is_set():
             self.watchdog.tick()
+            if time.monotonic() >= next_flow:
+                self.publish_flow()
+                next_flow = time.monotonic() + FLOW_INTERVAL_S
             if not self._held:
                 self._held = self.inbox.take(self.cfg.batch, max(0.0, next_scan - time.monotonic()))
             try:
@@ -197,6 +207,7 @@ class Aggregator(BrokerService):
             except REDIS_DOWN as err:
                 log.warning("edge %s: stopping with Redis down (%s); %d observations unacknowledged stay with the "
                             "broker", self.sid, err, len(self._held) + len(self.inbox))
+            self.mqtt.publish(names.flow_topic(self.cfg.site, self.sid), b"", qos=1, retain=True)  # clears it
         super().close()
 
     def handle(self, msgs: list[mqtt.MQTTMessage]) -> list[Frame]:
@@ -213,8 +224,12 @@ class Aggregator(BrokerService):
         assert self.store is not None and self.redis is not None and self.mqtt is not None
         good: list[tuple[int, mqtt.MQTTMessage, CameraObservation]] = []
         bad: list[tuple[int, mqtt.MQTTMessage, str]] = []
+        losses: list[tuple[int, int, str, str]] = []
         for gen, msg in self._held:
             try:
+                if msg.topic.endswith("/shed"):
+                    losses.extend(self._shed(msg))
+                    continue
                 obs = CameraObservation.decode(msg.payload)
                 self._validate(obs, msg.topic)
                 good.append((gen, msg, obs))
@@ -222,21 +237,50 @@ class Aggregator(BrokerService):
                 bad.append((gen, msg, str(err)))
         if bad:
             self.dead_letter([(msg.topic, msg.payload, reason) for _, msg, reason in bad])
+        self.store.record_losses(losses)
+        self.stats.shed += len(losses)
         statuses = self.store.add([(obs, bytes(msg.payload)) for _, msg, obs in good])
+        now = time.time()
+        self._lags.extend((now - obs.captured_at) * 1000 for _, _, obs in good)
         for gen, msg in self._held:
             self.mqtt.ack(msg, gen)
         self.stats.observations += len(self._held)
         self.stats.batches += 1
         self._held = []
-        frames = []
-        for (_, _, obs), (status, payloads) in zip(good, statuses):
+        frames, ahead = [], []
+        for (_, msg, obs), (status, payloads) in zip(good, statuses):
             if status == "late":
                 self.stats.late += 1
             elif status == "duplicate":
                 self.stats.duplicates += 1
+            elif status == "ahead":
+                ahead.append((msg.topic, msg.payload, f"site {obs.site!r} frame {obs.frame_id} camera {obs.camera}: "
+                              f"more than {self.cfg.admit_window} frames ahead of the other cameras; refused"))
             elif status == "claimed":
                 frames.append(self._frame(obs.frame_id, payloads))
+        if ahead:
+            self.stats.ahead += len(ahead)
+            self.dead_letter(ahead)
         return frames
+
+    def _shed(self, msg: mqtt.MQTTMessage) -> list[tuple[int, int, str, str]]:
+        """The losses a camera's ShedNotice names (validated like an observation)."""
+        notice = ShedNotice.decode(msg.payload)
+        if notice.site != self.cfg.site or msg.topic != names.shed_topic(notice.site, notice.camera):
+            raise AggregationError(self.cfg.site, None, f"shed notice of site {notice.site!r} on topic {msg.topic}",
+                                   camera=notice.camera)
+        log.warning("site %r camera %d shed %d frames (%s), %d..%d", notice.site, notice.camera,
+                    len(notice.frame_ids), notice.reason, min(notice.frame_ids), max(notice.frame_ids))
+        return [(f, notice.camera, "camera", notice.reason) for f in notice.frame_ids]
+
+    def publish_flow(self) -> None:
+        """Tell the cameras how late observations reach this aggregator (retained FlowStatus)."""
+        if self.mqtt is None:
+            return
+        lags, self._lags = self._lags, []
+        lag = statistics.median(lags) if lags else 0.0
+        status = FlowStatus(self.cfg.site, self.sid, max(0.0, lag), len(self.inbox) + len(self._held), time.time())
+        self.mqtt.publish(names.flow_topic(self.cfg.site, self.sid), status.encode(), qos=0, retain=True)
 
     def _validate(self, obs: CameraObservation, topic: str) -> None:
         cfg, net = self.cfg, self.net

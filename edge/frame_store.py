@@ -44,16 +44,49 @@ from pipeline.wire.messages import CameraObservation, Decision
 
 log = logging.getLogger(__name__)
 
+LOSSES_MAXLEN = 1_000_000  # named losses kept (approximate trim)
+
 # Lua: `now` in ms from the Redis server's clock, so every aggregator shares one clock.
 REDIS_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash
+# KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash, admission front
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
-#       lease ms
+#       lease ms, admission window (frames; 0 = none)
+# Admission: each camera's front (the highest frame id it sent) is kept in a hash; an observation
+# whose id is more than the window beyond the second most advanced camera's front (the only
+# one's, while a single camera has reported) is refused as 'ahead', so that no camera alone can
+# claim, and so decide, frames that the others have not captured yet.
 ADD_OBSERVATION = """
+local window = tonumber(ARGV[10])
+if window > 0 then
+  local id = tonumber(ARGV[6])
+  local mine = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '-1')
+  if id > mine then
+    redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
+  end
+  local first, second, n = -1, -1, 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[7])) do
+    local x = tonumber(v)
+    n = n + 1
+    if x > first then
+      second = first
+      first = x
+    elseif x > second then
+      second = x
+    end
+  end
+  local base = first
+  if n >= 2 then
+    base = second
+  end
+  if id > base + window then
+    redis.call('HINCRBY', KEYS[4], 'ahead', 1)
+    return {'ahead'}
+  end
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HINCRBY', KEYS[4], 'late', 1)
   return {'late'}
@@ -181,6 +214,7 @@ class StoreTimes:
     """The frame store's clock settings, all in milliseconds except the counts."""
 
     expected: int  # cameras per frame: the frame is claimed when this many have reported
+    admit_window: int  # frames an observation may be ahead of the second most advanced camera (0 = any)
     deadline_ms: int  # after its first observation, a frame is claimed with the cameras it has
     frame_ttl_ms: int  # an unclaimed frame hash expires after this (every aggregator dead)
     decided_ttl_ms: int  # how long a decided frame refuses late observations (markers live as long)
@@ -204,13 +238,14 @@ class FrameStore:
 
     def add(self, items: Iterable[tuple[CameraObservation, bytes]]) -> list[tuple[str, list[bytes]]]:
         """Store observations in one pipelined round trip; for each, ("added" | "late" |
-        "duplicate", []) or ("claimed", the frame's payloads) when it completed its frame."""
+        "duplicate" | "ahead", []) or ("claimed", the frame's payloads) when it completed its frame."""
         site, t = self.site, self.times
         replies = self._pipelined(self._add, [
             ([names.frame_key(site, obs.frame_id), names.decided_key(site, obs.frame_id), names.pending_key(site),
-              names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, obs.frame_id)],
+              names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, obs.frame_id),
+              names.front_key(site)],
              [obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, obs.frame_id, self.owner,
-              t.decided_ttl_ms, t.lease_ms])
+              t.decided_ttl_ms, t.lease_ms, t.admit_window])
             for obs, payload in items])
         out = []
         for res in replies:
@@ -261,6 +296,17 @@ class FrameStore:
             for fid in frame_ids:
                 p.zrem(names.claimed_key(self.site), fid)
                 p.delete(names.claimed_frame_key(self.site, fid))
+            p.execute()
+
+    def record_losses(self, losses: list[tuple[int, int, str, str]]) -> None:
+        """Name observations that never came: (frame id, camera, where, why), counted in `shed`."""
+        if not losses:
+            return
+        with self.redis.pipeline(transaction=False) as p:
+            for frame_id, camera, where, why in losses:
+                p.xadd(names.losses_stream(self.site), {"frame": frame_id, "camera": camera, "where": where,
+                                                        "why": why}, maxlen=LOSSES_MAXLEN, approximate=True)
+            p.hincrby(names.counters_key(self.site), "shed", len(losses))
             p.execute()
 
     def count(self, counter: str, n: int = 1) -> None:

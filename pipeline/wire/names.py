@@ -4,6 +4,9 @@
     ada/{site}/cam/{cam}/obs      QoS 1           ada:{site}:frame:{id}        hash, TTL
     ada/{site}/cam/{cam}/status   retained, LWT   ada:{site}:escalations       stream (edge -> cloud)
     ada/{site}/results            QoS 1           ada:{site}:results           stream (every decision)
+    ada/{site}/clock              retained        ada:{site}:losses            stream (frames cameras shed)
+    ada/{site}/edge/flow/{id}     retained        ada:{site}:front             hash (admission front per camera)
+    ada/{site}/cam/{cam}/shed     QoS 1
                                                   ada:{site}:deadletter        stream (rejected messages)
                                                   ada:{site}:decided:{id}      claim marker, TTL
                                                   ada:{site}:claimed           claimed frames by lease expiry
@@ -68,6 +71,31 @@ def results_topic(site: str) -> str:
     return f"ada/{check_site(site)}/results"
 
 
+def clock_topic(site: str) -> str:
+    """Retained SiteClock: the capture schedule the site's cameras share."""
+    return f"ada/{check_site(site)}/clock"
+
+
+def flow_topic(site: str, service_id: str) -> str:
+    """Retained FlowStatus of one aggregator."""
+    if not SERVICE_RE.match(service_id):
+        raise ValueError(f"bad service id {service_id!r}")
+    return f"ada/{check_site(site)}/edge/flow/{service_id}"
+
+
+def flow_filter(site: str) -> str:
+    return f"ada/{check_site(site)}/edge/flow/+"
+
+
+def shed_topic(site: str, cam: int) -> str:
+    """ShedNotice: frames camera `cam` captured and did not send."""
+    return f"ada/{check_site(site)}/cam/{_cam(cam)}/shed"
+
+
+def shared_shed_filter(site: str, group: str = SHARE_GROUP) -> str:
+    return f"$share/{group}/ada/{check_site(site)}/cam/+/shed"
+
+
 # --- Redis --------------------------------------------------------------------------------
 # Per-frame keys are a prefix (`frame_prefix`) plus the frame id. The edge's Lua scripts that
 # scan many frames append ids to the prefixes they are given; nothing else builds a key.
@@ -128,6 +156,16 @@ def results_stream(site: str) -> str:
 
 def deadletter_stream(site: str) -> str:
     return f"ada:{check_site(site)}:deadletter"
+
+
+def losses_stream(site: str) -> str:
+    """Named losses: (frame, camera, where, why) of every observation a camera shed."""
+    return f"ada:{check_site(site)}:losses"
+
+
+def front_key(site: str) -> str:
+    """Hash camera -> highest frame id it sent: the edge admits frame ids near what two cameras reached."""
+    return f"ada:{check_site(site)}:front"
 
 
 def counters_key(site: str) -> str:

@@ -1,0 +1,90 @@
+"""Control messages of a site: the clock its cameras share, the edge's flow status, and the
+frames a camera had to shed. Versioned msgpack like every message (`pipeline.wire.messages`).
+
+    ada/{site}/clock               SiteClock     retained: frame i is captured at epoch + (i - start) / fps
+    ada/{site}/edge/flow/{id}      FlowStatus    retained, one per aggregator: how late observations arrive
+    ada/{site}/cam/{k}/shed        ShedNotice    QoS 1: frame ids camera k did not send, and why
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pipeline.errors import MessageError
+from pipeline.wire.messages import MAX_CAMERAS, MAX_FRAME_ID, _float, _int, _Message, _set, _site, _text
+
+MAX_SHED_IDS = 4096  # frame ids one ShedNotice names at most (a camera sends several when it sheds more)
+SHED_REASONS = ("behind", "overload", "outage")  # behind schedule; the edge asked; the broker was away
+
+
+@dataclass(frozen=True)
+class SiteClock(_Message):
+    """The capture schedule a site's cameras share, so that separately started cameras capture
+    frame i at the same moment: t(i) = epoch + (i - start) / fps."""
+
+    TAG: ClassVar[str] = "clock"
+    FIELDS: ClassVar[tuple[str, ...]] = ("site", "epoch", "fps", "start")
+
+    site: str
+    epoch: float  # seconds since the Unix epoch at which frame `start` is captured
+    fps: float  # frames per second
+    start: int  # the frame id captured at `epoch`
+
+    def __post_init__(self) -> None:
+        _site(self.site)
+        _set(self, "epoch", _float("epoch", self.epoch, 0.0))
+        _set(self, "fps", _float("fps", self.fps, 1e-3, 1e6))
+        _set(self, "start", _int("start", self.start, 0, MAX_FRAME_ID))
+
+    def at(self, frame_id: int) -> float:
+        """Capture time of `frame_id`."""
+        return self.epoch + (frame_id - self.start) / self.fps
+
+
+@dataclass(frozen=True)
+class FlowStatus(_Message):
+    """An aggregator's view of its load: how long after capture its observations reach it."""
+
+    TAG: ClassVar[str] = "flow"
+    FIELDS: ClassVar[tuple[str, ...]] = ("site", "by", "lag_ms", "backlog", "at")
+
+    site: str
+    by: str  # the aggregator's service id
+    lag_ms: float  # median (capture -> stored) delay of the observations it stored lately
+    backlog: int  # observations it holds, received and not yet stored
+    at: float  # when it said so (seconds since the Unix epoch); cameras ignore stale ones
+
+    def __post_init__(self) -> None:
+        _site(self.site)
+        _text("by", self.by)
+        _set(self, "lag_ms", _float("lag_ms", self.lag_ms, 0.0))
+        _set(self, "backlog", _int("backlog", self.backlog, 0, MAX_FRAME_ID))
+        _set(self, "at", _float("at", self.at, 0.0))
+
+
+@dataclass(frozen=True)
+class ShedNotice(_Message):
+    """Frames a camera captured and did not send, named so that the site accounts for them."""
+
+    TAG: ClassVar[str] = "shed"
+    FIELDS: ClassVar[tuple[str, ...]] = ("site", "camera", "frame_ids", "reason", "at")
+
+    site: str
+    camera: int
+    frame_ids: tuple[int, ...]
+    reason: str  # one of SHED_REASONS
+    at: float
+
+    def __post_init__(self) -> None:
+        _site(self.site)
+        _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1))
+        if not isinstance(self.frame_ids, (tuple, list)) or not 0 < len(self.frame_ids) <= MAX_SHED_IDS:
+            raise MessageError(f"frame_ids must be a list of 1..{MAX_SHED_IDS} frame ids")
+        _set(self, "frame_ids", tuple(_int("frame_ids[]", f, 0, MAX_FRAME_ID) for f in self.frame_ids))
+        if self.reason not in SHED_REASONS:
+            raise MessageError(f"reason must be one of {SHED_REASONS}, got {self.reason!r}")
+        _set(self, "at", _float("at", self.at, 0.0))
+
+
+__all__ = ["SiteClock", "FlowStatus", "ShedNotice", "SHED_REASONS", "MAX_SHED_IDS"]
