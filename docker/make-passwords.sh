@@ -80,21 +80,28 @@ chmod 644 "$passwd"
 acl=$dir/mosquitto.acl
 {
     echo "# Mosquitto ACL of site $site, made by docker/make-passwords.sh: regenerate it, don't edit it."
-    echo "# No rule, no right: each user may use exactly the topics listed under it (read = subscribe"
-    echo "# and receive, write = publish). Anonymous clients are refused (allow_anonymous false)."
+    echo "# No rule, no right: each user may use exactly the topics listed under it (write = publish,"
+    echo "# read = receive; Mosquitto's ACL file grants every SUBSCRIBE and filters at delivery)."
+    echo "# Anonymous clients are refused (allow_anonymous false). Topics: pipeline/wire/names.py."
     echo
-    echo "# Camera k publishes its own observations and its own status (retained, and its last will)."
+    echo "# Camera k publishes its own observations, shed notices and status (retained, and its last"
+    echo "# will); it reads and may announce the site clock, and reads the aggregators' flow status."
     for ((k = 0; k < cameras; k++)); do
         echo "user $site-cam$k"
         echo "topic write ada/$site/cam/$k/obs"
+        echo "topic write ada/$site/cam/$k/shed"
         echo "topic write ada/$site/cam/$k/status"
+        echo "topic readwrite ada/$site/clock"
+        echo "topic read ada/$site/edge/flow/+"
         echo
     done
-    echo "# Edge aggregators read every camera's observations (their \$share/edge/... subscription is"
-    echo "# checked against the topic without the prefix) and publish results."
+    echo "# Edge aggregators read every camera's observations and shed notices (through their"
+    echo "# \$share/GROUP/... subscriptions) and publish results and their flow status."
     echo "user $site-edge"
     echo "topic read ada/$site/cam/+/obs"
+    echo "topic read ada/$site/cam/+/shed"
     echo "topic write ada/$site/results"
+    echo "topic write ada/$site/edge/flow/+"
     echo
     echo "# Cloud workers publish results; they read escalations from Redis, nothing from MQTT."
     echo "user $site-cloud"
@@ -104,6 +111,8 @@ acl=$dir/mosquitto.acl
     echo "user $site-monitor"
     echo "topic read ada/$site/results"
     echo "topic read ada/$site/cam/+/status"
+    echo "topic read ada/$site/clock"
+    echo "topic read ada/$site/edge/flow/+"
     echo
     echo "# The broker's health check."
     echo "user $site-health"
@@ -134,6 +143,10 @@ done
 for role in edge cloud monitor; do
     printf 'ADA_DDNN_MQTT_URL=%s\nADA_DDNN_REDIS_URL=%s\n' "$(mqtt $role)" "$(redis $role)" >"$dir/$role.env"
 done
+# The aggregators' shared-subscription group is a secret: Mosquitto's ACL file does not check
+# SUBSCRIBE, and a client that joined the group would be handed a share of the observations,
+# which the broker then drops at delivery for want of read access.
+printf 'ADA_DDNN_SHARE_GROUP=edge-%s\n' "$(password | tr -d '_-' | cut -c1-24)" >>"$dir/edge.env"
 printf 'HEALTH_USER=%s-health\nHEALTH_PASSWORD=%s\n' "$site" "${pw[health]}" >"$dir/mosquitto.env"
 printf 'HEALTH_USER=%s-health\nREDISCLI_AUTH=%s\n' "$site" "${rpw[health]}" >"$dir/redis.env"
 printf 'REDISCLI_AUTH=%s\n' "$admin" >"$dir/redis-admin.env"

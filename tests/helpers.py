@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from pipeline.config import ModelConfig
@@ -37,3 +39,14 @@ def wait_results(r, site: str, n: int, timeout_s: float = 20) -> list[Decision]:
             last = entry_id
             got.append(Decision.decode(f[b"msg"]))
     return got
+
+
+def poll(fn, timeout_s=5.0):
+    """fn() until it returns something truthy; deadlines are wall-clock, so there is no event to await."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        out = fn()
+        if out:
+            return out
+        time.sleep(0.01)
+    return fn()

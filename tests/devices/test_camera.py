@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from pipeline.settings import config_from_env
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.wire import names
 from pipeline.wire.messages import CameraObservation, CameraStatus
+from tests.helpers import poll
 
 
 @pytest.mark.parametrize("batch", [1, 7])
@@ -78,3 +80,79 @@ def test_cameras_publish_observations_and_status(stream_setup, brokers, site):
     assert stats.frames == 5 and stats.published == 10 and stats.unacknowledged == 0
     assert sorted((o.frame_id, o.camera) for o in got) == [(f, k) for f in range(10, 15) for k in (0, 3)]
     assert check_online(cfg, timeout_s=5) == 1  # "done" is retained now
+
+
+def _recorder(mqtt_url, site, want, topic_filter):
+    got, done = [], threading.Event()
+
+    def on_message(msg):
+        got.append(msg)
+        if len(got) >= want:
+            done.set()
+
+    sub = mqtt_client(mqtt_url, f"{site}-rec-{want}", on_connect=lambda c: c.subscribe(topic_filter, qos=1),
+                      on_message=on_message)
+    return sub, got, done
+
+
+@pytest.mark.services
+def test_separately_started_cameras_share_the_site_clock(stream_setup, brokers, site):
+    from pipeline.wire.control import SiteClock
+
+    _, model, data, _, _ = stream_setup
+    mqtt_url, _ = brokers
+    sub, got, done = _recorder(mqtt_url, site, 2 * 20, names.obs_filter(site))
+    feeds = [CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(k,), start=0, stop=20, fps=25.0,
+                                     max_lag_ms=5000), {k: model.cameras[k]}, data.test) for k in (0, 4)]
+    try:
+        stats = [None, None]
+
+        def run(i):
+            feeds[i].connect()
+            stats[i] = feeds[i].run()
+
+        first = threading.Thread(target=run, args=(0,))
+        first.start()
+        first.join(0.3)  # the second process starts later, as in the field
+        run(1)
+        first.join(30)
+        assert done.wait(10)
+    finally:
+        for f in feeds:
+            f.close()
+        close_mqtt(sub)
+    obs = [CameraObservation.decode(m.payload) for m in got]
+    clock = feeds[0]._clock or feeds[1]._clock
+    assert isinstance(clock, SiteClock)
+    for o in obs:  # both cameras stamp frame i with the same slot of one clock, whenever they computed it
+        assert o.captured_at == pytest.approx(clock.at(o.frame_id), abs=1e-6)
+    assert sorted({(o.frame_id, o.camera) for o in obs}) == [(f, k) for f in range(20) for k in (0, 4)]
+    assert all(s.frames == 20 and not s.shed for s in stats)
+
+
+@pytest.mark.services
+def test_cameras_shed_and_name_frames_while_the_edge_is_overloaded(stream_setup, brokers, site):
+    from pipeline.wire.control import FlowStatus, ShedNotice
+
+    _, model, data, _, _ = stream_setup
+    mqtt_url, _ = brokers
+    edge = mqtt_client(mqtt_url, f"{site}-fake-edge")
+    edge.publish(names.flow_topic(site, "edge-x"), FlowStatus(site, "edge-x", 9000.0, 500, time.time()).encode(),
+                 retain=True)
+    assert edge.wait_confirmed(5)
+    sub, got, done = _recorder(mqtt_url, site, 2, f"ada/{site}/cam/+/shed")
+    feed = CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(1, 2), start=0, stop=6, batch=3,
+                                   shed_lag_ms=1000), {k: model.cameras[k] for k in (1, 2)}, data.test)
+    try:
+        feed.connect()
+        assert poll(lambda: feed._flow, 5)  # the retained flow status reached the camera
+        stats = feed.run()
+        assert done.wait(10)
+    finally:
+        feed.close()
+        edge.publish(names.flow_topic(site, "edge-x"), b"", retain=True)
+        edge.close()
+        close_mqtt(sub)
+    assert stats.frames == 0 and stats.shed == {"overload": 6}
+    notices = [ShedNotice.decode(m.payload) for m in got]
+    assert sorted((n.camera, f) for n in notices for f in n.frame_ids) == [(k, f) for k in (1, 2) for f in range(6)]

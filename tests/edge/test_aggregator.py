@@ -12,8 +12,14 @@ from edge.exits import decide
 from pipeline.checkpoint import thresholds
 from pipeline.offline import evaluation
 from pipeline.wire import names
-from pipeline.wire.messages import EXIT_NAMES, CameraObservation, Decision, Escalation, FeatureTensor
-from tests.helpers import wait_results
+from pipeline.wire.messages import (
+    EXIT_NAMES,
+    CameraObservation,
+    Decision,
+    Escalation,
+    FeatureTensor,
+)
+from tests.helpers import poll, wait_results
 
 
 def observations(model, data, frame_ids, dtype="int8"):
@@ -70,17 +76,6 @@ def make(stream_setup, brokers, site, **kw):
     agg = aggregator(stream_setup, brokers, site, **kw)
     agg.connect()
     return agg
-
-
-def poll(fn, timeout_s=5.0):
-    """fn() until it returns something truthy; deadlines are wall-clock, so there is no event to await."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        out = fn()
-        if out:
-            return out
-        time.sleep(0.01)
-    return fn()
 
 
 @pytest.mark.services
@@ -304,3 +299,64 @@ def test_a_slow_owner_after_a_takeover_changes_nothing(stream_setup, brokers, si
     results = [Decision.decode(f[b"msg"]) for _, f in redis_conn.xrange(names.results_stream(site))]
     assert sorted(d.frame_id for d in results) == list(range(n))  # exactly one result per frame
     assert redis_conn.xlen(names.escalations_stream(site)) == 0
+
+
+def wire_msg(topic: str, payload: bytes):
+    return SimpleNamespace(topic=topic, payload=payload, qos=0, mid=0)
+
+
+@pytest.mark.services
+def test_no_camera_alone_can_run_ahead_of_the_others(stream_setup, brokers, site, redis_conn):
+    _, model, data, _, _ = stream_setup
+    obs = observations(model, data, [0])[0]
+    agg = make(stream_setup, brokers, site, admit_window=100, deadline_ms=60_000)
+    try:
+        agg.handle([msg(obs[0], site), msg(obs[1], site)])  # cameras 0 and 1 reached frame 0
+        o = obs[2]
+        far = CameraObservation(site, 101, 2, 1.0, o.prediction, o.entropy, o.features, o.label)
+        near = CameraObservation(site, 100, 2, 1.0, o.prediction, o.entropy, o.features, o.label)
+        assert agg.handle([wire_msg(names.obs_topic(site, 2), far.encode())]) == []
+        assert agg.stats.ahead == 1
+        (letter,) = redis_conn.xrange(names.deadletter_stream(site))
+        assert b"frame 101 camera 2" in letter[1][b"reason"] and b"ahead" in letter[1][b"reason"]
+        agg.handle([wire_msg(names.obs_topic(site, 2), near.encode())])  # within the window: stored
+        assert redis_conn.hexists(names.frame_key(site, 100), 2)
+        assert not redis_conn.exists(names.frame_key(site, 101))
+        assert int(redis_conn.hget(names.counters_key(site), "ahead")) == 1
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
+def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_conn):
+    from pipeline.wire.control import ShedNotice
+
+    agg = make(stream_setup, brokers, site)
+    try:
+        notice = ShedNotice(site, 3, (10, 11, 12), "overload", 1.0)
+        forged = ShedNotice(site, 4, (13,), "overload", 1.0)  # camera 4's notice on camera 3's topic
+        agg.handle([wire_msg(names.shed_topic(site, 3), notice.encode()),
+                    wire_msg(names.shed_topic(site, 3), forged.encode())])
+        losses = [(int(f[b"frame"]), int(f[b"camera"]), f[b"why"]) for _, f in
+                  redis_conn.xrange(names.losses_stream(site))]
+        assert losses == [(10, 3, b"overload"), (11, 3, b"overload"), (12, 3, b"overload")]
+        assert int(redis_conn.hget(names.counters_key(site), "shed")) == 3
+        assert redis_conn.xlen(names.deadletter_stream(site)) == 1  # the forged notice
+    finally:
+        agg.close()
+
+
+def test_a_frame_with_non_finite_numbers_is_refused_alone(stream_setup):
+    from edge.decisions import REFUSED
+
+    _, model, data, t1, t2 = stream_setup
+    obs = observations(model, data, [0, 1, 2])
+    shape = model.cfg.wire_shape
+    poisoned = SimpleNamespace(camera=0, entropy=obs[1][0].entropy, prediction=obs[1][0].prediction,
+                               captured_at=1.0, label=None,
+                               features=SimpleNamespace(to_tensor=lambda: torch.full(shape, float("inf"))))
+    frames = [Frame(0, obs[0]), Frame(1, [poisoned, *obs[1][1:]]), Frame(2, obs[2])]
+    out, _, _, _ = decide_frames(model.edge, frames, t1, t2)
+    clean, _, _, _ = decide_frames(model.edge, [frames[0], frames[2]], t1, t2)
+    assert out[1][0] == REFUSED
+    assert [out[0][:2], out[2][:2]] == [clean[0][:2], clean[1][:2]]  # its batch-mates decided as without it

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import CLASSES, DataError, augment, find_layout, load_cifar10, safe_load_batch
+from pipeline.data import (
+    CLASSES,
+    DataError,
+    augment,
+    find_layout,
+    load_cifar10,
+    safe_load_batch,
+)
 
 
 def _write_layout(root, n_per_batch=20, seed=0):

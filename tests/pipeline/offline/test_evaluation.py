@@ -7,7 +7,13 @@ import torch
 from pipeline.data import to_float
 from pipeline.offline import evaluation
 from pipeline.offline import experiments as evaluate
-from pipeline.offline.evaluation import Collected, classifier_accuracies, exit_metrics, pareto, select_thresholds
+from pipeline.offline.evaluation import (
+    Collected,
+    classifier_accuracies,
+    exit_metrics,
+    pareto,
+    select_thresholds,
+)
 from pipeline.offline.network import AdaDDNN, prepare_views, save_checkpoint
 from tests.helpers import synthetic_cifar, tiny_config
 

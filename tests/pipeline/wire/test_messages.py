@@ -211,3 +211,28 @@ def test_names_live_in_the_names_module():
     for bad in ("", "a/b", "a+b", "a:b", "#", "x" * 65):
         with pytest.raises(ValueError):
             names.obs_topic(bad, 0)
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1", None, 2])
+def test_the_version_must_be_the_integer_itself(version):
+    m = wire(obs())
+    m["v"] = version
+    with pytest.raises(MessageError, match="wire version"):
+        CameraObservation.decode(pack(m))
+
+
+def test_features_beyond_float16_range_are_refused_at_the_door():
+    import numpy as np
+
+    m = wire(obs(FeatureTensor.quantize(torch.randn(12, 8, 8), "float32")))
+    values = np.frombuffer(m["features"]["data"], dtype="<f4").copy()
+    values[5] = 3e38  # finite, but overflows the edge block into NaN
+    m["features"]["data"] = values.tobytes()
+    with pytest.raises(MessageError, match="magnitude"):
+        CameraObservation.decode(pack(m))
+    q = wire(obs())
+    q["features"]["scale"] = np.full(12, 3e38, dtype="<f4").tobytes()
+    with pytest.raises(MessageError, match="scales"):
+        CameraObservation.decode(pack(q))
+    with pytest.raises(MessageError, match="magnitude"):
+        FeatureTensor.quantize(torch.full((12, 8, 8), 1e6), "float32")

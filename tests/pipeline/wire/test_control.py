@@ -1,0 +1,38 @@
+import msgpack
+import pytest
+
+from pipeline.errors import MessageError
+from pipeline.wire.control import MAX_SHED_IDS, FlowStatus, ShedNotice, SiteClock
+
+
+def test_control_messages_round_trip():
+    for m in (SiteClock("s", 1700000000.5, 30.0, 100), FlowStatus("s", "edge-1", 12.5, 3, 1700000000.0),
+              ShedNotice("s", 3, (5, 6, 7), "overload", 1700000000.0)):
+        assert type(m).decode(m.encode()) == m
+
+
+def test_site_clock_schedules_frames():
+    c = SiteClock("s", 1000.0, 20.0, 100)
+    assert c.at(100) == 1000.0 and c.at(120) == 1001.0 and c.at(90) == 999.5
+
+
+@pytest.mark.parametrize("build", [
+    lambda: SiteClock("s", 1.0, 0.0, 0),  # no rate
+    lambda: SiteClock("s", float("nan"), 10.0, 0),
+    lambda: FlowStatus("s", "e", -1.0, 0, 1.0),  # negative lag
+    lambda: ShedNotice("s", 1, (), "overload", 1.0),  # names nothing
+    lambda: ShedNotice("s", 1, tuple(range(MAX_SHED_IDS + 1)), "overload", 1.0),
+    lambda: ShedNotice("s", 1, (1,), "because", 1.0),  # unknown reason
+    lambda: ShedNotice("s", 1, (-4,), "behind", 1.0),
+    lambda: ShedNotice("s/x", 1, (1,), "behind", 1.0),
+])
+def test_control_messages_refuse_bad_fields(build):
+    with pytest.raises(MessageError):
+        build()
+
+
+def test_shed_notice_decode_refuses_a_tampered_map():
+    raw = msgpack.unpackb(ShedNotice("s", 3, (5,), "behind", 1.0).encode())
+    raw["frame_ids"] = "5"
+    with pytest.raises(MessageError):
+        ShedNotice.decode(msgpack.packb(raw))
