@@ -58,6 +58,7 @@ from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, Feat
 log = logging.getLogger(__name__)
 
 RATE_REPORT_S = 5.0  # how often a paced camera process reports its achieved rate
+OVERLOAD_POLL_S = 0.01  # how often a camera held back by an overloaded edge looks again
 FLOW_STALE_S = 3.0  # an aggregator's flow status older than this is ignored (it stopped saying)
 CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announcing one
 CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera can join in time
@@ -84,7 +85,8 @@ class CameraConfig:
     labels: bool = True  # attach the ground truth (replays score accuracy with it)
     cameras: tuple[int, ...] = field(default=(0,), metadata={"flags": ["--cameras", "--cams"]})  # camera ids this process runs, comma-separated
     max_lag_ms: int = 200  # at a set fps, a frame due longer ago than this (ms) is shed instead of sent late (the edge would have decided it)
-    shed_lag_ms: int = 2000  # shed frames while an aggregator reports observations reaching it this late (ms); 0 = never
+    shed_lag_ms: int = 2000  # overload: an aggregator reports observations reaching it this late (ms); 0 = never
+    overload: str = field(default="shed", metadata={"choices": ("shed", "wait")})  # under overload (and when behind schedule): shed frames, named; or wait (lossless, for replays and benchmarks)
 
     def __post_init__(self) -> None:
         names.check_site(self.site)
@@ -96,8 +98,8 @@ class CameraConfig:
             raise ValueError("no camera to run")
         if any(k < 0 for k in self.cameras):
             raise ValueError(f"camera ids are 0 or more, got {list(self.cameras)}")
-        if self.max_lag_ms < 1 or self.shed_lag_ms < 0:
-            raise ValueError("need max_lag_ms >= 1 and shed_lag_ms >= 0")
+        if self.max_lag_ms < 1 or self.shed_lag_ms < 0 or self.overload not in ("shed", "wait"):
+            raise ValueError("need max_lag_ms >= 1, shed_lag_ms >= 0 and overload 'shed' or 'wait'")
 
 
 @dataclass
@@ -303,9 +305,11 @@ class CameraFeed:
             ids = list(range(begin, min(self.stop_at, begin + cfg.batch)))
             if self.gate is not None:
                 self.gate(begin - cfg.start)
+            while self.overloaded() and cfg.overload == "wait" and not stop.is_set():
+                stop.wait(OVERLOAD_POLL_S)  # lossless: hold the frames until the edge catches up
             if self.overloaded():
                 self.shed(ids, "overload")
-                stop.wait(0.05)  # give the edge a moment before looking again
+                stop.wait(OVERLOAD_POLL_S)  # give the edge a moment before looking again
                 continue
             self.capture(ids, [time.time()] * len(ids))
             while self.backlog() > MAX_BACKLOG and not stop.is_set():  # the broker is away or slow: let it catch up
@@ -324,17 +328,21 @@ class CameraFeed:
                 stop.wait(min(clock.at(i) - now, 0.25))
                 continue
             due_end = min(self.stop_at, max(i + 1, clock.start + int((now - clock.epoch) * clock.fps) + 1))
-            fresh = i
-            while fresh < due_end and clock.at(fresh) < now - cfg.max_lag_ms / 1000:
-                fresh += 1
-            self.shed(list(range(i, fresh)), "behind")
-            i = fresh
-            if i >= due_end:
-                continue
-            if self.overloaded():
-                self.shed(list(range(i, due_end)), "overload")
-                i = due_end
-                continue
+            if cfg.overload == "wait":
+                while self.overloaded() and not stop.is_set():
+                    stop.wait(OVERLOAD_POLL_S)  # lossless: fall behind, catch up in batches afterwards
+            else:
+                fresh = i
+                while fresh < due_end and clock.at(fresh) < now - cfg.max_lag_ms / 1000:
+                    fresh += 1
+                self.shed(list(range(i, fresh)), "behind")
+                i = fresh
+                if i >= due_end:
+                    continue
+                if self.overloaded():
+                    self.shed(list(range(i, due_end)), "overload")
+                    i = due_end
+                    continue
             ids = list(range(i, min(due_end, i + cfg.batch)))
             if self.gate is not None:
                 self.gate(i - cfg.start)

@@ -53,7 +53,7 @@ from pipeline.wire.messages import DTYPES, EXIT_NAMES, CameraObservation, Decisi
 log = logging.getLogger(__name__)
 
 DRAIN_S = 5.0  # on stop, store what the broker already sent for at most this long
-FLOW_INTERVAL_S = 0.25  # how often the aggregator tells the cameras its lag
+FLOW_INTERVAL_S = 0.1  # how often the aggregator tells the cameras its lag
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class Aggregator(BrokerService):
         self.store: FrameStore | None = None
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
+        self._stored_at = time.monotonic()  # when observations were last stored
 
     # -- wiring --
     def connect(self) -> None:
@@ -242,6 +243,7 @@ class Aggregator(BrokerService):
         statuses = self.store.add([(obs, bytes(msg.payload)) for _, msg, obs in good])
         now = time.time()
         self._lags.extend((now - obs.captured_at) * 1000 for _, _, obs in good)
+        self._stored_at = time.monotonic()
         for gen, msg in self._held:
             self.mqtt.ack(msg, gen)
         self.stats.observations += len(self._held)
@@ -278,8 +280,12 @@ class Aggregator(BrokerService):
         if self.mqtt is None:
             return
         lags, self._lags = self._lags, []
-        lag = statistics.median(lags) if lags else 0.0
-        status = FlowStatus(self.cfg.site, self.sid, max(0.0, lag), len(self.inbox) + len(self._held), time.time())
+        backlog = len(self.inbox) + len(self._held)
+        if lags:
+            lag = statistics.median(lags)
+        else:  # nothing stored lately: with observations waiting, the loop is held up (the cloud is behind)
+            lag = (time.monotonic() - self._stored_at) * 1000 if backlog else 0.0
+        status = FlowStatus(self.cfg.site, self.sid, max(0.0, lag), backlog, time.time())
         self.mqtt.publish(names.flow_topic(self.cfg.site, self.sid), status.encode(), qos=0, retain=True)
 
     def _validate(self, obs: CameraObservation, topic: str) -> None:

@@ -95,6 +95,7 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   redis.call('HINCRBY', KEYS[4], 'duplicate_observations', 1)
   return {'duplicate'}
 end
+redis.call('HINCRBY', KEYS[4], 'observation_bytes', string.len(ARGV[2]))
 local n = redis.call('HLEN', KEYS[1])
 local complete = n >= tonumber(ARGV[3])
 if n > 1 and not complete then
@@ -166,7 +167,7 @@ end
 return out
 """
 
-# KEYS: escalation stream, escalated marker, result marker, claimed zset, claimed frame hash
+# KEYS: escalation stream, escalated marker, result marker, claimed zset, claimed frame hash, counters
 # ARGV: maxlen, frame id, payload, owner, marker ttl ms, lease ms
 # 1 = added (lease released); 0 = the stream is full: the caller waits, its lease is extended;
 # -1 = the frame was already escalated or has a result (a slow owner after a take-over): lease released.
@@ -183,6 +184,7 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
 end
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'frame', ARGV[2], 'msg', ARGV[3])
+redis.call('HINCRBY', KEYS[6], 'escalated_bytes', string.len(ARGV[3]))
 redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[5])
 return 1
@@ -270,7 +272,7 @@ class FrameStore:
         site, t = self.site, self.times
         return [int(x) for x in self._pipelined(self._escalate, [
             ([names.escalations_stream(site), names.escalated_key(site, frame_id), names.result_key(site, frame_id),
-              names.claimed_key(site), names.claimed_frame_key(site, frame_id)],
+              names.claimed_key(site), names.claimed_frame_key(site, frame_id), names.counters_key(site)],
              [t.escalation_maxlen, frame_id, payload, self.owner, t.decided_ttl_ms, t.lease_ms])
             for frame_id, payload in items])]
 

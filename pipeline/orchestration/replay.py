@@ -22,6 +22,8 @@ import argparse
 import copy
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -40,13 +42,8 @@ from pipeline.data import SPLITS, Cifar10
 from pipeline.errors import ReplayError
 from pipeline.fileio import write_json
 from pipeline.offline.network import AdaDDNN
-from pipeline.orchestration.replay_report import (
-    ResultCollector,
-    accuracy,
-    compare,
-    report,
-    summary_table,
-)
+from pipeline.orchestration.replay_report import ResultCollector, accuracy, compare, report, summary_table
+from pipeline.orchestration.roles import RoleProcess, start_role, stop_all, wait_alive
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.redis_client import redis_client
@@ -86,6 +83,8 @@ class ReplayConfig:
     progress: bool = True  # show a live progress bar
     drain_timeout_s: float = 60.0  # after the cameras finish, wait this long (s) for the last results
     keep_keys: bool = False  # leave the site's Redis keys for inspection
+    processes: bool = True  # run cameras, aggregators and workers as separate processes (as deployed); no = threads of this process
+    overload_lag_ms: int = 300  # processes: the cameras hold back while an aggregator reports observations reaching it this late (ms)
     threads: int = 1  # torch CPU threads; 1 because the roles already run in parallel threads (several OpenMP pools spinning against each other ran 50x slower on 2 cores)
 
     def __post_init__(self) -> None:
@@ -93,6 +92,8 @@ class ReplayConfig:
             raise ValueError(f"wire_dtype must be one of {tuple(DTYPES)}")
         if self.aggregators < 1 or self.workers < 1 or self.window < 1 or self.n < 0:
             raise ValueError("need at least one aggregator, one worker, window >= 1 and n >= 0")
+        if self.overload_lag_ms < 1:
+            raise ValueError("overload_lag_ms must be positive")
         if self.fps < 0 or self.start < 0 or self.camera_batch < 1 or self.cloud_batch < 1 or self.deadline_ms < 1:
             raise ValueError("need fps >= 0, start >= 0, camera_batch and cloud_batch >= 1, deadline_ms >= 1")
         if self.site:
@@ -113,6 +114,9 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
     from pipeline.offline.network import load_checkpoint
 
     t_start = time.time()
+    if data is not None and cfg.processes:
+        raise ReplayError("role processes read the frames from --data on disk: replay in-memory data with "
+                          "processes=False")
     model = model if model is not None else load_checkpoint(cfg.checkpoint)
     data = data if data is not None else load_cifar10(cfg.data)
     split = data.split(cfg.split)
@@ -131,19 +135,10 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
         r = redis_client(redis_url)
         _clear(r, site)
         collector = ResultCollector(r, mqtt_url, site, frame_ids).start()
-        workers = [Worker(CloudConfig(site=site, mqtt_url=mqtt_url, redis_url=redis_url, checkpoint=cfg.checkpoint,
-                                      batch=cfg.cloud_batch, wait_ms=cfg.cloud_wait_ms, device=cfg.cloud_device,
-                                      service_id=f"cloud-{i}-{uuid.uuid4().hex[:6]}"), copy.deepcopy(model.cloud)).start()
-                   for i in range(cfg.workers)]
-        aggs = [Aggregator(EdgeConfig(site=site, mqtt_url=mqtt_url, redis_url=redis_url, checkpoint=cfg.checkpoint,
-                                      deadline_ms=cfg.deadline_ms, service_id=f"edge-{i}-{uuid.uuid4().hex[:6]}"),
-                           copy.deepcopy(model.edge), t1, t2).start()
-                for i in range(cfg.aggregators)]
         stop = threading.Event()
-        feed = CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, checkpoint=cfg.checkpoint, data=cfg.data,
-                                       split=cfg.split, start=cfg.start, stop=stop_at, fps=cfg.fps,
-                                       wire_dtype=cfg.wire_dtype, batch=cfg.camera_batch, cameras=cams),
-                          {k: copy.deepcopy(model.cameras[k]) for k in cams}, split, gate=lambda done: collector.gate(done, cfg.window, stop))
+        roles_cls = ProcessRoles if cfg.processes else ThreadRoles
+        roles = roles_cls(cfg, model, site, mqtt_url, redis_url, cams, stop_at, t1, t2, split,
+                          lambda done: collector.gate(done, cfg.window, stop))
         bar = _bar(n, cfg.progress)
         shown = 0
 
@@ -160,47 +155,149 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
             bar.set_postfix_str(" ".join(f"{e} {v:.0%}" for e, v in mix.items()) +
                                 (f" acc {acc:.2%}" if acc is not None else ""))
 
-        camera_error: list[BaseException] = []
-
-        def cameras() -> None:
-            try:
-                feed.connect()
-                feed.run(stop)
-                feed.close()
-            except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
-                camera_error.append(err)
-
-        t_cams = threading.Thread(target=cameras, name=f"cameras-{site}", daemon=True)
-        t_cams.start()
         try:
-            while t_cams.is_alive():
-                t_cams.join(timeout=0.25)
+            roles.start(r, stop)
+            while roles.cameras_running():
+                time.sleep(0.25)  # the bar's refresh; the collector itself is event-driven
                 tick()
-            if camera_error:
-                raise ReplayError(f"site {site!r}: the cameras failed: {camera_error[0]}") from camera_error[0]
+            roles.check_cameras()
             collector.wait_all(time.monotonic() + cfg.drain_timeout_s + cfg.deadline_ms / 1000, tick)
             tick()
         finally:
             stop.set()
             if bar is not None:
                 bar.close()
-            for a in aggs:
-                a.stop()
-            for w in workers:
-                w.stop()
+            exits = roles.stop()
             collector.close()
         counters = {k.decode(): int(v) for k, v in r.hgetall(names.counters_key(site)).items()}
+        shed_ids = {int(f[b"frame"]) for _, f in r.xrange(names.losses_stream(site))}
         if not cfg.keep_keys:
             _clear(r, site)
         r.close()
 
     decs = [collector.results[f] for f in frame_ids if f in collector.results]
-    out = report(cfg, model, site, n, t1, t2, decs, collector, feed, aggs, counters, t_start)
+    out = report(cfg, model, site, n, t1, t2, decs, collector, counters, t_start)
+    shed_whole = len(shed_ids - set(collector.results))
+    out["accounting"] = {"captured": n, "decided": len(decs), "shed": shed_whole,
+                         "unexplained": n - len(decs) - shed_whole}
     out["services"] = {"mqtt_url": mqtt_url, "redis_url": redis_url, "embedded": embedded}
+    out["roles"] = {"processes": cfg.processes, "exit_status": exits}
     if cfg.compare and decs:
         out.update(compare(cfg, model, split, frame_ids, collector.results, t1, t2))
     out["seconds"] = round(time.time() - t_start, 1)
     return out
+
+
+class ThreadRoles:
+    """Cameras, aggregators and workers as threads of this process (`--no-processes`), the
+    cameras gated by a window of frames in flight."""
+
+    def __init__(self, cfg: ReplayConfig, model: AdaDDNN, site: str, mqtt_url: str, redis_url: str,
+                 cams: tuple[int, ...], stop_at: int, t1: float | None, t2: float, split, gate) -> None:
+        self.workers = [Worker(CloudConfig(site=site, mqtt_url=mqtt_url, redis_url=redis_url,
+                                           checkpoint=cfg.checkpoint, batch=cfg.cloud_batch, wait_ms=cfg.cloud_wait_ms,
+                                           device=cfg.cloud_device, service_id=f"cloud-{i}-{uuid.uuid4().hex[:6]}"),
+                               copy.deepcopy(model.cloud)) for i in range(cfg.workers)]
+        self.aggs = [Aggregator(EdgeConfig(site=site, mqtt_url=mqtt_url, redis_url=redis_url,
+                                           checkpoint=cfg.checkpoint, deadline_ms=cfg.deadline_ms,
+                                           service_id=f"edge-{i}-{uuid.uuid4().hex[:6]}"),
+                                copy.deepcopy(model.edge), t1, t2) for i in range(cfg.aggregators)]
+        self.feed = CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, checkpoint=cfg.checkpoint, data=cfg.data,
+                                            split=cfg.split, start=cfg.start, stop=stop_at, fps=cfg.fps,
+                                            wire_dtype=cfg.wire_dtype, batch=cfg.camera_batch, cameras=cams,
+                                            overload="wait"),
+                               {k: copy.deepcopy(model.cameras[k]) for k in cams}, split, gate=gate)
+        self.error: list[BaseException] = []
+        self.thread: threading.Thread | None = None
+
+    def start(self, r: redis.Redis, stop: threading.Event) -> None:
+        for w in self.workers:
+            w.start()
+        for a in self.aggs:
+            a.start()
+
+        def cameras() -> None:
+            try:
+                self.feed.connect()
+                self.feed.run(stop)
+                self.feed.close()
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
+                self.error.append(err)
+
+        self.thread = threading.Thread(target=cameras, name="cameras", daemon=True)
+        self.thread.start()
+
+    def cameras_running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def check_cameras(self) -> None:
+        if self.error:
+            raise ReplayError(f"the cameras failed: {self.error[0]}") from self.error[0]
+
+    def stop(self) -> dict[str, int]:
+        for a in self.aggs:
+            a.stop()
+        for w in self.workers:
+            w.stop()
+        return {}
+
+
+class ProcessRoles:
+    """Cameras, aggregators and workers as separate `ada-ddnn` processes, as deployed (the
+    default): no role shares another's interpreter lock. The cameras run at full speed (or
+    --fps) and hold back while an aggregator reports observations reaching it --overload-lag-ms
+    late (lossless flow control), in place of the in-process window."""
+
+    def __init__(self, cfg: ReplayConfig, model: AdaDDNN, site: str, mqtt_url: str, redis_url: str,
+                 cams: tuple[int, ...], stop_at: int, t1: float | None, t2: float, split, gate) -> None:
+        self.cfg, self.site, self.cams, self.stop_at, self.t1, self.t2 = cfg, site, cams, stop_at, t1, t2
+        self.brokers = ["--site", site, "--mqtt-url", mqtt_url, "--threads", "1"]
+        self.redis_url = redis_url
+        self.log_dir = tempfile.mkdtemp(prefix=f"ada-ddnn-{site}-")
+        self.procs: list[RoleProcess] = []
+        self.cameras: RoleProcess | None = None
+
+    def start(self, r: redis.Redis, stop: threading.Event) -> None:
+        cfg, tag = self.cfg, uuid.uuid4().hex[:6]
+        common = [*self.brokers, "--redis-url", self.redis_url, "--checkpoint", cfg.checkpoint]
+        thresholds_args = ["--t2", repr(self.t2)] + ([] if self.t1 is None else ["--t1", repr(self.t1)])
+        workers = [start_role("cloud", [*common, "--batch", str(cfg.cloud_batch), "--wait-ms", str(cfg.cloud_wait_ms),
+                                        "--device", cfg.cloud_device, "--service-id", f"cloud-{i}-{tag}"],
+                              self.log_dir, f"cloud-{i}") for i in range(cfg.workers)]
+        aggs = [start_role("edge", [*common, *thresholds_args, "--deadline-ms", str(cfg.deadline_ms),
+                                    "--service-id", f"edge-{i}-{tag}"], self.log_dir, f"edge-{i}")
+                for i in range(cfg.aggregators)]
+        self.procs = workers + aggs
+        wait_alive(r, self.site, "cloud", workers)
+        wait_alive(r, self.site, "edge", aggs)
+        self.cameras = start_role("cameras", [
+            *self.brokers, "--checkpoint", cfg.checkpoint, "--data", cfg.data, "--split", cfg.split,
+            "--start", str(cfg.start), "--stop", str(self.stop_at), "--fps", str(cfg.fps),
+            "--wire-dtype", cfg.wire_dtype, "--batch", str(cfg.camera_batch),
+            "--cameras", ",".join(map(str, self.cams)), "--overload", "wait",
+            "--shed-lag-ms", str(cfg.overload_lag_ms)], self.log_dir, "cameras")
+        self.procs.append(self.cameras)
+
+    def cameras_running(self) -> bool:
+        for p in self.procs:
+            if p is not self.cameras and not p.alive():
+                raise ReplayError(f"{p.name} died (status {p.proc.returncode}):\n{p.tail()}")
+        return self.cameras is not None and self.cameras.alive()
+
+    def check_cameras(self) -> None:
+        assert self.cameras is not None
+        if self.cameras.proc.returncode:
+            raise ReplayError(f"the cameras exited with status {self.cameras.proc.returncode}:\n"
+                              f"{self.cameras.tail()}")
+
+    def stop(self) -> dict[str, int]:
+        exits = stop_all(self.procs)
+        bad = {name: code for name, code in exits.items() if code != 0}
+        if bad:
+            log.error("roles that did not exit cleanly: %s; their logs are in %s", bad, self.log_dir)
+        else:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        return exits
 
 
 def _clear(r: redis.Redis, site: str) -> None:

@@ -16,8 +16,6 @@ import paho.mqtt.client as mqtt
 import redis
 import torch
 
-from devices.camera import CameraFeed
-from edge.aggregator import Aggregator
 from edge.exits import decide
 from pipeline.data import Split
 from pipeline.errors import MessageError
@@ -133,11 +131,13 @@ def accuracy(decs: list[Decision]) -> float | None:
 
 
 def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: list[Decision],
-            collector: ResultCollector, feed: CameraFeed, aggs: list[Aggregator], counters: dict, t_start: float) -> dict:
+           collector: ResultCollector, counters: dict, t_start: float) -> dict:
+    """The report's numbers, from the decisions and the site's counters in Redis (so that it
+    reads the same whether the roles ran as threads or as processes)."""
     got = len(decs)
     at_edge = [d for d in decs if d.exit != "cloud"]
     at_cloud = [d for d in decs if d.exit == "cloud"]
-    first = feed.stats.first_capture or t_start
+    first = min((d.captured_at for d in decs), default=t_start)
     last = max((d.decided_at for d in decs), default=first)
     latency = {e: percentiles([d.latency_ms for d in decs if d.exit == e]) for e in EXIT_NAMES}
     latency["all"] = percentiles([d.latency_ms for d in decs])
@@ -152,11 +152,12 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
         "thresholds": {"t1": t1, "t2": t2},
         "exit_rate": {e: (sum(d.exit == e for d in decs) / got if got else None) for e in EXIT_NAMES},
         "accuracy": {"edge": accuracy(at_edge), "cloud": accuracy(at_cloud), "overall": accuracy(decs)},
-        "bytes_per_frame": {"camera_to_edge": feed.stats.bytes / max(1, feed.stats.frames),
-                            "edge_to_cloud": sum(a.stats.escalated_bytes for a in aggs) / max(1, feed.stats.frames)},
-        "frames": feed.stats.frames,
+        # bytes stored at the edge (each observation once) and handed to the cloud, per frame
+        "bytes_per_frame": {"camera_to_edge": counters.get("observation_bytes", 0) / max(1, n),
+                            "edge_to_cloud": counters.get("escalated_bytes", 0) / max(1, n)},
+        "frames": n,
         "results": got,
-        "lost": feed.stats.frames - got,
+        "lost": n - got,
         "duplicates": collector.extra,  # results beyond the first for a frame in the results stream
         "late": counters.get("late", 0),
         # second attempts refused by the result/escalation markers (a slow owner after a take-over)

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.services
 def replay(stream_setup, brokers, site, **kw):
     path, model, data, _, _ = stream_setup
     cfg = ReplayConfig(checkpoint=path, mqtt_url=brokers[0], redis_url=brokers[1], site=site, progress=False,
-                       cloud_device="cpu", **kw)
+                       cloud_device="cpu", processes=False, **kw)
     return run_replay(cfg, data=data, model=model)
 
 
