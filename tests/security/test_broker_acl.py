@@ -28,7 +28,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from pipeline.errors import ConnectError
+from pipeline.errors import ConnectError, ServiceError
 from pipeline.transport.embedded import free_port, wait_for_port
 from pipeline.transport.mqtt_client import MqttClient, parse_mqtt_url
 from pipeline.wire import names
@@ -82,13 +82,9 @@ class Broker:
         return self.env(role)["ADA_DDNN_MQTT_URL"]
 
     def password(self, role: str) -> str:
-        return mqtt_password(self.url(role))
-
-
-def mqtt_password(url: str) -> str:
-    password = parse_mqtt_url(url).password
-    assert password, url
-    return password
+        password = parse_mqtt_url(self.url(role)).password
+        assert password, f"no password in {role}.env"
+        return password
 
 
 def broker_config(port: int, tls_port: int | None, passwd: Path, acl: Path, data: Path, certs: Path) -> str:
@@ -144,12 +140,19 @@ def broker(tmp_path_factory):
     work = tmp_path_factory.mktemp("broker-acl")
     port = free_port()
     secrets = work / "secrets"
-    subprocess.run(["bash", str(DOCKER / "make-passwords.sh"), SITE, str(secrets)], check=True, capture_output=True,
-                   timeout=60, env={**os.environ, "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(port)})
+    made = subprocess.run(["bash", str(DOCKER / "make-passwords.sh"), SITE, str(secrets)], check=False,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(port)})
+    assert made.returncode == 0, f"docker/make-passwords.sh failed:\n{made.stdout}{made.stderr}"
     tls_port = None
     if shutil.which("openssl"):
-        make_certs(work / "certs")
-        tls_port = free_port()
+        try:
+            make_certs(work / "certs")
+            tls_port = free_port()
+            while tls_port == port:
+                tls_port = free_port()
+        except subprocess.CalledProcessError as err:  # e.g. an openssl without these options: no TLS listener
+            print(f"no TLS listener: openssl failed: {err.stderr!r}")
     (work / "data").mkdir()
     conf = work / "mosquitto.conf"
     conf.write_text(broker_config(port, tls_port, secrets / "mosquitto.passwd", DOCKER / "mosquitto.acl",
@@ -163,7 +166,7 @@ def broker(tmp_path_factory):
             wait_for_port("127.0.0.1", port, 15, proc)
             if tls_port is not None:
                 wait_for_port("127.0.0.1", tls_port, 15, proc)
-        except Exception as err:
+        except ServiceError as err:
             pytest.fail(f"mosquitto did not start: {err}\n{log_path.read_text(errors='replace')[-2000:]}")
         yield Broker(port, tls_port, work / "certs" / "ca.pem" if tls_port else None, secrets)
     finally:
@@ -179,8 +182,8 @@ class Probe:
     """A raw paho MQTT v5 client logged in as `SITE-<role>` (or anonymous) that records the
     broker's CONNACK, SUBACK and PUBACK reason codes and every message it receives."""
 
-    def __init__(self, broker: Broker, role: str | None, *, password: str | None = None,
-                 will: tuple[str, bytes] | None = None, client_id: str | None = None) -> None:
+    def __init__(self, broker: Broker, role: str | None, *, will: tuple[str, bytes] | None = None,
+                 client_id: str | None = None) -> None:
         self._cond = threading.Condition()
         self.connack = None  # ReasonCode of the CONNACK
         self._acks: dict[int, object] = {}  # mid -> PUBACK reason code, or SUBACK reason codes
@@ -189,7 +192,7 @@ class Probe:
                         protocol=mqtt.MQTTv5)
         c.reconnect_delay_set(min_delay=60, max_delay=60)  # a probe never reconnects within a test
         if role is not None:
-            c.username_pw_set(f"{SITE}-{role}", password if password is not None else broker.password(role))
+            c.username_pw_set(f"{SITE}-{role}", broker.password(role))
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect = self._on_connect
@@ -201,31 +204,31 @@ class Probe:
         c.loop_start()
         assert self._wait(lambda: self.connack is not None), f"no CONNACK for {role}"
 
-    def _on_connect(self, c, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _on_connect(self, c, userdata, flags, reason_code, properties) -> None:
         with self._cond:
             self.connack = reason_code
             self._cond.notify_all()
 
-    def _on_subscribe(self, c, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+    def _on_subscribe(self, c, userdata, mid, reason_codes, properties) -> None:
         with self._cond:
             self._acks[mid] = reason_codes
             self._cond.notify_all()
 
-    def _on_publish(self, c, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+    def _on_publish(self, c, userdata, mid, reason_code, properties) -> None:
         with self._cond:
             self._acks[mid] = reason_code
             self._cond.notify_all()
 
-    def _on_message(self, c, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+    def _on_message(self, c, userdata, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
             self.messages.append((msg.topic, msg.payload))
             self._cond.notify_all()
 
-    def _wait(self, ready) -> bool:  # noqa: ANN001
+    def _wait(self, ready) -> bool:
         with self._cond:
             return self._cond.wait_for(ready, timeout=WAIT_S)
 
-    def _ack(self, mid: int):  # noqa: ANN202
+    def _ack(self, mid: int):
         assert self._wait(lambda: mid in self._acks), f"no acknowledgement of mid {mid} within {WAIT_S} s"
         with self._cond:
             return self._acks.pop(mid)
@@ -294,10 +297,10 @@ def test_every_topic_of_names_is_in_the_acl_tables():
     assert builders == TOPIC_BUILDERS, (
         f"pipeline/wire/names.py builds topics {sorted(builders ^ TOPIC_BUILDERS)} this test does not know: grant "
         "them in docker/make-passwords.sh (and regenerate docker/mosquitto.acl), then add them to the tables here")
-    acl = (DOCKER / "mosquitto.acl").read_text()
+    rules = [line.split()[2] for line in (DOCKER / "mosquitto.acl").read_text().splitlines()
+             if line.startswith("topic ")]
     for topic in WRITER:
-        generic = topic.replace("/cam/2/", "/cam/+/").replace("/cam/3/", "/cam/+/").replace(FLOW, names.flow_filter(SITE))
-        assert topic in acl or generic in acl, f"{topic} is in no rule of docker/mosquitto.acl"
+        assert any(mqtt.topic_matches_sub(rule, topic) for rule in rules), f"no rule of docker/mosquitto.acl covers {topic}"
 
 
 def test_password_file_holds_only_hashes(broker):
@@ -409,7 +412,7 @@ def test_each_user_receives_only_what_it_may(probes):
     writers = {role: probes(role) for role in set(WRITER.values())}
     payload = token()
     for topic, role in WRITER.items():
-        assert writers[role].publish(topic, payload) == 0, f"{role} may publish {topic}"
+        assert writers[role].publish(topic, payload) < 0x80, f"{role} may publish {topic}"
     wrong = []
     for role, p in readers.items():
         p.barrier()
@@ -429,7 +432,7 @@ def test_monitor_may_publish_nothing(probes):
 
 def test_tls_listener_with_camera_credentials(broker, probes):
     if broker.tls_port is None:
-        pytest.skip("openssl not on PATH: no certificates for the TLS listener")
+        pytest.skip("no openssl (or one that cannot make the test certificates): no TLS listener")
     edge = probes("edge")
     assert edge.subscribe(names.obs_filter(SITE)) == 1
     url = f"mqtts://{SITE}-cam2:{broker.password('cam2')}@127.0.0.1:{broker.tls_port}?ca={broker.ca}"
@@ -443,9 +446,9 @@ def test_tls_listener_with_camera_credentials(broker, probes):
         cam2.close()
     # Only the deployment's CA vouches for the broker. (Checked with the ssl module: paho 2.2 leaves
     # the socket of a failed handshake open, which this suite's filterwarnings=error would report.)
-    with socket.create_connection(("127.0.0.1", broker.tls_port), timeout=WAIT_S) as raw:
-        with pytest.raises(ssl.SSLCertVerificationError):
-            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", broker.tls_port), timeout=WAIT_S) as raw, \
+            pytest.raises(ssl.SSLCertVerificationError):
+        ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
     with pytest.raises(ConnectError, match="refused"):
         MqttClient(f"mqtts://{SITE}-cam2:wrong@127.0.0.1:{broker.tls_port}?ca={broker.ca}", "t-cam2-tls").connect(timeout_s=10)
 
