@@ -127,12 +127,17 @@ class CameraFeed:
         if set(modules) != set(cfg.cameras):
             raise CameraError(cfg.site, None, f"modules for cameras {sorted(modules)}, config names {list(cfg.cameras)}")
         self.device = resolve_device(cfg.device)
-        self.cfg, self.split, self.gate = cfg, split, gate
+        self.split = split
         self.modules = {k: m.to(self.device).eval() for k, m in modules.items()}
         self.net = next(iter(modules.values())).cfg  # the network's ModelConfig
-        self.stop_at = cfg.stop or len(split)
-        if self.stop_at > len(split) or cfg.start >= self.stop_at:
-            raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {len(split)}")
+        self._init_feed(cfg, len(split), gate)
+
+    def _init_feed(self, cfg: CameraConfig, frames: int, gate: Callable[[int], None] | None) -> None:
+        """The feed's state, whatever produces its observations (`encode`)."""
+        self.cfg, self.gate = cfg, gate
+        self.stop_at = cfg.stop or frames
+        if self.stop_at > frames or cfg.start >= self.stop_at:
+            raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {frames}")
         self.stats = CameraStats()
         self.clients: dict[int, MqttClient] = {}
         self._flow: dict[str, FlowStatus] = {}  # aggregator id -> its latest flow status
@@ -249,14 +254,23 @@ class CameraFeed:
                     raise CameraError(cfg.site, f, f"cannot encode the observation: {err}", camera=k) from err
         return out
 
+    def encode(self, ids: list[int], captured_at: list[float]) -> list[list[tuple[int, bytes]]]:
+        """The encoded observations of frames `ids`: [frame][(camera, bytes)]. Runs the camera
+        modules (the load generator of `bench stream` replays pre-encoded ones instead)."""
+        scenes = to_float(self.split.images[ids[0]:ids[-1] + 1], self.device)
+        return [[(o.camera, o.encode()) for o in frame] for frame in self.observe(scenes, ids, captured_at)]
+
     def publish(self, obs: CameraObservation) -> None:
-        """Queue one observation (QoS 1). Through a broker outage paho keeps it and sends it on
-        reconnect; only when MAX_QUEUED are already waiting is it dropped, named by frame id."""
-        raw = obs.encode()
-        if not self.clients[obs.camera].publish(names.obs_topic(obs.site, obs.camera), raw, qos=1):
+        self.publish_raw(obs.camera, obs.frame_id, obs.encode())
+
+    def publish_raw(self, camera: int, frame_id: int, raw: bytes) -> None:
+        """Queue one encoded observation (QoS 1). Through a broker outage paho keeps it and sends
+        it on reconnect; only when MAX_QUEUED are already waiting is it dropped, named by frame id."""
+        site = self.cfg.site
+        if not self.clients[camera].publish(names.obs_topic(site, camera), raw, qos=1):
             self.stats.refused += 1
             log.warning("site %r frame %d camera %d: dropped, %d observations already wait for the broker",
-                        obs.site, obs.frame_id, obs.camera, self.clients[obs.camera].unconfirmed)
+                        site, frame_id, camera, self.clients[camera].unconfirmed)
             return
         self.stats.published += 1
         self.stats.bytes += len(raw)
@@ -270,10 +284,9 @@ class CameraFeed:
         frame's cameras arrive together."""
         if self.stats.first_capture is None:
             self.stats.first_capture = captured_at[0]
-        scenes = to_float(self.split.images[ids[0]:ids[-1] + 1], self.device)
-        for frame in self.observe(scenes, ids, captured_at):
-            for obs in frame:
-                self.publish(obs)
+        for frame_id, frame in zip(ids, self.encode(ids, captured_at)):
+            for camera, raw in frame:
+                self.publish_raw(camera, frame_id, raw)
         self.stats.frames += len(ids)
 
     def run(self, stop: threading.Event | None = None) -> CameraStats:

@@ -26,6 +26,7 @@ is paho's reconnect loop. A loop that stops turning is caught by the watchdog.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import statistics
 import threading
@@ -132,6 +133,9 @@ class Aggregator(BrokerService):
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
         self._stored_at = time.monotonic()  # when observations were last stored
+        # The flow topic names this aggregator by a digest of its id: its MQTT client id stays
+        # secret, so a client that can read the topic cannot take over its session.
+        self.flow_id = hashlib.sha256(self.sid.encode()).hexdigest()[:16]
 
     # -- wiring --
     def connect(self) -> None:
@@ -208,7 +212,7 @@ class Aggregator(BrokerService):
             except REDIS_DOWN as err:
                 log.warning("edge %s: stopping with Redis down (%s); %d observations unacknowledged stay with the "
                             "broker", self.sid, err, len(self._held) + len(self.inbox))
-            self.mqtt.publish(names.flow_topic(self.cfg.site, self.sid), b"", qos=1, retain=True)  # clears it
+            self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), b"", qos=1, retain=True)  # clears it
         super().close()
 
     def handle(self, msgs: list[mqtt.MQTTMessage]) -> list[Frame]:
@@ -285,8 +289,8 @@ class Aggregator(BrokerService):
             lag = statistics.median(lags)
         else:  # nothing stored lately: with observations waiting, the loop is held up (the cloud is behind)
             lag = (time.monotonic() - self._stored_at) * 1000 if backlog else 0.0
-        status = FlowStatus(self.cfg.site, self.sid, max(0.0, lag), backlog, time.time())
-        self.mqtt.publish(names.flow_topic(self.cfg.site, self.sid), status.encode(), qos=0, retain=True)
+        status = FlowStatus(self.cfg.site, self.flow_id, max(0.0, lag), backlog, time.time())
+        self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), status.encode(), qos=0, retain=True)
 
     def _validate(self, obs: CameraObservation, topic: str) -> None:
         cfg, net = self.cfg, self.net

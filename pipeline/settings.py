@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import textwrap
 import tokenize
 import types
@@ -290,5 +291,9 @@ def printed(cfg: Any, args: argparse.Namespace) -> bool:
     """Print `cfg` as JSON when the command was given `--print-config`; True if it was."""
     if not getattr(args, "print_config", False):
         return False
-    print(json.dumps(config_dict(cfg), indent=2))
+    shown = {k: _PASSWORD.sub(r"\1***@", v) if isinstance(v, str) else v for k, v in config_dict(cfg).items()}
+    print(json.dumps(shown, indent=2))
     return True
+
+
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")  # the password of scheme://user:password@host

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -106,6 +107,7 @@ class MqttClient:
         self.generation = 0  # connections so far; a message's mid means something only in its own
         self.reconnects = 0  # connections after the first
         self.refused = 0  # publishes refused because MAX_QUEUED were waiting
+        self.denied = 0  # publishes the broker acknowledged with a failure (not authorized by its ACL, ...)
         self._refusal: str | None = None
         self._pending: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes not yet known to be acknowledged
         self._lock = threading.Lock()
@@ -121,7 +123,7 @@ class MqttClient:
                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
-        c.on_connect, c.on_disconnect = self._connected, self._disconnected
+        c.on_connect, c.on_disconnect, c.on_publish = self._connected, self._disconnected, self._published
         if on_message is not None:
             c.on_message = self._message
         self.client = c
@@ -147,9 +149,19 @@ class MqttClient:
 
     def _disconnected(self, c: mqtt.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self.connected.clear()
+        if not self._ever_connected and self._refusal is None:
+            self._refusal = f"closed before answering ({reason_code})"
         if reason_code != 0:
             log.warning("MQTT %s lost %s (%s); reconnecting with backoff, %d publishes waiting", self.client_id,
                         self.url.safe(), reason_code, self.unconfirmed)
+
+    def _published(self, c: mqtt.Client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+        """A PUBACK: a failing reason (the ACL said no) means the message went nowhere."""
+        if reason_code.is_failure:
+            self.denied += 1
+            if self.denied in (1, 10, 100) or self.denied % 1000 == 0:
+                log.error("MQTT %s: %s refused a publish (%s); %d refused so far: check the broker's ACL for this "
+                          "user", self.client_id, self.url.safe(), reason_code, self.denied)
 
     def _message(self, c: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
         try:
@@ -176,6 +188,9 @@ class MqttClient:
             except ssl.SSLError as err:
                 raise ConnectError(f"MQTT broker {where}: TLS failed ({err}); is it a TLS port, and is the CA right?") from err
             except OSError as err:
+                if self.url.tls and not isinstance(err, (ConnectionRefusedError, socket.gaierror, TimeoutError)):
+                    raise ConnectError(f"MQTT broker {where}: the TLS handshake failed ({err}); is it a TLS "
+                                       "port?") from err
                 if time.monotonic() + delay > deadline:
                     raise ConnectError(f"MQTT broker {where} unreachable for {timeout_s:.0f}s: {err}") from err
                 log.warning("MQTT broker %s unreachable (%s); retrying in %.1fs", where, err, delay)
@@ -184,9 +199,10 @@ class MqttClient:
         self.client.loop_start()
         end = time.monotonic() + timeout_s
         while not self.connected.wait(0.05):
-            if self._refusal is not None and any(text in self._refusal for text in FATAL_CONNACK):
+            if self._refusal is not None and any(text in self._refusal for text in (*FATAL_CONNACK, "closed before")):
                 self.close()
-                raise ConnectError(f"MQTT broker {where} refused {self.client_id}: {self._refusal}")
+                hint = "" if self.url.tls else " (a TLS port needs mqtts://)" if "closed" in self._refusal else ""
+                raise ConnectError(f"MQTT broker {where} refused {self.client_id}: {self._refusal}{hint}")
             if time.monotonic() > end:
                 self.close()
                 reason = f": {self._refusal}" if self._refusal else " (TLS on a plain port, or a plain URL on a TLS port?)"

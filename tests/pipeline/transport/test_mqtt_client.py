@@ -59,3 +59,51 @@ def test_publishes_are_tracked_until_acknowledged(brokers, site):
         assert c.unconfirmed == 0
     finally:
         c.close()
+
+
+def test_print_config_never_shows_a_password(capsys, monkeypatch):
+    from pipeline.orchestration.cli import main
+
+    monkeypatch.setenv("ADA_DDNN_MQTT_URL", "mqtts://site0-edge:hunter2@broker:8883")
+    monkeypatch.setenv("ADA_DDNN_REDIS_URL", "redis://site0-edge:s3cret@redis:6379/0")
+    assert main(["edge", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "s3cret" not in out
+    assert "mqtts://site0-edge:***@broker:8883" in out and "redis://site0-edge:***@redis:6379/0" in out
+
+
+@pytest.mark.services
+def test_a_plain_url_on_a_port_that_closes_at_once_fails_fast():
+    """A TLS listener hangs up on a plain MQTT CONNECT: the first connect says so at once instead
+    of waiting out its timeout. A server that accepts and closes stands in for it."""
+    import socket
+
+    from pipeline.errors import ConnectError
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def hang_up():
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    c = MqttClient(f"mqtt://127.0.0.1:{port}", "hang-up")
+    try:
+        with pytest.raises(ConnectError, match="closed before answering"):
+            c.connect(timeout_s=20)
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+    assert time.monotonic() - t0 < 10
