@@ -26,6 +26,7 @@ is paho's reconnect loop. A loop that stops turning is caught by the watchdog.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import logging
 import statistics
@@ -54,6 +55,7 @@ from pipeline.wire.messages import DTYPES, EXIT_NAMES, CameraObservation, Decisi
 log = logging.getLogger(__name__)
 
 DRAIN_S = 5.0  # on stop, store what the broker already sent for at most this long
+DECODED_CACHE = 16_384  # decoded observations kept for their frame's claim (about 16 MB of payloads)
 FLOW_INTERVAL_S = 0.1  # how often the aggregator tells the cameras its lag
 
 
@@ -132,6 +134,9 @@ class Aggregator(BrokerService):
         self.store: FrameStore | None = None
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
+        # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
+        # Redis and need no second decode (bounded; a miss just decodes again).
+        self._decoded: collections.OrderedDict[bytes, CameraObservation] = collections.OrderedDict()
         self._stored_at = time.monotonic()  # when observations were last stored
         # The flow topic names this aggregator by a digest of its id: its MQTT client id stays
         # secret, so a client that can read the topic cannot take over its session.
@@ -244,7 +249,12 @@ class Aggregator(BrokerService):
             self.dead_letter([(msg.topic, msg.payload, reason) for _, msg, reason in bad])
         self.store.record_losses(losses)
         self.stats.shed += len(losses)
-        statuses = self.store.add([(obs, bytes(msg.payload)) for _, msg, obs in good])
+        payloads = [bytes(msg.payload) for _, msg, _ in good]
+        statuses = self.store.add([(obs, raw) for (_, _, obs), raw in zip(good, payloads)])
+        for (_, _, obs), raw in zip(good, payloads):
+            self._decoded[raw] = obs
+        while len(self._decoded) > DECODED_CACHE:
+            self._decoded.popitem(last=False)
         now = time.time()
         self._lags.extend((now - obs.captured_at) * 1000 for _, _, obs in good)
         self._stored_at = time.monotonic()
@@ -307,7 +317,9 @@ class Aggregator(BrokerService):
                                    camera=obs.camera)
 
     def _frame(self, frame_id: int, payloads: list[bytes], reclaimed: bool = False) -> Frame:
-        obs = sorted((CameraObservation.decode(p) for p in payloads), key=lambda o: o.camera)
+        decoded = [self._decoded.pop(p, None) for p in payloads]
+        obs = sorted((o if o is not None else CameraObservation.decode(p) for o, p in zip(decoded, payloads)),
+                     key=lambda o: o.camera)
         self.stats.claimed += 1
         return Frame(int(frame_id), obs, reclaimed)
 

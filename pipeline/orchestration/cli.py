@@ -5,6 +5,7 @@
     ada-ddnn export --checkpoint C --parts DIR   one file per part (camera k, edge, cloud)
     ada-ddnn evaluate --checkpoint C  the paper's experiments offline (report.json, figures)
     ada-ddnn bench train [--json]     training throughput on this device
+    ada-ddnn bench stream             the streaming pipeline's limits (compute, broker, edge, end to end)
     ada-ddnn camera|cameras           camera nodes: replay frames, publish over MQTT
     ada-ddnn edge                     edge aggregator (MQTT in, Redis frames, exits 1 and 2)
     ada-ddnn cloud                    cloud worker (Redis Stream consumer group)
@@ -116,6 +117,39 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+    from pipeline.orchestration.bench_stream import StreamBenchConfig
+
+    st = bsub.add_parser("stream", help="the streaming pipeline's limits: compute, broker, edge capacity, end to "
+                         "end, scaling (JSON, PNG, docs page)", description=bench_stream_doc(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(st, StreamBenchConfig)
+    st.add_argument("--json", dest="json_out", default="runs/bench_stream.json", help="where the JSON goes")
+    st.add_argument("--png", default="", help="also draw the edge's capacity and latency here")
+    st.add_argument("--doc", default="", help="also write the benchmarks page here (docs/BENCHMARKS.md)")
+    st.set_defaults(func=cmd_bench_stream)
+
+
+def bench_stream_doc() -> str:
+    from pipeline.orchestration import bench_stream
+
+    return bench_stream.__doc__ or ""
+
+
+def cmd_bench_stream(args: argparse.Namespace) -> int:
+    from pipeline.fileio import write_json
+    from pipeline.orchestration.bench_report import write_figure, write_page
+    from pipeline.orchestration.bench_stream import StreamBenchConfig, bench_stream
+
+    command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = bench_stream(config_from_args(StreamBenchConfig, args))
+    result["command"] = command
+    write_json(args.json_out, result)
+    if args.png:
+        write_figure(result, args.png)
+    if args.doc:
+        write_page(result, args.doc, args.png or None)
+    print(json.dumps(result["targets"], indent=2))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

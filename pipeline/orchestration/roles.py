@@ -55,13 +55,13 @@ class RoleProcess:
         return self.proc.returncode
 
 
-def start_role(role: str, args: list[str], log_dir: str, name: str) -> RoleProcess:
-    """Start `ada-ddnn role *args` with its output in `log_dir/name.log`."""
+def start_role(role: str, args: list[str], log_dir: str, name: str, env: dict[str, str] | None = None) -> RoleProcess:
+    """Start `ada-ddnn role *args` (with `env` added) with its output in `log_dir/name.log`."""
     argv = [sys.executable, "-m", "pipeline.orchestration.cli", role, *args]
     path = os.path.join(log_dir, f"{name}.log")
     with open(path, "wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
     return RoleProcess(name, argv, path, proc)
 

@@ -42,6 +42,7 @@ BACKOFF_MIN_S = 0.1  # first retry delay
 BACKOFF_MAX_S = 5.0  # cap of the exponential backoff between retries
 MQTT_KEEPALIVE_S = 15  # a dead connection is noticed within 1.5x this
 MAX_QUEUED = 100_000  # QoS 1 publishes kept while the broker is away; beyond, publish refuses (counted)
+MAX_INFLIGHT = 1000  # QoS 1 publishes sent and not yet acknowledged (paho's default of 20 caps a camera at ~20 per round trip)
 FATAL_CONNACK = ("Bad user name or password", "Not authorized", "Banned", "Client identifier not valid",
                  "Bad authentication method")
 
@@ -115,6 +116,7 @@ class MqttClient:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         c.reconnect_delay_set(min_delay=1, max_delay=int(BACKOFF_MAX_S))
         c.max_queued_messages_set(MAX_QUEUED)
+        c.max_inflight_messages_set(MAX_INFLIGHT)
         c.manual_ack_set(manual_ack)
         if self.url.username:
             c.username_pw_set(self.url.username, self.url.password)

@@ -4,6 +4,7 @@ backoff for a broker outage, and a watchdog that turns a silent wedge into a lou
 
 from __future__ import annotations
 
+import cProfile
 import faulthandler
 import logging
 import os
@@ -122,7 +123,8 @@ class Watchdog:
 
 
 def serve(service: Any) -> Any:
-    """Run a role in the foreground: `connect()`, `run(stop)` until SIGTERM/SIGINT, then `close()`;
+    """With env ADA_DDNN_PROFILE=PATH, the loop runs under cProfile and its profile is written there.
+    Run a role in the foreground: `connect()`, `run(stop)` until SIGTERM/SIGINT, then `close()`;
     returns what `run` returned. Shared by the camera, edge and cloud commands. The signal
     handlers go in before connecting, so a stop request during the connect is honoured cleanly
     (the loop then ends at once) instead of killing the process mid-way."""
@@ -131,8 +133,17 @@ def serve(service: Any) -> Any:
     if isinstance(service, BrokerService):
         service.exit_on_stuck = True  # its own process: a stuck loop exits for the supervisor to restart
     service.connect()
+    profile_path = os.environ.get("ADA_DDNN_PROFILE")
+    profiler = cProfile.Profile() if profile_path else None
     try:
-        return service.run(stop)
+        if profiler is None:
+            return service.run(stop)
+        profiler.enable()  # the loop only: not the imports and connections before it
+        try:
+            return service.run(stop)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
     finally:
         service.close()
 
