@@ -143,6 +143,7 @@ class CameraFeed:
         self._flow: dict[str, FlowStatus] = {}  # aggregator id -> its latest flow status
         self._shedding = False
         self._clock: SiteClock | None = None
+        self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
         self._clock_seen = threading.Event()
 
     def connect(self) -> None:
@@ -269,6 +270,7 @@ class CameraFeed:
         site = self.cfg.site
         if not self.clients[camera].publish(names.obs_topic(site, camera), raw, qos=1):
             self.stats.refused += 1
+            self._refused.setdefault(camera, []).append(frame_id)  # named in a ShedNotice once there is room
             log.warning("site %r frame %d camera %d: dropped, %d observations already wait for the broker",
                         site, frame_id, camera, self.clients[camera].unconfirmed)
             return
@@ -288,6 +290,21 @@ class CameraFeed:
             for camera, raw in frame:
                 self.publish_raw(camera, frame_id, raw)
         self.stats.frames += len(ids)
+        self._name_refused()
+
+    def _name_refused(self) -> None:
+        """Send the ShedNotices (reason "outage") of observations dropped while paho's queue was
+        full, as soon as the broker takes messages again."""
+        for camera, frame_ids in list(self._refused.items()):
+            client, site = self.clients[camera], self.cfg.site
+            while frame_ids:
+                chunk = frame_ids[:MAX_SHED_IDS]
+                notice = ShedNotice(site, camera, tuple(chunk), "outage", time.time())
+                if not client.publish(names.shed_topic(site, camera), notice.encode(), qos=1):
+                    return  # still no room: try after the next batch
+                del frame_ids[:len(chunk)]
+                self.stats.shed["outage"] = self.stats.shed.get("outage", 0) + len(chunk)
+            del self._refused[camera]
 
     def run(self, stop: threading.Event | None = None) -> CameraStats:
         """Replay frames start..stop; returns when every frame is published or shed (or on `stop`)."""
