@@ -97,6 +97,7 @@ class Worker(BrokerService):
         cfg = self.cfg
         self.redis = redis_client(cfg.redis_url)
         self._record = self.redis.register_script(RECORD_RESULT)
+        self.redis.script_load(RECORD_RESULT)  # loaded now, so that a NOSCRIPT later means Redis restarted
         self.ensure_group()
         self.heartbeat = Heartbeat(self.redis, cfg.site, "cloud", self.sid, cfg.heartbeat_s,
                                    lambda: {"answered": self.stats.answered, "loop_age_s": round(self.watchdog.age(), 3)},
@@ -219,6 +220,9 @@ class Worker(BrokerService):
                 good.append((entry_id, esc))
             except (MessageError, CloudError) as err:
                 letters.append((entry_id, fields.get(b"msg", b""), str(err)))
+            except Exception as err:  # noqa: BLE001 - the per-message boundary: no entry stops the worker
+                log.exception("cloud %s: unexpected error on escalation %s", self.sid, entry_id)
+                letters.append((entry_id, fields.get(b"msg", b""), f"unexpected {type(err).__name__}: {err}"))
         answered = self.answer_isolated(good, letters)
         decisions = [(dec, dec.encode()) for _, dec in answered]
         firsts = record_results(self.redis, self._record, decisions, self.cfg.decided_ttl_s * 1000,

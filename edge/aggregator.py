@@ -77,7 +77,7 @@ class EdgeConfig(BrokerRoleConfig):
     escalation_dtype: str = field(default="same", metadata={"choices": ("same", *DTYPES)})  # dtype of escalated features; same = the cameras'
     batch: int = 256  # observations stored per Redis round trip at most
     receive_maximum: int = 1024  # unacknowledged observations the broker may send this aggregator at once (MQTT v5)
-    session_expiry_s: int = 300  # the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; give a stable --service-id to resume it
+    session_expiry_s: int = 300  # with a stable --service-id, the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; a generated id always gets a clean session
     claim_batch: int = 64  # frames claimed per deadline scan at most
     device: str = "cpu"  # cpu, cuda or auto, for the edge block
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -154,9 +154,13 @@ class Aggregator(BrokerService):
         def on_connect(c: mqtt.Client) -> None:
             c.subscribe([(sub, 1), (names.shared_shed_filter(cfg.site, cfg.share_group), 1)])
 
+        # A persistent session only helps an aggregator that comes back under the same id: one under
+        # a generated id would leave the broker routing its share of observations to a dead session.
+        expiry = cfg.session_expiry_s if cfg.service_id else 0
+        if cfg.session_expiry_s and not cfg.service_id:
+            log.info("edge %s: no --service-id, so a clean MQTT session (a restart cannot resume it)", self.sid)
         self.mqtt = MqttClient(cfg.mqtt_url, self.sid, on_connect=on_connect, on_message=self.inbox.put,
-                               manual_ack=True, receive_maximum=cfg.receive_maximum,
-                               session_expiry_s=cfg.session_expiry_s)
+                               manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
         self.mqtt.connect()
         self.start_watchdog()
         log.info("edge %s: site %r, subscribed %s, t1=%s t2=%s, deadline %d ms, %d cameras expected", self.sid,
@@ -245,6 +249,9 @@ class Aggregator(BrokerService):
                 good.append((gen, msg, obs))
             except (MessageError, AggregationError) as err:
                 bad.append((gen, msg, str(err)))
+            except Exception as err:  # noqa: BLE001 - the per-message boundary: nothing a device sends stops the edge
+                log.exception("edge %s: unexpected error on a message from %s", self.sid, msg.topic)
+                bad.append((gen, msg, f"unexpected {type(err).__name__}: {err}"))
         if bad:
             self.dead_letter([(msg.topic, msg.payload, reason) for _, msg, reason in bad])
         self.store.record_losses(losses)

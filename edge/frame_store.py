@@ -235,6 +235,8 @@ class FrameStore:
         self._expired = client.register_script(CLAIM_EXPIRED)
         self._escalate = client.register_script(ESCALATE)
         self._record = client.register_script(RECORD_AND_RELEASE)
+        for script in (self._add, self._expired, self._escalate, self._record):
+            client.script_load(script.script)  # loaded now, so that a NOSCRIPT later means Redis restarted
         self._prefixes = [names.frame_prefix(site, kind) for kind in (names.FRAME, names.DECIDED, names.CLAIMED,
                                                                       names.RESULT, names.ESCALATED)]
 

@@ -151,7 +151,7 @@ class FeatureTensor:
     scale: bytes | None = None  # int8 only: shape[0] little-endian float32 scales
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise MessageError(f"feature dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.shape, (tuple, list)) or not 1 <= len(self.shape) <= MAX_DIMS:
             raise MessageError(f"feature shape must have 1..{MAX_DIMS} dims, got {self.shape!r}")
@@ -263,11 +263,11 @@ class _Message:
             missing, extra = sorted(set(cls.FIELDS) - keys), sorted(keys - set(cls.FIELDS))
             raise MessageError(f"{cls.TAG} message fields: missing {missing}, unexpected {extra}")
         kwargs = {name: obj[name] for name in cls.FIELDS}
-        if "features" in kwargs:
-            kwargs["features"] = FeatureTensor.from_wire(kwargs["features"])
         try:
+            if "features" in kwargs:
+                kwargs["features"] = FeatureTensor.from_wire(kwargs["features"])
             return cls(**kwargs)
-        except TypeError as err:  # a field of a type the validators did not expect
+        except (TypeError, KeyError, OverflowError) as err:  # a field of a type the validators did not expect
             raise MessageError(f"{cls.TAG} message: {err}") from err
 
 

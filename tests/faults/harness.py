@@ -3,9 +3,11 @@
 - `Mosquitto` and `RedisServer`: PRIVATE brokers (subprocesses on free loopback ports) that a
   test can SIGKILL, SIGSTOP/SIGCONT and restart on the same port.
 - `Role`: one real `ada-ddnn` role process (cameras, edge, cloud), its stdout/stderr in files.
-- `Collector`: a thread that follows the site's results and dead-letter streams, so that what
-  was recorded before a Redis restart without persistence is still counted.
-- `account()`: frames captured / decided / duplicates / dead-lettered / unexplained losses.
+- `Collector`: a thread that follows the site's results, dead-letter and losses streams, so that
+  what was recorded before a Redis restart without persistence is still counted.
+- `account()`: frames captured / decided / duplicates / dead-lettered / shed (named in
+  `ada:{site}:losses` by the cameras' ShedNotices) / unexplained losses (captured - decided -
+  dead-lettered - shed).
 - `Harness`: all of it for one test, with one fresh site id; `finish()` checks that the role
   processes are alive, then stops them with SIGTERM and checks their exit status.
 
@@ -27,9 +29,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import msgpack
 import redis
@@ -109,7 +111,7 @@ class Server:
     def argv(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
         self.starts += 1
         with open(self.log_path, "ab") as log:
@@ -255,7 +257,7 @@ class Role:
         self.killed = False  # SIGKILLed on purpose by the test
         self.started_at = 0.0
 
-    def start(self) -> "Role":
+    def start(self) -> Role:
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen([*ada_ddnn(), *self.args], stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, env=role_env(), cwd=self.workdir)
@@ -323,28 +325,33 @@ class Role:
                     return int(line.split()[1])
         raise AssertionError(f"no VmRSS for {self.name}")
 
+    def service_id(self) -> str | None:
+        """The service id the edge or cloud logged when it connected."""
+        m = re.search(r"\b(?:edge|cloud) (\S+): site", self.text())
+        return m.group(1) if m else None
+
     def heartbeat(self, r: redis.Redis, site: str, role: str) -> dict | None:
-        """The role's last heartbeat body (its service id is in its log), or None."""
-        m = re.search(rf"\b{role} (\S+): site", self.text())
-        if not m:
-            return None
-        raw = r.get(names.heartbeat_key(site, role, m.group(1)))
+        """The role's last heartbeat body, or None."""
+        sid = self.service_id()
+        raw = r.get(names.heartbeat_key(site, role, sid)) if sid else None
         return json.loads(raw) if raw else None
 
 
 # --- following the results --------------------------------------------------------------
 
 class Collector(threading.Thread):
-    """Follows `ada:{site}:results` and `ada:{site}:deadletter` with XREAD, riding out broker
+    """Follows `ada:{site}:results`, `:deadletter` and `:losses` with XREAD, riding out broker
     outages; keeps every entry by id, so what a Redis restart without persistence loses is still
     counted as recorded."""
 
     def __init__(self, redis_url: str, site: str) -> None:
         super().__init__(name=f"collector-{site}", daemon=True)
         self.url, self.site = redis_url, site
-        self.streams = {names.results_stream(site): "0-0", names.deadletter_stream(site): "0-0"}
+        self.streams = {names.results_stream(site): "0-0", names.deadletter_stream(site): "0-0",
+                        names.losses_stream(site): "0-0"}
         self.results: dict[bytes, tuple[int, Decision | None, float]] = {}  # entry id -> (frame, decision, seen at)
         self.dead: dict[bytes, dict] = {}
+        self.losses: dict[bytes, dict] = {}  # named losses: frames cameras shed (ShedNotices the edge recorded)
         self.cond = threading.Condition()
         self._halt = threading.Event()
 
@@ -373,6 +380,8 @@ class Collector(threading.Thread):
                     self.streams[stream] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     if stream == names.results_stream(self.site):
                         self._result(entry_id, f, now)
+                    elif stream == names.losses_stream(self.site):
+                        self.losses[entry_id] = f
                     else:
                         self.dead[entry_id] = f
             self.cond.notify_all()
@@ -437,7 +446,8 @@ class Accounting:
     decided: int  # distinct frames of the captured range with a result
     duplicates: int  # result entries beyond one per frame (any frame)
     dead_lettered: int  # frames of the range without a result that a dead letter names
-    lost: int  # unexplained: captured - decided - dead-lettered
+    shed: int  # frames of the range without a result named in `ada:{site}:losses` (cameras shed them)
+    lost: int  # unexplained: captured - decided - dead-lettered - shed
     lost_ids: list[int]
     incomplete: int  # decided with fewer cameras than all six
     exits: dict[str, int]
@@ -447,7 +457,7 @@ class Accounting:
 
     def line(self, label: str = "") -> str:
         return (f"ACCOUNTING {label}: captured={self.captured} decided={self.decided} duplicates={self.duplicates} "
-                f"dead_lettered={self.dead_lettered} lost={self.lost} incomplete={self.incomplete} exits={self.exits} "
+                f"dead_lettered={self.dead_lettered} shed={self.shed} lost={self.lost} incomplete={self.incomplete} exits={self.exits} "
                 f"outside_range={self.outside} dead_letters={self.dead_letters} lost_ids={self.lost_ids[:20]} "
                 f"counters={self.counters}")
 
@@ -467,11 +477,13 @@ def account(collector: Collector, r: redis.Redis | None, site: str, frames: Iter
     with collector.cond:
         results = list(collector.results.values())
         dead = list(collector.dead.values())
+        losses = list(collector.losses.values())
     per_frame = Counter(fr for fr, _, _ in results)
     decided = want & set(per_frame)
     named = {fr for fr in (dead_letter_frame(f) for f in dead) if fr is not None}
     dead_lettered = (want - decided) & named
-    lost_ids = sorted(want - decided - dead_lettered)
+    shed = (want - decided - dead_lettered) & {int(f[b"frame"]) for f in losses if b"frame" in f}
+    lost_ids = sorted(want - decided - dead_lettered - shed)
     first: dict[int, Decision] = {}
     for fr, dec, _ in results:
         if dec is not None and fr in want:
@@ -479,7 +491,7 @@ def account(collector: Collector, r: redis.Redis | None, site: str, frames: Iter
     exits = Counter(d.exit for d in first.values())
     return Accounting(
         captured=len(want), decided=len(decided), duplicates=sum(n - 1 for n in per_frame.values()),
-        dead_lettered=len(dead_lettered), lost=len(lost_ids), lost_ids=lost_ids,
+        dead_lettered=len(dead_lettered), shed=len(shed), lost=len(lost_ids), lost_ids=lost_ids,
         incomplete=sum(len(d.present) < num_cameras for d in first.values()), exits=dict(exits),
         outside=len(set(per_frame) - want), dead_letters=len(dead), counters=counters)
 
@@ -501,7 +513,7 @@ class Harness:
         self._names = Counter()
 
     # brokers
-    def start_brokers(self, appendonly: bool = True, mqtt_autosave_s: int = 1) -> "Harness":
+    def start_brokers(self, appendonly: bool = True, mqtt_autosave_s: int = 1) -> Harness:
         self.mqtt = Mosquitto(self.tmp / "mosquitto", autosave_interval_s=mqtt_autosave_s).start()
         self.redis = RedisServer(self.tmp / "redis", appendonly=appendonly).start()
         self.collector = Collector(self.redis.url, self.site)
@@ -581,7 +593,7 @@ class Harness:
         return self.collector.wait_decided(frames, n, timeout_s, what or self.site, abort=self.dead_roles)
 
     def wait_settled(self, frames: Iterable[int], timeout_s: float, quiet_s: float = 1.5) -> None:
-        """Until every frame of `frames` is decided or named in a dead letter, then until no new
+        """Until every frame of `frames` is decided or named (dead letter, shed), then until no new
         result or dead letter arrived for `quiet_s` (late duplicates would show up then)."""
         frames = set(frames)
 
@@ -589,18 +601,38 @@ class Harness:
             acc = account(self.collector, None, self.site, frames)
             return acc.lost == 0
         try:
-            wait_until(settled, timeout_s, f"all {len(frames)} frames decided or dead-lettered", interval_s=0.1,
+            wait_until(settled, timeout_s, f"all {len(frames)} frames decided or named", interval_s=0.1,
                        abort=self.dead_roles)
+        except AssertionError as err:
+            acc = account(self.collector, self._admin_or_none(), self.site, frames)
+            states = "\n".join(f"frame {f}: {self.frame_state(f)}" for f in acc.lost_ids[:5])
+            raise AssertionError(f"{err}\n{acc.line('at the timeout')}\n{states}") from None
         finally:
             last, since = -1, time.monotonic()
             end = time.monotonic() + 10
             while time.monotonic() < end:
-                n = len(self.collector.results) + len(self.collector.dead)
+                n = len(self.collector.results) + len(self.collector.dead) + len(self.collector.losses)
                 if n != last:
                     last, since = n, time.monotonic()
                 elif time.monotonic() - since >= quiet_s:
                     break
                 time.sleep(0.1)
+
+    def frame_state(self, frame_id: int) -> dict:
+        """Where a frame stands in Redis (for the diagnosis of a frame that went missing)."""
+        try:
+            r, site = self.admin(), self.site
+            keys = {kind: names.frame_prefix(site, kind) + str(frame_id) for kind in names.FRAME_KINDS}
+            out = {kind: r.type(key).decode() for kind, key in keys.items()}
+            out["owner"] = r.get(keys[names.DECIDED])
+            out["pending_deadline"] = r.zscore(names.pending_key(site), frame_id)
+            out["lease_until"] = r.zscore(names.claimed_key(site), frame_id)
+            out["cameras"] = sorted(int(k) for k in r.hkeys(keys[names.FRAME]) + r.hkeys(keys[names.CLAIMED]))
+            out["in_escalations"] = any(int(f.get(b"frame", -1)) == frame_id
+                                        for _, f in r.xrange(names.escalations_stream(site)))
+            return out
+        except redis.RedisError as err:
+            return {"error": str(err)}
 
     def resume_seconds(self, since: float, timeout_s: float = 10.0) -> float:
         """Seconds from `since` (time.time()) to the first decision of a frame captured after it."""
@@ -652,3 +684,51 @@ class Harness:
             if server is not None:
                 parts.append(f"----- {server.name} (events {server.events}) -----\n{_tail(server.log_path, 3000)}")
         return "\n".join(parts)
+
+
+# --- publishing what no camera would ------------------------------------------------------
+
+class Publisher:
+    """An MQTT v5 client of the test's own, publishing whatever it is given (QoS 1 by default)."""
+
+    def __init__(self, mqtt_url: str, client_id: str = "") -> None:
+        import paho.mqtt.client as mqtt
+
+        from pipeline.transport.mqtt_client import parse_mqtt_url
+
+        u = parse_mqtt_url(mqtt_url)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                                  client_id=client_id or f"fault-{uuid.uuid4().hex[:8]}")
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(100)
+        connected = threading.Event()
+        self.client.on_connect = lambda *args: connected.set()
+        self.client.connect(u.host, u.port, keepalive=30)
+        self.client.loop_start()
+        self.infos: list = []
+        if not connected.wait(10):
+            self.close(0)
+            raise AssertionError(f"no MQTT session with {mqtt_url}")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self.infos.append(self.client.publish(topic, payload, qos=qos))
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Wait until the broker acknowledged every publish (QoS 1), disconnect; how many were sent."""
+        try:
+            end = time.monotonic() + timeout_s
+            for info in self.infos:
+                info.wait_for_publish(max(0.1, end - time.monotonic()))
+                assert info.is_published(), "the broker did not acknowledge a publish in time"
+            return len(self.infos)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+
+def publish_raw(mqtt_url: str, messages: Iterable[tuple[str, bytes]], qos: int = 1, timeout_s: float = 60.0) -> int:
+    """Publish (topic, payload) pairs and wait until the broker acknowledged them all."""
+    pub = Publisher(mqtt_url)
+    for topic, payload in messages:
+        pub.publish(topic, payload, qos)
+    return pub.close(timeout_s)

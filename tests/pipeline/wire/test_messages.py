@@ -236,3 +236,11 @@ def test_features_beyond_float16_range_are_refused_at_the_door():
         CameraObservation.decode(pack(q))
     with pytest.raises(MessageError, match="magnitude"):
         FeatureTensor.quantize(torch.full((12, 8, 8), 1e6), "float32")
+
+
+@pytest.mark.parametrize("dtype", [["int8"], {"x": 1}, 8, None])
+def test_a_features_dtype_of_the_wrong_type_is_a_message_error(dtype):
+    m = wire(obs())
+    m["features"]["dtype"] = dtype
+    with pytest.raises(MessageError):
+        CameraObservation.decode(pack(m))
