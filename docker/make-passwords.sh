@@ -147,6 +147,9 @@ done
 # SUBSCRIBE, and a client that joined the group would be handed a share of the observations,
 # which the broker then drops at delivery for want of read access.
 printf 'ADA_DDNN_SHARE_GROUP=edge-%s\n' "$(password | tr -d '_-' | cut -c1-24)" >>"$dir/edge.env"
+# A stable, unguessable id: the edge's MQTT session survives its own restart (persistent session),
+# and no other client can take that session over by guessing the id.
+printf 'ADA_DDNN_SERVICE_ID=edge-%s\n' "$(password | tr -d '_-' | cut -c1-16)" >>"$dir/edge.env"
 printf 'HEALTH_USER=%s-health\nHEALTH_PASSWORD=%s\n' "$site" "${pw[health]}" >"$dir/mosquitto.env"
 printf 'HEALTH_USER=%s-health\nREDISCLI_AUTH=%s\n' "$site" "${rpw[health]}" >"$dir/redis.env"
 printf 'REDISCLI_AUTH=%s\n' "$admin" >"$dir/redis-admin.env"

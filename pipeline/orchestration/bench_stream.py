@@ -75,7 +75,7 @@ class StreamBenchConfig:
     workers: tuple[int, ...] = (1, 2)  # cloud worker counts of the scaling runs
     scaling_frames: int = 1500  # frames each scaling replay streams
     soak_frames: int = 0  # frames of the memory run (0 = skip it; the release figure used 100,000)
-    soak_fps: int = 400  # its offered rate
+    soak_fps: int = 0  # its offered rate; 0 = 80% of the edge's measured capacity
 
 
 # --- compute ceiling -----------------------------------------------------------------------
@@ -275,21 +275,22 @@ def edge_profile(cfg: StreamBenchConfig, mqtt_url: str, redis_url: str, template
     return {"offered_fps": rate, "decided_fps": step["decided_fps"], "top10_own_time": top}
 
 
-def soak(cfg: StreamBenchConfig, mqtt_url: str, redis_url: str, templates_path: str, t1, t2, log_dir: str) -> dict:
-    """RSS of the edge and cloud processes at the start and end of a long run."""
+def soak(cfg: StreamBenchConfig, mqtt_url: str, redis_url: str, templates_path: str, t1, t2, log_dir: str,
+         fps: int) -> dict:
+    """RSS of the edge and cloud processes at the start and end of a long run at `fps`."""
     r = redis_client(redis_url)
     site = Site(r, f"bench-soak-{time.monotonic_ns() % 10**8}")
     procs = _start_edge_cloud(cfg, site.site, mqtt_url, redis_url, t1, t2, log_dir)
     try:
-        warm = offer(site, mqtt_url, templates_path, cfg.soak_fps, 0, 5.0)
+        warm = offer(site, mqtt_url, templates_path, fps, 0, 5.0)
         start_rss = {p.name: _rss_mib(p.proc.pid) for p in procs}
-        run = offer(site, mqtt_url, templates_path, cfg.soak_fps, warm["frames"], cfg.soak_frames / cfg.soak_fps,
+        run = offer(site, mqtt_url, templates_path, fps, warm["frames"], cfg.soak_frames / fps,
                     settle_s=20.0)
         end_rss = {p.name: _rss_mib(p.proc.pid) for p in procs}
     finally:
         stop_all(procs)
         r.close()
-    return {"frames": run["frames"], "decided": run["decided"], "lost": run["lost"], "shed_frames": run["shed_frames"],
+    return {"fps": fps, "frames": run["frames"], "decided": run["decided"], "lost": run["lost"], "shed_frames": run["shed_frames"],
             "duplicates": run["duplicates"], "rss_mib_start": start_rss, "rss_mib_end": end_rss}
 
 
@@ -368,7 +369,9 @@ def bench_stream(cfg: StreamBenchConfig) -> dict:
         e2e = end_to_end(cfg, mqtt_url, redis_url)
         log.info("scaling ...")
         scale = scaling(cfg, mqtt_url, redis_url)
-        memory = soak(cfg, mqtt_url, redis_url, templates_path, t1, t2, log_dir) if cfg.soak_frames else None
+        soak_fps = cfg.soak_fps or max(50, int(0.8 * edge["capacity_fps"]))
+        memory = (soak(cfg, mqtt_url, redis_url, templates_path, t1, t2, log_dir, soak_fps)
+                  if cfg.soak_frames else None)
     return {"config": {**cfg.__dict__, "thresholds": {"t1": t1, "t2": t2}},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__},

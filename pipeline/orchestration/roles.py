@@ -41,10 +41,13 @@ class RoleProcess:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM, then SIGKILL after `timeout_s`; the exit status (negative: killed by a signal)."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S, signalled: bool = False) -> int:
+        """SIGTERM (unless `signalled` already), then SIGKILL after `timeout_s`; the exit status
+        (negative: killed by a signal). One SIGTERM only: a second one arriving while the
+        interpreter shuts down, its handlers gone, would kill a process that was exiting cleanly."""
         if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+            if not signalled:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -85,4 +88,4 @@ def stop_all(procs: list[RoleProcess]) -> dict[str, int]:
     for p in procs:
         if p.alive():
             p.proc.send_signal(signal.SIGTERM)
-    return {p.name: p.stop() for p in procs}
+    return {p.name: p.stop(signalled=True) for p in procs}
