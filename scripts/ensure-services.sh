@@ -23,15 +23,19 @@ install_pkg() {
   fi
 }
 
+# The fault and security tests start private servers of their own: the binaries must be here
+# even when something already answers on the standard ports.
+install_pkg mosquitto mosquitto
+install_pkg mosquitto_passwd mosquitto
+install_pkg redis-server redis-server
+
 if answers 1883; then echo "ensure-services: Mosquitto answers on 1883"; else
-  install_pkg mosquitto mosquitto
   echo "ensure-services: starting Mosquitto"
   if [ -f /etc/mosquitto/mosquitto.conf ]; then mosquitto -d -c /etc/mosquitto/mosquitto.conf; else mosquitto -d -p 1883; fi
   wait_port 1883
 fi
 
 if answers 6379; then echo "ensure-services: Redis answers on 6379"; else
-  install_pkg redis-server redis-server
   echo "ensure-services: starting Redis"
   mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
