@@ -58,6 +58,7 @@ from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, Feat
 log = logging.getLogger(__name__)
 
 RATE_REPORT_S = 5.0  # how often a paced camera process reports its achieved rate
+MIN_KEEP = 0.02  # under overload a camera still sends at least this share of its frames (so the edge's lag is measured)
 OVERLOAD_POLL_S = 0.01  # how often a camera held back by an overloaded edge looks again
 FLOW_STALE_S = 3.0  # an aggregator's flow status older than this is ignored (it stopped saying)
 CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announcing one
@@ -142,6 +143,8 @@ class CameraFeed:
         self.clients: dict[int, MqttClient] = {}
         self._flow: dict[str, FlowStatus] = {}  # aggregator id -> its latest flow status
         self._shedding = False
+        self._keep, self._credit, self._flow_seen = 1.0, 0.0, 0.0  # share of frames kept under overload
+        self._shed_logged = -RATE_REPORT_S
         self._clock: SiteClock | None = None
         self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
         self._clock_seen = threading.Event()
@@ -192,6 +195,41 @@ class CameraFeed:
         self._shedding = worst >= (limit / 2 if self._shedding else limit)
         return self._shedding
 
+    def admit(self, ids: list[int]) -> list[int]:
+        """Shed mode: the frames of `ids` to send. Under overload a camera keeps a share of its
+        frames that follows the edge's lag (cut by 30% at each flow status of --shed-lag-ms or
+        more, raised again once the lag is under half that), so the edge gets about what it can
+        take instead of on/off bursts; the rest are shed and named."""
+        self._adapt_keep()
+        if self._keep >= 1.0:
+            return ids
+        kept, shed = [], []
+        for f in ids:
+            self._credit += self._keep
+            if self._credit >= 1.0:
+                self._credit -= 1.0
+                kept.append(f)
+            else:
+                shed.append(f)
+        self.shed(shed, "overload")
+        return kept
+
+    def _adapt_keep(self) -> None:
+        """One step of the kept share per new flow status."""
+        limit = self.cfg.shed_lag_ms
+        fresh = [f for f in list(self._flow.values()) if f.at > time.time() - FLOW_STALE_S]
+        latest = max((f.at for f in fresh), default=0.0)
+        if not limit or latest <= self._flow_seen:
+            if not fresh:
+                self._keep = 1.0  # no aggregator says anything: nothing to adapt to
+            return
+        self._flow_seen = latest
+        worst = max(f.lag_ms for f in fresh)
+        if worst >= limit:
+            self._keep = max(MIN_KEEP, self._keep * 0.7)
+        elif worst < limit / 2:
+            self._keep = min(1.0, self._keep * 1.15 + 0.01)
+
     def site_clock(self) -> SiteClock:
         """The site's capture schedule: the retained one if it has this fps and is not over,
         else a new one this process announces (two cameras starting at once converge on the
@@ -214,8 +252,11 @@ class CameraFeed:
             return
         site = self.cfg.site
         self.stats.shed[reason] = self.stats.shed.get(reason, 0) + len(frame_ids)
-        log.warning("site %r cameras %s: shedding %d frames (%s), %d..%d", site, list(self.cfg.cameras),
-                    len(frame_ids), reason, frame_ids[0], frame_ids[-1])
+        if time.monotonic() >= self._shed_logged + RATE_REPORT_S:  # at most one line per report period
+            self._shed_logged = time.monotonic()
+            log.warning("site %r cameras %s: shedding frames (%s; now %d..%d, keeping %.0f%%); shed so far %s",
+                        site, list(self.cfg.cameras), reason, frame_ids[0], frame_ids[-1], 100 * self._keep,
+                        self.stats.shed)
         for k, client in self.clients.items():
             for i in range(0, len(frame_ids), MAX_SHED_IDS):
                 notice = ShedNotice(site, k, tuple(frame_ids[i:i + MAX_SHED_IDS]), reason, time.time())
@@ -258,7 +299,7 @@ class CameraFeed:
     def encode(self, ids: list[int], captured_at: list[float]) -> list[list[tuple[int, bytes]]]:
         """The encoded observations of frames `ids`: [frame][(camera, bytes)]. Runs the camera
         modules (the load generator of `bench stream` replays pre-encoded ones instead)."""
-        scenes = to_float(self.split.images[ids[0]:ids[-1] + 1], self.device)
+        scenes = to_float(self.split.images[ids], self.device)
         return [[(o.camera, o.encode()) for o in frame] for frame in self.observe(scenes, ids, captured_at)]
 
     def publish(self, obs: CameraObservation) -> None:
@@ -335,12 +376,14 @@ class CameraFeed:
             ids = list(range(begin, min(self.stop_at, begin + cfg.batch)))
             if self.gate is not None:
                 self.gate(begin - cfg.start)
-            while self.overloaded() and cfg.overload == "wait" and not stop.is_set():
-                stop.wait(OVERLOAD_POLL_S)  # lossless: hold the frames until the edge catches up
-            if self.overloaded():
-                self.shed(ids, "overload")
-                stop.wait(OVERLOAD_POLL_S)  # give the edge a moment before looking again
-                continue
+            if cfg.overload == "wait":
+                while self.overloaded() and not stop.is_set():
+                    stop.wait(OVERLOAD_POLL_S)  # lossless: hold the frames until the edge catches up
+            else:
+                ids = self.admit(ids)
+                if not ids:
+                    stop.wait(OVERLOAD_POLL_S)  # give the edge a moment before looking again
+                    continue
             self.capture(ids, [time.time()] * len(ids))
             while self.backlog() > MAX_BACKLOG and not stop.is_set():  # the broker is away or slow: let it catch up
                 stop.wait(0.01)
@@ -369,16 +412,15 @@ class CameraFeed:
                 i = fresh
                 if i >= due_end:
                     continue
-                if self.overloaded():
-                    self.shed(list(range(i, due_end)), "overload")
-                    i = due_end
-                    continue
-            ids = list(range(i, min(due_end, i + cfg.batch)))
+            due = list(range(i, min(due_end, i + cfg.batch)))
+            i = due[-1] + 1
+            ids = due if cfg.overload == "wait" else self.admit(due)
+            if not ids:
+                continue
             if self.gate is not None:
-                self.gate(i - cfg.start)
+                self.gate(ids[0] - cfg.start)
             self.capture(ids, [clock.at(f) for f in ids])
-            i = ids[-1] + 1
-            report_frames += len(ids)
+            report_frames += len(due)
             if time.monotonic() >= report_at:
                 rate = report_frames / RATE_REPORT_S
                 behind = max(0, clock.start + int((time.time() - clock.epoch) * clock.fps) + 1 - i)

@@ -140,19 +140,26 @@ def test_cameras_shed_and_name_frames_while_the_edge_is_overloaded(stream_setup,
     edge.publish(names.flow_topic(site, "edge-x"), FlowStatus(site, "edge-x", 9000.0, 500, time.time()).encode(),
                  retain=True)
     assert edge.wait_confirmed(5)
-    sub, got, done = _recorder(mqtt_url, site, 2, f"ada/{site}/cam/+/shed")
-    feed = CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(1, 2), start=0, stop=6, batch=3,
+    sub, got, done = _recorder(mqtt_url, site, 1, f"ada/{site}/cam/+/shed")
+    obs_sub, obs_got, _ = _recorder(mqtt_url, site, 10**6, names.obs_filter(site))
+    feed = CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(1, 2), start=0, stop=20, batch=4,
                                    shed_lag_ms=1000), {k: model.cameras[k] for k in (1, 2)}, data.test)
     try:
         feed.connect()
         assert poll(lambda: feed._flow, 5)  # the retained flow status reached the camera
         stats = feed.run()
+        feed.close()
         assert done.wait(10)
+        assert poll(lambda: len(obs_got) >= 2 * stats.frames, 10)
     finally:
         feed.close()
         edge.publish(names.flow_topic(site, "edge-x"), b"", retain=True)
         edge.close()
         close_mqtt(sub)
-    assert stats.frames == 0 and stats.shed == {"overload": 6}
-    notices = [ShedNotice.decode(m.payload) for m in got]
-    assert sorted((n.camera, f) for n in notices for f in n.frame_ids) == [(k, f) for k in (1, 2) for f in range(6)]
+        close_mqtt(obs_sub)
+    # one overloaded flow status: the camera keeps 70% of its frames (credit-spread) and names the rest
+    shed = sorted((n.camera, f) for n in (ShedNotice.decode(m.payload) for m in got) for f in n.frame_ids)
+    sent = sorted((o.camera, o.frame_id) for o in (CameraObservation.decode(m.payload) for m in obs_got))
+    assert stats.shed == {"overload": 20 - stats.frames} and 0 < stats.frames < 20
+    assert not set(shed) & set(sent) and sorted(shed + sent) == [(k, f) for k in (1, 2) for f in range(20)]
+    assert abs(stats.frames - 14) <= 1
