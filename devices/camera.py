@@ -22,9 +22,10 @@ with numbers when it is behind. At --fps 0 (as fast as possible) frames go throu
 in batches of --batch. `forward_rows` keeps every batch size bit-identical to offline evaluation.
 
 Overload: the aggregators publish how late observations reach them (`ada/{site}/edge/flow/+`);
-while one reports --shed-lag-ms or more, the cameras shed frames at the source. Every frame a
-camera does not send is named, by id and reason, in a ShedNotice on `ada/{site}/cam/{k}/shed`,
-which the edge records in `ada:{site}:losses`.
+while one reports --shed-lag-ms or more, the cameras send only a share of their frames that
+follows that lag (`admit`), or with --overload wait hold back. Every frame a camera does not
+send is named, by id and reason, in a ShedNotice on `ada/{site}/cam/{k}/shed`, which the edge
+records in `ada:{site}:losses`.
 """
 
 from __future__ import annotations
