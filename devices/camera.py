@@ -41,6 +41,7 @@ import paho.mqtt.client as mqtt
 import torch
 
 from devices.camera_net import CameraModule, load_camera
+from devices.site_signals import SiteSignals
 from devices.views import camera_view, normalize
 from pipeline.checkpoint import read_config
 from pipeline.compute import resolve_device, set_threads
@@ -53,15 +54,13 @@ from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, p
 from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
 from pipeline.transport.service import serve
 from pipeline.wire import names
-from pipeline.wire.control import MAX_SHED_IDS, FlowStatus, ShedNotice, SiteClock
+from pipeline.wire.control import MAX_SHED_IDS, ShedNotice, SiteClock
 from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor
 
 log = logging.getLogger(__name__)
 
 RATE_REPORT_S = 5.0  # how often a paced camera process reports its achieved rate
-MIN_KEEP = 0.02  # under overload a camera still sends at least this share of its frames (so the edge's lag is measured)
 OVERLOAD_POLL_S = 0.01  # how often a camera held back by an overloaded edge looks again
-FLOW_STALE_S = 3.0  # an aggregator's flow status older than this is ignored (it stopped saying)
 CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announcing one
 CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera can join in time
 PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
@@ -142,13 +141,9 @@ class CameraFeed:
             raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {frames}")
         self.stats = CameraStats()
         self.clients: dict[int, MqttClient] = {}
-        self._flow: dict[str, FlowStatus] = {}  # aggregator id -> its latest flow status
-        self._shedding = False
-        self._keep, self._credit, self._flow_seen = 1.0, 0.0, 0.0  # share of frames kept under overload
+        self.signals = SiteSignals(cfg.site, cfg.shed_lag_ms)
         self._shed_logged = -RATE_REPORT_S
-        self._clock: SiteClock | None = None
         self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
-        self._clock_seen = threading.Event()
 
     def connect(self) -> None:
         for k in self.cfg.cameras:
@@ -167,84 +162,32 @@ class CameraFeed:
                     c.subscribe([(names.flow_filter(site), 0), (names.clock_topic(site), 1)])
 
             self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=on_connect,
-                                          on_message=self._on_control if control else None,
+                                          on_message=self.signals.on_message if control else None,
                                           will=(names.status_topic(site, k), offline))
 
-    def _on_control(self, msg: mqtt.MQTTMessage) -> None:
-        """Flow status of an aggregator, or the site clock (network thread: just store them)."""
-        if not msg.payload:  # a cleared retained message: that aggregator stopped
-            self._flow.pop(msg.topic.rsplit("/", 1)[-1], None)
-            return
-        try:
-            if msg.topic == names.clock_topic(self.cfg.site):
-                self._clock = SiteClock.decode(msg.payload)
-                self._clock_seen.set()
-            else:
-                status = FlowStatus.decode(msg.payload)
-                self._flow[status.by] = status
-        except MessageError as err:
-            log.warning("site %r: ignoring a bad control message on %s: %s", self.cfg.site, msg.topic, err)
-
     def overloaded(self) -> bool:
-        """True while an aggregator reports observations arriving --shed-lag-ms late or later
-        (until they arrive in less than half that: hysteresis, so shedding does not flap)."""
-        limit = self.cfg.shed_lag_ms
-        if not limit:
-            return False
-        fresh = [f.lag_ms for f in list(self._flow.values()) if f.at > time.time() - FLOW_STALE_S]
-        worst = max(fresh, default=0.0)
-        self._shedding = worst >= (limit / 2 if self._shedding else limit)
-        return self._shedding
+        return self.signals.overloaded()
 
     def admit(self, ids: list[int]) -> list[int]:
-        """Shed mode: the frames of `ids` to send. Under overload a camera keeps a share of its
-        frames that follows the edge's lag (cut by 30% at each flow status of --shed-lag-ms or
-        more, raised again once the lag is under half that), so the edge gets about what it can
-        take instead of on/off bursts; the rest are shed and named."""
-        self._adapt_keep()
-        if self._keep >= 1.0:
-            return ids
-        kept, shed = [], []
-        for f in ids:
-            self._credit += self._keep
-            if self._credit >= 1.0:
-                self._credit -= 1.0
-                kept.append(f)
-            else:
-                shed.append(f)
+        """Shed mode: the frames of `ids` to send (`SiteSignals.split`); the rest are shed, named."""
+        kept, shed = self.signals.split(ids)
         self.shed(shed, "overload")
         return kept
-
-    def _adapt_keep(self) -> None:
-        """One step of the kept share per new flow status."""
-        limit = self.cfg.shed_lag_ms
-        fresh = [f for f in list(self._flow.values()) if f.at > time.time() - FLOW_STALE_S]
-        latest = max((f.at for f in fresh), default=0.0)
-        if not limit or latest <= self._flow_seen:
-            if not fresh:
-                self._keep = 1.0  # no aggregator says anything: nothing to adapt to
-            return
-        self._flow_seen = latest
-        worst = max(f.lag_ms for f in fresh)
-        if worst >= limit:
-            self._keep = max(MIN_KEEP, self._keep * 0.7)
-        elif worst < limit / 2:
-            self._keep = min(1.0, self._keep * 1.15 + 0.01)
 
     def site_clock(self) -> SiteClock:
         """The site's capture schedule: the retained one if it has this fps and is not over,
         else a new one this process announces (two cameras starting at once converge on the
         last one the broker retained)."""
         cfg = self.cfg
-        self._clock_seen.wait(CLOCK_WAIT_S)  # a retained clock arrives right after subscribing
-        c = self._clock
+        self.signals.clock_seen.wait(CLOCK_WAIT_S)  # a retained clock arrives right after subscribing
+        c = self.signals.clock
         if c is not None and c.fps == cfg.fps and c.at(self.stop_at) > time.time():
             return c
         mine = SiteClock(cfg.site, time.time() + CLOCK_LEAD_S, cfg.fps, cfg.start)
-        self._clock_seen.clear()
+        self.signals.clock_seen.clear()
         self.clients[cfg.cameras[0]].publish(names.clock_topic(cfg.site), mine.encode(), qos=1, retain=True)
-        self._clock_seen.wait(CLOCK_WAIT_S)
-        c = self._clock
+        self.signals.clock_seen.wait(CLOCK_WAIT_S)
+        c = self.signals.clock
         return c if c is not None and c.fps == cfg.fps else mine
 
     def shed(self, frame_ids: list[int], reason: str) -> None:
@@ -256,7 +199,7 @@ class CameraFeed:
         if time.monotonic() >= self._shed_logged + RATE_REPORT_S:  # at most one line per report period
             self._shed_logged = time.monotonic()
             log.warning("site %r cameras %s: shedding frames (%s; now %d..%d, keeping %.0f%%); shed so far %s",
-                        site, list(self.cfg.cameras), reason, frame_ids[0], frame_ids[-1], 100 * self._keep,
+                        site, list(self.cfg.cameras), reason, frame_ids[0], frame_ids[-1], 100 * self.signals.keep,
                         self.stats.shed)
         for k, client in self.clients.items():
             for i in range(0, len(frame_ids), MAX_SHED_IDS):

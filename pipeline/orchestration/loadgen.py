@@ -48,7 +48,7 @@ class PreEncodedFeed(CameraFeed):
         return header + b"".join(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in rest.items())
 
     def connect(self) -> None:
-        shared = MqttClient(self.cfg.mqtt_url, f"{self.cfg.site}-loadgen-{id(self):x}", on_message=self._on_control,
+        shared = MqttClient(self.cfg.mqtt_url, f"{self.cfg.site}-loadgen-{id(self):x}", on_message=self.signals.on_message,
                             on_connect=lambda c: c.subscribe([(names.flow_filter(self.cfg.site), 0),
                                                               (names.clock_topic(self.cfg.site), 1)])).connect()
         self.clients = {k: shared for k in self.cfg.cameras}

@@ -122,7 +122,7 @@ def test_separately_started_cameras_share_the_site_clock(stream_setup, brokers, 
             f.close()
         close_mqtt(sub)
     obs = [CameraObservation.decode(m.payload) for m in got]
-    clock = feeds[0]._clock or feeds[1]._clock
+    clock = feeds[0].signals.clock or feeds[1].signals.clock
     assert isinstance(clock, SiteClock)
     for o in obs:  # both cameras stamp frame i with the same slot of one clock, whenever they computed it
         assert o.captured_at == pytest.approx(clock.at(o.frame_id), abs=1e-6)
@@ -146,7 +146,7 @@ def test_cameras_shed_and_name_frames_while_the_edge_is_overloaded(stream_setup,
                                    shed_lag_ms=1000), {k: model.cameras[k] for k in (1, 2)}, data.test)
     try:
         feed.connect()
-        assert poll(lambda: feed._flow, 5)  # the retained flow status reached the camera
+        assert poll(lambda: feed.signals.flow, 5)  # the retained flow status reached the camera
         stats = feed.run()
         feed.close()
         assert done.wait(10)

@@ -1,0 +1,93 @@
+"""What a site tells its cameras: the capture clock they share (`ada/{site}/clock`) and how late
+observations reach its aggregators (`ada/{site}/edge/flow/+`), and what a camera makes of the
+latter: whether to hold back (`overloaded`) or which share of its frames to send (`split`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from pipeline.errors import MessageError
+from pipeline.wire import names
+from pipeline.wire.control import FlowStatus, SiteClock
+
+log = logging.getLogger(__name__)
+
+FLOW_STALE_S = 3.0  # an aggregator's flow status older than this is ignored (it stopped saying)
+MIN_KEEP = 0.02  # under overload a camera still sends at least this share of its frames (so the edge's lag is measured)
+CUT, RAISE = 0.7, 1.15  # the kept share's factors at each flow status over the limit / under half of it
+
+
+class SiteSignals:
+    """The latest site clock and flow statuses one camera process has heard, kept by the MQTT
+    network thread (`on_message` only stores them) and read by the feed's loop."""
+
+    def __init__(self, site: str, shed_lag_ms: int) -> None:
+        self.site, self.shed_lag_ms = site, shed_lag_ms
+        self.flow: dict[str, FlowStatus] = {}  # aggregator (digest of its id) -> its latest flow status
+        self.clock: SiteClock | None = None
+        self.clock_seen = threading.Event()
+        self.keep = 1.0  # share of frames sent under overload
+        self._credit, self._flow_seen, self._holding = 0.0, 0.0, False
+
+    def on_message(self, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:  # a cleared retained message: that aggregator stopped
+            self.flow.pop(msg.topic.rsplit("/", 1)[-1], None)
+            return
+        try:
+            if msg.topic == names.clock_topic(self.site):
+                self.clock = SiteClock.decode(msg.payload)
+                self.clock_seen.set()
+            else:
+                status = FlowStatus.decode(msg.payload)
+                self.flow[status.by] = status
+        except MessageError as err:
+            log.warning("site %r: ignoring a bad control message on %s: %s", self.site, msg.topic, err)
+
+    def _fresh(self) -> list[FlowStatus]:
+        return [f for f in list(self.flow.values()) if f.at > time.time() - FLOW_STALE_S]
+
+    def overloaded(self) -> bool:
+        """True while an aggregator reports observations arriving --shed-lag-ms late or later
+        (until they arrive in less than half that: hysteresis, so holding back does not flap)."""
+        if not self.shed_lag_ms:
+            return False
+        worst = max((f.lag_ms for f in self._fresh()), default=0.0)
+        self._holding = worst >= (self.shed_lag_ms / 2 if self._holding else self.shed_lag_ms)
+        return self._holding
+
+    def split(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """(frames to send, frames to shed) of `ids`: under overload the kept share follows the
+        edge's lag (cut by 30% at each flow status of --shed-lag-ms or more, raised again once
+        the lag is under half that), spread evenly over the frames, so the edge gets about what
+        it can take instead of on/off bursts."""
+        self._adapt()
+        if self.keep >= 1.0:
+            return ids, []
+        kept, shed = [], []
+        for f in ids:
+            self._credit += self.keep
+            if self._credit >= 1.0:
+                self._credit -= 1.0
+                kept.append(f)
+            else:
+                shed.append(f)
+        return kept, shed
+
+    def _adapt(self) -> None:
+        """One step of the kept share per new flow status."""
+        fresh = self._fresh()
+        latest = max((f.at for f in fresh), default=0.0)
+        if not self.shed_lag_ms or latest <= self._flow_seen:
+            if not fresh:
+                self.keep = 1.0  # no aggregator says anything: nothing to adapt to
+            return
+        self._flow_seen = latest
+        worst = max(f.lag_ms for f in fresh)
+        if worst >= self.shed_lag_ms:
+            self.keep = max(MIN_KEEP, self.keep * CUT)
+        elif worst < self.shed_lag_ms / 2:
+            self.keep = min(1.0, self.keep * RAISE + 0.01)
