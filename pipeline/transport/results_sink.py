@@ -4,7 +4,7 @@
   most once (a result marker set with NX); the caller then publishes it on `ada/{site}/results`.
   The edge records through its own script (`edge.frame_store`), built on `RECORD_BODY`, which
   also releases the frame's claim lease in the same step.
-- `add_dead_letter`: a message that cannot be processed goes to `ada:{site}:deadletter` with its
+- `add_dead_letters`: messages that cannot be processed go to `ada:{site}:deadletter`, each with its
   reason (and a bounded prefix of its payload), and the site's `deadletter` counter goes up.
 """
 
@@ -69,7 +69,3 @@ def add_dead_letters(client: redis.Redis, site: str, letters: list[tuple[str, by
         p.hincrby(names.counters_key(site), "deadletter", len(letters))
         p.execute()
 
-
-def add_dead_letter(client: redis.Redis, site: str, source: str, payload: bytes, reason: str, by: str) -> None:
-    """Add one rejected message to `ada:{site}:deadletter` with its reason and count it."""
-    add_dead_letters(client, site, [(source, payload, reason)], by)
