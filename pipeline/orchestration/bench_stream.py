@@ -187,6 +187,7 @@ def offer(site: Site, mqtt_url: str, templates_path: str, rate: int, start: int,
     of it: decided, shed, lost (neither), duplicates, rate and latency."""
     frames = max(1, int(rate * seconds))
     ids = range(start, start + frames)
+    wanted = set(ids)
     before = site.counters()
     gen = _loadgen(["feed", "--observations", templates_path, "--site", site.site, "--mqtt-url", mqtt_url,
                     "--cameras", "0,1,2,3,4,5", "--start", str(start), "--stop", str(start + frames), "--fps", str(rate),
@@ -195,13 +196,13 @@ def offer(site: Site, mqtt_url: str, templates_path: str, rate: int, start: int,
     end = time.monotonic() + settle_s
     while True:
         decs.extend(d for d in site.poll() if d.frame_id in ids)
-        settled = len({d.frame_id for d in decs}) + len((site.shed - site.decided) & set(ids))
+        settled = len({d.frame_id for d in decs}) + len((site.shed - site.decided) & wanted)
         if settled >= frames or time.monotonic() > end:
             break
         time.sleep(0.2)  # results are in Redis: look again
     after = site.counters()
     decided = {d.frame_id for d in decs}
-    shed = len((site.shed & set(ids)) - decided)
+    shed = len((site.shed & wanted) - decided)
     # the rate it decided at: frames over the time from the first decision to the last (when the
     # edge keeps up, decisions follow captures; when it does not, they trail on after the source stops)
     span = (max(d.decided_at for d in decs) - min(d.decided_at for d in decs)) if len(decs) > 1 else 0.0
@@ -353,8 +354,9 @@ def bench_stream(cfg: StreamBenchConfig) -> dict:
     set_threads(1)
     log_dir = tempfile.mkdtemp(prefix="ada-bench-")
     templates_path = os.path.join(log_dir, "observations.msgpack")
-    write_templates(templates_path, _observations(model, scenes, data.test.labels[:cfg.templates]))
-    size = int(np.mean([len(o) for o in _sample_sizes(templates_path)]))
+    observations = _observations(model, scenes, data.test.labels[:cfg.templates])
+    write_templates(templates_path, observations)
+    size = int(np.mean([len(o.encode()) for o in observations[0]]))  # the broker ceiling's message size
     with embedded_services(None, None) as (mqtt_url, redis_url):
         log.info("broker ceiling ...")
         broker = broker_ceiling(mqtt_url, size, cfg.broker_messages)
@@ -393,14 +395,6 @@ def _observations(model: AdaDDNN, scenes: torch.Tensor, labels: np.ndarray) -> l
                                            int(labels[i])))
         frames.append(frame)
     return frames
-
-
-def _sample_sizes(path: str) -> list[bytes]:
-    import msgpack
-
-    from pipeline.orchestration.loadgen import read_templates
-
-    return [msgpack.packb(w, use_bin_type=True) for w in list(read_templates(path)[0].values())]
 
 
 def targets(compute: dict, broker: dict, edge: dict, e2e: dict) -> dict:

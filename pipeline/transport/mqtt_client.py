@@ -42,6 +42,7 @@ BACKOFF_MIN_S = 0.1  # first retry delay
 BACKOFF_MAX_S = 5.0  # cap of the exponential backoff between retries
 MQTT_KEEPALIVE_S = 15  # a dead connection is noticed within 1.5x this
 MAX_QUEUED = 100_000  # QoS 1 publishes kept while the broker is away; beyond, publish refuses (counted)
+PRUNE_EVERY = 1000  # publishes between two prunings of the acknowledged ones (amortized: O(1) a publish)
 MAX_INFLIGHT = 1000  # QoS 1 publishes sent and not yet acknowledged (paho's default of 20 caps a camera at ~20 per round trip)
 FATAL_CONNACK = ("Bad user name or password", "Not authorized", "Banned", "Client identifier not valid",
                  "Bad authentication method")
@@ -111,6 +112,7 @@ class MqttClient:
         self.denied = 0  # publishes the broker acknowledged with a failure (not authorized by its ACL, ...)
         self._refusal: str | None = None
         self._pending: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes not yet known to be acknowledged
+        self._prune_at = PRUNE_EVERY
         self._lock = threading.Lock()
         self._ever_connected = False
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -231,6 +233,8 @@ class MqttClient:
         if qos > 0:
             with self._lock:
                 self._pending.append(info)
+                if len(self._pending) >= self._prune_at:  # a role that never asks must not keep them all
+                    self._prune()
         return True
 
     def ack(self, msg: mqtt.MQTTMessage, generation: int) -> None:
@@ -244,10 +248,15 @@ class MqttClient:
     def unconfirmed(self) -> int:
         """QoS 1 publishes the broker has not acknowledged yet (queued while away included)."""
         with self._lock:
-            # `_published` is set on the PUBACK, also for a message resent after a reconnect, where
-            # the public `is_published()` raises because the first attempt found no connection.
-            self._pending = [info for info in self._pending if not info._published]
+            self._prune()
             return len(self._pending)
+
+    def _prune(self) -> None:
+        """Forget acknowledged publishes (caller holds the lock). `_published` is set on the PUBACK,
+        also for a message resent after a reconnect, where the public `is_published()` raises
+        because the first attempt found no connection."""
+        self._pending = [info for info in self._pending if not info._published]
+        self._prune_at = 2 * len(self._pending) + PRUNE_EVERY
 
     def wait_confirmed(self, timeout_s: float) -> bool:
         """Block until every QoS 1 publish so far is acknowledged by the broker, or `timeout_s`."""

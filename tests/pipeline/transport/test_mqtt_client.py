@@ -107,3 +107,17 @@ def test_a_plain_url_on_a_port_that_closes_at_once_fails_fast():
         t.join()
         srv.close()
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.services
+def test_acknowledged_publishes_are_forgotten_without_anyone_asking(brokers, site):
+    from pipeline.transport.mqtt_client import PRUNE_EVERY
+
+    c = MqttClient(brokers[0], f"{site}-prune").connect()
+    try:
+        for _ in range(5 * PRUNE_EVERY):
+            assert c.publish(f"ada/{site}/test", b"x")
+        assert len(c._pending) < 3 * PRUNE_EVERY  # pruned on the way, not kept until `unconfirmed` is read
+        assert c.wait_confirmed(10) and c.unconfirmed == 0
+    finally:
+        c.close()
