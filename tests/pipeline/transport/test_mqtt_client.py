@@ -115,8 +115,10 @@ def test_acknowledged_publishes_are_forgotten_without_anyone_asking(brokers, sit
 
     c = MqttClient(brokers[0], f"{site}-prune").connect()
     try:
-        for _ in range(5 * PRUNE_EVERY):
-            assert c.publish(f"ada/{site}/test", b"x")
+        for _ in range(10):  # in waves, each acknowledged by the broker before the next
+            for _ in range(PRUNE_EVERY // 2):
+                assert c.publish(f"ada/{site}/test", b"x")
+            c._pending[-1].wait_for_publish(10)
         assert len(c._pending) < 3 * PRUNE_EVERY  # pruned on the way, not kept until `unconfirmed` is read
         assert c.wait_confirmed(10) and c.unconfirmed == 0
     finally:
