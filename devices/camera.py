@@ -175,15 +175,16 @@ class CameraFeed:
         return kept
 
     def site_clock(self) -> SiteClock:
-        """The site's capture schedule: the retained one if it has this fps and is not over,
-        else a new one this process announces (two cameras starting at once converge on the
-        last one the broker retained)."""
+        """The site's capture schedule: the retained one if it has this fps, covers this camera's
+        first frame and is not over, else a new one this process announces (two cameras starting
+        at once converge on the last one the broker retained). A camera whose range begins after
+        the retained run's end starts a run of its own instead of inheriting overdue slots."""
         cfg = self.cfg
         self.signals.clock_seen.wait(CLOCK_WAIT_S)  # a retained clock arrives right after subscribing
         c = self.signals.clock
-        if c is not None and c.fps == cfg.fps and c.at(self.stop_at) > time.time():
-            return c
-        mine = SiteClock(cfg.site, time.time() + CLOCK_LEAD_S, cfg.fps, cfg.start)
+        if c is not None and c.fps == cfg.fps and cfg.start < c.stop and c.at(self.stop_at) > time.time():
+            return c  # a run this camera's frames belong to, still going: join it (frames missed are shed)
+        mine = SiteClock(cfg.site, time.time() + CLOCK_LEAD_S, cfg.fps, cfg.start, self.stop_at)
         self.signals.clock_seen.clear()
         self.clients[cfg.cameras[0]].publish(names.clock_topic(cfg.site), mine.encode(), qos=1, retain=True)
         self.signals.clock_seen.wait(CLOCK_WAIT_S)

@@ -1,7 +1,7 @@
 """Control messages of a site: the clock its cameras share, the edge's flow status, and the
 frames a camera had to shed. Versioned msgpack like every message (`pipeline.wire.messages`).
 
-    ada/{site}/clock               SiteClock     retained: frame i is captured at epoch + (i - start) / fps
+    ada/{site}/clock               SiteClock     retained: frame i of start..stop is captured at epoch + (i - start) / fps
     ada/{site}/edge/flow/{id}      FlowStatus    retained, one per aggregator: how late observations arrive
     ada/{site}/cam/{k}/shed        ShedNotice    QoS 1: frame ids camera k did not send, and why
 """
@@ -24,18 +24,20 @@ class SiteClock(_Message):
     frame i at the same moment: t(i) = epoch + (i - start) / fps."""
 
     TAG: ClassVar[str] = "clock"
-    FIELDS: ClassVar[tuple[str, ...]] = ("site", "epoch", "fps", "start")
+    FIELDS: ClassVar[tuple[str, ...]] = ("site", "epoch", "fps", "start", "stop")
 
     site: str
     epoch: float  # seconds since the Unix epoch at which frame `start` is captured
     fps: float  # frames per second
     start: int  # the frame id captured at `epoch`
+    stop: int  # one past the last frame of the run it schedules: a camera whose range starts there runs anew
 
     def __post_init__(self) -> None:
         _site(self.site)
         _set(self, "epoch", _float("epoch", self.epoch, 0.0))
         _set(self, "fps", _float("fps", self.fps, 1e-3, 1e6))
         _set(self, "start", _int("start", self.start, 0, MAX_FRAME_ID))
+        _set(self, "stop", _int("stop", self.stop, self.start + 1, MAX_FRAME_ID))
 
     def at(self, frame_id: int) -> float:
         """Capture time of `frame_id`."""

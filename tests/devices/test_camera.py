@@ -163,3 +163,34 @@ def test_cameras_shed_and_name_frames_while_the_edge_is_overloaded(stream_setup,
     assert stats.shed == {"overload": 20 - stats.frames} and 0 < stats.frames < 20
     assert not set(shed) & set(sent) and sorted(shed + sent) == [(k, f) for k in (1, 2) for f in range(20)]
     assert abs(stats.frames - 14) <= 1
+
+
+def test_a_camera_whose_range_follows_the_retained_run_starts_its_own(stream_setup):
+    """The retained clock scheduled frames 0..4 and is still running; a camera replaying 4..8
+    must not inherit those overdue slots (it would shed its first frames as behind)."""
+    from pipeline.wire.control import SiteClock
+
+    _, model, data, _, _ = stream_setup
+    feed = CameraFeed(CameraConfig(site="s", cameras=(0,), start=4, stop=8, fps=2.0), {0: model.cameras[0]},
+                      data.test)
+    published = []
+
+    class Client:
+        def publish(self, topic, raw, qos=1, retain=False):
+            published.append(SiteClock.decode(raw))
+            feed.signals.clock = published[-1]
+            feed.signals.clock_seen.set()
+            return True
+
+    feed.clients = {0: Client()}
+    now = time.time()
+    feed.signals.clock = SiteClock("s", now - 1.9, 2.0, 0, 4)  # frame 4's slot would be in 0.1 s, frame 7's later
+    feed.signals.clock_seen.set()
+    clock = feed.site_clock()
+    assert published and clock == published[-1] and (clock.start, clock.stop) == (4, 8)
+    assert clock.at(4) > now  # a run of its own, starting ahead
+    joining = CameraFeed(CameraConfig(site="s", cameras=(1,), start=0, stop=4, fps=2.0), {1: model.cameras[1]},
+                         data.test)
+    joining.signals.clock = SiteClock("s", now - 1.0, 2.0, 0, 4)
+    joining.signals.clock_seen.set()
+    assert joining.site_clock() == joining.signals.clock  # a camera of the running run joins it

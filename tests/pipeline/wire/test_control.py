@@ -6,19 +6,20 @@ from pipeline.wire.control import MAX_SHED_IDS, FlowStatus, ShedNotice, SiteCloc
 
 
 def test_control_messages_round_trip():
-    for m in (SiteClock("s", 1700000000.5, 30.0, 100), FlowStatus("s", "edge-1", 12.5, 3, 1700000000.0),
+    for m in (SiteClock("s", 1700000000.5, 30.0, 100, 400), FlowStatus("s", "edge-1", 12.5, 3, 1700000000.0),
               ShedNotice("s", 3, (5, 6, 7), "overload", 1700000000.0)):
         assert type(m).decode(m.encode()) == m
 
 
 def test_site_clock_schedules_frames():
-    c = SiteClock("s", 1000.0, 20.0, 100)
+    c = SiteClock("s", 1000.0, 20.0, 100, 200)
     assert c.at(100) == 1000.0 and c.at(120) == 1001.0 and c.at(90) == 999.5
 
 
 @pytest.mark.parametrize("build", [
-    lambda: SiteClock("s", 1.0, 0.0, 0),  # no rate
-    lambda: SiteClock("s", float("nan"), 10.0, 0),
+    lambda: SiteClock("s", 1.0, 0.0, 0, 10),  # no rate
+    lambda: SiteClock("s", 1.0, 10.0, 10, 10),  # an empty run
+    lambda: SiteClock("s", float("nan"), 10.0, 0, 10),
     lambda: FlowStatus("s", "e", -1.0, 0, 1.0),  # negative lag
     lambda: ShedNotice("s", 1, (), "overload", 1.0),  # names nothing
     lambda: ShedNotice("s", 1, tuple(range(MAX_SHED_IDS + 1)), "overload", 1.0),
