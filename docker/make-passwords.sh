@@ -122,7 +122,7 @@ chmod 644 "$acl"
 
 # --- Redis: ACL users (hashed passwords; `default` is the admin, and must be set: left out, it
 # would be a passwordless superuser) ----------------------------------------------------------
-keys="resetkeys ~ada:$site:* resetchannels"
+keys="resetkeys ~ada:{$site}:* resetchannels"  # the site is the keys' hash tag: ada:{site0}:...
 {
     echo "user default on #$(sha256 "$admin") ~* &* +@all"
     # edge and cloud share the site's keyspace (the edge's Lua scripts and the cloud's result

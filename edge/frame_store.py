@@ -7,15 +7,16 @@ of that protocol is here; every key comes from `pipeline.wire.names`.
    already claimed are dropped and counted. The first observation puts the frame in the pending
    set with a deadline (Redis clock + deadline). The observation that completes the frame
    claims it in the same script.
-2. `claim_expired` (CLAIM_EXPIRED) claims frames whose deadline has passed with the cameras they
-   have, so a dead camera does not stall its frames. A claim sets `ada:{site}:decided:{id}` with
-   SET NX, so exactly one aggregator gets each frame.
+2. `claim_expired` claims frames whose deadline has passed with the cameras they have, so a dead
+   camera does not stall its frames: DUE_FRAMES reads the due frame ids, then CLAIM_DUE, one call
+   per frame with that frame's keys, claims each one still due. A claim sets
+   `ada:{site}:decided:{id}` with SET NX, so exactly one aggregator gets each frame.
 3. A claim is a lease, so that an aggregator that dies holding frames loses none of them. The
    claim renames the frame hash to `ada:{site}:claimed:{id}` (the observations stay in Redis)
    and adds the frame to the sorted set `ada:{site}:claimed`, scored by Redis TIME + lease. The
-   same `claim_expired` scan takes over every lease that has expired (the owner died or is
-   stalled): it renews the lease in its own name and hands the observations back, counting
-   `reclaimed` in `ada:{site}:counters`.
+   same `claim_expired` sweep takes over every lease that has expired (the owner died or is
+   stalled; RECLAIM_LEASE, per frame, checks the expiry again): it renews the lease in its own
+   name and hands the observations back, counting `reclaimed` in `ada:{site}:counters`.
 4. `escalate` (ESCALATE) adds a frame to `ada:{site}:escalations` once (marker
    `ada:{site}:escalated:{id}` with NX; a frame that already has a result is refused) and
    refuses to add beyond maxlen (the caller waits, its lease extended; nothing is trimmed).
@@ -25,7 +26,9 @@ of that protocol is here; every key comes from `pipeline.wire.names`.
    gets exactly one result (its second attempt is counted in `result_conflicts` or
    `escalation_conflicts`).
 
-The scripts scan frames by id and RENAME between keys: this needs one Redis, not a cluster.
+Every script gets each key it touches in KEYS (none builds a key), and all keys of a site share
+the site's hash tag (`pipeline.wire.names`), so the scripts and pipelines run on one Redis or in
+the site's slot of a Redis Cluster alike.
 """
 
 from __future__ import annotations
@@ -115,56 +118,63 @@ redis.call('ZADD', KEYS[5], now + tonumber(ARGV[9]), ARGV[6])
 return {'claimed', redis.call('HVALS', KEYS[6])}
 """
 
-# KEYS: pending zset, claimed zset, counters
-# ARGV: key prefixes of frame hash, decided marker, claimed frame hash, result marker, escalated marker
-#       (`names.frame_prefix`; the frame id is appended), max frames, owner, decided ttl ms, lease ms
-# Returns flat (frame id, observations, kind, previous owner) quadruples; kind is 'claimed' (past
-# its deadline), 'reclaimed' (its lease expired) or 'lost' (its observations expired with it).
-CLAIM_EXPIRED = REDIS_NOW + """
-local lease_until = now + tonumber(ARGV[9])
-local limit = tonumber(ARGV[6])
-local out = {}
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local fk = ARGV[1] .. id
-  if redis.call('SET', ARGV[2] .. id, ARGV[7], 'NX', 'PX', ARGV[8]) and redis.call('EXISTS', fk) == 1 then
-    local ck = ARGV[3] .. id
-    redis.call('RENAME', fk, ck)
-    redis.call('PEXPIRE', ck, ARGV[8])
-    redis.call('ZADD', KEYS[2], lease_until, id)
-    table.insert(out, id)
-    table.insert(out, redis.call('HVALS', ck))
-    table.insert(out, 'claimed')
-    table.insert(out, '')
-  end
+# KEYS: pending zset, claimed zset; ARGV: max frames of each
+# Returns {frames past their deadline, frames whose lease expired}, by the Redis clock. The sweep
+# then runs CLAIM_DUE or RECLAIM_LEASE on each (one pipelined round trip), each frame's keys in
+# KEYS: a script never builds a key, so each runs in the site's slot of a Redis Cluster.
+DUE_FRAMES = REDIS_NOW + """
+local limit = tonumber(ARGV[1])
+return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit),
+        redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)}
+"""
+
+# KEYS: pending zset, frame hash, decided marker, claimed zset, claimed frame hash
+# ARGV: frame id, owner, decided ttl ms, lease ms
+# {'claimed', observations} when this call claimed the frame; {'gone'} when it is no longer due
+# (another aggregator's sweep or its last observation claimed it since DUE_FRAMES read it) or
+# its observations expired. Only the call whose ZREM takes the frame out of the pending set goes
+# on, and the claim itself is a SET NX: one aggregator gets each frame.
+CLAIM_DUE = REDIS_NOW + """
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not deadline or tonumber(deadline) > now or redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  return {'gone'}
 end
-ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
-for _, id in ipairs(ids) do
-  local ck = ARGV[3] .. id
-  if redis.call('EXISTS', ARGV[4] .. id) == 1 or redis.call('EXISTS', ARGV[5] .. id) == 1 then
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('DEL', ck)
-  elseif redis.call('EXISTS', ck) == 0 then
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('HINCRBY', KEYS[3], 'claims_lost', 1)
-    table.insert(out, id)
-    table.insert(out, {})
-    table.insert(out, 'lost')
-    table.insert(out, '')
-  else
-    local prev = redis.call('GET', ARGV[2] .. id) or ''
-    redis.call('SET', ARGV[2] .. id, ARGV[7], 'XX', 'KEEPTTL')
-    redis.call('ZADD', KEYS[2], lease_until, id)
-    redis.call('PEXPIRE', ck, ARGV[8])
-    redis.call('HINCRBY', KEYS[3], 'reclaimed', 1)
-    table.insert(out, id)
-    table.insert(out, redis.call('HVALS', ck))
-    table.insert(out, 'reclaimed')
-    table.insert(out, prev)
-  end
+if redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RENAME', KEYS[2], KEYS[5])
+  redis.call('PEXPIRE', KEYS[5], ARGV[3])
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[1])
+  return {'claimed', redis.call('HVALS', KEYS[5])}
 end
-return out
+return {'gone'}
+"""
+
+# KEYS: claimed zset, claimed frame hash, decided marker, result marker, escalated marker, counters
+# ARGV: frame id, owner, decided ttl ms, lease ms
+# A lease still expired now (by the Redis clock: another aggregator may have renewed or released
+# it since DUE_FRAMES read it) is taken over: {'reclaimed', observations, previous owner}. A frame
+# that already has a result or an escalation is only released: {'gone'}. One whose observations
+# expired with it is {'lost'} (counted in claims_lost).
+RECLAIM_LEASE = REDIS_NOW + """
+local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not lease or tonumber(lease) > now then
+  return {'gone'}
+end
+if redis.call('EXISTS', KEYS[4]) == 1 or redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+  return {'gone'}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HINCRBY', KEYS[6], 'claims_lost', 1)
+  return {'lost'}
+end
+local prev = redis.call('GET', KEYS[3]) or ''
+redis.call('SET', KEYS[3], ARGV[2], 'XX', 'KEEPTTL')
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('HINCRBY', KEYS[6], 'reclaimed', 1)
+return {'reclaimed', redis.call('HVALS', KEYS[2]), prev}
 """
 
 # KEYS: escalation stream, escalated marker, result marker, claimed zset, claimed frame hash, counters
@@ -232,13 +242,14 @@ class FrameStore:
     def __init__(self, client: redis.Redis, site: str, owner: str, times: StoreTimes) -> None:
         self.redis, self.site, self.owner, self.times = client, site, owner, times
         self._add = client.register_script(ADD_OBSERVATION)
-        self._expired = client.register_script(CLAIM_EXPIRED)
+        self._due = client.register_script(DUE_FRAMES)
+        self._claim = client.register_script(CLAIM_DUE)
+        self._reclaim = client.register_script(RECLAIM_LEASE)
         self._escalate = client.register_script(ESCALATE)
         self._record = client.register_script(RECORD_AND_RELEASE)
-        for script in (self._add, self._expired, self._escalate, self._record):
+        self._scripts = (self._add, self._due, self._claim, self._reclaim, self._escalate, self._record)
+        for script in self._scripts:
             client.script_load(script.script)  # loaded now, so that a NOSCRIPT later means Redis restarted
-        self._prefixes = [names.frame_prefix(site, kind) for kind in (names.FRAME, names.DECIDED, names.CLAIMED,
-                                                                      names.RESULT, names.ESCALATED)]
 
     def add(self, items: Iterable[tuple[CameraObservation, bytes]]) -> list[tuple[str, list[bytes]]]:
         """Store observations in one pipelined round trip; for each, ("added" | "late" |
@@ -259,13 +270,44 @@ class FrameStore:
 
     def claim_expired(self) -> list[tuple[int, list[bytes], str, str]]:
         """(frame id, payloads, kind, previous owner) for frames past their deadline ("claimed"),
-        leases taken over ("reclaimed") and claims whose observations expired ("lost")."""
-        t = self.times
-        res = self._expired(keys=[names.pending_key(self.site), names.claimed_key(self.site),
-                                  names.counters_key(self.site)],
-                            args=[*self._prefixes, t.claim_batch, self.owner, t.decided_ttl_ms, t.lease_ms])
-        return [(int(res[i]), list(res[i + 1]), res[i + 2].decode(), res[i + 3].decode())
-                for i in range(0, len(res), 4)]
+        leases taken over ("reclaimed") and claims whose observations expired ("lost"): the due
+        frames in one round trip, then one script per frame, pipelined (a round trip per kind)."""
+        past_deadline, leases_expired = self.due()
+        return self.claim(past_deadline) + self.reclaim(leases_expired)
+
+    def due(self) -> tuple[list[int], list[int]]:
+        """Ids of the frames past their deadline and of those whose lease expired (`claim_batch`
+        at most of each), by the Redis clock. Another aggregator may take any of them first."""
+        site = self.site
+        pending, leases = self._pipelined(self._due, [([names.pending_key(site), names.claimed_key(site)],
+                                                       [self.times.claim_batch])])[0]
+        return [int(x) for x in pending], [int(x) for x in leases]
+
+    def claim(self, frame_ids: list[int]) -> list[tuple[int, list[bytes], str, str]]:
+        """Claim those of `frame_ids` still past their deadline and unclaimed: (id, payloads, "claimed", "")."""
+        site, t = self.site, self.times
+        replies = self._pipelined(self._claim, [
+            ([names.pending_key(site), names.frame_key(site, fid), names.decided_key(site, fid),
+              names.claimed_key(site), names.claimed_frame_key(site, fid)],
+             [fid, self.owner, t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
+        return [(fid, list(res[1]), "claimed", "") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
+
+    def reclaim(self, frame_ids: list[int]) -> list[tuple[int, list[bytes], str, str]]:
+        """Take over the leases of `frame_ids` that are still expired: (id, payloads, "reclaimed",
+        previous owner), or (id, [], "lost", "") for a claim whose observations expired."""
+        site, t = self.site, self.times
+        replies = self._pipelined(self._reclaim, [
+            ([names.claimed_key(site), names.claimed_frame_key(site, fid), names.decided_key(site, fid),
+              names.result_key(site, fid), names.escalated_key(site, fid), names.counters_key(site)],
+             [fid, self.owner, t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
+        out = []
+        for fid, res in zip(frame_ids, replies):
+            kind = res[0].decode()
+            if kind == "reclaimed":
+                out.append((fid, list(res[1]), kind, res[2].decode()))
+            elif kind == "lost":
+                out.append((fid, [], kind, ""))
+        return out
 
     def escalate(self, items: Iterable[tuple[int, bytes]]) -> list[int]:
         """Hand frames (id, encoded Escalation) to the cloud in one round trip; for each: 1 added
@@ -292,7 +334,7 @@ class FrameStore:
     def _pipelined(self, script: Script, calls: list[tuple[list[str], list]]) -> list:
         """`run_script_batch` with every script of the store reloaded after a Redis restart (each
         is safe to run twice: markers and HSETNX make the second run a no-op)."""
-        return run_script_batch(self.redis, script, calls, (self._add, self._expired, self._escalate, self._record))
+        return run_script_batch(self.redis, script, calls, self._scripts)
 
     def release(self, frame_ids: list[int]) -> None:
         """Drop the claim leases of frames that reached an end other than a result (the dead letters)."""
@@ -317,5 +359,5 @@ class FrameStore:
         self.redis.hincrby(names.counters_key(self.site), counter, n)
 
 
-__all__ = ["FrameStore", "StoreTimes", "ADD_OBSERVATION", "CLAIM_EXPIRED", "ESCALATE", "RECORD_AND_RELEASE",
-           "REDIS_NOW"]
+__all__ = ["FrameStore", "StoreTimes", "ADD_OBSERVATION", "DUE_FRAMES", "CLAIM_DUE", "RECLAIM_LEASE", "ESCALATE",
+           "RECORD_AND_RELEASE", "REDIS_NOW"]

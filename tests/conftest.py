@@ -76,10 +76,12 @@ def site(request, brokers):
     """A fresh site id for one test; its Redis keys are deleted afterwards."""
     import redis
 
+    from pipeline.wire import names
+
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:40] + "-" + uuid.uuid4().hex[:8]
     yield name
     r = redis.Redis.from_url(brokers[1])
-    keys = list(r.scan_iter(match=f"ada:{name}:*", count=1000))
+    keys = list(r.scan_iter(match=names.site_pattern(name), count=1000))
     if keys:
         r.delete(*keys)
     r.close()

@@ -17,8 +17,13 @@
                                                   ada:{site}:counters          hash of counters
                                                   ada:{site}:heartbeat:{role}:{id}  liveness, TTL
 
+In a Redis key the braces are there literally: site `s0`'s frame 7 is `ada:{s0}:frame:7`. The
+site is the key's hash tag, so every key of a site lives in one slot of a Redis Cluster and a
+script or pipeline over one site's keys never crosses slots. (Keys before this layout were
+`ada:s0:frame:7`; nothing reads them any more: see docs/STREAMING.md.)
+
 A site id is letters, digits, '-' and '_' only, so it can never add a topic level, an MQTT
-wildcard or a Redis key separator.
+wildcard, a Redis key separator or a brace.
 """
 
 from __future__ import annotations
@@ -97,79 +102,83 @@ def shared_shed_filter(site: str, group: str = SHARE_GROUP) -> str:
 
 
 # --- Redis --------------------------------------------------------------------------------
-# Per-frame keys are a prefix (`frame_prefix`) plus the frame id. The edge's Lua scripts that
-# scan many frames append ids to the prefixes they are given; nothing else builds a key.
+# Every key of a site starts with `_site_prefix(site)`, `ada:{site}:`, the site as hash tag.
+# Scripts get each key they touch from these functions, in KEYS: no script builds a key.
 
 FRAME, DECIDED, CLAIMED, ESCALATED, RESULT = "frame", "decided", "claimed", "escalated", "result"
 FRAME_KINDS = (FRAME, DECIDED, CLAIMED, ESCALATED, RESULT)
 
 
-def frame_prefix(site: str, kind: str) -> str:
-    """`ada:{site}:{kind}:`, the part of a per-frame key before the frame id."""
+def _site_prefix(site: str) -> str:
+    return "ada:{" + check_site(site) + "}:"
+
+
+def per_frame_key(site: str, kind: str, frame_id: int) -> str:
+    """`ada:{site}:{kind}:{id}`, one of a frame's keys (`kind` one of FRAME_KINDS)."""
     if kind not in FRAME_KINDS:
         raise ValueError(f"per-frame key kind must be one of {FRAME_KINDS}, got {kind!r}")
-    return f"ada:{check_site(site)}:{kind}:"
+    return f"{_site_prefix(site)}{kind}:{int(frame_id)}"
 
 
 def frame_key(site: str, frame_id: int) -> str:
     """A frame's observations (hash, camera -> payload) while it assembles; TTL."""
-    return frame_prefix(site, FRAME) + str(int(frame_id))
+    return per_frame_key(site, FRAME, frame_id)
 
 
 def decided_key(site: str, frame_id: int) -> str:
     """Claim marker (owner id) set when a frame is claimed: later observations are late."""
-    return frame_prefix(site, DECIDED) + str(int(frame_id))
+    return per_frame_key(site, DECIDED, frame_id)
 
 
 def claimed_key(site: str) -> str:
     """Sorted set of claimed, not yet decided frames scored by their lease expiry (ms since the epoch)."""
-    return f"ada:{check_site(site)}:claimed"
+    return f"{_site_prefix(site)}claimed"
 
 
 def claimed_frame_key(site: str, frame_id: int) -> str:
     """A claimed frame's observations (its frame hash, renamed on claim) until it is decided."""
-    return frame_prefix(site, CLAIMED) + str(int(frame_id))
+    return per_frame_key(site, CLAIMED, frame_id)
 
 
 def escalated_key(site: str, frame_id: int) -> str:
     """Marker set by whoever escalates the frame first; a second escalation is refused."""
-    return frame_prefix(site, ESCALATED) + str(int(frame_id))
+    return per_frame_key(site, ESCALATED, frame_id)
 
 
 def result_key(site: str, frame_id: int) -> str:
     """Marker set by whoever records the frame's result first; a second result is refused."""
-    return frame_prefix(site, RESULT) + str(int(frame_id))
+    return per_frame_key(site, RESULT, frame_id)
 
 
 def pending_key(site: str) -> str:
     """Sorted set of open frames scored by their deadline (ms since the epoch)."""
-    return f"ada:{check_site(site)}:pending"
+    return f"{_site_prefix(site)}pending"
 
 
 def escalations_stream(site: str) -> str:
-    return f"ada:{check_site(site)}:escalations"
+    return f"{_site_prefix(site)}escalations"
 
 
 def results_stream(site: str) -> str:
-    return f"ada:{check_site(site)}:results"
+    return f"{_site_prefix(site)}results"
 
 
 def deadletter_stream(site: str) -> str:
-    return f"ada:{check_site(site)}:deadletter"
+    return f"{_site_prefix(site)}deadletter"
 
 
 def losses_stream(site: str) -> str:
     """Named losses: (frame, camera, where, why) of every observation a camera shed."""
-    return f"ada:{check_site(site)}:losses"
+    return f"{_site_prefix(site)}losses"
 
 
 def front_key(site: str) -> str:
     """Hash camera -> highest frame id it sent: the edge admits frame ids near what two cameras reached."""
-    return f"ada:{check_site(site)}:front"
+    return f"{_site_prefix(site)}front"
 
 
 def counters_key(site: str) -> str:
-    return f"ada:{check_site(site)}:counters"
+    return f"{_site_prefix(site)}counters"
 
 
 def heartbeat_key(site: str, role: str, service_id: str) -> str:
@@ -181,13 +190,14 @@ def heartbeat_key(site: str, role: str, service_id: str) -> str:
 def heartbeat_prefix(site: str, role: str) -> str:
     if not SERVICE_RE.match(role):
         raise ValueError(f"bad role {role!r}")
-    return f"ada:{check_site(site)}:heartbeat:{role}:"
+    return f"{_site_prefix(site)}heartbeat:{role}:"
 
 
 def heartbeat_pattern(site: str, role: str) -> str:
+    """SCAN MATCH pattern of the heartbeats (braces are no glob characters in Redis)."""
     return heartbeat_prefix(site, role) + "*"
 
 
 def site_pattern(site: str) -> str:
-    """Every Redis key of a site (for cleanup in tests and `replay`)."""
-    return f"ada:{check_site(site)}:*"
+    """Every Redis key of a site (for cleanup in tests and `replay`), as a SCAN MATCH pattern."""
+    return f"{_site_prefix(site)}*"

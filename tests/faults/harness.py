@@ -622,7 +622,7 @@ class Harness:
         """Where a frame stands in Redis (for the diagnosis of a frame that went missing)."""
         try:
             r, site = self.admin(), self.site
-            keys = {kind: names.frame_prefix(site, kind) + str(frame_id) for kind in names.FRAME_KINDS}
+            keys = {kind: names.per_frame_key(site, kind, frame_id) for kind in names.FRAME_KINDS}
             out = {kind: r.type(key).decode() for kind, key in keys.items()}
             out["owner"] = r.get(keys[names.DECIDED])
             out["pending_deadline"] = r.zscore(names.pending_key(site), frame_id)

@@ -204,13 +204,34 @@ def test_names_live_in_the_names_module():
     assert names.status_topic("s", 3) == "ada/s/cam/3/status"
     assert names.results_topic("s") == "ada/s/results"
     assert names.shared_obs_filter("s") == "$share/edge/ada/s/cam/+/obs"
-    assert names.frame_key("s", 9) == "ada:s:frame:9"
-    assert names.escalations_stream("s") == "ada:s:escalations"
-    assert names.results_stream("s") == "ada:s:results"
-    assert names.deadletter_stream("s") == "ada:s:deadletter"
+    assert names.frame_key("s", 9) == "ada:{s}:frame:9"
+    assert names.escalations_stream("s") == "ada:{s}:escalations"
+    assert names.results_stream("s") == "ada:{s}:results"
+    assert names.deadletter_stream("s") == "ada:{s}:deadletter"
     for bad in ("", "a/b", "a+b", "a:b", "#", "x" * 65):
         with pytest.raises(ValueError):
             names.obs_topic(bad, 0)
+
+
+def test_every_key_of_a_site_is_in_the_site_s_cluster_slot():
+    from redis.crc import key_slot
+
+    keys = [names.per_frame_key("site-7", kind, 123) for kind in names.FRAME_KINDS] + [
+        f("site-7") for f in (names.claimed_key, names.pending_key, names.escalations_stream, names.results_stream,
+                              names.deadletter_stream, names.losses_stream, names.front_key, names.counters_key)]
+    keys.append(names.heartbeat_key("site-7", "edge", "edge-1"))
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(b"site-7")}
+    assert all(k.startswith("ada:{site-7}:") for k in keys)
+
+
+def test_no_lua_script_builds_a_key():
+    """A key built inside a script escapes the cluster's slot check: every key comes in KEYS."""
+    from edge import frame_store
+    from pipeline.transport import results_sink
+
+    scripts = [getattr(frame_store, n) for n in frame_store.__all__ if n.isupper()] + [results_sink.RECORD_RESULT]
+    for script in scripts:
+        assert ".." not in script and "ada:" not in script, script
 
 
 @pytest.mark.parametrize("version", [1.0, True, "1", None, 2])
