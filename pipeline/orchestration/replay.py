@@ -71,7 +71,7 @@ class ReplayConfig:
     aggregators: int = 1  # edge aggregators
     workers: int = 1  # cloud workers
     mqtt_url: str | None = None  # Mosquitto, mqtt://host:port; none = start an embedded one
-    redis_url: str | None = None  # Redis, redis://host:port/db; none = start an embedded one
+    redis_url: str | None = None  # Redis, redis://host:port/db, or a Redis Cluster, redis+cluster://host:port,host:port; none = start an embedded one
     site: str = ""  # site id; "" = a fresh replay-xxxxxxxx
     window: int = 128  # frames in flight at most (cameras wait for results beyond it)
     camera_batch: int = 64  # frames per camera forward pass

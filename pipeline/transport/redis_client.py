@@ -1,5 +1,12 @@
 """Redis clients of every role (retrying connection errors with capped backoff) and the
-heartbeats that `--check` looks for."""
+heartbeats that `--check` looks for.
+
+A `redis://` (or `rediss://`, TLS) URL gives a client of one Redis; a
+`redis+cluster://[user:password@]host:port,host:port,...` URL (`rediss+cluster://` for TLS) gives
+a Redis Cluster client (`redis.cluster.RedisCluster`, the nodes listed are where it starts to
+learn the cluster; it follows MOVED/ASK redirections and a failover). Every role takes either
+through its `--redis-url`. All keys of a site share one hash slot (`pipeline.wire.names`), so
+every pipeline and script of ours runs on the one node that serves the site."""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from urllib.parse import urlparse
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, ClusterError, NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from pipeline.errors import ConnectError
@@ -38,25 +45,74 @@ def safe_url(url: str) -> str:
     return url.replace(f":{u.password}@", ":***@") if u.password else url
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# What a cluster without a serving node for a slot looks like (a master died and no replica has
+# taken over yet; no start-up node answers): an outage, retried like a connection error.
+CLUSTER_DOWN = (ClusterDownError, ClusterError, RedisClusterException)
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlparse(url).scheme in CLUSTER_SCHEMES
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The (host, port) start-up nodes of a `redis+cluster://` URL; ValueError for a bad one."""
+    u = urlparse(url)
+    if u.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a cluster URL (want {' or '.join(s + '://' for s in CLUSTER_SCHEMES)})")
+    hosts = u.netloc.rpartition("@")[2]
+    if u.path not in ("", "/", "/0"):
+        raise ValueError("a Redis Cluster has database 0 only")
+    nodes = []
+    for part in hosts.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster node {part!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
+def make_client(url: str, **options) -> redis.Redis:
+    """A client for `url` (one Redis or, for `redis+cluster://`, a cluster), not yet connected;
+    `options` go to the client (timeouts, retry)."""
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url, **options)
+    from redis.cluster import ClusterNode, RedisCluster
+
+    u = urlparse(url)
+    nodes = [ClusterNode(host, port) for host, port in cluster_nodes(url)]
+    options.pop("health_check_interval", None)  # the cluster client checks its nodes itself
+    return RedisCluster(startup_nodes=nodes, username=u.username or None, password=u.password or None,
+                        ssl=u.scheme == "rediss+cluster", **options)
+
+
 def redis_client(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
     """A Redis client, pinged once: an unreachable server is retried with capped backoff for
     `timeout_s`; a refused login (wrong password, unknown ACL user) or a TLS mismatch fails at
     once. Later, each command retries a connection error twice with backoff; a longer outage
     reaches the caller's loop (see `pipeline.transport.service.REDIS_DOWN`)."""
     retry = Retry(ExponentialBackoff(cap=BACKOFF_MAX_S, base=BACKOFF_MIN_S), retries=COMMAND_RETRIES)
-    try:
-        client = redis.Redis.from_url(url, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                      socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S,
-                                      health_check_interval=30)
-    except ValueError as err:
-        raise ConnectError(f"Redis URL {safe_url(url)!r}: {err}") from err
     delay, deadline = BACKOFF_MIN_S, time.monotonic() + timeout_s
+    client = None
     while True:
         try:
+            if client is None:  # a cluster client learns the cluster when it is made: made again until it can
+                client = make_client(url, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                                     socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S,
+                                     health_check_interval=30)
             client.ping()
             return client
+        except ValueError as err:
+            raise ConnectError(f"Redis URL {safe_url(url)!r}: {err}") from err
         except redis.AuthenticationError as err:
             raise ConnectError(f"Redis {safe_url(url)} refused the login: {err}") from err
+        except CLUSTER_DOWN as err:  # no start-up node answers, or the cluster is not ok (yet)
+            if time.monotonic() + delay > deadline:
+                raise ConnectError(f"Redis Cluster {safe_url(url)} unavailable for {timeout_s:.0f}s: {err}") from err
+            log.warning("Redis Cluster %s unavailable (%s); retrying in %.1fs", safe_url(url), err, delay)
+            client = None
+            time.sleep(delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)
         except redis.ResponseError as err:  # NOAUTH / WRONGPASS / NOPERM come back as replies
             raise ConnectError(f"Redis {safe_url(url)} refused: {err}") from err
         except (redis.ConnectionError, redis.TimeoutError) as err:
@@ -81,7 +137,7 @@ def run_script_batch(client: redis.Redis, script: Script, calls: list[tuple[list
     for attempt in (1, 2):
         with client.pipeline(transaction=False) as p:
             for keys, args in calls:
-                p.evalsha(script.sha, len(keys), *keys, *args)
+                p.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # (a cluster pipeline blocks .evalsha)
             try:
                 return p.execute()
             except NoScriptError:
@@ -122,7 +178,7 @@ class Heartbeat:
             silent = False
             try:
                 self.beat()
-            except redis.RedisError as err:
+            except (redis.RedisError, RedisClusterException) as err:
                 log.warning("heartbeat %s failed: %s", self.key, err)
 
     def start(self) -> "Heartbeat":
@@ -135,7 +191,7 @@ class Heartbeat:
         self._thread.join(timeout=5)
         try:
             self.client.delete(self.key)
-        except redis.RedisError as err:
+        except (redis.RedisError, RedisClusterException) as err:
             log.warning("could not remove heartbeat %s: %s", self.key, err)
 
 

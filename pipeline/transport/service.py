@@ -27,9 +27,11 @@ from pipeline.wire import names
 log = logging.getLogger(__name__)
 
 # What a Redis outage looks like to a running loop: retried with backoff, never fatal. (Redis's
-# own client retries a few times first; see `redis_client`.)
+# own client retries a few times first; see `redis_client`.) On a Redis Cluster also the time
+# between a master's death and its replica's promotion: CLUSTERDOWN, a slot no node serves.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-              redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError)
+              redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError,
+              redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError)
 WATCHDOG_EXIT = 70  # exit status of a process the watchdog found stuck (EX_SOFTWARE)
 
 
@@ -39,7 +41,7 @@ class BrokerRoleConfig:
 
     site: str = "site0"  # site id: prefix of every topic and key
     mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
-    redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS)
+    redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS); a Redis Cluster: redis+cluster://[user:password@]host:port,host:port (rediss+cluster:// for TLS)
     checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this role's part
 
     heartbeat_s: float = 2.0  # seconds between heartbeats; three missed and the service counts as dead

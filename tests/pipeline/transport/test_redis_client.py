@@ -1,0 +1,30 @@
+"""Redis URLs: one Redis or a Redis Cluster (`redis+cluster://`). The cluster client itself runs
+against a real six-node cluster in tests/faults/test_cluster_failover.py."""
+
+import pytest
+
+from pipeline.errors import ConnectError
+from pipeline.transport.embedded import free_port
+from pipeline.transport.redis_client import cluster_nodes, is_cluster_url, redis_client, safe_url
+
+
+def test_cluster_urls_name_their_start_up_nodes():
+    url = "redis+cluster://ada:s3cret@10.0.0.1:7000, redis-b:7001,[::1]:7002"
+    assert is_cluster_url(url) and is_cluster_url("rediss+cluster://h:1")
+    assert not is_cluster_url("redis://h:6379/0") and not is_cluster_url("rediss://h:6379")
+    assert cluster_nodes(url) == [("10.0.0.1", 7000), ("redis-b", 7001), ("::1", 7002)]
+    assert "s3cret" not in safe_url(url)
+
+
+@pytest.mark.parametrize("bad", ["redis+cluster://h1:7000,h2", "redis+cluster://h1:7000/3", "redis+cluster://:7000",
+                                 "redis://h:1"])
+def test_a_bad_cluster_url_is_refused(bad):
+    with pytest.raises(ValueError):
+        cluster_nodes(bad)
+
+
+def test_a_cluster_nobody_answers_fails_after_its_timeout():
+    with pytest.raises(ConnectError, match="unavailable"):
+        redis_client(f"redis+cluster://127.0.0.1:{free_port()}", timeout_s=0.5)
+    with pytest.raises(ConnectError, match="Redis URL"):
+        redis_client("redis+cluster://127.0.0.1:1,nohost", timeout_s=0.5)
