@@ -1,33 +1,35 @@
-"""Shared fixtures: real Mosquitto and Redis for the streaming tests, one per session.
+"""Shared fixtures: real Mosquitto and Redis for the streaming tests, fresh for every test module.
 
-When a Docker engine answers (`docker info`), testcontainers starts eclipse-mosquitto and redis
-images; otherwise the tests use the services at ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL
-(default 127.0.0.1:1883 and :6379). Without either they are skipped locally, and fail in CI
-(env CI set): CI must never skip them. Every test gets its own site id, so tests do not see
-one another's traffic, and the site's Redis keys are removed after it.
+When a Docker engine answers (`docker info`), each test module gets its own Mosquitto and Redis
+containers (tests/containers.py: testcontainers, host networking, free loopback ports), so the
+fault tests can stop and restart them. Without an engine the tests use the services at
+ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL (default 127.0.0.1:1883 and :6379); the pytest header
+says which. In CI (env CI set) the containers are required: CI never falls back and never
+skips. Every test gets its own site id, so tests do not see one another's traffic, and the
+site's Redis keys are removed after it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import uuid
 
 import pytest
 
 from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL
 from pipeline.transport.mqtt_client import parse_mqtt_url
+from tests import containers
+
+_DOCKER = containers.docker_answers()
 
 
-def _docker_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=15).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+def pytest_report_header(config):
+    if _DOCKER:
+        mq, rd = containers.images()
+        return f"brokers: containers per test module ({mq}, {rd}; host network, free loopback ports)"
+    where = (os.environ.get("ADA_DDNN_MQTT_URL", DEFAULT_MQTT_URL), os.environ.get("ADA_DDNN_REDIS_URL", DEFAULT_REDIS_URL))
+    return f"brokers: no Docker engine; local services at {where[0]} and {where[1]}"
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -44,18 +46,27 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def brokers():
-    """(mqtt_url, redis_url) of a running Mosquitto and Redis for this session."""
-    if _docker_answers():
-        from testcontainers.community.mqtt import MosquittoContainer
-        from testcontainers.redis import RedisContainer
+@pytest.fixture(scope="module")
+def broker_containers():
+    """(MosquittoServer, RedisServer) in containers for this module; stop()/start() restart one on
+    the same port. Fails in CI and skips elsewhere when no Docker engine answers."""
+    if not _DOCKER:
+        _unavailable("no Docker engine answers (scripts/docker-engine.sh up)")
+    mq_image, rd_image = containers.images()
+    with containers.MosquittoServer(mq_image) as mq, containers.RedisServer(rd_image) as rd:
+        yield mq, rd
 
-        with MosquittoContainer("eclipse-mosquitto:2") as mq, RedisContainer("redis:7") as rd:
-            mqtt_url = f"mqtt://{mq.get_container_host_ip()}:{mq.get_exposed_port(MosquittoContainer.MQTT_PORT)}"
-            redis_url = f"redis://{rd.get_container_host_ip()}:{rd.get_exposed_port(6379)}/0"
-            yield mqtt_url, redis_url
+
+@pytest.fixture(scope="module")
+def brokers(request):
+    """(mqtt_url, redis_url) of a running Mosquitto and Redis for this test module."""
+    if _DOCKER:
+        mq, rd = request.getfixturevalue("broker_containers")
+        yield mq.url, rd.url
         return
+    if os.environ.get("CI"):
+        pytest.fail("CI runs the broker tests against containers, and no Docker engine answers "
+                    "(scripts/docker-engine.sh up)")
     mqtt_url = os.environ.get("ADA_DDNN_MQTT_URL", DEFAULT_MQTT_URL)
     redis_url = os.environ.get("ADA_DDNN_REDIS_URL", DEFAULT_REDIS_URL)
     u = parse_mqtt_url(mqtt_url)
