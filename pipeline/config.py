@@ -109,7 +109,13 @@ class TrainConfig:
     nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 5e-4  # L2 on conv/linear weights, not on BN or biases
     warmup_epochs: float = 1.0  # linear warm-up before the cosine decay, in epochs
-    label_smoothing: float = 0.0  # of every exit's cross-entropy target; 0 = hard labels
+    label_smoothing: float = 0.0  # of every exit's cross-entropy target; 0 = hard labels (see docs/MODEL.md's ablation)
+    # Self-distillation: the cloud, the strongest classifier, teaches the early exits. Its softened
+    # outputs carry which wrong classes are close (cat vs dog), which hard labels do not, and the
+    # camera and edge classifiers are small, exactly the students that gain most from that
+    # (Zhang et al., "Be Your Own Teacher", 2019). The teacher gets no gradient from these terms.
+    distill: float = 0.0  # weight of w_cam * KD_cameras + w_edge * KD_edge in the joint loss; 0 = off (see docs/MODEL.md's ablation)
+    distill_temperature: float = 3.0  # softmax temperature T of teacher and students (KD is scaled by T^2); 1 = plain softmax
     # Loss weights of the joint objective: sum of w * CE for every exit.
     weight_camera: float = 1.0  # loss weight of the camera exits (each camera's CE averaged over the cameras present)
     weight_edge: float = 1.0  # loss weight of exit 2
@@ -123,6 +129,14 @@ class TrainConfig:
     limit_eval: int = 0  # evaluate on the first N validation/test images (0 = all)
     bf16: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.distill < 0:
+            raise ValueError(f"distill must be >= 0, got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,25 +76,44 @@ class LossParts:
     camera: torch.Tensor  # mean CE over present cameras (0 for DDNN)
     edge: torch.Tensor
     cloud: torch.Tensor
+    distill: torch.Tensor  # the weighted distillation terms inside `total` (0 when off)
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row T^2 * KL(softmax(teacher / T) || softmax(student / T)); the teacher gets no gradient.
+
+    The T^2 keeps the gradients' scale independent of T (Hinton, Vinyals & Dean, 2015)."""
+    t = temperature
+    target = F.log_softmax(teacher.detach().float() / t, dim=-1)
+    log_p = F.log_softmax(student.float() / t, dim=-1)
+    return (t * t) * F.kl_div(log_p, target, reduction="none", log_target=True).sum(dim=-1)
 
 
 def joint_loss(out: Outputs, labels: torch.Tensor, tc: TrainConfig) -> LossParts:
-    """Weighted sum of every exit's cross-entropy: w_cam * CE_cameras + w_edge * CE_edge + w_cloud * CE_cloud.
+    """Weighted sum of every exit's cross-entropy: w_cam * CE_cameras + w_edge * CE_edge + w_cloud * CE_cloud,
+    plus, with `tc.distill` > 0, self-distillation of the cloud into the early exits:
+    distill * (w_cam * KD_cameras + w_edge * KD_edge) with KD as in `distillation`.
 
-    CE_cameras averages each present camera's CE over the (frame, camera) pairs present."""
+    CE_cameras and KD_cameras average over the (frame, camera) pairs present."""
     ls = tc.label_smoothing
     edge = F.cross_entropy(out.edge_logits.float(), labels, label_smoothing=ls)
     cloud = F.cross_entropy(out.cloud_logits.float(), labels, label_smoothing=ls)
+    zero = torch.zeros((), device=labels.device)
+    kd_edge = distillation(out.edge_logits, out.cloud_logits, tc.distill_temperature).mean() if tc.distill else zero
+    camera = kd_cam = zero
     if out.camera_logits is not None:
         n, c, k = out.camera_logits.shape
-        per = F.cross_entropy(out.camera_logits.float().reshape(n * c, k), labels.repeat_interleave(c),
-                              reduction="none", label_smoothing=ls)
+        flat = out.camera_logits.float().reshape(n * c, k)
         mask = out.present.reshape(n * c).float()
-        camera = (per * mask).sum() / mask.sum().clamp_min(1.0)
-    else:
-        camera = torch.zeros((), device=labels.device)
-    total = tc.weight_camera * camera + tc.weight_edge * edge + tc.weight_cloud * cloud
-    return LossParts(total, camera, edge, cloud)
+        count = mask.sum().clamp_min(1.0)
+        per = F.cross_entropy(flat, labels.repeat_interleave(c), reduction="none", label_smoothing=ls)
+        camera = (per * mask).sum() / count
+        if tc.distill:
+            kd = distillation(flat, out.cloud_logits.repeat_interleave(c, dim=0), tc.distill_temperature)
+            kd_cam = (kd * mask).sum() / count
+    distill = tc.distill * (tc.weight_camera * kd_cam + tc.weight_edge * kd_edge)
+    total = tc.weight_camera * camera + tc.weight_edge * edge + tc.weight_cloud * cloud + distill
+    return LossParts(total, camera, edge, cloud, distill)
 
 
 def sample_present(n: int, cams: int, p_drop: float, generator: torch.Generator | None = None) -> torch.Tensor:

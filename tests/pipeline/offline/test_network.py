@@ -85,6 +85,39 @@ def test_loss_equals_weighted_sum(views):
     assert parts.total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_distillation_terms(views):
+    torch.manual_seed(0)
+    model = AdaDDNN(tiny_config()).train()
+    y = torch.tensor([1, 2, 3])
+    present = torch.tensor([[True] * 6, [True, False] * 3, [False] * 5 + [True]])
+    out = model(views, present)
+    tc = TrainConfig(weight_camera=0.3, weight_edge=0.5, distill=0.7, distill_temperature=2.0)
+    parts = joint_loss(out, y, tc)
+    plain = joint_loss(out, y, TrainConfig(weight_camera=0.3, weight_edge=0.5))
+    t = 2.0
+
+    def kd(student, teacher):  # T^2 * KL(teacher_T || student_T), by hand
+        q = torch.softmax(teacher / t, -1)
+        return t * t * (q * (q.log() - torch.log_softmax(student / t, -1))).sum()
+
+    cam = torch.stack([kd(out.camera_logits[i, k], out.cloud_logits[i]) for i in range(3) for k in range(6)
+                       if present[i, k]]).mean()
+    edge = torch.stack([kd(out.edge_logits[i], out.cloud_logits[i]) for i in range(3)]).mean()
+    assert parts.distill.item() == pytest.approx((0.7 * (0.3 * cam + 0.5 * edge)).item(), rel=1e-4)
+    assert parts.total.item() == pytest.approx(plain.total.item() + parts.distill.item(), rel=1e-5)
+    assert plain.distill.item() == 0.0
+    # The cloud teaches and is not taught: the distillation terms give it no gradient.
+    grads = [torch.autograd.grad(p.total, list(model.cloud.parameters()), retain_graph=True) for p in (parts, plain)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_train_config_validation():
+    for bad in (dict(distill=-1.0), dict(distill_temperature=0.0), dict(label_smoothing=1.0)):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+
+
 def test_ddnn_loss_has_no_camera_term(views):
     model = AdaDDNN(tiny_config(mode="ddnn")).eval()
     y = torch.tensor([0, 1, 2])
