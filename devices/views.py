@@ -214,9 +214,11 @@ def render(plan: ViewPlan, scenes: torch.Tensor) -> torch.Tensor:
     """Float scenes N x 3 x H x H -> the plan's views N x cams x 3 x H x H, all in [0, 1]."""
     n, c, h, w = scenes.shape
     cams = plan.rows.shape[0]
-    # Rows of every camera in one matrix product, then each camera's columns in one batched one.
-    x = plan.rows.reshape(cams * h, h) @ scenes.permute(2, 0, 1, 3).reshape(h, n * c * w)
-    x = torch.bmm(x.view(cams, h * n * c, w), plan.cols_t).view(cams, h, n, c, w)
+    # Rows of every camera in one matrix product, then each camera's columns in one batched one;
+    # in the scenes' dtype even under autocast, so that a view is the same in training and deployed.
+    with torch.autocast(scenes.device.type, enabled=False):
+        x = plan.rows.reshape(cams * h, h) @ scenes.permute(2, 0, 1, 3).reshape(h, n * c * w)
+        x = torch.bmm(x.view(cams, h * n * c, w), plan.cols_t).view(cams, h, n, c, w)
     x = x.permute(2, 0, 3, 1, 4).contiguous()  # N x cams x 3 x H x W
     if plan.photometric:
         p = list(plan.photometric)

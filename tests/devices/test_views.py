@@ -125,3 +125,12 @@ def test_normalize_uses_cifar_statistics():
     n = normalize(x)
     assert n.shape == x.shape
     assert n[0, 0, 0, 0, 0].item() == pytest.approx((0.5 - 0.4914) / 0.2470, rel=1e-5)
+
+
+def test_views_ignore_autocast(scenes):
+    # Training runs the views inside bf16 autocast; they must still be the float32 views deployed.
+    cfg = ModelConfig()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        views = all_views(cfg, scenes)
+    assert views.dtype == torch.float32
+    assert torch.equal(views, all_views(cfg, scenes))
