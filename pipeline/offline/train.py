@@ -3,10 +3,14 @@
     ada-ddnn train --mode ada  --out models/ada.safetensors
     ada-ddnn train --mode ddnn --out models/ddnn.safetensors
     ada-ddnn train --mode ada --epochs 180 --lr 0.1 --batch-size 200   # the paper's recipe
+    ada-ddnn train --mode ada --out models/ada.safetensors --resume     # continue an interrupted run
+    ada-ddnn train --mode ada --out models/ada.safetensors --resume --epochs 40   # extend a finished one
 
 SGD with Nesterov momentum, linear warm-up then cosine annealing per step, camera dropout so
 the network tolerates missing cameras, bf16 autocast where the device supports it. Writes the
-checkpoint, its model card and a per-epoch history (JSON) next to it.
+checkpoint, its model card and a per-epoch history (JSON) next to it, and after every epoch the
+run's state (`<out>.state.safetensors`, see `pipeline.offline.train_state`) that `--resume`
+continues from.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import math
 import os
 import platform
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -42,6 +47,14 @@ from pipeline.offline.network import (
     prepare_views,
     sample_present,
     save_checkpoint,
+)
+from pipeline.offline.train_state import (
+    TrainState,
+    capture_rng,
+    load_train_state,
+    restore_rng,
+    save_train_state,
+    state_path,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +86,7 @@ class EpochStats:
     train_loss_camera: float
     train_loss_edge: float
     train_loss_cloud: float
+    train_loss_distill: float  # the distillation terms (0 when off)
     val_loss_edge: float
     val_loss_cloud: float
     val: dict[str, Any]
@@ -101,11 +115,16 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[EpochStats], None] | None = None,
     command: str | None = None,
+    resume: bool = False,
 ) -> tuple[AdaDDNN, list[EpochStats], dict[str, Any]]:
-    """Train jointly; returns the model, its history and the model card (also written when `out_path`)."""
+    """Train jointly; returns the model, its history and the model card (also written when `out_path`).
+
+    With `out_path`, the run's state is written after every epoch; `resume` continues from it
+    (same config, `tc.epochs` may be larger than before)."""
+    set_threads(tc.threads)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
-    set_threads(tc.threads)
+    random.seed(tc.seed)
     device = resolve_device(tc.device)
     amp = autocast_enabled(device, tc.bf16)
     train_split = data.train.head(tc.limit_train)
@@ -118,17 +137,28 @@ def train(
     gen = torch.Generator().manual_seed(tc.seed)
     images = torch.as_tensor(train_split.images)
     labels = torch.as_tensor(train_split.labels)
+    history: list[EpochStats] = []
+    done, step, wall_before, resumed_at = 0, 0, 0.0, []
+    if resume:
+        if not out_path:
+            raise ValueError("resume needs the run's output path (--out), next to which its state is")
+        st = load_train_state(state_path(out_path), cfg, tc, data.digest)
+        model.load_state_dict(st.model)
+        opt.load_state_dict(st.optimizer)
+        gen.set_state(st.generator)
+        restore_rng(st.rng)
+        history = [EpochStats(**h) for h in st.history]
+        done, step, wall_before, resumed_at = st.epoch, st.step, st.wall_s, [*st.resumed_at, st.epoch]
+        log.info("resuming %s after epoch %d of %d (step %d)", state_path(out_path), done, tc.epochs, step)
     log.info("training %s: %d parameters, %d train / %d val frames, %d epochs x %d steps on %s (bf16 autocast %s)",
              cfg.mode, parameter_count(model), len(train_split), len(val_split), tc.epochs, steps_per_epoch,
              device, "on" if amp else "off")
-    history: list[EpochStats] = []
     t_start = time.time()
-    step = 0
-    for epoch in range(1, tc.epochs + 1):
+    for epoch in range(done + 1, tc.epochs + 1):
         model.train()
         t0 = time.time()
         order = torch.randperm(len(train_split), generator=gen)
-        sums = np.zeros(4)
+        sums = np.zeros(5)
         seen = 0
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.mode} epoch {epoch}/{tc.epochs}", disable=not progress,
                    unit="step", dynamic_ncols=True, leave=False)
@@ -151,7 +181,8 @@ def train(
             opt.step()
             step += 1
             b = len(idx)
-            sums += b * np.array([float(v.detach()) for v in (parts.total, parts.camera, parts.edge, parts.cloud)])
+            sums += b * np.array([float(v.detach()) for v in
+                                  (parts.total, parts.camera, parts.edge, parts.cloud, parts.distill)])
             seen += b
             correct_cloud += int((out.cloud_logits.argmax(-1) == y).sum())
             if i % 10 == 0:
@@ -164,15 +195,22 @@ def train(
         stats = EpochStats(epoch, lr, *map(float, mean), val_e, val_c, val, time.time() - t0)
         history.append(stats)
         cams = val["cameras_all"]
-        log.info("epoch %d/%d: loss %.3f (cam %.3f edge %.3f cloud %.3f), val edge %.4f cloud %.4f cameras %s, %.0fs",
-                 epoch, tc.epochs, mean[0], mean[1], mean[2], mean[3], val["edge_all"], val["cloud_all"],
-                 "-" if cams is None else " ".join(f"{a:.3f}" for a in cams), stats.seconds)
-        if on_epoch:
-            on_epoch(stats)
+        log.info("epoch %d/%d: loss %.3f (cam %.3f edge %.3f cloud %.3f distill %.3f), val edge %.4f cloud %.4f "
+                 "cameras %s, %.0fs", epoch, tc.epochs, mean[0], mean[1], mean[2], mean[3], mean[4],
+                 val["edge_all"], val["cloud_all"], "-" if cams is None else " ".join(f"{a:.3f}" for a in cams),
+                 stats.seconds)
         if out_path:
             _write_history(out_path, history)
-    wall = time.time() - t_start
+            state = TrainState(epoch, step, model.state_dict(), opt.state_dict(), gen.get_state(),
+                               [h.__dict__ for h in history], wall_before + time.time() - t_start, capture_rng(),
+                               resumed_at)
+            save_train_state(state_path(out_path), state, cfg, tc, data.digest)
+        if on_epoch:
+            on_epoch(stats)
+    wall = wall_before + time.time() - t_start
     card = _model_card(model, tc, data, device, amp, wall, history)  # metrics in float32, as deployed
+    if resumed_at:
+        card["resumed_after_epochs"] = resumed_at
     if command:
         card = {"command": command, **card}
     if out_path:

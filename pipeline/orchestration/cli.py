@@ -1,7 +1,7 @@
 """The `ada-ddnn` command: one entry point, a sub-command per job.
 
     ada-ddnn data [--download]        make sure CIFAR-10 is where --data points
-    ada-ddnn train --mode ada|ddnn    joint training, writes a checkpoint + model card
+    ada-ddnn train --mode ada|ddnn    joint training, writes a checkpoint + model card (--resume continues)
     ada-ddnn export --checkpoint C --parts DIR   one file per part (camera k, edge, cloud)
     ada-ddnn evaluate --checkpoint C  the paper's experiments offline (report.json, figures)
     ada-ddnn bench train [--json]     training throughput on this device
@@ -81,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_data(args, tc.val_size)
     out = args.out or f"runs/{cfg.mode}.safetensors"
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    _, _, card = train(cfg, tc, data, out_path=out, progress=not args.no_progress, command=command)
+    _, _, card = train(cfg, tc, data, out_path=out, progress=not args.no_progress, command=command,
+                       resume=args.resume)
     print(json.dumps({"checkpoint": out, "thresholds": card["thresholds"], "test": card["test"]}, indent=2))
     return 0
 
@@ -92,6 +93,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     add_model_train_args(p)
     p.add_argument("--out", help="checkpoint path (.safetensors); default runs/<mode>.safetensors")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs each epoch still)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose state is next to --out (<out>.state.safetensors, written after "
+                        "every epoch); same options, except a larger --epochs extends a finished run")
     p.set_defaults(func=cmd_train)
 
 

@@ -1,14 +1,18 @@
 """Short training runs: on real CIFAR-10 when present (CI materializes it), else skipped."""
 
+import dataclasses
 import os
 
 import pytest
+import torch
 
 from pipeline.checkpoint import load_card
 from pipeline.config import TrainConfig, default_data_dir
 from pipeline.data import DataError, load_cifar10
+from pipeline.errors import CheckpointError
 from pipeline.offline.network import load_checkpoint
 from pipeline.offline.train import lr_at, train
+from pipeline.offline.train_state import state_path
 from tests.helpers import synthetic_cifar, tiny_config
 
 
@@ -65,3 +69,65 @@ def test_lr_schedule():
     assert lr_at(10, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_at(55, 100, 10, 0.1) == pytest.approx(0.05)
     assert lr_at(100, 100, 10, 0.1) == pytest.approx(0.0, abs=1e-12)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(epoch):
+    def on_epoch(stats):
+        if stats.epoch == epoch:
+            raise Interrupted
+    return on_epoch
+
+
+def _same_weights(a: str, b: str) -> None:
+    sa, sb = load_checkpoint(a).state_dict(), load_checkpoint(b).state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    # Augmentation, camera dropout and distillation on: every random draw and every optimizer
+    # buffer has to come back for the weights to match bit for bit.
+    data = synthetic_cifar()
+    tc = TrainConfig(epochs=2, batch_size=16, distill=0.5, label_smoothing=0.1)
+    whole, parts = str(tmp_path / "whole.safetensors"), str(tmp_path / "parts.safetensors")
+    _, h_whole, _ = train(tiny_config(), tc, data, out_path=whole, progress=False)
+    with pytest.raises(Interrupted):
+        train(tiny_config(), tc, data, out_path=parts, progress=False, on_epoch=_interrupt_after(1))
+    assert os.path.isfile(state_path(parts)) and not os.path.isfile(parts)
+    _, h_parts, card = train(tiny_config(), tc, data, out_path=parts, progress=False, resume=True)
+    _same_weights(whole, parts)
+    assert [h.train_loss for h in h_parts] == [h.train_loss for h in h_whole]
+    assert [h.val for h in h_parts] == [h.val for h in h_whole]
+    assert card["resumed_after_epochs"] == [1]
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    data = synthetic_cifar()
+    out = str(tmp_path / "m.safetensors")
+    train(tiny_config(), TrainConfig(epochs=1, batch_size=16), data, out_path=out, progress=False)
+    _, history, card = train(tiny_config(), TrainConfig(epochs=2, batch_size=16), data, out_path=out,
+                             progress=False, resume=True)
+    assert [h.epoch for h in history] == [1, 2]
+    assert card["epochs"] == 2 and load_card(out)["resumed_after_epochs"] == [1]
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    data = synthetic_cifar()
+    out = str(tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="no training state"):
+        train(tiny_config(), TrainConfig(epochs=1, batch_size=16), data, out_path=out, progress=False, resume=True)
+    train(tiny_config(), TrainConfig(epochs=1, batch_size=16), data, out_path=out, progress=False)
+    with pytest.raises(CheckpointError, match=r"lr: 0\.1 in the state, 0\.05 now"):
+        train(tiny_config(), TrainConfig(epochs=2, batch_size=16, lr=0.05), data, out_path=out, progress=False,
+              resume=True)
+    with pytest.raises(CheckpointError, match="model fusion: 'concat' in the state, 'max' now"):
+        train(tiny_config(fusion="max"), TrainConfig(epochs=2, batch_size=16), data, out_path=out,
+              progress=False, resume=True)
+    with pytest.raises(CheckpointError, match="data digest"):
+        train(tiny_config(), TrainConfig(epochs=2, batch_size=16), dataclasses.replace(data, digest="other"),
+              out_path=out, progress=False, resume=True)
