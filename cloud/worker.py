@@ -15,6 +15,18 @@ delivered more than --max-deliveries times goes to the dead letters.
 A batch that fails is answered entry by entry, so one bad escalation sinks only itself. A Redis
 outage is retried with capped backoff; a consumer group that vanished (Redis restarted without
 persistence) is created again and the loss is logged.
+
+One worker can serve many sites (one pool of cloud workers for many sites):
+
+    ada-ddnn cloud --sites a,b,c                 # these sites' escalation streams
+    ada-ddnn cloud --sites '*'                   # every site an edge announced (ada:sites)
+
+It reads each site's stream with the consumer group, fairly: each round visits every site
+once, in a rotating order, taking at most its share of a batch (--batch / number of sites), so a
+site with a long backlog cannot starve the others; one forward pass answers the entries of all
+sites. Recording, acknowledging, dead letters, --max-deliveries, NOGROUP and XAUTOCLAIM stay per
+site, and every pipeline touches one site's keys. It beats a heartbeat at each site it serves.
+Each site's results go to --mqtt-url, or to the site's own broker named in --site-mqtt.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import torch
@@ -31,7 +44,7 @@ import torch
 from cloud.cloud_net import CloudModule, load_cloud
 from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import normalized_entropy
-from pipeline.errors import CloudError, MessageError
+from pipeline.errors import CloudError, ConnectError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.mqtt_client import MqttClient
@@ -44,6 +57,7 @@ from pipeline.wire.messages import Decision, Escalation
 log = logging.getLogger(__name__)
 
 IDLE_BLOCK_MS = 200  # longest XREADGROUP block while idle, so a stop request is seen quickly
+ALL_SITES = "*"  # --sites: every site in the registry (`names.sites_key()`)
 
 
 @dataclass(frozen=True)
@@ -61,13 +75,35 @@ class CloudConfig(BrokerRoleConfig):
     service_id: str = ""  # consumer name; "" = generated
     group: str = names.CLOUD_GROUP  # Redis consumer group the workers share
     max_deliveries: int = 5  # an escalation reclaimed after this many deliveries goes to the dead letters
+    sites: str = ""  # the sites this worker serves, comma-separated, or * for every site an edge announced (looked up again every --claim-interval-s); "" = --site alone
+    site_mqtt: str = ""  # brokers of their own for some sites' results: site=mqtt://host:port,...; the others' go to --mqtt-url
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sites != ALL_SITES:
+            for one in filter(None, self.sites.split(",")):
+                names.check_site(one.strip())
+        self.mqtt_urls()
         if self.batch < 1 or self.wait_ms < 0 or self.claim_idle_ms < 1 or self.max_deliveries < 1:
             raise ValueError("need batch >= 1, wait_ms >= 0, claim_idle_ms >= 1 and max_deliveries >= 1")
         if not self.claim_interval_s > 0 or self.decided_ttl_s < 1 or self.results_maxlen < 1:
             raise ValueError("need claim_interval_s > 0, decided_ttl_s >= 1 and results_maxlen >= 1")
+
+    def site_list(self) -> list[str]:
+        """The sites named by --sites (none for *), else --site."""
+        if self.sites == ALL_SITES:
+            return []
+        return list(dict.fromkeys(one.strip() for one in self.sites.split(",") if one.strip())) or [self.site]
+
+    def mqtt_urls(self) -> dict[str, str]:
+        """--site-mqtt as site -> broker URL."""
+        out = {}
+        for pair in filter(None, (p.strip() for p in self.site_mqtt.split(","))):
+            site, sep, url = pair.partition("=")
+            if not sep or not url:
+                raise ValueError(f"site_mqtt: {pair!r} is not site=mqtt://host:port")
+            out[names.check_site(site)] = url
+        return out
 
 
 @dataclass
@@ -90,31 +126,62 @@ class Worker(BrokerService):
         self.device = resolve_device(cfg.device)
         self.cfg, self.model = cfg, model.to(self.device).eval()
         self.stats = CloudStats()
-        self.stream = names.escalations_stream(cfg.site)
+        self.sites: list[str] = []  # served now; with --sites '*' it grows as edges announce sites
         self.fused_shape = (model.cfg.fused_channels, *model.cfg.wire_shape[1:])
+        self._turn = 0  # which site a round of reads starts at (rotates)
+        self._site_mqtt: dict[str, MqttClient] = {}  # brokers of their own (--site-mqtt), by URL
 
     def connect(self) -> None:
         cfg = self.cfg
         self.redis = redis_client(cfg.redis_url)
         self._record = self.redis.register_script(RECORD_RESULT)
         self.redis.script_load(RECORD_RESULT)  # loaded now, so that a NOSCRIPT later means Redis restarted
-        self.ensure_group()
-        self.heartbeat = Heartbeat(self.redis, cfg.site, "cloud", self.sid, cfg.heartbeat_s,
-                                   lambda: {"answered": self.stats.answered, "loop_age_s": round(self.watchdog.age(), 3)},
-                                   self.healthy).start()
         self.mqtt = MqttClient(cfg.mqtt_url, self.sid).connect()
+        for url in dict.fromkeys(cfg.mqtt_urls().values()):
+            self._site_mqtt[url] = MqttClient(url, f"{self.sid}-{len(self._site_mqtt)}").connect()
+        self.update_sites()
         self.start_watchdog()
-        log.info("cloud %s: site %r, group %r, batch %d / %d ms on %s", self.sid, cfg.site, cfg.group, cfg.batch,
-                 cfg.wait_ms, self.device)
+        log.info("cloud %s: site %r, group %r, batch %d / %d ms on %s", self.sid, ",".join(self.sites) or cfg.sites,
+                 cfg.group, cfg.batch, cfg.wait_ms, self.device)
 
-    def ensure_group(self) -> None:
-        """Create the consumer group (and the stream) unless they exist."""
+    def update_sites(self) -> None:
+        """Serve the configured sites (with --sites '*', every site in the registry): each new one
+        gets its consumer group and a heartbeat."""
+        assert self.redis is not None
+        if self.cfg.sites == ALL_SITES:
+            found = sorted(x.decode() if isinstance(x, bytes) else x for x in self.redis.smembers(names.sites_key()))
+            wanted = [x for x in found if names.SITE_RE.match(x)]
+        else:
+            wanted = self.cfg.site_list()
+        for site in wanted:
+            if site in self.sites:
+                continue
+            self.ensure_group(site)
+            self.sites.append(site)
+            if self.heartbeat is None:
+                self.heartbeat = Heartbeat(self.redis, site, "cloud", self.sid, self.cfg.heartbeat_s,
+                                           lambda: {"answered": self.stats.answered, "sites": len(self.sites),
+                                                    "loop_age_s": round(self.watchdog.age(), 3)},
+                                           self.healthy).start()
+            else:
+                self.heartbeat.add_site(site)
+            if self.cfg.sites == ALL_SITES:
+                log.info("cloud %s: now serving site %r (%d sites)", self.sid, site, len(self.sites))
+
+    def ensure_group(self, site: str) -> None:
+        """Create the site's consumer group (and its stream) unless they exist."""
         assert self.redis is not None
         try:
-            self.redis.xgroup_create(self.stream, self.cfg.group, id="0", mkstream=True)
+            self.redis.xgroup_create(names.escalations_stream(site), self.cfg.group, id="0", mkstream=True)
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+
+    def close(self) -> None:
+        for client in self._site_mqtt.values():
+            client.close()
+        self._site_mqtt = {}
+        super().close()
 
     # -- the loop --
     def run(self, stop: threading.Event) -> None:
@@ -124,118 +191,180 @@ class Worker(BrokerService):
             self.watchdog.tick()
             try:
                 if time.monotonic() >= next_claim:
+                    self.update_sites()
                     self.process(self.autoclaim(), reclaimed=True)
                     next_claim = time.monotonic() + self.cfg.claim_interval_s
-                batch = self.read_batch()
+                batch = self.read_batch() if self.sites else []
                 if batch:
                     self.process(batch)
+                elif not self.sites:
+                    stop.wait(IDLE_BLOCK_MS / 1000)  # no site announced yet
                 backoff.reset()
             except REDIS_DOWN as err:
                 self.stats.redis_outages += 1
                 delay = backoff.next()
                 log.warning("cloud %s: Redis unavailable (%s); retrying in %.1f s", self.sid, err, delay)
                 stop.wait(delay)
-            except redis.ResponseError as err:
-                if "NOGROUP" not in str(err):
-                    raise
-                self.stats.groups_recreated += 1
-                log.error("cloud %s: the consumer group %r of %s is gone (Redis restarted without persistence?); "
-                          "creating it again: escalations that were in the stream are lost with it", self.sid,
-                          self.cfg.group, self.stream)
-                self.ensure_group()
+            except redis.ResponseError as err:  # NOGROUP where no read expected it: every group checked
+                for site in self.sites:
+                    self._nogroup(site, err)
 
-    def read_batch(self) -> list[tuple[bytes, dict]]:
-        """Up to `batch` new entries: block for the first, then at most `wait_ms` for the rest."""
-        cfg, r = self.cfg, self.redis
-        assert r is not None
-        out: list[tuple[bytes, dict]] = []
+    def _nogroup(self, site: str, err: redis.ResponseError) -> None:
+        """A consumer group that vanished (Redis restarted without persistence) is made again."""
+        if "NOGROUP" not in str(err):
+            raise err
+        self.stats.groups_recreated += 1
+        log.error("cloud %s: the consumer group %r of %s is gone (Redis restarted without persistence?); creating it "
+                  "again: escalations that were in the stream are lost with it", self.sid, self.cfg.group,
+                  names.escalations_stream(site))
+        self.ensure_group(site)
+
+    def _read(self, site: str, count: int, block: int | None) -> list[tuple[str, bytes, dict]]:
+        assert self.redis is not None
+        try:
+            resp = self.redis.xreadgroup(self.cfg.group, self.sid, {names.escalations_stream(site): ">"}, count=count,
+                                         block=block)
+        except redis.ResponseError as err:
+            self._nogroup(site, err)
+            return []
+        return [(site, entry_id, fields) for _, entries in resp or [] for entry_id, fields in entries]
+
+    def read_batch(self) -> list[tuple[str, bytes, dict]]:
+        """Up to `batch` new (site, entry id, fields): rounds over the sites, each taking at most
+        its share of the batch per round; when a round finds nothing, block on one site (at most
+        200 ms over all sites while idle, then at most `wait_ms` for the rest of a batch)."""
+        cfg, sites = self.cfg, list(self.sites)
+        share = max(1, -(-cfg.batch // len(sites)))
+        out: list[tuple[str, bytes, dict]] = []
         first_at = None
         while len(out) < cfg.batch:
+            self._turn = (self._turn + 1) % len(sites)
+            order = sites[self._turn:] + sites[:self._turn]
+            got = 0
+            if len(sites) > 1:
+                for site in order:
+                    if len(out) >= cfg.batch:
+                        break
+                    entries = self._read(site, min(share, cfg.batch - len(out)), None)
+                    got += len(entries)
+                    out.extend(entries)
+            if got:
+                if first_at is None:
+                    first_at = time.monotonic()
+                elif (time.monotonic() - first_at) * 1000 >= cfg.wait_ms:
+                    break
+                continue
             if first_at is None:
-                block = IDLE_BLOCK_MS
+                block = max(1, IDLE_BLOCK_MS // len(sites))
             else:
                 left = cfg.wait_ms - (time.monotonic() - first_at) * 1000
                 if left < 1:
                     break
-                block = int(left)
-            resp = r.xreadgroup(cfg.group, self.sid, {self.stream: ">"}, count=cfg.batch - len(out), block=block)
-            if not resp:
+                block = int(left) if len(sites) == 1 else max(1, min(int(left), IDLE_BLOCK_MS // len(sites)))
+            entries = self._read(order[0], min(share, cfg.batch - len(out)), block)
+            if not entries:
                 if first_at is None:
                     return out
                 break
-            for _, entries in resp:
-                out.extend(entries)
+            out.extend(entries)
             if first_at is None:
                 first_at = time.monotonic()
         return out
 
-    def autoclaim(self) -> list[tuple[bytes, dict]]:
-        """Entries pending longer than claim_idle_ms at any consumer, now ours. An entry already
-        delivered `max_deliveries` times (it keeps killing workers) goes to the dead letters."""
-        r, cfg = self.redis, self.cfg
+    def autoclaim(self) -> list[tuple[str, bytes, dict]]:
+        """Entries pending longer than claim_idle_ms at any consumer, now ours, from every site.
+        An entry already delivered `max_deliveries` times (it keeps killing workers) goes to the
+        dead letters."""
+        out: list[tuple[str, bytes, dict]] = []
+        for site in list(self.sites):
+            try:
+                out.extend(self._autoclaim(site))
+            except redis.ResponseError as err:
+                self._nogroup(site, err)
+        return out
+
+    def _autoclaim(self, site: str) -> list[tuple[str, bytes, dict]]:
+        r, cfg, stream = self.redis, self.cfg, names.escalations_stream(site)
         assert r is not None
         out: list[tuple[bytes, dict]] = []
         start = "0-0"
         while True:
-            resp = r.xautoclaim(self.stream, cfg.group, self.sid, cfg.claim_idle_ms, start_id=start, count=cfg.batch)
+            resp = r.xautoclaim(stream, cfg.group, self.sid, cfg.claim_idle_ms, start_id=start, count=cfg.batch)
             start, entries = resp[0], resp[1]
             out.extend(e for e in entries if e[1])  # deleted entries come back empty
             if start in (b"0-0", "0-0") or len(out) >= 4 * cfg.batch:
                 break
         if not out:
-            return out
+            return []
         with r.pipeline(transaction=False) as p:
             for entry_id, _ in out:
-                p.xpending_range(self.stream, cfg.group, min=entry_id, max=entry_id, count=1)
+                p.xpending_range(stream, cfg.group, min=entry_id, max=entry_id, count=1)
             pending = p.execute()
         keep, poison = [], []
         for (entry_id, fields), info in zip(out, pending):
             times = int(info[0]["times_delivered"]) if info else 0
             (poison if times > cfg.max_deliveries else keep).append((entry_id, fields, times))
         if poison:
-            self.finish([entry_id for entry_id, _, _ in poison],
+            self.finish(site, [entry_id for entry_id, _, _ in poison],
                         [(entry_id, fields.get(b"msg", b""), f"delivered {times} times without an answer (it kills "
                           f"or stalls every worker that takes it); given up") for entry_id, fields, times in poison])
         self.stats.reclaimed += len(keep)
         if keep:
-            log.warning("cloud %s: reclaimed %d escalations left pending by dead workers", self.sid, len(keep))
-        return [(entry_id, fields) for entry_id, fields, _ in keep]
+            log.warning("cloud %s: site %r: reclaimed %d escalations left pending by dead workers", self.sid, site,
+                        len(keep))
+        return [(site, entry_id, fields) for entry_id, fields, _ in keep]
 
-    def process(self, entries: list[tuple[bytes, dict]], reclaimed: bool = False) -> None:
-        """Answer a batch: record each result once, publish it, then XACK + XDEL every entry (the
-        stream's length is the edge's backpressure signal). An entry that cannot be answered goes
-        to the dead letters alone."""
+    def process(self, entries: list[tuple[str, bytes, dict]], reclaimed: bool = False) -> None:
+        """Answer a batch (of any sites) in one forward pass; then, site by site, record each
+        result once, publish it, and XACK + XDEL every entry (the stream's length is the edge's
+        backpressure signal). An entry that cannot be answered goes to its site's dead letters alone."""
         if not entries:
             return
         assert self.redis is not None and self.mqtt is not None
         self.stats.entries += len(entries)
-        good: list[tuple[bytes, Escalation]] = []
-        letters: list[tuple[bytes, bytes, str]] = []
-        for entry_id, fields in entries:
+        good: list[tuple[tuple[str, bytes], Escalation]] = []
+        letters: dict[str, list[tuple[bytes, bytes, str]]] = {}
+        for site, entry_id, fields in entries:
             try:
                 esc = Escalation.decode(fields.get(b"msg", b""))
-                if esc.site != self.cfg.site or esc.features.shape != self.fused_shape:
-                    raise CloudError(self.cfg.site, esc.frame_id, f"escalation of site {esc.site!r} with features "
-                                                                  f"{esc.features.shape} does not fit this network")
-                good.append((entry_id, esc))
+                if esc.site != site or esc.features.shape != self.fused_shape:
+                    raise CloudError(site, esc.frame_id, f"escalation of site {esc.site!r} with features "
+                                                         f"{esc.features.shape} does not fit this network")
+                good.append(((site, entry_id), esc))
             except (MessageError, CloudError) as err:
-                letters.append((entry_id, fields.get(b"msg", b""), str(err)))
+                letters.setdefault(site, []).append((entry_id, fields.get(b"msg", b""), str(err)))
             except Exception as err:  # noqa: BLE001 - the per-message boundary: no entry stops the worker
-                log.exception("cloud %s: unexpected error on escalation %s", self.sid, entry_id)
-                letters.append((entry_id, fields.get(b"msg", b""), f"unexpected {type(err).__name__}: {err}"))
-        answered = self.answer_isolated(good, letters)
-        decisions = [(dec, dec.encode()) for _, dec in answered]
-        firsts = record_results(self.redis, self._record, decisions, self.cfg.decided_ttl_s * 1000,
-                                self.cfg.results_maxlen)
-        for (dec, raw), first in zip(decisions, firsts):
-            if first or reclaimed:  # a reclaimed entry's result may have been recorded but never published
-                self.mqtt.publish(names.results_topic(dec.site), raw)
+                log.exception("cloud %s: unexpected error on escalation %s of site %r", self.sid, entry_id, site)
+                letters.setdefault(site, []).append((entry_id, fields.get(b"msg", b""),
+                                                     f"unexpected {type(err).__name__}: {err}"))
+        isolated: list[tuple[tuple[str, bytes], bytes, str]] = []
+        answered = self.answer_isolated(good, isolated)
+        for (site, entry_id), payload, reason in isolated:
+            letters.setdefault(site, []).append((entry_id, payload, reason))
+        by_site: dict[str, list[tuple[bytes, Decision]]] = {}
+        for (site, entry_id), dec in answered:
+            by_site.setdefault(site, []).append((entry_id, dec))
+        for site in dict.fromkeys([s for s, _, _ in entries]):
+            done = by_site.get(site, [])
+            decisions = [(dec, dec.encode()) for _, dec in done]
+            firsts = record_results(self.redis, self._record, decisions, self.cfg.decided_ttl_s * 1000,
+                                    self.cfg.results_maxlen)
+            for (dec, raw), first in zip(decisions, firsts):
+                if first or reclaimed:  # a reclaimed entry's result may have been recorded but never published
+                    self.results_broker(site).publish(names.results_topic(dec.site), raw)
+            self.finish(site, [entry_id for entry_id, _ in done], letters.get(site, []))
         self.stats.answered += len(answered)
         self.stats.batches += 1
-        self.finish([entry_id for entry_id, _ in answered], letters)
 
-    def answer_isolated(self, good: list[tuple[bytes, Escalation]],
-                        letters: list[tuple[bytes, bytes, str]]) -> list[tuple[bytes, Decision]]:
+    def results_broker(self, site: str) -> MqttClient:
+        """The MQTT client for `site`'s results: its own broker (--site-mqtt) or --mqtt-url's."""
+        url = self.cfg.mqtt_urls().get(site)
+        client = self._site_mqtt.get(url) if url else None
+        assert self.mqtt is not None
+        return client or self.mqtt
+
+    def answer_isolated(self, good: list[tuple[Any, Escalation]],
+                        letters: list[tuple[Any, bytes, str]]) -> list[tuple[Any, Decision]]:
         """Answers for a batch; when the batch fails, entry by entry, so that one bad escalation
         takes none of its batch-mates with it (those that fail alone join `letters`)."""
         if not good:
@@ -267,20 +396,21 @@ class Worker(BrokerService):
         return [Decision(e.site, e.frame_id, "cloud", int(pred[i]), float(entropy[i]), None, e.present, e.captured_at,
                          now, self.sid, e.label) for i, e in enumerate(escs)]
 
-    def finish(self, done: list[bytes], letters: list[tuple[bytes, bytes, str]]) -> None:
-        """Dead-letter `letters` (entry id, payload, reason), then XACK + XDEL them and `done`."""
+    def finish(self, site: str, done: list[bytes], letters: list[tuple[bytes, bytes, str]]) -> None:
+        """Dead-letter `letters` (entry id, payload, reason) of `site`, then XACK + XDEL them and `done`."""
         assert self.redis is not None
+        stream = names.escalations_stream(site)
         if letters:
             self.stats.deadletter += len(letters)
             for entry_id, _, reason in letters[:5]:
-                log.warning("site %r: escalation %s to the dead letters: %s", self.cfg.site, entry_id, reason)
-            add_dead_letters(self.redis, self.cfg.site, [(f"{self.stream} {entry_id!r}", payload, reason)
-                                                          for entry_id, payload, reason in letters], self.sid)
+                log.warning("site %r: escalation %s to the dead letters: %s", site, entry_id, reason)
+            add_dead_letters(self.redis, site, [(f"{stream} {entry_id!r}", payload, reason)
+                                                for entry_id, payload, reason in letters], self.sid)
         ids = done + [entry_id for entry_id, _, _ in letters]
         if ids:
             with self.redis.pipeline(transaction=True) as p:
-                p.xack(self.stream, self.cfg.group, *ids)
-                p.xdel(self.stream, *ids)
+                p.xack(stream, self.cfg.group, *ids)
+                p.xdel(stream, *ids)
                 p.execute()
 
 
@@ -290,14 +420,25 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(CloudConfig, args)
     if printed(cfg, args):
         return 0
-    if args.check:
-        return check_alive(cfg.redis_url, cfg.site, "cloud", cfg.service_id or None)
+    if args.check:  # every site served must have a live worker
+        sites = cfg.site_list() or registered_sites(cfg.redis_url)
+        return max([check_alive(cfg.redis_url, site, "cloud", cfg.service_id or None) for site in sites] or [1])
     set_threads(cfg.threads)
     serve(Worker(cfg, load_cloud(cfg.checkpoint)))
     return 0
 
 
+def registered_sites(redis_url: str) -> list[str]:
+    """The sites in the registry (`--sites '*'`); none when Redis cannot be read."""
+    try:
+        client = redis_client(redis_url)
+        return sorted(x.decode() for x in client.smembers(names.sites_key()))
+    except (ConnectError, redis.RedisError) as err:
+        log.error("check cloud: the site registry could not be read: %s", err)
+        return []
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `cloud` to the `ada-ddnn` parser."""
     add_command(subparsers, "cloud", CloudConfig, main, help="cloud worker: answer escalated frames in batches",
-                description=__doc__, check="exit 0 if a cloud worker of the site is alive, else 1")
+                description=__doc__, check="exit 0 if a cloud worker of the site (of every site served) is alive, else 1")

@@ -127,8 +127,9 @@ keys="resetkeys ~ada:{$site}:* resetchannels"  # the site is the keys' hash tag:
     echo "user default on #$(sha256 "$admin") ~* &* +@all"
     # edge and cloud share the site's keyspace (the edge's Lua scripts and the cloud's result
     # recording touch the same per-frame markers); neither may run admin commands.
-    echo "user $site-edge on #$(sha256 "${rpw[edge]}") $keys +@all -@dangerous"
-    echo "user $site-cloud on #$(sha256 "${rpw[cloud]}") $keys +@all -@dangerous"
+    # ada:sites: the edge announces its site there, a cloud worker with --sites '*' reads it.
+    echo "user $site-edge on #$(sha256 "${rpw[edge]}") $keys ~ada:sites +@all -@dangerous"
+    echo "user $site-cloud on #$(sha256 "${rpw[cloud]}") $keys %R~ada:sites +@all -@dangerous"
     echo "user $site-monitor on #$(sha256 "${rpw[monitor]}") $keys -@all +@read +@connection -@dangerous"
     echo "user $site-health on #$(sha256 "${rpw[health]}") resetkeys resetchannels -@all +ping +hello"
 } >"$dir/redis-users.acl"

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 import torch
+from redis.exceptions import NoPermissionError
 
 from edge.decisions import REFUSED, Frame, decide_frames
 from edge.edge_net import EdgeModule, load_edge
@@ -147,6 +148,11 @@ class Aggregator(BrokerService):
         cfg = self.cfg
         self.redis = redis_client(cfg.redis_url)
         self.store = FrameStore(self.redis, cfg.site, self.sid, cfg.store_times(self.expected))
+        try:  # announce the site to the cloud workers that serve every site (`--sites '*'`)
+            self.redis.sadd(names.sites_key(), cfg.site)
+        except NoPermissionError as err:
+            log.warning("edge %s: site %r not announced in %s (%s): a cloud worker with --sites '*' does not see it",
+                        self.sid, cfg.site, names.sites_key(), err)
         self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info,
                                    self.healthy).start()
         sub = names.shared_obs_filter(cfg.site, cfg.share_group)

@@ -14,11 +14,21 @@ evaluation report's keys that apply to a stream, the stream's own counts (frames
 lost, duplicates, late), throughput and capture-to-decision latency per exit path, and the
 comparison with offline evaluation of the same frames (`offline`: same codec, decisions must
 be equal; `offline_float32`: features not quantised, agreement and accuracy difference).
+
+    ada-ddnn replay --sites 4 --n 500 --redis-url redis+cluster://127.0.0.1:7000,127.0.0.1:7001
+
+With --sites N, N sites run side by side against the one Redis (or Redis Cluster): each its
+own cameras and --aggregators edge aggregators, and (unless --mqtt-url names a shared broker)
+its own embedded Mosquitto; --workers cloud workers serve all of them (`ada-ddnn cloud --sites`).
+Site i replays frames start + i*n .. start + (i+1)*n (--n 0: the split divided evenly). The
+report has the totals and, under `sites`, each site's report with its accounting and its exit
+mix beside offline evaluation's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -42,7 +52,14 @@ from pipeline.data import SPLITS, Cifar10
 from pipeline.errors import ReplayError
 from pipeline.fileio import write_json
 from pipeline.offline.network import AdaDDNN
-from pipeline.orchestration.replay_report import ResultCollector, accuracy, compare, report, summary_table
+from pipeline.orchestration.replay_report import (
+    ResultCollector,
+    accuracy,
+    compare,
+    report,
+    sites_table,
+    summary_table,
+)
 from pipeline.orchestration.roles import RoleProcess, start_role, stop_all, wait_alive
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.embedded import embedded_services
@@ -86,12 +103,13 @@ class ReplayConfig:
     processes: bool = True  # run cameras, aggregators and workers as separate processes (as deployed); no = threads of this process
     overload_lag_ms: int = 300  # processes: the cameras hold back while an aggregator reports observations reaching it this late (ms)
     threads: int = 1  # torch CPU threads; 1 because the roles already run in parallel threads (several OpenMP pools spinning against each other ran 50x slower on 2 cores)
+    sites: int = 1  # sites side by side, each with its own cameras, aggregators and (embedded) Mosquitto; the cloud workers serve them all
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in DTYPES:
             raise ValueError(f"wire_dtype must be one of {tuple(DTYPES)}")
-        if self.aggregators < 1 or self.workers < 1 or self.window < 1 or self.n < 0:
-            raise ValueError("need at least one aggregator, one worker, window >= 1 and n >= 0")
+        if self.aggregators < 1 or self.workers < 1 or self.window < 1 or self.n < 0 or self.sites < 1:
+            raise ValueError("need at least one aggregator, one worker, one site, window >= 1 and n >= 0")
         if self.overload_lag_ms < 1:
             raise ValueError("overload_lag_ms must be positive")
         if self.fps < 0 or self.start < 0 or self.camera_batch < 1 or self.cloud_batch < 1 or self.deadline_ms < 1:
@@ -109,6 +127,27 @@ def run_replay(cfg: ReplayConfig, data: Cifar10 | None = None, model: AdaDDNN | 
         torch.set_num_threads(threads_before)
 
 
+@dataclass
+class SiteRun:
+    """One site of a replay: its id, frames, broker, result collector and, at the end, its report."""
+
+    site: str
+    frame_ids: range
+    mqtt_url: str = ""
+    collector: ResultCollector | None = None
+    report: dict = field(default_factory=dict)
+
+
+def site_ranges(cfg: ReplayConfig, split_len: int) -> list[range]:
+    """Each site's frames: consecutive slices of n frames (n = 0: the rest of the split divided evenly)."""
+    per = (split_len - cfg.start) // cfg.sites if cfg.n == 0 else cfg.n
+    stop_at = cfg.start + per * cfg.sites
+    if per < 1 or stop_at > split_len:
+        raise ReplayError(f"frames {cfg.start}..{stop_at} ({cfg.sites} sites of {per}) are not in the {cfg.split} "
+                          f"split of {split_len}")
+    return [range(cfg.start + i * per, cfg.start + (i + 1) * per) for i in range(cfg.sites)]
+
+
 def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) -> dict:
     from pipeline.data import load_cifar10
     from pipeline.offline.network import load_checkpoint
@@ -120,32 +159,35 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
     model = model if model is not None else load_checkpoint(cfg.checkpoint)
     data = data if data is not None else load_cifar10(cfg.data)
     split = data.split(cfg.split)
-    stop_at = len(split) if cfg.n == 0 else cfg.start + cfg.n
-    if stop_at > len(split) or cfg.start >= stop_at:
-        raise ReplayError(f"frames {cfg.start}..{stop_at} are not in the {cfg.split} split of {len(split)}")
-    frame_ids = range(cfg.start, stop_at)
-    n = len(frame_ids)
     t1, t2 = thresholds(cfg.checkpoint, model.cfg, cfg.t1, cfg.t2)
-    site = cfg.site or f"replay-{uuid.uuid4().hex[:8]}"
+    base = cfg.site or f"replay-{uuid.uuid4().hex[:8]}"
+    runs = [SiteRun(base if cfg.sites == 1 else f"{base[:60]}-{i}", ids)
+            for i, ids in enumerate(site_ranges(cfg, len(split)))]
     cams = tuple(k for k in range(model.cfg.num_cameras) if k not in cfg.silent)
-    mqtt_url, redis_url = cfg.mqtt_url, cfg.redis_url
-    embedded = {"mqtt": mqtt_url is None, "redis": redis_url is None}
+    embedded = {"mqtt": cfg.mqtt_url is None, "redis": cfg.redis_url is None}
+    total = sum(len(run.frame_ids) for run in runs)
 
-    with embedded_services(mqtt_url, redis_url) as (mqtt_url, redis_url):
+    with contextlib.ExitStack() as services:
+        mqtt_url, redis_url = services.enter_context(embedded_services(cfg.mqtt_url, cfg.redis_url))
+        for i, run in enumerate(runs):  # a Mosquitto per site, unless one was given for all
+            run.mqtt_url = mqtt_url if i == 0 or cfg.mqtt_url else \
+                services.enter_context(embedded_services(None, redis_url))[0]
         r = redis_client(redis_url)
-        _clear(r, site)
-        collector = ResultCollector(r, mqtt_url, site, frame_ids).start()
         stop = threading.Event()
+        for run in runs:
+            _clear(r, run.site)
+            run.collector = ResultCollector(r, run.mqtt_url, run.site, run.frame_ids).start()
         roles_cls = ProcessRoles if cfg.processes else ThreadRoles
-        roles = roles_cls(cfg, model, site, mqtt_url, redis_url, cams, stop_at, t1, t2, split,
-                          lambda done: collector.gate(done, cfg.window, stop))
-        bar = _bar(n, cfg.progress)
+        roles = roles_cls(cfg, model, runs, redis_url, cams, t1, t2, split, stop)
+        bar = _bar(total, cfg.progress)
         shown = 0
 
         def tick() -> None:
             nonlocal shown
-            with collector.cond:
-                decs = list(collector.results.values())
+            decs = []
+            for run in runs:
+                with run.collector.cond:
+                    decs.extend(run.collector.results.values())
             if bar is None or len(decs) == shown:
                 return
             bar.update(len(decs) - shown)
@@ -161,54 +203,89 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
                 time.sleep(0.25)  # the bar's refresh; the collector itself is event-driven
                 tick()
             roles.check_cameras()
-            collector.wait_all(time.monotonic() + cfg.drain_timeout_s + cfg.deadline_ms / 1000, tick)
+            deadline = time.monotonic() + cfg.drain_timeout_s + cfg.deadline_ms / 1000
+            for run in runs:
+                run.collector.wait_all(deadline, tick)
             tick()
         finally:
             stop.set()
             if bar is not None:
                 bar.close()
             exits = roles.stop()
-            collector.close()
-        counters = {k.decode(): int(v) for k, v in r.hgetall(names.counters_key(site)).items()}
-        shed_ids = {int(f[b"frame"]) for _, f in r.xrange(names.losses_stream(site))}
-        if not cfg.keep_keys:
-            _clear(r, site)
+            for run in runs:
+                if run.collector is not None:
+                    run.collector.close()
+        for run in runs:
+            counters = {k.decode(): int(v) for k, v in r.hgetall(names.counters_key(run.site)).items()}
+            shed_ids = {int(f[b"frame"]) for _, f in r.xrange(names.losses_stream(run.site))}
+            if not cfg.keep_keys:
+                _clear(r, run.site)
+            run.report = _site_report(cfg, model, split, run, t1, t2, counters, shed_ids, t_start)
         r.close()
 
-    decs = [collector.results[f] for f in frame_ids if f in collector.results]
-    out = report(cfg, model, site, n, t1, t2, decs, collector, counters, t_start)
-    shed_whole = len(shed_ids - set(collector.results))
-    out["accounting"] = {"captured": n, "decided": len(decs), "shed": shed_whole,
-                         "unexplained": n - len(decs) - shed_whole}
-    out["services"] = {"mqtt_url": mqtt_url, "redis_url": redis_url, "embedded": embedded}
+    if len(runs) == 1:
+        out = runs[0].report
+    else:
+        for run in runs:
+            run.report.update(_compare(cfg, model, split, run, t1, t2))
+        out = {"sites": {run.site: run.report for run in runs}, "frames": total,
+               **{k: sum(run.report[k] for run in runs) for k in ("results", "lost", "duplicates", "late")},
+               "accounting": {k: sum(run.report["accounting"][k] for run in runs)
+                              for k in ("captured", "decided", "shed", "unexplained")},
+               "exit_mix_equal_to_offline": all(run.report.get("offline", {}).get("exit_rate_equal", False)
+                                                for run in runs) if cfg.compare else None}
+    out["services"] = {"mqtt_url": mqtt_url if len(runs) == 1 else [run.mqtt_url for run in runs],
+                       "redis_url": redis_url, "embedded": embedded}
     out["roles"] = {"processes": cfg.processes, "exit_status": exits}
-    if cfg.compare and decs:
-        out.update(compare(cfg, model, split, frame_ids, collector.results, t1, t2))
+    if len(runs) == 1:
+        out.update(_compare(cfg, model, split, runs[0], t1, t2))
     out["seconds"] = round(time.time() - t_start, 1)
     return out
+
+
+def _site_report(cfg: ReplayConfig, model: AdaDDNN, split, run: SiteRun, t1, t2, counters: dict, shed_ids: set,
+                 t_start: float) -> dict:
+    collector, frame_ids = run.collector, run.frame_ids
+    decs = [collector.results[f] for f in frame_ids if f in collector.results]
+    out = report(cfg, model, run.site, len(frame_ids), t1, t2, decs, collector, counters, t_start)
+    shed_whole = len(shed_ids - set(collector.results))
+    out["accounting"] = {"captured": len(frame_ids), "decided": len(decs), "shed": shed_whole,
+                         "unexplained": len(frame_ids) - len(decs) - shed_whole}
+    return out
+
+
+def _compare(cfg: ReplayConfig, model: AdaDDNN, split, run: SiteRun, t1, t2) -> dict:
+    """Offline evaluation of the site's frames beside its decisions (with --sites, exit mixes too)."""
+    if not cfg.compare or not any(f in run.collector.results for f in run.frame_ids):
+        return {}
+    return compare(cfg, model, split, run.frame_ids, run.collector.results, t1, t2, exit_mix=cfg.sites > 1)
 
 
 class ThreadRoles:
     """Cameras, aggregators and workers as threads of this process (`--no-processes`), the
     cameras gated by a window of frames in flight."""
 
-    def __init__(self, cfg: ReplayConfig, model: AdaDDNN, site: str, mqtt_url: str, redis_url: str,
-                 cams: tuple[int, ...], stop_at: int, t1: float | None, t2: float, split, gate) -> None:
-        self.workers = [Worker(CloudConfig(site=site, mqtt_url=mqtt_url, redis_url=redis_url,
-                                           checkpoint=cfg.checkpoint, batch=cfg.cloud_batch, wait_ms=cfg.cloud_wait_ms,
-                                           device=cfg.cloud_device, service_id=f"cloud-{i}-{uuid.uuid4().hex[:6]}"),
+    def __init__(self, cfg: ReplayConfig, model: AdaDDNN, runs: list[SiteRun], redis_url: str,
+                 cams: tuple[int, ...], t1: float | None, t2: float, split, stop: threading.Event) -> None:
+        sites = [run.site for run in runs]
+        self.workers = [Worker(CloudConfig(site=sites[0], sites=",".join(sites), site_mqtt=_site_mqtt(runs),
+                                           mqtt_url=runs[0].mqtt_url, redis_url=redis_url, checkpoint=cfg.checkpoint,
+                                           batch=cfg.cloud_batch, wait_ms=cfg.cloud_wait_ms, device=cfg.cloud_device,
+                                           service_id=f"cloud-{i}-{uuid.uuid4().hex[:6]}"),
                                copy.deepcopy(model.cloud)) for i in range(cfg.workers)]
-        self.aggs = [Aggregator(EdgeConfig(site=site, mqtt_url=mqtt_url, redis_url=redis_url,
+        self.aggs = [Aggregator(EdgeConfig(site=run.site, mqtt_url=run.mqtt_url, redis_url=redis_url,
                                            checkpoint=cfg.checkpoint, deadline_ms=cfg.deadline_ms,
                                            service_id=f"edge-{i}-{uuid.uuid4().hex[:6]}"),
-                                copy.deepcopy(model.edge), t1, t2) for i in range(cfg.aggregators)]
-        self.feed = CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, checkpoint=cfg.checkpoint, data=cfg.data,
-                                            split=cfg.split, start=cfg.start, stop=stop_at, fps=cfg.fps,
-                                            wire_dtype=cfg.wire_dtype, batch=cfg.camera_batch, cameras=cams,
-                                            overload="wait"),
-                               {k: copy.deepcopy(model.cameras[k]) for k in cams}, split, gate=gate)
+                                copy.deepcopy(model.edge), t1, t2) for run in runs for i in range(cfg.aggregators)]
+        self.feeds = [CameraFeed(CameraConfig(site=run.site, mqtt_url=run.mqtt_url, checkpoint=cfg.checkpoint,
+                                              data=cfg.data, split=cfg.split, start=run.frame_ids.start,
+                                              stop=run.frame_ids.stop, fps=cfg.fps, wire_dtype=cfg.wire_dtype,
+                                              batch=cfg.camera_batch, cameras=cams, overload="wait"),
+                                 {k: copy.deepcopy(model.cameras[k]) for k in cams}, split,
+                                 gate=lambda done, c=run.collector: c.gate(done, cfg.window, stop))
+                      for run in runs]
         self.error: list[BaseException] = []
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
 
     def start(self, r: redis.Redis, stop: threading.Event) -> None:
         for w in self.workers:
@@ -216,19 +293,20 @@ class ThreadRoles:
         for a in self.aggs:
             a.start()
 
-        def cameras() -> None:
+        def cameras(feed: CameraFeed) -> None:
             try:
-                self.feed.connect()
-                self.feed.run(stop)
-                self.feed.close()
+                feed.connect()
+                feed.run(stop)
+                feed.close()
             except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
                 self.error.append(err)
 
-        self.thread = threading.Thread(target=cameras, name="cameras", daemon=True)
-        self.thread.start()
+        for i, feed in enumerate(self.feeds):
+            self.threads.append(threading.Thread(target=cameras, args=(feed,), name=f"cameras-{i}", daemon=True))
+            self.threads[-1].start()
 
     def cameras_running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return any(t.is_alive() for t in self.threads)
 
     def check_cameras(self) -> None:
         if self.error:
@@ -248,47 +326,55 @@ class ProcessRoles:
     --fps) and hold back while an aggregator reports observations reaching it --overload-lag-ms
     late (lossless flow control), in place of the in-process window."""
 
-    def __init__(self, cfg: ReplayConfig, model: AdaDDNN, site: str, mqtt_url: str, redis_url: str,
-                 cams: tuple[int, ...], stop_at: int, t1: float | None, t2: float, split, gate) -> None:
-        self.cfg, self.site, self.cams, self.stop_at, self.t1, self.t2 = cfg, site, cams, stop_at, t1, t2
-        self.brokers = ["--site", site, "--mqtt-url", mqtt_url, "--threads", "1"]
+    def __init__(self, cfg: ReplayConfig, model: AdaDDNN, runs: list[SiteRun], redis_url: str,
+                 cams: tuple[int, ...], t1: float | None, t2: float, split, stop: threading.Event) -> None:
+        self.cfg, self.runs, self.cams, self.t1, self.t2 = cfg, runs, cams, t1, t2
         self.redis_url = redis_url
-        self.log_dir = tempfile.mkdtemp(prefix=f"ada-ddnn-{site}-")
+        self.log_dir = tempfile.mkdtemp(prefix=f"ada-ddnn-{runs[0].site}-")
         self.procs: list[RoleProcess] = []
-        self.cameras: RoleProcess | None = None
+        self.cameras: list[RoleProcess] = []
 
     def start(self, r: redis.Redis, stop: threading.Event) -> None:
-        cfg, tag = self.cfg, uuid.uuid4().hex[:6]
-        common = [*self.brokers, "--redis-url", self.redis_url, "--checkpoint", cfg.checkpoint]
+        cfg, tag, runs = self.cfg, uuid.uuid4().hex[:6], self.runs
+        one = len(runs) == 1
+
+        def common(run: SiteRun) -> list[str]:
+            return ["--site", run.site, "--mqtt-url", run.mqtt_url, "--threads", "1", "--redis-url", self.redis_url,
+                    "--checkpoint", cfg.checkpoint]
+
         thresholds_args = ["--t2", repr(self.t2)] + ([] if self.t1 is None else ["--t1", repr(self.t1)])
-        workers = [start_role("cloud", [*common, "--batch", str(cfg.cloud_batch), "--wait-ms", str(cfg.cloud_wait_ms),
-                                        "--device", cfg.cloud_device, "--service-id", f"cloud-{i}-{tag}"],
-                              self.log_dir, f"cloud-{i}") for i in range(cfg.workers)]
-        aggs = [start_role("edge", [*common, *thresholds_args, "--deadline-ms", str(cfg.deadline_ms),
-                                    "--service-id", f"edge-{i}-{tag}"], self.log_dir, f"edge-{i}")
-                for i in range(cfg.aggregators)]
-        self.procs = workers + aggs
-        wait_alive(r, self.site, "cloud", workers)
-        wait_alive(r, self.site, "edge", aggs)
-        self.cameras = start_role("cameras", [
-            *self.brokers, "--checkpoint", cfg.checkpoint, "--data", cfg.data, "--split", cfg.split,
-            "--start", str(cfg.start), "--stop", str(self.stop_at), "--fps", str(cfg.fps),
-            "--wire-dtype", cfg.wire_dtype, "--batch", str(cfg.camera_batch),
-            "--cameras", ",".join(map(str, self.cams)), "--overload", "wait",
-            "--shed-lag-ms", str(cfg.overload_lag_ms)], self.log_dir, "cameras")
-        self.procs.append(self.cameras)
+        workers = [start_role("cloud", [*common(runs[0]), "--sites", ",".join(run.site for run in runs),
+                                        "--site-mqtt", _site_mqtt(runs), "--batch", str(cfg.cloud_batch),
+                                        "--wait-ms", str(cfg.cloud_wait_ms), "--device", cfg.cloud_device,
+                                        "--service-id", f"cloud-{i}-{tag}"], self.log_dir, f"cloud-{i}")
+                   for i in range(cfg.workers)]
+        aggs = {run.site: [start_role("edge", [*common(run), *thresholds_args, "--deadline-ms", str(cfg.deadline_ms),
+                                               "--service-id", f"edge-{i}-{tag}"], self.log_dir,
+                                      f"edge-{i}" if one else f"{run.site}-edge-{i}")
+                           for i in range(cfg.aggregators)] for run in runs}
+        self.procs = workers + [p for ps in aggs.values() for p in ps]
+        for run in runs:
+            wait_alive(r, run.site, "cloud", workers)
+            wait_alive(r, run.site, "edge", aggs[run.site])
+        for run in runs:
+            self.cameras.append(start_role("cameras", [
+                "--site", run.site, "--mqtt-url", run.mqtt_url, "--threads", "1", "--checkpoint", cfg.checkpoint,
+                "--data", cfg.data, "--split", cfg.split, "--start", str(run.frame_ids.start),
+                "--stop", str(run.frame_ids.stop), "--fps", str(cfg.fps), "--wire-dtype", cfg.wire_dtype,
+                "--batch", str(cfg.camera_batch), "--cameras", ",".join(map(str, self.cams)), "--overload", "wait",
+                "--shed-lag-ms", str(cfg.overload_lag_ms)], self.log_dir, "cameras" if one else f"{run.site}-cameras"))
+        self.procs.extend(self.cameras)
 
     def cameras_running(self) -> bool:
         for p in self.procs:
-            if p is not self.cameras and not p.alive():
+            if p not in self.cameras and not p.alive():
                 raise ReplayError(f"{p.name} died (status {p.proc.returncode}):\n{p.tail()}")
-        return self.cameras is not None and self.cameras.alive()
+        return any(c.alive() for c in self.cameras)
 
     def check_cameras(self) -> None:
-        assert self.cameras is not None
-        if self.cameras.proc.returncode:
-            raise ReplayError(f"the cameras exited with status {self.cameras.proc.returncode}:\n"
-                              f"{self.cameras.tail()}")
+        for cams in self.cameras:
+            if cams.proc.returncode:
+                raise ReplayError(f"{cams.name} exited with status {cams.proc.returncode}:\n{cams.tail()}")
 
     def stop(self) -> dict[str, int]:
         exits = stop_all(self.procs)
@@ -298,6 +384,11 @@ class ProcessRoles:
         else:
             shutil.rmtree(self.log_dir, ignore_errors=True)
         return exits
+
+
+def _site_mqtt(runs: list[SiteRun]) -> str:
+    """`--site-mqtt` for the cloud workers: each site whose broker is not the first site's."""
+    return ",".join(f"{run.site}={run.mqtt_url}" for run in runs if run.mqtt_url != runs[0].mqtt_url)
 
 
 def _clear(r: redis.Redis, site: str) -> None:
@@ -321,7 +412,7 @@ def main(args: argparse.Namespace) -> int:
     if printed(cfg, args):
         return 0
     out = run_replay(cfg)
-    print(summary_table(out))
+    print(summary_table(out) if "sites" not in out else sites_table(out))
     if args.json_out:
         write_json(args.json_out, out)
     print(json.dumps(out, indent=2))

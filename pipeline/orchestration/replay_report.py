@@ -178,8 +178,9 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
 
 
 def compare(cfg: ReplayConfig, model: AdaDDNN, split: Split, frame_ids: range, results: dict[int, Decision],
-             t1, t2) -> dict:
-    """Streaming vs offline evaluation of the same frames with the same cameras present."""
+            t1, t2, exit_mix: bool = False) -> dict:
+    """Streaming vs offline evaluation of the same frames with the same cameras present (with
+    `exit_mix`, also both exit mixes and whether they are equal)."""
     sub = split.slice(frame_ids.start, frame_ids.stop)
     cams = model.cfg.num_cameras
     present = torch.ones(len(sub), cams, dtype=torch.bool)
@@ -204,6 +205,11 @@ def compare(cfg: ReplayConfig, model: AdaDDNN, split: Split, frame_ids: range, r
         "mismatched_frames": [frame_ids[i] for i in (~equal & have).nonzero().flatten().tolist()[:20]],
         "accuracy": float((same.prediction[have] == labels[have]).float().mean()) if have.any() else None,
     }}
+    if exit_mix:
+        n = max(1, int(have.sum()))
+        stream_mix = {e: int((s_exit[have] == i).sum()) / n for i, e in enumerate(EXIT_NAMES)}
+        out["offline"]["exit_rate"] = {e: int((same.exit[have] == i).sum()) / n for i, e in enumerate(EXIT_NAMES)}
+        out["offline"]["exit_rate_equal"] = stream_mix == out["offline"]["exit_rate"]
     if cfg.wire_dtype != "float32":
         ref = offline_decisions(model, sub, present, None, t1, t2)
         acc_ref = float((ref.prediction[have] == labels[have]).float().mean())
@@ -242,3 +248,22 @@ def summary_table(report: dict) -> str:
         rows.append(("agreement with float32 offline", f"{f(o['agreement'], True)} (accuracy {o['accuracy_diff_points']:+.2f} pts)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def sites_table(report: dict) -> str:
+    """One line per site of a `replay --sites N` report: accounting, exit mix streamed and offline."""
+    def mix(rates: dict | None) -> str:
+        return "-" if not rates else "/".join(f"{100 * rates[e]:.1f}" for e in EXIT_NAMES)
+
+    head = ("site", "frames", "decided", "lost", "dup", "shed", "exit1/exit2/cloud %", "offline %", "equal")
+    rows = [head]
+    for site, r in report["sites"].items():
+        off = r.get("offline", {})
+        rows.append((site, str(r["frames"]), str(r["results"]), str(r["lost"]), str(r["duplicates"]),
+                     str(r["accounting"]["shed"]), mix(r["exit_rate"]), mix(off.get("exit_rate")),
+                     "-" if not off else f"{100 * off['decisions_equal']:.2f}%"))
+    a = report["accounting"]
+    rows.append(("all", str(report["frames"]), str(report["results"]), str(report["lost"]), str(report["duplicates"]),
+                 str(a["shed"]), "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

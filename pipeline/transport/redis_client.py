@@ -150,11 +150,13 @@ def run_script_batch(client: redis.Redis, script: Script, calls: list[tuple[list
 
 
 class Heartbeat:
-    """Sets `ada:{site}:heartbeat:{role}:{id}` with a TTL every `interval_s` in a daemon thread."""
+    """Sets `ada:{site}:heartbeat:{role}:{id}` with a TTL every `interval_s` in a daemon thread
+    (one key per site, for a service that serves several: `add_site`)."""
 
     def __init__(self, client: redis.Redis, site: str, role: str, sid: str, interval_s: float = 2.0,
                  info: Callable[[], dict] | None = None, healthy: Callable[[], bool] | None = None) -> None:
         self.key = names.heartbeat_key(site, role, sid)
+        self.keys = [self.key]
         self.client, self.role, self.sid = client, role, sid
         self.interval_s = interval_s
         self.ttl_ms = int(3 * interval_s * 1000)  # three missed beats and the service counts as dead
@@ -164,7 +166,15 @@ class Heartbeat:
 
     def beat(self) -> None:
         body = {"role": self.role, "id": self.sid, "at": time.time(), "pid": os.getpid(), **(self.info() if self.info else {})}
-        self.client.set(self.key, json.dumps(body), px=self.ttl_ms)
+        for key in list(self.keys):  # one SET each: on a cluster every site's key is in a slot of its own
+            self.client.set(key, json.dumps(body), px=self.ttl_ms)
+
+    def add_site(self, site: str) -> None:
+        """Beat at `site` too, from now on."""
+        key = names.heartbeat_key(site, self.role, self.sid)
+        if key not in self.keys:
+            self.keys.append(key)
+            self.client.set(key, json.dumps({"role": self.role, "id": self.sid, "at": time.time()}), px=self.ttl_ms)
 
     def _run(self) -> None:
         silent = False
@@ -189,10 +199,11 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        try:
-            self.client.delete(self.key)
-        except (redis.RedisError, RedisClusterException) as err:
-            log.warning("could not remove heartbeat %s: %s", self.key, err)
+        for key in self.keys:
+            try:
+                self.client.delete(key)
+            except (redis.RedisError, RedisClusterException) as err:
+                log.warning("could not remove heartbeat %s: %s", key, err)
 
 
 def alive(client: redis.Redis, site: str, role: str, sid: str | None = None) -> list[str]:

@@ -16,6 +16,7 @@
                                                   ada:{site}:pending           open frames by deadline
                                                   ada:{site}:counters          hash of counters
                                                   ada:{site}:heartbeat:{role}:{id}  liveness, TTL
+                                                  ada:sites                    set: sites edges announced
 
 In a Redis key the braces are there literally: site `s0`'s frame 7 is `ada:{s0}:frame:7`. The
 site is the key's hash tag, so every key of a site lives in one slot of a Redis Cluster and a
@@ -107,6 +108,7 @@ def shared_shed_filter(site: str, group: str = SHARE_GROUP) -> str:
 
 FRAME, DECIDED, CLAIMED, ESCALATED, RESULT = "frame", "decided", "claimed", "escalated", "result"
 FRAME_KINDS = (FRAME, DECIDED, CLAIMED, ESCALATED, RESULT)
+SITES_KEY = "ada:sites"
 
 
 def _site_prefix(site: str) -> str:
@@ -179,6 +181,12 @@ def front_key(site: str) -> str:
 
 def counters_key(site: str) -> str:
     return f"{_site_prefix(site)}counters"
+
+
+def sites_key() -> str:
+    """Set of the site ids whose edges announced themselves (`ada-ddnn cloud --sites '*'` serves
+    them). The one key of no site: on a cluster it has a slot of its own and is touched alone."""
+    return SITES_KEY
 
 
 def heartbeat_key(site: str, role: str, service_id: str) -> str:

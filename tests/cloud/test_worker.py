@@ -102,3 +102,69 @@ def test_two_workers_and_bad_entries(stream_setup, brokers, site, redis_conn):
     assert len(results(redis_conn, site)) == 30
     assert redis_conn.xlen(names.deadletter_stream(site)) == 1
     assert redis_conn.xlen(names.escalations_stream(site)) == 0
+
+
+@pytest.fixture
+def three_sites(site, redis_conn):
+    """Three site ids (the test's own and two more); every key of the two extra ones removed after."""
+    sites = [site, f"{site[:50]}-b", f"{site[:50]}-c"]
+    yield sites
+    for extra in sites[1:]:
+        keys = list(redis_conn.scan_iter(match=names.site_pattern(extra), count=1000))
+        if keys:
+            redis_conn.delete(*keys)
+    redis_conn.srem(names.sites_key(), *sites)
+
+
+@pytest.mark.services
+def test_one_worker_serves_many_sites_fairly(stream_setup, brokers, three_sites, redis_conn):
+    """A site with a long backlog takes no more than its share of a batch: the other sites'
+    entries go in the first batch; each site's results, dead letters and acknowledgements stay its own."""
+    _, model, _, _, _ = stream_setup
+    a, b, c = three_sites
+    w = worker(stream_setup, brokers, a, sites=",".join(three_sites), batch=9, wait_ms=5)
+    w.connect()
+    try:
+        assert w.sites == three_sites
+        assert [alive(redis_conn, s, "cloud") for s in three_sites] == [[w.sid]] * 3
+        xadd(redis_conn, escalations(model, b, 60))  # b's backlog
+        xadd(redis_conn, escalations(model, a, 3) + escalations(model, c, 3))
+        redis_conn.xadd(names.escalations_stream(c), {"frame": 1, "msg": b"not msgpack"})
+        first = w.read_batch()
+        assert {s for s, _, _ in first} == {a, b, c} and len(first) == 9
+        assert sum(s == b for s, _, _ in first) <= 3
+        w.process(first)
+        while batch := w.read_batch():
+            w.process(batch)
+    finally:
+        w.stop()
+    assert [len(results(redis_conn, s)) for s in three_sites] == [3, 60, 3]
+    assert all(d.site == s for s in three_sites for d in results(redis_conn, s))
+    assert [redis_conn.xlen(names.deadletter_stream(s)) for s in three_sites] == [0, 0, 1]
+    assert [redis_conn.xlen(names.escalations_stream(s)) for s in three_sites] == [0, 0, 0]
+    assert [alive(redis_conn, s, "cloud") for s in three_sites] == [[], [], []]
+
+
+@pytest.mark.services
+def test_every_announced_site_is_served(stream_setup, brokers, three_sites, redis_conn):
+    a, b, c = three_sites
+    redis_conn.sadd(names.sites_key(), a, b)
+    w = worker(stream_setup, brokers, a, sites="*", group=f"g-{a[-8:]}")  # a group of its own: other sites untouched
+    w.connect()
+    try:
+        assert {a, b} <= set(w.sites) and c not in w.sites
+        redis_conn.sadd(names.sites_key(), c)
+        w.update_sites()
+        assert {a, b, c} <= set(w.sites)
+        assert alive(redis_conn, c, "cloud") == [w.sid]
+    finally:
+        w.stop()
+
+
+def test_sites_and_their_brokers_are_checked():
+    assert CloudConfig(site="x", sites="a, b,a").site_list() == ["a", "b"]
+    assert CloudConfig(site="x").site_list() == ["x"] and CloudConfig(sites="*").site_list() == []
+    assert CloudConfig(site_mqtt="a=mqtt://h:1,b=mqtt://g:2").mqtt_urls() == {"a": "mqtt://h:1", "b": "mqtt://g:2"}
+    for bad in ({"sites": "a,b/c"}, {"site_mqtt": "a"}, {"site_mqtt": "a/b=mqtt://h:1"}):
+        with pytest.raises(ValueError):
+            CloudConfig(**bad)

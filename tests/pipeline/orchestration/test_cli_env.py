@@ -98,6 +98,9 @@ def _candidates(cls: type, field: dataclasses.Field) -> list[tuple[str, Any]]:
             return [("0.3", 0.3), ("0.6", 0.6)]
         return [(repr(default + 0.25), default + 0.25), (repr(default + 0.5), default + 0.5)]
     if tp is str:
+        if field.name == "site_mqtt":  # site=mqtt URL pairs
+            return [("a=mqtt://broker.test:1884", "a=mqtt://broker.test:1884"),
+                    ("a=mqtt://other.test:1885,b=mqtt://x.test:1", "a=mqtt://other.test:1885,b=mqtt://x.test:1")]
         if field.name.endswith("mqtt_url"):
             return [("mqtt://broker.test:1884", "mqtt://broker.test:1884"),
                     ("mqtt://other.test:1885", "mqtt://other.test:1885")]

@@ -46,3 +46,17 @@ def test_one_camera_silent(stream_setup, brokers, site):
 def test_health_checks(brokers, site):
     assert main(["edge", "--check", "--site", site, "--redis-url", brokers[1]]) == 1
     assert main(["cloud", "--check", "--site", site, "--redis-url", brokers[1]]) == 1
+
+
+def test_three_sites_one_pool_of_cloud_workers(stream_setup, brokers, site):
+    from pipeline.orchestration.replay_report import sites_table
+
+    rep = replay(stream_setup, brokers, site, sites=3, n=60, start=100, workers=2, deadline_ms=2000)
+    assert list(rep["sites"]) == [f"{site}-{i}" for i in range(3)]
+    assert rep["frames"] == rep["results"] == 180 and rep["lost"] == 0 and rep["duplicates"] == 0
+    for i, one in enumerate(rep["sites"].values()):
+        assert one["results"] == 60 and one["accounting"]["unexplained"] == 0
+        assert one["offline"]["decisions_equal"] == 1.0 and one["offline"]["exit_rate_equal"]
+        assert one["offline"]["exit_rate"] == one["exit_rate"]
+    assert rep["exit_mix_equal_to_offline"] is True
+    assert f"{site}-2" in sites_table(rep)
