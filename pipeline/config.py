@@ -128,6 +128,8 @@ class TrainConfig:
     limit_train: int = 0  # use only the first N training images (0 = all); for smoke runs
     limit_eval: int = 0  # evaluate on the first N validation/test images (0 = all)
     bf16: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16
+    channels_last: bool = True  # NHWC weights and activations while training: the bf16 convolutions' fast layout (docs/BENCHMARKS.md)
+    compile: bool = False  # torch.compile the training forward: faster steps after a compile of about a minute on 2 cores, so worth it for long runs only (docs/BENCHMARKS.md)
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
 
     def __post_init__(self) -> None:

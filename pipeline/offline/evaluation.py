@@ -41,6 +41,8 @@ class Collected:
     edge_entropy: torch.Tensor
     edge_pred: torch.Tensor
     cloud_pred: torch.Tensor
+    edge_loss: float | None = None  # mean cross-entropy of the edge classifier over the split
+    cloud_loss: float | None = None  # and of the cloud's
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -131,12 +133,16 @@ def fuse_pass(
         present = torch.ones(n, model.cfg.num_cameras, dtype=torch.bool)
     dev = torch.device(device)
     ee, ep, cl = [], [], []
+    loss_e = loss_c = 0.0
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             fused = fuse(cams.features[start:stop].to(dev), present[start:stop].to(dev), model.cfg.fusion)
             edge_logits = forward_rows(model.edge, fused)
             cloud_logits = forward_rows(model.cloud, _codec(fused, cams.wire_dtype))
+        y = cams.labels[start:stop].to(dev)
+        loss_e += float(torch.nn.functional.cross_entropy(edge_logits.float(), y, reduction="sum"))
+        loss_c += float(torch.nn.functional.cross_entropy(cloud_logits.float(), y, reduction="sum"))
         ee.append(normalized_entropy(edge_logits).cpu())
         ep.append(edge_logits.argmax(-1).cpu())
         cl.append(cloud_logits.argmax(-1).cpu())
@@ -148,6 +154,8 @@ def fuse_pass(
         edge_entropy=torch.cat(ee),
         edge_pred=torch.cat(ep),
         cloud_pred=torch.cat(cl),
+        edge_loss=loss_e / max(1, n),
+        cloud_loss=loss_c / max(1, n),
     )
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import git_commit
 from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.data import Cifar10, Split, augment, to_float
+from pipeline.data import Cifar10, augment
 from pipeline.fileio import write_json
 from pipeline.offline.evaluation import (
     Collected,
@@ -70,6 +70,14 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optim
     )
 
 
+def training_model(model: AdaDDNN, tc: TrainConfig) -> tuple[AdaDDNN, Callable[..., Any]]:
+    """The model in the training layout (channels last when `tc.channels_last`) and the forward
+    the training steps call (compiled when `tc.compile`; validation calls the model itself)."""
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, (torch.compile(model) if tc.compile else model)
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warm-up to `peak` over `warmup` steps, then cosine annealing to 0 at `total`."""
     if warmup > 0 and step < warmup:
@@ -91,20 +99,6 @@ class EpochStats:
     val_loss_cloud: float
     val: dict[str, Any]
     seconds: float
-
-
-@torch.no_grad()
-def validation_losses(model: AdaDDNN, split: Split, device: torch.device, amp: bool, batch: int = 500) -> tuple[float, float]:
-    model.eval()
-    tot_e = tot_c = 0.0
-    for s in range(0, len(split), batch):
-        x = to_float(split.images[s:s + batch], device)
-        y = torch.as_tensor(split.labels[s:s + batch], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(prepare_views(model.cfg, x))
-        tot_e += float(torch.nn.functional.cross_entropy(out.edge_logits.float(), y, reduction="sum"))
-        tot_c += float(torch.nn.functional.cross_entropy(out.cloud_logits.float(), y, reduction="sum"))
-    return tot_e / len(split), tot_c / len(split)
 
 
 def train(
@@ -129,7 +123,7 @@ def train(
     amp = autocast_enabled(device, tc.bf16)
     train_split = data.train.head(tc.limit_train)
     val_split = data.val.head(tc.limit_eval)
-    model = AdaDDNN(cfg).to(device)
+    model, forward = training_model(AdaDDNN(cfg).to(device), tc)
     opt = make_optimizer(model, tc)
     steps_per_epoch = max(1, len(train_split) // tc.batch_size)  # drop the last partial batch
     total = steps_per_epoch * tc.epochs
@@ -150,9 +144,9 @@ def train(
         history = [EpochStats(**h) for h in st.history]
         done, step, wall_before, resumed_at = st.epoch, st.step, st.wall_s, [*st.resumed_at, st.epoch]
         log.info("resuming %s after epoch %d of %d (step %d)", state_path(out_path), done, tc.epochs, step)
-    log.info("training %s: %d parameters, %d train / %d val frames, %d epochs x %d steps on %s (bf16 autocast %s)",
-             cfg.mode, parameter_count(model), len(train_split), len(val_split), tc.epochs, steps_per_epoch,
-             device, "on" if amp else "off")
+    log.info("training %s: %d parameters, %d train / %d val frames, %d epochs x %d steps on %s (bf16 autocast %s, "
+             "channels last %s, compile %s)", cfg.mode, parameter_count(model), len(train_split), len(val_split),
+             tc.epochs, steps_per_epoch, device, *("on" if v else "off" for v in (amp, tc.channels_last, tc.compile)))
     t_start = time.time()
     for epoch in range(done + 1, tc.epochs + 1):
         model.train()
@@ -174,7 +168,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(prepare_views(cfg, x), present)
+                out = forward(prepare_views(cfg, x), present)
                 parts = joint_loss(out, y, tc)
             opt.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -189,10 +183,9 @@ def train(
                 bar.set_postfix(loss=f"{sums[0] / seen:.3f}", cloud_acc=f"{correct_cloud / seen:.3f}", lr=f"{lr:.3f}")
         bar.close()
         mean = sums / max(1, seen)
-        val_e, val_c = validation_losses(model, val_split, device, amp)
-        col = collect(model, val_split, device, autocast=amp)
+        col = collect(model, val_split, device, autocast=amp)  # one pass: accuracies and losses
         val = classifier_accuracies(col)
-        stats = EpochStats(epoch, lr, *map(float, mean), val_e, val_c, val, time.time() - t0)
+        stats = EpochStats(epoch, lr, *map(float, mean), col.edge_loss, col.cloud_loss, val, time.time() - t0)
         history.append(stats)
         cams = val["cameras_all"]
         log.info("epoch %d/%d: loss %.3f (cam %.3f edge %.3f cloud %.3f distill %.3f), val edge %.4f cloud %.4f "
@@ -207,6 +200,7 @@ def train(
             save_train_state(state_path(out_path), state, cfg, tc, data.digest)
         if on_epoch:
             on_epoch(stats)
+    model = model.to(memory_format=torch.contiguous_format)  # the layout it is deployed in, for the card's metrics
     wall = wall_before + time.time() - t_start
     card = _model_card(model, tc, data, device, amp, wall, history)  # metrics in float32, as deployed
     if resumed_at:

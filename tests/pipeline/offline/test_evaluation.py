@@ -174,6 +174,10 @@ def test_collect_matches_the_network_and_the_codec_is_applied(tiny_model):
         out = tiny_model(prepare_views(tiny_model.cfg, to_float(split.images)))
     assert torch.equal(c.cloud_pred, out.cloud_logits.argmax(-1))
     assert torch.equal(c.edge_pred, out.edge_logits.argmax(-1))
+    y = torch.as_tensor(split.labels)
+    ce = torch.nn.functional.cross_entropy
+    assert c.edge_loss == pytest.approx(ce(out.edge_logits, y).item(), rel=1e-5)
+    assert c.cloud_loss == pytest.approx(ce(out.cloud_logits, y).item(), rel=1e-5)
     exact = evaluation.collect(tiny_model, split, wire_dtype="float32")
     assert torch.equal(exact.cloud_pred, c.cloud_pred) and torch.allclose(exact.edge_entropy, c.edge_entropy)
     cams = evaluation.camera_pass(tiny_model, split, wire_dtype="int8")
