@@ -20,8 +20,17 @@ from urllib.parse import urlparse
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
-from redis.exceptions import ClusterDownError, ClusterError, NoScriptError, RedisClusterException
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from pipeline.errors import ConnectError
@@ -77,7 +86,7 @@ def make_client(url: str, **options) -> redis.Redis:
     `options` go to the client (timeouts, retry)."""
     if not is_cluster_url(url):
         return redis.Redis.from_url(url, **options)
-    from redis.cluster import ClusterNode, RedisCluster
+    from redis.cluster import ClusterNode
 
     u = urlparse(url)
     nodes = [ClusterNode(host, port) for host, port in cluster_nodes(url)]
@@ -129,24 +138,48 @@ def redis_client(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
 def run_script_batch(client: redis.Redis, script: Script, calls: list[tuple[list[str], list]],
                      reload: tuple[Script, ...] = ()) -> list:
     """Run `script` once per (keys, args) in one pipelined round trip (EVALSHA, with no SCRIPT
-    EXISTS round trip first). When Redis has forgotten the script (NOSCRIPT: it restarted),
-    `script` and `reload` are loaded again and the batch is run once more, so every script run
-    this way must be safe to run twice."""
+    EXISTS round trip first). When Redis has forgotten the script (NOSCRIPT: it restarted, or a
+    replica took over), `script` and `reload` are loaded again and the batch is run once more, so
+    every script run this way must be safe to run twice. On a cluster every key of a batch must
+    be in one slot (one site's keys): the batch goes to the node that serves it."""
     if not calls:
         return []
     for attempt in (1, 2):
-        with client.pipeline(transaction=False) as p:
+        with _slot_pipeline(client, calls[0][0]) as p:
             for keys, args in calls:
-                p.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # (a cluster pipeline blocks .evalsha)
+                p.evalsha(script.sha, len(keys), *keys, *args)
             try:
                 return p.execute()
             except NoScriptError:
                 if attempt == 2:
                     raise
-                log.warning("Redis forgot our Lua scripts (restarted?); loading them again")
+                log.warning("Redis forgot our Lua scripts (restarted, or a replica took over?); loading them again")
                 for known in (script, *reload):
                     client.script_load(known.script)
+            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, MovedError, AskError,
+                    TryAgainError) as err:
+                if isinstance(client, RedisCluster):  # the node is gone or no longer serves the slot: learn again
+                    _refresh(client)
+                    if isinstance(err, (MovedError, AskError)):
+                        raise TryAgainError(f"the slot moved ({err}); retry") from err
+                raise
     raise AssertionError("unreachable")
+
+
+def _slot_pipeline(client: redis.Redis, keys: list[str]) -> redis.client.Pipeline:
+    """A pipeline for commands on `keys`' slot: on a cluster, a plain pipeline to the node that
+    serves it (redis-py's cluster pipeline would first ask a node for each EVALSHA's keys)."""
+    if isinstance(client, RedisCluster):
+        return client.get_redis_connection(client.get_node_from_key(keys[0])).pipeline(transaction=False)
+    return client.pipeline(transaction=False)
+
+
+def _refresh(client: RedisCluster) -> None:
+    """Learn the cluster's slots again (after a failover: the promoted replica)."""
+    try:
+        client.nodes_manager.initialize()
+    except (redis.RedisError, RedisClusterException) as err:
+        log.warning("Redis Cluster: could not learn the slots again yet: %s", err)
 
 
 class Heartbeat:

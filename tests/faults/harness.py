@@ -2,6 +2,8 @@
 
 - `Mosquitto` and `RedisServer`: PRIVATE brokers (subprocesses on free loopback ports) that a
   test can SIGKILL, SIGSTOP/SIGCONT and restart on the same port.
+- `RedisClusterServers`: a private Redis Cluster (masters with replicas, one `redis-server
+  --cluster-enabled yes` per node), whose masters a test can SIGKILL and whose failover it awaits.
 - `Role`: one real `ada-ddnn` role process (cameras, edge, cloud), its stdout/stderr in files.
 - `Collector`: a thread that follows the site's results, dead-letter and losses streams, so that
   what was recorded before a Redis restart without persistence is still counted.
@@ -35,7 +37,9 @@ from pathlib import Path
 
 import msgpack
 import redis
+from redis.exceptions import RedisClusterException
 
+from pipeline.transport.redis_client import make_client
 from pipeline.wire import names
 from pipeline.wire.messages import Decision, MessageError
 
@@ -225,6 +229,99 @@ class RedisServer(Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+class ClusterNode(RedisServer):
+    """One node of a private Redis Cluster: cluster mode on, its bus on a port of its own, no
+    persistence (a restarted node would come back empty: the tests kill, they do not restart)."""
+
+    name = "redis-node"
+
+    def __init__(self, workdir: Path, node_timeout_ms: int) -> None:
+        super().__init__(workdir, appendonly=False)
+        self.bus_port = free_port()
+        self.node_timeout_ms = node_timeout_ms
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self.bus_port), "--cluster-node-timeout", str(self.node_timeout_ms)]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=1)
+
+
+class RedisClusterServers:
+    """A private Redis Cluster of `masters` masters with `replicas` replicas each: one
+    `redis-server --cluster-enabled yes` per node on free loopback ports, joined with
+    `redis-cli --cluster create`. `url` is the `redis+cluster://` URL the roles take."""
+
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.nodes = [ClusterNode(workdir / f"node{i}", node_timeout_ms) for i in range(masters * (1 + replicas))]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout_s: float = 60.0) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        made = subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+                               *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas",
+                               str(self.replicas), "--cluster-yes"], capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+        assert made.returncode == 0, f"redis-cli --cluster create failed:\n{made.stdout}{made.stderr}"
+        wait_until(self.ready, timeout_s, "the cluster to be ok on every node with every replica in sync",
+                   interval_s=0.1)
+        return self
+
+    @staticmethod
+    def _info(node: ClusterNode, section: str) -> dict:
+        with node.client() as c:
+            return c.execute_command("CLUSTER INFO") if section == "cluster" else c.info(section)
+
+    def ready(self) -> bool:
+        """Every live node says cluster_state:ok and knows every node, and every live replica's
+        link to its master is up."""
+        try:
+            for node in self.live():
+                info = self._info(node, "cluster")
+                if info.get("cluster_state") != "ok":
+                    return False
+                replication = self._info(node, "replication")
+                if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
+                    return False
+            return True
+        except redis.RedisError:
+            return False
+
+    def live(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.alive]
+
+    def master_of(self, key: str) -> ClusterNode:
+        """The node that serves `key`'s slot now, as a live node sees it."""
+        with self.live()[0].client() as c:
+            slot = int(c.execute_command("CLUSTER KEYSLOT", key))
+            for start, end, master, *_ in c.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    port = int(master[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise AssertionError(f"no node serves the slot of {key!r}")
+
+    def wait_promoted(self, dead: ClusterNode, key: str, timeout_s: float = 30.0) -> ClusterNode:
+        """Until a replica of `dead` (killed) serves `key`'s slot and the cluster is ok again."""
+        def promoted():
+            try:
+                node = self.master_of(key)
+            except (redis.RedisError, StopIteration):
+                return None
+            return node if node is not dead and node.alive and self.ready() else None
+        return wait_until(promoted, timeout_s, f"a replica of the killed master :{dead.port} to take over",
+                          interval_s=0.05)
+
+    def terminate(self) -> None:
+        for node in self.nodes:
+            node.terminate()
+
+
 # --- role processes -----------------------------------------------------------------------
 
 def _flags(options: dict) -> list[str]:
@@ -360,10 +457,10 @@ class Collector(threading.Thread):
         while not self._halt.is_set():
             try:
                 if r is None:
-                    r = redis.Redis.from_url(self.url, socket_timeout=3, socket_connect_timeout=1)
+                    r = make_client(self.url, socket_timeout=3, socket_connect_timeout=1)
                 resp = r.xread(dict(self.streams), block=200, count=2000)
                 self._take(resp or [])
-            except redis.RedisError:
+            except (redis.RedisError, RedisClusterException):
                 if r is not None:
                     r.close()
                 r = None
@@ -507,6 +604,8 @@ class Harness:
         self.site = "f-" + re.sub(r"[^A-Za-z0-9]", "-", label)[:30] + "-" + uuid.uuid4().hex[:6]
         self.mqtt: Mosquitto | None = None
         self.redis: RedisServer | None = None
+        self.redis_url = ""  # the private Redis's, or a cluster's (`use_cluster`)
+        self.collectors: list[Collector] = []  # one per site of a many-site test (`follow`)
         self.roles: list[Role] = []
         self.collector: Collector | None = None
         self._admin: redis.Redis | None = None
@@ -516,14 +615,28 @@ class Harness:
     def start_brokers(self, appendonly: bool = True, mqtt_autosave_s: int = 1) -> Harness:
         self.mqtt = Mosquitto(self.tmp / "mosquitto", autosave_interval_s=mqtt_autosave_s).start()
         self.redis = RedisServer(self.tmp / "redis", appendonly=appendonly).start()
+        self.redis_url = self.redis.url
         self.collector = Collector(self.redis.url, self.site)
         self.collector.start()
         return self
 
+    def use_cluster(self, cluster: RedisClusterServers) -> Harness:
+        """A private Mosquitto and a Redis Cluster the caller started (and stops)."""
+        self.mqtt = Mosquitto(self.tmp / "mosquitto").start()
+        self.redis_url = cluster.url
+        return self
+
+    def follow(self, site: str) -> Collector:
+        """A collector of `site`'s results, dead letters and losses (stopped by `close`)."""
+        collector = Collector(self.redis_url, site)
+        collector.start()
+        self.collectors.append(collector)
+        return collector
+
     def admin(self) -> redis.Redis:
         """A plain client for the test's own reads and writes (short timeouts)."""
         if self._admin is None:
-            self._admin = redis.Redis.from_url(self.redis.url, socket_timeout=5, socket_connect_timeout=2)
+            self._admin = make_client(self.redis_url, socket_timeout=5, socket_connect_timeout=2)
         return self._admin
 
     def wait_redis(self, timeout_s: float = 20.0) -> None:
@@ -543,10 +656,10 @@ class Harness:
         self.roles.append(role)
         return role.start()
 
-    def edge(self, name: str | None = None, wait: bool = True, **options) -> Role:
+    def edge(self, name: str | None = None, wait: bool = True, site: str | None = None, **options) -> Role:
         opts = {"claim_lease_ms": 3000, "device": "cpu", **options}
         role = self._role("edge", name, ["edge", "--checkpoint", self.checkpoint, "--mqtt-url", self.mqtt.url,
-                                         "--redis-url", self.redis.url, "--site", self.site, *_flags(opts)])
+                                         "--redis-url", self.redis_url, "--site", site or self.site, *_flags(opts)])
         if wait:
             role.wait_log(r"edge \S+: site .* subscribed")
         return role
@@ -554,15 +667,17 @@ class Harness:
     def cloud(self, name: str | None = None, wait: bool = True, **options) -> Role:
         opts = {"device": "cpu", "claim_idle_ms": 3000, "claim_interval_s": 1, **options}
         role = self._role("cloud", name, ["cloud", "--checkpoint", self.checkpoint, "--mqtt-url", self.mqtt.url,
-                                          "--redis-url", self.redis.url, "--site", self.site, *_flags(opts)])
+                                          "--redis-url", self.redis_url, "--site", self.site, *_flags(opts)])
         if wait:
             role.wait_log(r"cloud \S+: site .* group")
         return role
 
-    def cameras(self, start: int, stop: int, fps: float, name: str | None = None, **options) -> Role:
+    def cameras(self, start: int, stop: int, fps: float, name: str | None = None, site: str | None = None,
+                **options) -> Role:
         return self._role("cameras", name, ["cameras", "--checkpoint", self.checkpoint, "--data", self.data_dir,
                                             "--start", str(start), "--stop", str(stop), "--fps", str(fps),
-                                            "--mqtt-url", self.mqtt.url, "--site", self.site, *_flags(options)])
+                                            "--mqtt-url", self.mqtt.url, "--site", site or self.site,
+                                            *_flags(options)])
 
     def dead_roles(self) -> str | None:
         """Text naming a role process that died without the test killing it (for `abort=`)."""
@@ -666,8 +781,9 @@ class Harness:
         for role in self.roles:
             if role.alive:
                 role.terminate(timeout_s=5)
-        if self.collector is not None:
-            self.collector.stop()
+        for collector in [self.collector, *self.collectors]:
+            if collector is not None:
+                collector.stop()
         if self._admin is not None:
             self._admin.close()
         for server in (self.mqtt, self.redis):
