@@ -47,6 +47,7 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError, ConnectError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import add_command, config_from_args, printed
+from pipeline.transport.metrics import Sample, counter, gauge
 from pipeline.transport.mqtt_client import MqttClient
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import RECORD_RESULT, add_dead_letters, record_results
@@ -182,6 +183,29 @@ class Worker(BrokerService):
             client.close()
         self._site_mqtt = {}
         super().close()
+
+    def metric_samples(self) -> list[Sample]:
+        """Counters over every site this worker serves (site "all"); backlogs per site."""
+        st = self.stats
+        out = [counter("ada_frames_decided", "frames decided here (cloud: handed to the cloud)", st.answered, site="all",
+                       exit="cloud"),
+               counter("ada_escalations_read", "escalation entries read", st.entries, site="all"),
+               counter("ada_escalations_reclaimed", "entries reclaimed from a dead worker", st.reclaimed, site="all"),
+               counter("ada_dead_letters", "messages and frames sent to the dead letters", st.deadletter, site="all"),
+               counter("ada_cloud_batches", "forward passes", st.batches, site="all"),
+               counter("ada_redis_outages", "loop turns that met Redis down", st.redis_outages, site="all")]
+        if self.mqtt is not None:
+            out.append(counter("ada_mqtt_reconnects", "MQTT connections after the first", self.mqtt.reconnects, site="all"))
+        r = self.redis
+        for site in list(self.sites) if r is not None else []:
+            try:
+                waiting = r.xlen(names.escalations_stream(site))
+                pending = r.xpending(names.escalations_stream(site), self.cfg.group)["pending"]
+            except (redis.ResponseError, *REDIS_DOWN):
+                continue  # no group yet, or Redis away: this scrape goes without the site's backlog
+            out.append(gauge("ada_backlog", "messages or frames waiting", waiting, site=site, queue="escalations"))
+            out.append(gauge("ada_backlog", "messages or frames waiting", pending, site=site, queue="cloud_pending"))
+        return out
 
     # -- the loop --
     def run(self, stop: threading.Event) -> None:
@@ -352,6 +376,8 @@ class Worker(BrokerService):
             for (dec, raw), first in zip(decisions, firsts):
                 if first or reclaimed:  # a reclaimed entry's result may have been recorded but never published
                     self.results_broker(site).publish(names.results_topic(dec.site), raw)
+                if first:
+                    self.metrics.observe(site, dec.exit, dec.decided_at - dec.captured_at)
             self.finish(site, [entry_id for entry_id, _ in done], letters.get(site, []))
         self.stats.answered += len(answered)
         self.stats.batches += 1

@@ -51,8 +51,9 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, printed
+from pipeline.transport.metrics import RoleMetrics, Sample, counter, gauge
 from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
-from pipeline.transport.service import serve
+from pipeline.transport.service import check_metrics_port, serve
 from pipeline.wire import names
 from pipeline.wire.control import MAX_SHED_IDS, ShedNotice, SiteClock
 from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor
@@ -87,6 +88,8 @@ class CameraConfig:
     cameras: tuple[int, ...] = field(default=(0,), metadata={"flags": ["--cameras", "--cams"]})  # camera ids this process runs, comma-separated
     max_lag_ms: int = 200  # at a set fps, a frame due longer ago than this (ms) is shed instead of sent late (the edge would have decided it)
     shed_lag_ms: int = 2000  # overload: an aggregator reports observations reaching it this late (ms); 0 = never
+    metrics_port: int = 0  # serve Prometheus /metrics on this TCP port; 0 = off
+    metrics_host: str = "127.0.0.1"  # address /metrics listens on (0.0.0.0: a scraper on another host)
     overload: str = field(default="shed", metadata={"choices": ("shed", "wait")})  # under overload (and when behind schedule): shed frames, named; or wait (lossless, for replays and benchmarks)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,7 @@ class CameraConfig:
             raise ValueError(f"camera ids are 0 or more, got {list(self.cameras)}")
         if self.max_lag_ms < 1 or self.shed_lag_ms < 0 or self.overload not in ("shed", "wait"):
             raise ValueError("need max_lag_ms >= 1, shed_lag_ms >= 0 and overload 'shed' or 'wait'")
+        check_metrics_port(self.metrics_port)
 
 
 @dataclass
@@ -144,6 +148,23 @@ class CameraFeed:
         self.signals = SiteSignals(cfg.site, cfg.shed_lag_ms)
         self._shed_logged = -RATE_REPORT_S
         self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
+        self.metrics = RoleMetrics(self.metric_samples)
+
+    def metric_samples(self) -> list[Sample]:
+        st, site = self.stats, self.cfg.site
+        out = [counter("ada_camera_frames", "frames captured (published or shed)", st.frames, site=site),
+               counter("ada_camera_published", "observations published", st.published, site=site),
+               counter("ada_camera_bytes", "encoded observation bytes published", st.bytes, site=site),
+               counter("ada_camera_refused", "observations dropped: too many waited for the broker", st.refused,
+                       site=site)]
+        out += [counter("ada_frames_shed", "frames cameras named as not sent (ShedNotices), by reason", n, site=site,
+                        reason=r) for r, n in dict(st.shed).items()]
+        clients = list(self.clients.values())
+        out.append(counter("ada_mqtt_reconnects", "MQTT connections after the first", sum(c.reconnects for c in clients),
+                           site=site))
+        out.append(gauge("ada_backlog", "messages or frames waiting", sum(c.unconfirmed for c in clients), site=site,
+                         queue="unacknowledged"))
+        return out
 
     def connect(self) -> None:
         for k in self.cfg.cameras:

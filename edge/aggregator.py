@@ -45,6 +45,7 @@ from pipeline.checkpoint import thresholds
 from pipeline.compute import resolve_device, set_threads
 from pipeline.errors import AggregationError, EscalationError, MessageError
 from pipeline.settings import add_command, config_from_args, printed
+from pipeline.transport.metrics import Sample, counter, gauge
 from pipeline.transport.mqtt_client import Inbox, MqttClient
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import add_dead_letters
@@ -116,6 +117,7 @@ class EdgeStats:
     redis_outages: int = 0  # loop turns that met Redis down (each retried after a backoff)
     ahead: int = 0  # observations refused: beyond the admission window
     shed: int = 0  # observations cameras named as shed (never sent)
+    shed_reasons: dict[str, int] = field(default_factory=dict)  # the same, by the cameras' reason
     batches: int = 0  # Redis round trips that stored observations
 
 
@@ -144,6 +146,39 @@ class Aggregator(BrokerService):
         self.flow_id = hashlib.sha256(self.sid.encode()).hexdigest()[:16]
 
     # -- wiring --
+    def metric_samples(self) -> list[Sample]:
+        st, site = self.stats, self.cfg.site
+        out = [counter("ada_observations", "camera observations taken in", st.observations, site=site),
+               counter("ada_dead_letters", "messages and frames sent to the dead letters", st.deadletter, site=site),
+               counter("ada_frames_reclaimed", "frames taken over from an aggregator whose lease expired", st.reclaimed,
+                       site=site),
+               counter("ada_redis_outages", "loop turns that met Redis down", st.redis_outages, site=site),
+               counter("ada_backpressure_waits", "waits for room in the escalation stream", st.backpressure_waits,
+                       site=site),
+               counter("ada_escalated_bytes", "encoded escalation bytes sent to the cloud", st.escalated_bytes,
+                       site=site),
+               gauge("ada_backlog", "messages or frames waiting", len(self.inbox) + len(self._held), site=site,
+                     queue="inbox")]
+        out += [counter("ada_frames_decided", "frames decided here (cloud: handed to the cloud)", n, site=site, exit=e)
+                for e, n in st.decided.items()]
+        out += [counter("ada_observations_rejected", "observations refused", n, site=site, reason=r)
+                for r, n in (("late", st.late), ("duplicate", st.duplicates), ("ahead", st.ahead))]
+        out += [counter("ada_frames_shed", "frames cameras named as not sent (ShedNotices), by reason", n, site=site,
+                        reason=r) for r, n in st.shed_reasons.items()]
+        mq = self.mqtt
+        if mq is not None:
+            out.append(counter("ada_mqtt_reconnects", "MQTT connections after the first", mq.reconnects, site=site))
+        r = self.redis
+        if r is not None:
+            try:
+                out.append(gauge("ada_backlog", "messages or frames waiting", r.zcard(names.pending_key(site)), site=site,
+                                 queue="open_frames"))
+                out.append(gauge("ada_backlog", "messages or frames waiting", r.xlen(names.escalations_stream(site)),
+                                 site=site, queue="escalations"))
+            except REDIS_DOWN:
+                pass  # Redis away: the scrape has the in-process figures only
+        return out
+
     def connect(self) -> None:
         cfg = self.cfg
         self.redis = redis_client(cfg.redis_url)
@@ -262,6 +297,8 @@ class Aggregator(BrokerService):
             self.dead_letter([(msg.topic, msg.payload, reason) for _, msg, reason in bad])
         self.store.record_losses(losses)
         self.stats.shed += len(losses)
+        for *_, reason in losses:
+            self.stats.shed_reasons[reason] = self.stats.shed_reasons.get(reason, 0) + 1
         payloads = [bytes(msg.payload) for _, msg, _ in good]
         statuses = self.store.add([(obs, raw) for (_, _, obs), raw in zip(good, payloads)])
         for (_, _, obs), raw in zip(good, payloads):
@@ -400,6 +437,7 @@ class Aggregator(BrokerService):
             if first:
                 self.mqtt.publish(names.results_topic(site), raw)
                 self.stats.decided[dec.exit] += 1
+                self.metrics.observe(site, dec.exit, dec.decided_at - dec.captured_at)
         self.escalate(escalations, stop)
 
     def _escalation(self, fr: Frame, fused: torch.Tensor, edge_entropy: float, edge_pred: int) -> bytes:

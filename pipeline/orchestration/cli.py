@@ -29,7 +29,7 @@ from devices import camera
 from edge import aggregator
 from pipeline.config import ModelConfig, TrainConfig, default_data_dir
 from pipeline.offline import experiments
-from pipeline.orchestration import replay
+from pipeline.orchestration import replay, status
 from pipeline.settings import add_config_args, config_from_args
 
 log = logging.getLogger("ada_ddnn")
@@ -175,7 +175,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     register_data, register_train, register_export, experiments.register, register_bench,
-    camera.register, aggregator.register, worker.register, replay.register,
+    camera.register, aggregator.register, worker.register, replay.register, status.register,
 )
 
 

@@ -104,6 +104,7 @@ class ReplayConfig:
     overload_lag_ms: int = 300  # processes: the cameras hold back while an aggregator reports observations reaching it this late (ms)
     threads: int = 1  # torch CPU threads; 1 because the roles already run in parallel threads (several OpenMP pools spinning against each other ran 50x slower on 2 cores)
     sites: int = 1  # sites side by side, each with its own cameras, aggregators and (embedded) Mosquitto; the cloud workers serve them all
+    metrics_port: int = 0  # first of consecutive ports the roles serve Prometheus /metrics on (cloud workers, then aggregators, then cameras); 0 = off
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in DTYPES:
@@ -268,6 +269,7 @@ class ThreadRoles:
     def __init__(self, cfg: ReplayConfig, model: AdaDDNN, runs: list[SiteRun], redis_url: str,
                  cams: tuple[int, ...], t1: float | None, t2: float, split, stop: threading.Event) -> None:
         sites = [run.site for run in runs]
+        self.cfg = cfg
         self.workers = [Worker(CloudConfig(site=sites[0], sites=",".join(sites), site_mqtt=_site_mqtt(runs),
                                            mqtt_url=runs[0].mqtt_url, redis_url=redis_url, checkpoint=cfg.checkpoint,
                                            batch=cfg.cloud_batch, wait_ms=cfg.cloud_wait_ms, device=cfg.cloud_device,
@@ -288,6 +290,10 @@ class ThreadRoles:
         self.threads: list[threading.Thread] = []
 
     def start(self, r: redis.Redis, stop: threading.Event) -> None:
+        ports = metrics_ports(self.cfg.metrics_port, len(self.workers), len(self.aggs), len(self.feeds))
+        for role, group in (("cloud", self.workers), ("edge", self.aggs), ("cameras", self.feeds)):
+            for obj, port in zip(group, ports[role]):
+                obj.metrics.serve(port)
         for w in self.workers:
             w.start()
         for a in self.aggs:
@@ -317,7 +323,21 @@ class ThreadRoles:
             a.stop()
         for w in self.workers:
             w.stop()
+        for role in (*self.aggs, *self.workers, *self.feeds):
+            role.metrics.close()
         return {}
+
+
+def metrics_ports(first: int, workers: int, aggregators: int, cameras: int) -> dict[str, list[int]]:
+    """The /metrics port of every role process from `first` on (none where first is 0), logged."""
+    if not first:
+        return {"cloud": [], "edge": [], "cameras": []}
+    ports = {"cloud": list(range(first, first + workers)),
+             "edge": list(range(first + workers, first + workers + aggregators)),
+             "cameras": list(range(first + workers + aggregators, first + workers + aggregators + cameras))}
+    log.info("metrics: cloud workers on %s, aggregators on %s, cameras on %s (http://127.0.0.1:PORT/metrics)",
+             ports["cloud"], ports["edge"], ports["cameras"])
+    return ports
 
 
 class ProcessRoles:
@@ -343,12 +363,16 @@ class ProcessRoles:
                     "--checkpoint", cfg.checkpoint]
 
         thresholds_args = ["--t2", repr(self.t2)] + ([] if self.t1 is None else ["--t1", repr(self.t1)])
-        workers = [start_role("cloud", [*common(runs[0]), "--sites", ",".join(run.site for run in runs),
+        ports = metrics_ports(cfg.metrics_port, cfg.workers, cfg.aggregators * len(runs), len(runs))
+        port_of = {role: iter(["--metrics-port", str(p)] for p in ps) for role, ps in ports.items()}
+        workers = [start_role("cloud", [*common(runs[0]), *next(port_of["cloud"], []),
+                                        "--sites", ",".join(run.site for run in runs),
                                         "--site-mqtt", _site_mqtt(runs), "--batch", str(cfg.cloud_batch),
                                         "--wait-ms", str(cfg.cloud_wait_ms), "--device", cfg.cloud_device,
                                         "--service-id", f"cloud-{i}-{tag}"], self.log_dir, f"cloud-{i}")
                    for i in range(cfg.workers)]
-        aggs = {run.site: [start_role("edge", [*common(run), *thresholds_args, "--deadline-ms", str(cfg.deadline_ms),
+        aggs = {run.site: [start_role("edge", [*common(run), *next(port_of["edge"], []), *thresholds_args,
+                                               "--deadline-ms", str(cfg.deadline_ms),
                                                "--service-id", f"edge-{i}-{tag}"], self.log_dir,
                                       f"edge-{i}" if one else f"{run.site}-edge-{i}")
                            for i in range(cfg.aggregators)] for run in runs}
@@ -358,7 +382,7 @@ class ProcessRoles:
             wait_alive(r, run.site, "edge", aggs[run.site])
         for run in runs:
             self.cameras.append(start_role("cameras", [
-                "--site", run.site, "--mqtt-url", run.mqtt_url, "--threads", "1", "--checkpoint", cfg.checkpoint,
+                *next(port_of["cameras"], []), "--site", run.site, "--mqtt-url", run.mqtt_url, "--threads", "1", "--checkpoint", cfg.checkpoint,
                 "--data", cfg.data, "--split", cfg.split, "--start", str(run.frame_ids.start),
                 "--stop", str(run.frame_ids.stop), "--fps", str(cfg.fps), "--wire-dtype", cfg.wire_dtype,
                 "--batch", str(cfg.camera_batch), "--cameras", ",".join(map(str, self.cams)), "--overload", "wait",

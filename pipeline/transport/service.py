@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL
+from pipeline.transport.metrics import RoleMetrics, Sample
 from pipeline.transport.mqtt_client import BACKOFF_MAX_S, BACKOFF_MIN_S, MqttClient
 from pipeline.transport.redis_client import Heartbeat
 from pipeline.wire import names
@@ -45,11 +46,19 @@ class BrokerRoleConfig:
     checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this role's part
 
     heartbeat_s: float = 2.0  # seconds between heartbeats; three missed and the service counts as dead
+    metrics_port: int = 0  # serve Prometheus /metrics on this TCP port; 0 = off
+    metrics_host: str = "127.0.0.1"  # address /metrics listens on (0.0.0.0: a scraper on another host)
 
     def __post_init__(self) -> None:
         names.check_site(self.site)
         if not self.heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
+        check_metrics_port(self.metrics_port)
+
+
+def check_metrics_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"metrics_port must be 0 (off) or a TCP port, got {port}")
 
 
 def stop_on_signals(stop: threading.Event) -> None:
@@ -134,6 +143,10 @@ def serve(service: Any) -> Any:
     stop_on_signals(stop)
     if isinstance(service, BrokerService):
         service.exit_on_stuck = True  # its own process: a stuck loop exits for the supervisor to restart
+    cfg = getattr(service, "cfg", None)
+    metrics: RoleMetrics | None = getattr(service, "metrics", None)
+    if metrics is not None and getattr(cfg, "metrics_port", 0):
+        metrics.serve(cfg.metrics_port, cfg.metrics_host)
     service.connect()
     profile_path = os.environ.get("ADA_DDNN_PROFILE")
     profiler = cProfile.Profile() if profile_path else None
@@ -148,6 +161,8 @@ def serve(service: Any) -> Any:
             profiler.dump_stats(profile_path)
     finally:
         service.close()
+        if metrics is not None:
+            metrics.close()
 
 
 class BrokerService:
@@ -166,6 +181,7 @@ class BrokerService:
         self.heartbeat: Heartbeat | None = None
         self.exit_on_stuck = False
         self.watchdog = Watchdog(f"{self.role} {sid}", self.watchdog_s)
+        self.metrics = RoleMetrics(self.metric_samples)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -173,6 +189,10 @@ class BrokerService:
         """What the heartbeat reports: the loop turned within a third of the watchdog's limit. A
         wedged process stops beating, so `--check` fails for it before the watchdog fires."""
         return self.watchdog.age() < self.watchdog_s / 3
+
+    def metric_samples(self) -> list[Sample]:
+        """The role's counters and backlogs at this moment, for /metrics (`pipeline.transport.metrics`)."""
+        return []
 
     def connect(self) -> None:
         raise NotImplementedError

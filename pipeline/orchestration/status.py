@@ -1,0 +1,193 @@
+"""`ada-ddnn status`: one table of a live site, read from its brokers.
+
+    ada-ddnn status --site site0                      # the table
+    ada-ddnn status --site site0 --json               # the same as JSON
+    ada-ddnn status --site site0 --watch 5            # again every 5 s until Ctrl-C
+
+What it reads (nothing is written; the `SITE-monitor` user of docker/make-passwords.sh is enough):
+- cameras: the retained status of each camera (`ada/{site}/cam/+/status`: online, done or
+  offline, the last will) and the aggregators' retained flow status (how late observations reach
+  them);
+- services: the heartbeat keys of the edge aggregators and cloud workers (alive = not expired);
+- backlog: open frames (`ada:{site}:pending`), claimed frames, escalations waiting in the stream
+  and entries the cloud has read but not acknowledged, dead letters and named losses in all;
+- decisions over the last `--window-s` seconds (results stream entry ids are their times): the
+  rate and the mix of exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+import paho.mqtt.client as mqtt
+import redis
+
+from pipeline.errors import ConnectError, MessageError
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, config_from_args, printed
+from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
+from pipeline.transport.redis_client import alive, redis_client
+from pipeline.wire import names
+from pipeline.wire.control import FlowStatus
+from pipeline.wire.messages import EXIT_NAMES, CameraStatus, Decision
+
+log = logging.getLogger(__name__)
+
+RETAINED_WAIT_S = 1.0  # retained messages arrive right after subscribing; wait this long for the last
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    site: str = "site0"  # site id: prefix of every topic and key
+    mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
+    redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://host:port/db or redis+cluster://host:port,...
+    window_s: float = 60.0  # decisions over this many seconds back give the rate and the exit mix
+    cloud_group: str = names.CLOUD_GROUP  # the cloud workers' consumer group
+
+    def __post_init__(self) -> None:
+        names.check_site(self.site)
+        if not self.window_s > 0:
+            raise ValueError(f"window_s must be positive, got {self.window_s}")
+
+
+@dataclass
+class SiteStatus:
+    site: str
+    at: float
+    cameras: dict[int, str] = field(default_factory=dict)  # camera -> online | done | offline
+    flow: dict[str, float] = field(default_factory=dict)  # aggregator -> lag of observations (ms)
+    aggregators: list[str] = field(default_factory=list)
+    workers: list[str] = field(default_factory=list)
+    backlog: dict[str, int] = field(default_factory=dict)
+    window_s: float = 60.0
+    decided: int = 0  # decisions in the window
+    exits: dict[str, int] = field(default_factory=dict)
+    rate_fps: float = 0.0
+    errors: list[str] = field(default_factory=list)  # what could not be read, and why
+
+
+def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S) -> None:
+    """The retained camera statuses and flow statuses of the site."""
+    done = threading.Event()
+    last = [time.monotonic()]
+
+    def on_message(msg: mqtt.MQTTMessage) -> None:
+        last[0] = time.monotonic()
+        try:
+            if msg.topic.endswith("/status"):
+                s = CameraStatus.decode(msg.payload)
+                st.cameras[s.camera] = s.state
+            else:
+                f = FlowStatus.decode(msg.payload)
+                st.flow[msg.topic.rsplit("/", 1)[-1]] = round(float(f.lag_ms), 1)
+        except (MessageError, AttributeError, ValueError) as err:
+            st.errors.append(f"bad retained message on {msg.topic}: {err}")
+
+    def on_connect(c: mqtt.Client) -> None:
+        c.subscribe([(names.status_filter(cfg.site), 1), (names.flow_filter(cfg.site), 1)])
+
+    try:
+        client = mqtt_client(cfg.mqtt_url, f"{cfg.site}-status-{time.monotonic_ns():x}", on_connect=on_connect,
+                             on_message=on_message)
+    except ConnectError as err:
+        st.errors.append(f"MQTT: {err}")
+        return
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end and not done.wait(0.05):
+        if st.cameras and time.monotonic() - last[0] > 0.3:
+            break  # the retained burst is over
+    close_mqtt(client)
+
+
+def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:
+    site = cfg.site
+    try:
+        r = redis_client(cfg.redis_url)
+    except ConnectError as err:
+        st.errors.append(f"Redis: {err}")
+        return
+    try:
+        st.aggregators = alive(r, site, "edge")
+        st.workers = alive(r, site, "cloud")
+        esc = names.escalations_stream(site)
+        st.backlog = {"open_frames": int(r.zcard(names.pending_key(site))),
+                      "claimed_frames": int(r.zcard(names.claimed_key(site))),
+                      "escalations": int(r.xlen(esc)),
+                      "dead_letters": int(r.xlen(names.deadletter_stream(site))),
+                      "named_losses": int(r.xlen(names.losses_stream(site)))}
+        try:
+            st.backlog["cloud_unacknowledged"] = int(r.xpending(esc, cfg.cloud_group)["pending"])
+        except redis.ResponseError:
+            st.backlog["cloud_unacknowledged"] = 0  # no group yet: no worker has ever read
+        since_ms = int((st.at - cfg.window_s) * 1000)
+        exits: Counter[str] = Counter()
+        last_id = f"{since_ms}-0"
+        while True:  # the window's results, in pages
+            page = r.xrange(names.results_stream(site), min=last_id, max="+", count=1000)
+            for entry_id, fields in page:
+                try:
+                    exits[Decision.decode(fields[b"msg"]).exit] += 1
+                except (MessageError, KeyError, msgpack.UnpackException, ValueError) as err:
+                    st.errors.append(f"bad result entry {entry_id!r}: {err}")
+            if len(page) < 1000:
+                break
+            last_id = "(" + page[-1][0].decode()
+        st.exits = {e: exits.get(e, 0) for e in EXIT_NAMES}
+        st.decided = sum(exits.values())
+        st.rate_fps = round(st.decided / cfg.window_s, 2)
+    except redis.RedisError as err:
+        st.errors.append(f"Redis: {err}")
+    finally:
+        r.close()
+
+
+def site_status(cfg: StatusConfig) -> SiteStatus:
+    st = SiteStatus(cfg.site, time.time(), window_s=cfg.window_s)
+    read_redis(cfg, st)
+    read_mqtt(cfg, st)
+    return st
+
+
+def table(st: SiteStatus) -> str:
+    on = sorted(k for k, s in st.cameras.items() if s == "online")
+    rows = [("site", st.site),
+            ("cameras online", f"{len(on)} of {len(st.cameras)} known " +
+             (" ".join(f"{k}:{s}" for k, s in sorted(st.cameras.items())) or "(none announced)")),
+            ("edge aggregators alive", f"{len(st.aggregators)} {' '.join(st.aggregators)}".strip()),
+            ("cloud workers alive", f"{len(st.workers)} {' '.join(st.workers)}".strip()),
+            ("observation lag (ms)", " ".join(f"{a}:{lag:g}" for a, lag in sorted(st.flow.items())) or "-")]
+    rows += [(f"backlog: {k.replace('_', ' ')}", str(v)) for k, v in st.backlog.items()]
+    mix = " ".join(f"{e} {100 * n / st.decided:.1f}%" for e, n in st.exits.items()) if st.decided else "-"
+    rows += [(f"decided, last {st.window_s:g} s", f"{st.decided} ({st.rate_fps:g} frames/s)"), ("exit mix", mix)]
+    rows += [("error", e) for e in st.errors[:5]]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(StatusConfig, args)
+    if printed(cfg, args):
+        return 0
+    while True:
+        st = site_status(cfg)
+        print(json.dumps(asdict(st), indent=2) if args.json else table(st), flush=True)
+        if not args.watch:
+            return 1 if st.errors else 0
+        try:
+            time.sleep(args.watch)  # the next look at a live site: there is no event to wait on
+        except KeyboardInterrupt:
+            return 0
+        print()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(subparsers, "status", StatusConfig, main, help="one table of a live site: cameras, services, "
+                    "backlog, exit mix", description=__doc__)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--watch", type=float, default=0.0, metavar="S", help="print again every S seconds")

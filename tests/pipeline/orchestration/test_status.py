@@ -1,0 +1,47 @@
+"""`ada-ddnn status` on a live site (a replay running in a thread), and on a site that is not there."""
+
+import threading
+
+import pytest
+
+from pipeline.orchestration.cli import main
+from pipeline.orchestration.replay import ReplayConfig, run_replay
+from pipeline.orchestration.status import StatusConfig, site_status, table
+
+pytestmark = pytest.mark.services
+
+
+def test_status_of_a_live_site(stream_setup, brokers, site):
+    path, model, data, _, _ = stream_setup
+    cfg = ReplayConfig(checkpoint=path, mqtt_url=brokers[0], redis_url=brokers[1], site=site, progress=False,
+                       cloud_device="cpu", processes=False, n=400, fps=100, deadline_ms=2000, keep_keys=True)
+    report: dict = {}
+    t = threading.Thread(target=lambda: report.update(run_replay(cfg, data=data, model=model)), daemon=True)
+    t.start()
+    scfg = StatusConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1])
+    live = None
+    while t.is_alive():
+        st = site_status(scfg)
+        if st.decided > 0 and st.aggregators and st.workers and st.cameras:
+            live = st
+            break
+    t.join(120)
+    assert live is not None, "never saw the site live: decisions, an aggregator, a worker and cameras at once"
+    assert set(live.cameras.values()) <= {"online", "done"} and live.cameras
+    assert not live.errors, live.errors
+    assert "edge aggregators alive         1" in table(live)
+    after = site_status(scfg)  # everything decided, within the window
+    assert report["results"] == 400
+    assert after.decided == 400
+    assert {e: n / 400 for e, n in after.exits.items()} == report["exit_rate"]
+    assert after.cameras == {k: "done" for k in range(6)}
+    assert after.backlog["open_frames"] == 0 and after.backlog["escalations"] == 0
+
+
+def test_status_json_of_an_empty_site_and_no_broker(brokers, site, capsys):
+    assert main(["status", "--site", site, "--mqtt-url", brokers[0], "--redis-url", brokers[1], "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"decided": 0' in out and '"aggregators": []' in out
+    # Redis not there: a clear error in the table and exit status 1
+    assert main(["status", "--site", site, "--mqtt-url", brokers[0], "--redis-url", "redis://127.0.0.1:1/0"]) == 1
+    assert "error" in capsys.readouterr().out
