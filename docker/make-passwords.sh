@@ -10,6 +10,9 @@
 #   redis-users.acl    Redis ACL users, passwords as SHA-256 hashes (Redis `#<hash>` form)
 #   cam0.env .. camN.env, edge.env, cloud.env, monitor.env
 #                      ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL with each role's own user and password
+#   edge0.env .. edge{EDGES-1}.env
+#                      each aggregator's own, unguessable ADA_DDNN_SERVICE_ID (its MQTT client id and
+#                      persistent session: two aggregators must never share one)
 #   mosquitto.env, redis.env   the health checks' credentials (read-only users)
 #   redis-admin.env    the Redis `default` (admin) password: kept here for the operator, mounted nowhere
 #
@@ -19,9 +22,11 @@
 # Plain passwords never appear on a command line (mosquitto_passwd -U hashes a file in place).
 # Never commit DIR: docker/.gitignore ignores docker/secrets/.
 #
-# Env: MQTT_HOST (default mosquitto), MQTT_PORT (1883), REDIS_HOST (redis), REDIS_PORT (6379):
-# where the services reach the brokers (compose service names by default). For TLS, edit the
-# URLs to mqtts://...:8883?ca=... and rediss://... (see docs/SECURITY.md).
+# Env: MQTT_HOST (default 127.0.0.1), MQTT_PORT (ADA_DDNN_MQTT_PORT, else 1883), REDIS_HOST
+# (127.0.0.1), REDIS_PORT (ADA_DDNN_REDIS_PORT, else 6379): where the services reach the brokers
+# (docker/compose.yaml runs every container with host networking, the brokers on 127.0.0.1);
+# EDGES (2): aggregators. For TLS, edit the URLs to mqtts://...:8883?ca=... and rediss://...
+# (see docs/SECURITY.md).
 # Without a local mosquitto_passwd the eclipse-mosquitto:2 image's is used (docker run).
 set -euo pipefail
 
@@ -30,8 +35,10 @@ usage() { echo "usage: $0 SITE DIR [CAMERAS]   (SITE: [A-Za-z0-9_-]{1,64}; CAMER
 site=$1 dir=$2 cameras=${3:-6}
 [[ $site =~ ^[A-Za-z0-9_-]{1,64}$ ]] || usage
 [[ $cameras =~ ^[0-9]+$ ]] && (( cameras >= 1 && cameras <= 256 )) || usage
-mqtt_host=${MQTT_HOST:-mosquitto} mqtt_port=${MQTT_PORT:-1883}
-redis_host=${REDIS_HOST:-redis} redis_port=${REDIS_PORT:-6379}
+mqtt_host=${MQTT_HOST:-127.0.0.1} mqtt_port=${MQTT_PORT:-${ADA_DDNN_MQTT_PORT:-1883}}
+redis_host=${REDIS_HOST:-127.0.0.1} redis_port=${REDIS_PORT:-${ADA_DDNN_REDIS_PORT:-6379}}
+edges=${EDGES:-2}
+[[ $edges =~ ^[0-9]+$ ]] && (( edges >= 1 && edges <= 64 )) || { echo "$0: EDGES must be 1..64" >&2; exit 2; }
 
 if [[ -e $dir/mosquitto.passwd || -e $dir/redis-users.acl ]]; then
     echo "$0: $dir already holds credentials; move it away first (old passwords stop working)" >&2
@@ -148,9 +155,11 @@ done
 # SUBSCRIBE, and a client that joined the group would be handed a share of the observations,
 # which the broker then drops at delivery for want of read access.
 printf 'ADA_DDNN_SHARE_GROUP=edge-%s\n' "$(password | tr -d '_-' | cut -c1-24)" >>"$dir/edge.env"
-# A stable, unguessable id: the edge's MQTT session survives its own restart (persistent session),
-# and no other client can take that session over by guessing the id.
-printf 'ADA_DDNN_SERVICE_ID=edge-%s\n' "$(password | tr -d '_-' | cut -c1-16)" >>"$dir/edge.env"
+# A stable, unguessable id per aggregator: its MQTT session survives its own restart (persistent
+# session), and no other client can take that session over by guessing the id.
+for ((e = 0; e < edges; e++)); do
+    printf 'ADA_DDNN_SERVICE_ID=edge%d-%s\n' "$e" "$(password | tr -d '_-' | cut -c1-16)" >"$dir/edge$e.env"
+done
 printf 'HEALTH_USER=%s-health\nHEALTH_PASSWORD=%s\n' "$site" "${pw[health]}" >"$dir/mosquitto.env"
 printf 'HEALTH_USER=%s-health\nREDISCLI_AUTH=%s\n' "$site" "${rpw[health]}" >"$dir/redis.env"
 printf 'REDISCLI_AUTH=%s\n' "$admin" >"$dir/redis-admin.env"
