@@ -56,12 +56,16 @@ EXIT_NAMES = ("exit1", "exit2", "cloud")  # every exit a frame can leave by, in 
 def _int8_codes(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-channel int8: (codes int8 like x, scale float32 of x's shape up to channel_dim).
 
-    scale = max|x| / 127 over each channel (1 for an all-zero channel); codes = round(x / scale).
-    Only element-wise ops and exact reductions, so a frame's codes do not depend on its batch."""
+    scale = max|x| / 127 over each channel; codes = round(x / scale). A channel whose scale would
+    not be a normal float32 (all zero, or so close to zero that max|x| / 127 is subnormal or
+    underflows to 0) gets scale 1, so its codes are 0: an error below 1e-36, and no scale that a
+    receiver must refuse. Only element-wise ops and exact reductions, so a frame's codes do not
+    depend on its batch."""
     x = x.float()
     lead = x.shape[: channel_dim + 1]
     amax = x.reshape(*lead, -1).abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / INT8_LEVELS, torch.ones_like(amax))
+    scale = amax / INT8_LEVELS
+    scale = torch.where(scale >= torch.finfo(torch.float32).tiny, scale, torch.ones_like(scale))
     view = scale.reshape(*lead, *([1] * (x.ndim - channel_dim - 1)))
     codes = torch.round(x / view).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
     return codes, scale

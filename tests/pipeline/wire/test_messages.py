@@ -85,6 +85,7 @@ def test_quantize_roundtrip_matches_the_wire_bit_for_bit(dtype):
               elements=st.floats(-1e4, 1e4, width=32)),
        st.sampled_from(["int8", "float16", "float32"]))
 def test_codec_property(x, dtype):
+    """Any finite features survive the wire (denormal magnitudes such as 3e-45 included)."""
     t = torch.from_numpy(x)
     f = FeatureTensor.quantize(t, dtype)
     back = FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
@@ -265,3 +266,14 @@ def test_a_features_dtype_of_the_wrong_type_is_a_message_error(dtype):
     m["features"]["dtype"] = dtype
     with pytest.raises(MessageError):
         CameraObservation.decode(pack(m))
+
+
+def test_int8_of_denormal_features_is_accepted():
+    """max|x| / 127 underflows for a channel of denormals: it must not become a scale of 0 that
+    the receiver refuses (found by hypothesis: 3e-45)."""
+    t = torch.tensor([[[3e-45, -1e-40]], [[1.0, 0.5]]], dtype=torch.float32)
+    f = FeatureTensor.quantize(t, "int8")
+    back = FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
+    got = back.to_tensor()
+    assert bool((got[0] == 0).all()) and torch.allclose(got[1], t[1], atol=1 / 254)
+    assert torch.equal(got, quantize_roundtrip(t[None], "int8")[0])
