@@ -5,6 +5,7 @@ measured by the run it names."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from matplotlib.figure import Figure
@@ -126,4 +127,14 @@ def render(result: dict, figure: str | None, page_dir: str) -> str:
 
 
 def write_page(result: dict, path: str, figure: str | None) -> str:
-    return atomic_write_text(path, render(result, figure, os.path.dirname(os.path.abspath(path))))
+    """The page, keeping the sections other benchmark commands keep on it (between `<!-- NAME -->`
+    and `<!-- /NAME -->` markers, e.g. `bench broker`'s)."""
+    kept = ""
+    try:
+        with open(path) as f:
+            old = f.read()
+        kept = "".join(m.group(0) + "\n" for m in re.finditer(r"<!-- ([^/][^>]*?) -->.*?<!-- /\1 -->", old, re.S))
+    except FileNotFoundError:
+        pass
+    page = render(result, figure, os.path.dirname(os.path.abspath(path)))
+    return atomic_write_text(path, page.rstrip("\n") + ("\n\n" + kept if kept else "\n"))

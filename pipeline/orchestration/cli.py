@@ -131,6 +131,41 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--png", default="", help="also draw the edge's capacity and latency here")
     st.add_argument("--doc", default="", help="also write the benchmarks page here (docs/BENCHMARKS.md)")
     st.set_defaults(func=cmd_bench_stream)
+    from pipeline.orchestration.bench_broker import BrokerBenchConfig
+
+    bb = bsub.add_parser("broker", help="the pipeline against Mosquitto containers of several configurations "
+                         "(JSON, docs table)", description=bench_broker_doc(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(bb, BrokerBenchConfig)
+    bb.add_argument("--json", dest="json_out", default="runs/bench_broker.json", help="where the JSON goes")
+    bb.add_argument("--doc", default="", help="also put the table into this page (docs/BENCHMARKS.md)")
+    bb.set_defaults(func=cmd_bench_broker)
+
+
+def bench_broker_doc() -> str:
+    from pipeline.orchestration import bench_broker
+
+    return bench_broker.__doc__ or ""
+
+
+def cmd_bench_broker(args: argparse.Namespace) -> int:
+    from pipeline.orchestration.bench_broker import (
+        BrokerBenchConfig,
+        bench_broker,
+        section,
+        table,
+        write_result,
+        write_section,
+    )
+
+    command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = bench_broker(config_from_args(BrokerBenchConfig, args))
+    result["command"] = command
+    write_result(result, args.json_out)
+    if args.doc:
+        write_section(args.doc, section(result, command))
+    print(table(result))
+    return 0
 
 
 def bench_stream_doc() -> str:
