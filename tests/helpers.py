@@ -19,6 +19,28 @@ def tiny_config(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def stream_model(cfg: ModelConfig, data: Cifar10, seed: int = 0):
+    """An untrained network of config `cfg` whose outputs are spread out (so that entropies differ)
+    and thresholds that send a mix of its `data.test` frames to exit 1, exit 2 and the cloud:
+    (model, t1, t2). The session fixture `stream_setup` is the concat ADA network of this."""
+    import torch
+
+    from pipeline.offline.evaluation import collect
+    from pipeline.offline.network import AdaDDNN
+
+    torch.manual_seed(seed)
+    model = AdaDDNN(cfg).eval()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 3.0)
+    c = collect(model, data.test.head(200), batch_size=100)
+    t1 = round(float(c.cam_entropy.min(dim=1).values.quantile(0.25)), 4) if c.cam_entropy is not None else None
+    t2 = round(float(c.edge_entropy.quantile(0.5)), 4)
+    return model, t1, t2
+
+
 def synthetic_cifar(n_train: int = 64, n_val: int = 32, n_test: int = 32, seed: int = 0) -> Cifar10:
     rng = np.random.default_rng(seed)
 

@@ -27,6 +27,28 @@ def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
     assert "decisions equal to offline" in summary_table(rep)
 
 
+@pytest.fixture(scope="module")
+def max_setup(tmp_path_factory):
+    """The DDNN paper's fusion (element-wise max of the cameras' features) in a checkpoint, as
+    `stream_setup` is for concat: (path, model, data, t1, t2)."""
+    from pipeline.offline.network import save_checkpoint
+    from tests.helpers import stream_model, synthetic_cifar, tiny_config
+
+    data = synthetic_cifar(n_train=8, n_val=8, n_test=300)
+    model, t1, t2 = stream_model(tiny_config(fusion="max"), data)
+    path = str(tmp_path_factory.mktemp("max") / "max.safetensors")
+    save_checkpoint(model, path, card={"thresholds": {"t1": t1, "t2": t2}})
+    return path, model, data, t1, t2
+
+
+def test_replay_with_max_fusion_equals_offline(max_setup, brokers, site):
+    # The edge and the cloud read the fusion from the checkpoint's config, as offline evaluation does.
+    rep = replay(max_setup, brokers, site, n=200, wire_dtype="int8", deadline_ms=5000)
+    assert rep["results"] == 200 and rep["lost"] == 0 and rep["duplicates"] == 0
+    assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
+    assert all(rep["exit_rate"][e] > 0 for e in ("exit1", "exit2", "cloud"))
+
+
 def test_two_aggregators_two_workers_int8(stream_setup, brokers, site):
     rep = replay(stream_setup, brokers, site, n=150, start=200, aggregators=2, workers=2, wire_dtype="int8",
                  deadline_ms=2000)

@@ -1,0 +1,58 @@
+"""The edge's decisions (`edge.decisions.decide_frames`) equal offline evaluation's, frame for
+frame, for each fusion: concat, and max, the element-wise max pooling of the DDNN paper."""
+
+import pytest
+import torch
+
+from edge.decisions import Frame, decide_frames
+from edge.exits import decide
+from edge.fusion import fuse
+from pipeline.offline import evaluation
+from pipeline.wire.messages import EXIT_NAMES, CameraObservation, FeatureTensor
+from tests.helpers import stream_model, synthetic_cifar, tiny_config
+
+
+@pytest.fixture(scope="module", params=[("ada", "concat"), ("ada", "max"), ("ddnn", "max"), ("ada", "mean")],
+                ids=lambda p: "-".join(p))
+def setup(request):
+    mode, fusion = request.param
+    data = synthetic_cifar(n_train=8, n_val=8, n_test=200)
+    model, t1, t2 = stream_model(tiny_config(mode=mode, fusion=fusion), data)
+    return model, data, t1, t2
+
+
+def test_decide_frames_equals_offline(setup):
+    model, data, t1, t2 = setup
+    n, cams = 60, model.cfg.num_cameras
+    split = data.test.head(n)
+    raw = evaluation.camera_pass(model, split, batch_size=n)
+    ada = model.cfg.has_camera_classifiers
+    obs = {f: [CameraObservation("s", f, k, 1.0, int(raw.cam_pred[f, k]) if ada else None,
+                                 float(raw.cam_entropy[f, k]) if ada else None,
+                                 FeatureTensor.quantize(raw.features[f, k], "int8"), None)
+               for k in range(cams)] for f in range(n)}
+    g = torch.Generator().manual_seed(1)
+    present = torch.rand(n, cams, generator=g) > 0.3
+    present[:, 0] |= ~present.any(dim=1)
+    frames = [Frame(f, [o for o in obs[f] if present[f, o.camera]]) for f in range(n)]
+    cams_int8 = evaluation.camera_pass(model, split, batch_size=n, wire_dtype="int8")
+    c = evaluation.fuse_pass(model, cams_int8, present, batch_size=n)
+    ref = decide(t1, t2, c.edge_entropy, c.edge_pred, c.cloud_pred, c.cam_entropy, c.cam_pred, c.present)
+    offline_fused = fuse(cams_int8.features, present, model.cfg.fusion)
+    for batch in (1, 7, n):
+        for s in range(0, n, batch):
+            out, fused, _, _ = decide_frames(model.edge, frames[s:s + batch], t1, t2)
+            assert torch.equal(fused, offline_fused[s:s + batch])  # what the edge escalates to the cloud
+            for i, (exit_name, pred, _, _) in enumerate(out):
+                f = s + i
+                assert exit_name == EXIT_NAMES[int(ref.exit[f])], (batch, f)
+                if exit_name != "cloud":
+                    assert pred == int(ref.prediction[f])
+    expected = {"exit2", "cloud"} | ({"exit1"} if model.cfg.has_camera_classifiers else set())
+    assert {EXIT_NAMES[int(e)] for e in ref.exit} == expected  # the thresholds exercise every exit
+
+
+def test_max_fusion_is_smaller_than_concat():
+    # Max pooling keeps one camera's channels: the edge and the cloud see 12 channels, not 6 x 12.
+    assert tiny_config(fusion="max").fused_channels == tiny_config().wire_channels
+    assert tiny_config().fused_channels == 6 * tiny_config().wire_channels
