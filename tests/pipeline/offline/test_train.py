@@ -131,3 +131,19 @@ def test_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(CheckpointError, match="data digest"):
         train(tiny_config(), TrainConfig(epochs=2, batch_size=16), dataclasses.replace(data, digest="other"),
               out_path=out, progress=False, resume=True)
+
+
+def test_fusion_is_part_of_the_checkpoint_and_of_every_part(tmp_path):
+    # `ada-ddnn train --fusion max`: the edge and the cloud, loaded alone, fuse as trained.
+    from cloud.cloud_net import load_cloud
+    from edge.edge_net import load_edge
+    from pipeline.checkpoint import export_parts
+
+    out = str(tmp_path / "max.safetensors")
+    train(tiny_config(fusion="max"), TrainConfig(epochs=1, batch_size=16), synthetic_cifar(), out_path=out,
+          progress=False)
+    assert load_card(out)["config"]["fusion"] == "max"
+    export_parts(out, str(tmp_path / "parts"))
+    for path in (out, str(tmp_path / "parts" / "edge.safetensors")):
+        assert load_edge(path).cfg.fusion == "max"
+    assert load_cloud(str(tmp_path / "parts" / "cloud.safetensors")).cfg.fused_channels == tiny_config().wire_channels
