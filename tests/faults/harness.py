@@ -229,6 +229,100 @@ class RedisServer(Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+class InContainer:
+    """Mixin: the same server, run in a container (host networking, its port on 127.0.0.1) from
+    the images `scripts/docker-engine.sh` builds. The work folder is mounted at the same path, so
+    the config, the persistence files and the AOF live where the process variant keeps them and
+    survive `docker kill` + `docker start` of the same container. Faults map one to one: SIGKILL
+    is `docker kill`, SIGSTOP/SIGCONT are `docker pause`/`unpause` (the cgroup freezer)."""
+
+    image = ""
+    container: str | None = None
+
+    def _docker(self, *args: str, check: bool = True) -> str:
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"docker {args[0]} ({self.name}): {done.stderr.strip()[-800:]}")
+        return done.stdout.strip()
+
+    def start(self) -> Server:
+        assert not self.alive, f"{self.name} is already running"
+        self.starts += 1
+        if self.container is None:
+            argv = [os.path.basename(a) if i == 0 else a for i, a in enumerate(self.argv())]
+            self.container = self._docker("run", "-d", "--network", "host", "--user", "0",
+                                          "-v", f"{self.workdir}:{self.workdir}", "-w", str(self.workdir),
+                                          self.image, *argv)
+        else:
+            self._docker("start", self.container)
+        wait_until(lambda: port_accepts(self.port), START_TIMEOUT_S, f"{self.name} container on port {self.port}",
+                   abort=lambda: None if self.alive else f"{self.name} container exited:\n{self.log()}")
+        self.events.append((time.time(), f"start #{self.starts} (container)"))
+        return self
+
+    @property
+    def alive(self) -> bool:
+        if self.container is None:
+            return False
+        state = self._docker("inspect", "-f", "{{.State.Running}} {{.State.Paused}}", self.container, check=False)
+        return state.startswith("true")
+
+    def kill(self) -> None:
+        assert self.container is not None
+        self.events.append((time.time(), "SIGKILL (docker kill)"))
+        self._docker("kill", self.container)
+
+    def pause(self) -> None:
+        assert self.alive
+        self.events.append((time.time(), "SIGSTOP (docker pause)"))
+        self._docker("pause", self.container)
+
+    def resume(self) -> None:
+        assert self.container is not None
+        self.events.append((time.time(), "SIGCONT (docker unpause)"))
+        self._docker("unpause", self.container)
+
+    def terminate(self) -> None:
+        if self.container is not None:
+            self._docker("unpause", self.container, check=False)
+            self._docker("rm", "-f", self.container, check=False)
+            self.container = None
+
+    def log(self) -> str:
+        if self.container is None:
+            return ""
+        done = subprocess.run(["docker", "logs", "--tail", "60", self.container], capture_output=True, text=True,
+                              timeout=60)
+        return (done.stdout + done.stderr)[-6000:]
+
+
+class MosquittoContainer(InContainer, Mosquitto):
+    image = "ada-ddnn/mosquitto:local"
+
+    def argv(self) -> list[str]:
+        return ["stdbuf", "-oL", "mosquitto", "-c", str(self.conf)]  # Debian's build buffers a piped log
+
+
+class RedisContainer(InContainer, RedisServer):
+    image = "ada-ddnn/redis:local"
+
+
+def broker_containers() -> bool:
+    """Whether the fault tests run their brokers in containers: when a Docker engine answers and
+    the local images exist (env ADA_DDNN_FAULT_BROKERS=process|container forces one or the other)."""
+    want = os.environ.get("ADA_DDNN_FAULT_BROKERS", "")
+    if want == "process":
+        return False
+    from tests import containers
+
+    ok = containers.docker_answers() and all(
+        subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+        for image in (MosquittoContainer.image, RedisContainer.image))
+    if want == "container" and not ok:
+        raise RuntimeError("ADA_DDNN_FAULT_BROKERS=container, and no engine answers or the images are missing")
+    return ok
+
+
 class ClusterNode(RedisServer):
     """One node of a private Redis Cluster: cluster mode on, its bus on a port of its own, no
     persistence (a restarted node would come back empty: the tests kill, they do not restart)."""
@@ -613,8 +707,9 @@ class Harness:
 
     # brokers
     def start_brokers(self, appendonly: bool = True, mqtt_autosave_s: int = 1) -> Harness:
-        self.mqtt = Mosquitto(self.tmp / "mosquitto", autosave_interval_s=mqtt_autosave_s).start()
-        self.redis = RedisServer(self.tmp / "redis", appendonly=appendonly).start()
+        mq_cls, rd_cls = (MosquittoContainer, RedisContainer) if broker_containers() else (Mosquitto, RedisServer)
+        self.mqtt = mq_cls(self.tmp / "mosquitto", autosave_interval_s=mqtt_autosave_s).start()
+        self.redis = rd_cls(self.tmp / "redis", appendonly=appendonly).start()
         self.redis_url = self.redis.url
         self.collector = Collector(self.redis.url, self.site)
         self.collector.start()
