@@ -2,7 +2,8 @@
 # (plus this machine's local torch wheels, when present) into .venv on first use.
 #
 #   make replay   streaming replay of the CIFAR-10 test set through cameras -> edge -> cloud
-#                 (embedded Mosquitto and Redis; report in runs/replay.json)
+#                 (embedded Mosquitto and Redis, installed as root when missing, else run in
+#                 containers when a Docker engine answers; report in runs/replay.json)
 #   make test     the test suite (starts Mosquitto and Redis if they are not answering)
 
 PYTHON ?= python3
@@ -35,6 +36,7 @@ services:
 	@bash scripts/ensure-services.sh
 
 replay: data
+	@bash scripts/ensure-services.sh --install-only
 	$(BIN)/ada-ddnn replay --n 0 --json runs/replay.json
 
 test: data services

