@@ -140,6 +140,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     bb.add_argument("--json", dest="json_out", default="runs/bench_broker.json", help="where the JSON goes")
     bb.add_argument("--doc", default="", help="also put the table into this page (docs/BENCHMARKS.md)")
     bb.set_defaults(func=cmd_bench_broker)
+    # Its own argument parser (python -m pipeline.orchestration.bench_scale): `main` hands it the rest.
+    bsub.add_parser("scale", help="what one Redis shard and one cloud worker carry (docs/SCALING.md); "
+                    "see ada-ddnn bench scale --help")
 
 
 def bench_broker_doc() -> str:
@@ -225,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "scale"]:
+        from pipeline.orchestration import bench_scale
+
+        _setup_logging(0)
+        return bench_scale.main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
