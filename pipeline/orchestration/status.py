@@ -40,6 +40,7 @@ from pipeline.wire.messages import EXIT_NAMES, CameraStatus, Decision
 log = logging.getLogger(__name__)
 
 RETAINED_WAIT_S = 1.0  # retained messages arrive right after subscribing; wait this long for the last
+CONNECT_TIMEOUT_S = 3.0  # an interactive look: a broker that does not answer by then is reported, not awaited
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S
 def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:
     site = cfg.site
     try:
-        r = redis_client(cfg.redis_url)
+        r = redis_client(cfg.redis_url, timeout_s=CONNECT_TIMEOUT_S)
     except ConnectError as err:
         st.errors.append(f"Redis: {err}")
         return
