@@ -14,6 +14,7 @@ SHARED_CIFAR ?= ../shared/datasets/cifar10/materialize.py
 TORCH_PINS ?= torch==2.14.1
 
 export ADA_DDNN_DATA ?= $(DATA)
+PYTEST_ARGS ?=   # e.g. -v --durations=20 (CI), -x -k compose
 
 .PHONY: setup data services replay test bench clean
 
@@ -40,7 +41,7 @@ replay: data
 	$(BIN)/ada-ddnn replay --n 0 --json runs/replay.json
 
 test: data services
-	ADA_DDNN_REQUIRE_DATA=1 $(BIN)/python -m pytest
+	ADA_DDNN_REQUIRE_DATA=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/ada-ddnn bench train --json
