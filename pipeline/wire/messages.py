@@ -1,14 +1,19 @@
 """The wire format: versioned msgpack maps, one frozen dataclass per message, no pickle anywhere.
 
-    CameraObservation  camera -> edge    (MQTT ada/{site}/cam/{cam}/obs, QoS 1)
+    CameraObservation  camera -> edge    (MQTT ada/{site}/cam/{cam}/obs, QoS 1): eager upload, features included
+    CameraSummary      camera -> edge    (MQTT ada/{site}/cam/{cam}/obs, QoS 1): lazy upload, prediction + entropy
+    FeatureRequest     edge -> cameras   (MQTT ada/{site}/edge/request, QoS 1): lazy, a frame that did not exit 1
+    CameraFeatures     camera -> edge    (MQTT ada/{site}/cam/{cam}/feat, QoS 1): lazy, the answer
     CameraStatus       camera -> anyone  (MQTT ada/{site}/cam/{cam}/status, retained; last will)
     Escalation         edge -> cloud     (Redis stream ada:{site}:escalations)
     Decision           edge/cloud -> out (MQTT ada/{site}/results and stream ada:{site}:results)
 
 Every message is a msgpack map {"v": WIRE_VERSION, "t": <type tag>, ...fields}. Features travel
-as a `FeatureTensor`: raw little-endian bytes with dtype, shape and (for int8) one float32 scale
-per channel. int8 is the default on the camera link (768 bytes for 12 x 8 x 8 features);
-float16 and float32 are selectable, and float32 is exact.
+as a `FeatureTensor`: raw little-endian bytes with dtype and shape, and for the int dtypes one
+float32 scale per channel. int8 is the default on the camera link (768 bytes for 12 x 8 x 8
+features); int4, int2 and int1 pack 2, 4 and 8 codes a byte (384, 192 and 96 bytes); float16 and
+float32 are selectable, and float32 is exact. `quantize_roundtrip` is the same codec on a batch,
+for offline evaluation and quantization-aware training (`ste=True`).
 
 Constructing a message validates it, so `decode` (which constructs) checks types, ranges,
 shapes, byte sizes against a hard cap and finiteness, and raises `MessageError` for anything
@@ -40,57 +45,141 @@ MAX_TEXT = 256  # characters of a free-text field (service ids, reasons)
 # batch-normalised (|x| in the tens); anything near float32's range overflows the edge block into
 # NaN, so such a message is refused at the door instead of poisoning a frame's computation.
 MAX_FEATURE_ABS = 65504.0
+# Feature codes on the wire, by dtype: bits per element. float32 is exact and float16 rounds; the
+# int dtypes are symmetric codes with one scale per (frame, channel) (float32 for int8, float16
+# below 8 bits, where it is a sizeable share of the message), packed little-endian and least
+# significant bits first below 8 bits (int4: 2 codes a byte, int2: 4, int1: 8):
+#   mid-tread (int8, int4): codes -L..L, scale = max|x| / L, value = code x scale (0 is a level)
+#   mid-rise  (int2, int1): codes -2^(b-1)..2^(b-1)-1, step = c x mean|x|, value = (code + 1/2) x step,
+#                           so int1 is sign(x) x mean|x| (DDNN's binarized features, with a scale)
+# Below 8 bits a code is stored as code + 2^(b-1) (int4's 0 would be -8: refused); int8 as itself.
+DTYPES: dict[str, int] = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int2": 2, "int1": 1}
 INT8_LEVELS = 127  # symmetric int8: codes in -127..127, scale = max|x| / 127 per channel
-
-DTYPES: dict[str, np.dtype] = {
-    "int8": np.dtype("i1"),
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-}
+MID_TREAD_LEVELS = {"int8": INT8_LEVELS, "int4": 7}
+# step = c x mean|x| of the channel: int1's c = 2 puts the two levels at +-mean|x|, the L2-best
+# reconstruction of sign codes; int2's 1.25 x mean|x| = 0.996 sigma for a Gaussian channel, the
+# MSE-optimal step of a 4-level uniform quantizer.
+MID_RISE_STEP = {"int2": 1.25, "int1": 2.0}
 EXIT_NAMES = ("exit1", "exit2", "cloud")  # every exit a frame can leave by, in the order of the tiers
+_TINY = float(torch.finfo(torch.float32).tiny)
+_TINY16 = float(torch.finfo(torch.float16).tiny)  # smallest normal float16, 6.1e-5
+_SCALE = {"int8": np.dtype("<f4"), "int4": np.dtype("<f2"), "int2": np.dtype("<f2"), "int1": np.dtype("<f2")}
+_FLOAT = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
+def _max_level(dtype: str) -> float:
+    """Largest |value| / scale of a dtype's codes."""
+    if dtype in MID_TREAD_LEVELS:
+        return float(MID_TREAD_LEVELS[dtype])
+    return (1 << (DTYPES[dtype] - 1)) - 0.5
 
-# --- the int8 codec, shared by FeatureTensor (one frame) and quantize_roundtrip (a batch) ----
 
-def _int8_codes(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-channel int8: (codes int8 like x, scale float32 of x's shape up to channel_dim).
+def _check_dtype(dtype: Any) -> str:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise MessageError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return dtype
 
-    scale = max|x| / 127 over each channel; codes = round(x / scale). A channel whose scale would
-    not be a normal float32 (all zero, or so close to zero that max|x| / 127 is subnormal or
-    underflows to 0) gets scale 1, so its codes are 0: an error below 1e-36, and no scale that a
-    receiver must refuse. Only element-wise ops and exact reductions, so a frame's codes do not
-    depend on its batch."""
+
+# --- the int codecs, shared by FeatureTensor (one frame) and quantize_roundtrip (a batch) -----
+
+def _mean_abs(flat: torch.Tensor) -> torch.Tensor:
+    """mean |x| over the last dim by a pairwise tree of element-wise additions: the same bits for
+    a frame alone and inside any batch (a library reduction may change its order with the shape)."""
+    a = flat.abs()
+    n = a.shape[-1]
+    width = 1 << max(0, n - 1).bit_length()
+    if width != n:
+        a = torch.nn.functional.pad(a, (0, width - n))
+    while a.shape[-1] > 1:
+        a = a[..., 0::2] + a[..., 1::2]
+    return a[..., 0] / n
+
+
+def _int_codes(x: torch.Tensor, dtype: str, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel codes: (codes int8 like x, scale float32 of x's shape up to channel_dim).
+
+    Mid-tread (int8, int4): scale = max|x| / L, codes = round(x / scale) in -L..L; a channel whose
+    scale would not be a normal float (all zero, or max|x| / L subnormal or 0) gets scale 1 and
+    codes 0: an error below 1e-36 (int4: 1e-4), and no scale a receiver must refuse. Mid-rise
+    (int2, int1): step = c x mean|x|, codes = floor(x / step) clamped to the 2^b codes; a step
+    below the smallest normal float16 becomes that (a zero channel decodes to +-3e-5). Below 8 bits
+    the scale is rounded to float16 first, as it travels. Only element-wise ops and exact
+    reductions, so a frame's codes do not depend on its batch."""
     x = x.float()
     lead = x.shape[: channel_dim + 1]
-    amax = x.reshape(*lead, -1).abs().amax(dim=-1)
-    scale = amax / INT8_LEVELS
-    scale = torch.where(scale >= torch.finfo(torch.float32).tiny, scale, torch.ones_like(scale))
-    view = scale.reshape(*lead, *([1] * (x.ndim - channel_dim - 1)))
-    codes = torch.round(x / view).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    return codes, scale
+    flat = x.reshape(*lead, -1)
+    tail = [1] * (x.ndim - channel_dim - 1)
+    if dtype in MID_TREAD_LEVELS:
+        levels = MID_TREAD_LEVELS[dtype]
+        scale = flat.abs().amax(dim=-1) / levels
+        scale = torch.where(scale >= (_TINY if dtype == "int8" else _TINY16), scale, torch.ones_like(scale))
+        if dtype != "int8":
+            scale = scale.half().float()
+        codes = torch.round(x / scale.reshape(*lead, *tail)).clamp_(-levels, levels)
+    else:
+        half = 1 << (DTYPES[dtype] - 1)
+        scale = _mean_abs(flat) * MID_RISE_STEP[dtype]
+        scale = scale.clamp(_TINY16, MAX_FEATURE_ABS).half().float()
+        codes = torch.floor(x / scale.reshape(*lead, *tail)).clamp_(-half, half - 1)
+    return codes.to(torch.int8), scale
 
 
-def _int8_values(codes: torch.Tensor, scale: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _int_values(codes: torch.Tensor, scale: torch.Tensor, dtype: str, channel_dim: int) -> torch.Tensor:
     view = scale.reshape(*scale.shape, *([1] * (codes.ndim - channel_dim - 1)))
-    return codes.float() * view
+    if dtype in MID_TREAD_LEVELS:
+        return codes.float() * view
+    return (codes.float() + 0.5) * view
 
 
-def quantize_roundtrip(x: torch.Tensor, dtype: str = "int8") -> torch.Tensor:
+def _pack(codes: np.ndarray, bits: int) -> bytes:
+    """Signed codes -> code + 2^(bits-1) in `bits` bits each, little-endian, low bits first."""
+    per = 8 // bits
+    u = (codes.reshape(-1).astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    u = np.concatenate([u, np.zeros((-len(u)) % per, dtype=np.uint8)]).reshape(-1, per)
+    out = np.zeros(len(u), dtype=np.uint8)
+    for j in range(per):
+        out |= u[:, j] << np.uint8(j * bits)
+    return out.tobytes()
+
+
+def _unpack(data: bytes, bits: int, n: int) -> np.ndarray:
+    """`_pack`'s inverse: n signed codes (int8); MessageError for padding bits that are not 0."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    b = np.frombuffer(data, dtype=np.uint8)
+    u = np.stack([(b >> np.uint8(j * bits)) & np.uint8(mask) for j in range(per)], axis=1).reshape(-1)
+    if u[n:].any():
+        raise MessageError(f"{bits}-bit feature codes: the padding after the last code must be 0")
+    return (u[:n].astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+
+
+def quantize_roundtrip(x: torch.Tensor, dtype: str = "int8", ste: bool = False) -> torch.Tensor:
     """What the edge receives for camera features N x K x S x S sent as `dtype` (float32 result).
 
-    Offline evaluation applies this to reproduce the streaming path bit for bit: float32 is the
-    identity, float16 rounds, int8 quantises each (frame, channel) with its own scale."""
-    if dtype not in DTYPES:
-        raise MessageError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    Offline evaluation applies this to reproduce the streaming path bit for bit, and training can
+    apply it to learn features that survive the codec: float32 is the identity, float16 rounds,
+    the int dtypes quantise each (frame, channel) with its own scale (see DTYPES). With `ste` the
+    result carries x's gradient unchanged (straight-through estimator): the forward values are
+    the decoded codes, the backward pass is the identity. Runs on any device."""
+    _check_dtype(dtype)
     if x.ndim < 2:
         raise MessageError(f"expected N x K x ..., got shape {tuple(x.shape)}")
+    xf = x.float()
     if dtype == "float32":
-        return x.float()
-    if dtype == "float16":
-        return x.to(torch.float16).float()
-    codes, scale = _int8_codes(x, channel_dim=1)
-    return _int8_values(codes, scale, channel_dim=1)
+        return xf
+    with torch.no_grad():
+        if dtype == "float16":
+            q = xf.to(torch.float16).float()
+        else:
+            codes, scale = _int_codes(xf, dtype, channel_dim=1)
+            q = _int_values(codes, scale, dtype, channel_dim=1)
+    return xf + (q - xf).detach() if ste else q
+
+
+def feature_nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of a feature tensor of `shape` (channel first) as `dtype`: codes plus scales."""
+    bits = DTYPES[_check_dtype(dtype)]
+    data = (math.prod(shape) * bits + 7) // 8
+    return data + (_SCALE[dtype].itemsize * shape[0] if dtype in _SCALE else 0)
 
 
 # --- field validation ---------------------------------------------------------------------
@@ -147,12 +236,13 @@ def _set(obj: Any, name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class FeatureTensor:
-    """A channel-first tensor on the wire: raw little-endian bytes, dtype, shape, int8 scales."""
+    """A channel-first tensor on the wire: raw little-endian bytes (packed codes below 8 bits),
+    dtype, shape, and for the int dtypes one float32 scale per channel."""
 
     data: bytes
-    dtype: str  # "int8" | "float16" | "float32"
+    dtype: str  # one of DTYPES: "float32" | "float16" | "int8" | "int4" | "int2" | "int1"
     shape: tuple[int, ...]  # channel first, e.g. (12, 8, 8)
-    scale: bytes | None = None  # int8 only: shape[0] little-endian float32 scales
+    scale: bytes | None = None  # int dtypes only: shape[0] little-endian scales (float32 for int8, else float16)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
@@ -167,29 +257,40 @@ class FeatureTensor:
         if not isinstance(self.data, (bytes, bytearray, memoryview)):
             raise MessageError(f"feature data must be bytes, got {type(self.data).__name__}")
         _set(self, "data", bytes(self.data))
-        dt = DTYPES[self.dtype]
-        if len(self.data) != numel * dt.itemsize:
-            raise MessageError(f"feature data has {len(self.data)} bytes, {self.dtype} {shape} needs {numel * dt.itemsize}")
-        if self.dtype == "int8":
+        bits = DTYPES[self.dtype]
+        need = (numel * bits + 7) // 8
+        if len(self.data) != need:
+            raise MessageError(f"feature data has {len(self.data)} bytes, {self.dtype} {shape} needs {need}")
+        if self.dtype.startswith("int"):
             if not isinstance(self.scale, (bytes, bytearray, memoryview)):
-                raise MessageError("int8 features need per-channel scale bytes")
+                raise MessageError(f"{self.dtype} features need per-channel scale bytes")
             _set(self, "scale", bytes(self.scale))
-            if len(self.scale) != 4 * shape[0]:
-                raise MessageError(f"int8 scale has {len(self.scale)} bytes, {shape[0]} channels need {4 * shape[0]}")
-            s = np.frombuffer(self.scale, dtype="<f4")
-            if not (np.isfinite(s).all() and (s > 0).all() and (s <= MAX_FEATURE_ABS / 127).all()):
-                raise MessageError(f"int8 scales must be positive and at most {MAX_FEATURE_ABS / 127:g}")
-            codes = np.frombuffer(self.data, dtype=dt)
-            if (codes == -128).any():
-                raise MessageError("int8 codes must be in -127..127")
+            width = _SCALE[self.dtype].itemsize
+            if len(self.scale) != width * shape[0]:
+                raise MessageError(f"{self.dtype} scale has {len(self.scale)} bytes, {shape[0]} channels need "
+                                   f"{width * shape[0]}")
+            s = np.frombuffer(self.scale, dtype=_SCALE[self.dtype]).astype(np.float64)
+            top = MAX_FEATURE_ABS / _max_level(self.dtype) if self.dtype in MID_TREAD_LEVELS else MAX_FEATURE_ABS
+            if not (np.isfinite(s).all() and (s > 0).all() and (s <= top).all()):
+                raise MessageError(f"{self.dtype} scales must be positive and at most {top:g}")
+            codes = self._codes()
+            if self.dtype in MID_TREAD_LEVELS and (np.abs(codes.astype(np.int16)) > MID_TREAD_LEVELS[self.dtype]).any():
+                levels = MID_TREAD_LEVELS[self.dtype]
+                raise MessageError(f"{self.dtype} codes must be in -{levels}..{levels}")
         else:
             if self.scale is not None:
                 raise MessageError(f"{self.dtype} features carry no scale")
-            values = np.frombuffer(self.data, dtype=dt)
+            values = np.frombuffer(self.data, dtype=_FLOAT[self.dtype])
             if not np.isfinite(values).all():
                 raise MessageError(f"{self.dtype} features must be finite")
             if (np.abs(values) > MAX_FEATURE_ABS).any():
                 raise MessageError(f"{self.dtype} features must be at most {MAX_FEATURE_ABS:g} in magnitude")
+
+    def _codes(self) -> np.ndarray:
+        """The signed codes of an int dtype, flat (int8)."""
+        if self.dtype == "int8":
+            return np.frombuffer(self.data, dtype="i1")
+        return _unpack(self.data, DTYPES[self.dtype], math.prod(self.shape))
 
     @property
     def nbytes(self) -> int:
@@ -198,28 +299,28 @@ class FeatureTensor:
     @classmethod
     def quantize(cls, x: torch.Tensor, dtype: str = "int8") -> "FeatureTensor":
         """Encode float features K x S x S (any channel-first shape) as `dtype`."""
-        if dtype not in DTYPES:
-            raise MessageError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        _check_dtype(dtype)
         x = x.detach().to("cpu", torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise MessageError("features must be finite")
         if bool((x.abs() > MAX_FEATURE_ABS).any()):
             raise MessageError(f"features must be at most {MAX_FEATURE_ABS:g} in magnitude")
         shape = tuple(x.shape)
-        if dtype == "int8":
-            codes, scale = _int8_codes(x, channel_dim=0)
-            return cls(codes.contiguous().numpy().tobytes(), dtype, shape,
-                       scale.contiguous().numpy().astype("<f4").tobytes())
+        if dtype.startswith("int"):
+            codes, scale = _int_codes(x, dtype, channel_dim=0)
+            codes_np = codes.contiguous().numpy()
+            data = codes_np.tobytes() if dtype == "int8" else _pack(codes_np, DTYPES[dtype])
+            return cls(data, dtype, shape, scale.contiguous().numpy().astype(_SCALE[dtype]).tobytes())
         cast = x.to(torch.float16 if dtype == "float16" else torch.float32)  # overflow becomes inf, refused below
-        return cls(cast.contiguous().numpy().astype(DTYPES[dtype], copy=False).tobytes(), dtype, shape)
+        return cls(cast.contiguous().numpy().astype(_FLOAT[dtype], copy=False).tobytes(), dtype, shape)
 
     def to_tensor(self) -> torch.Tensor:
-        """The float32 values (int8: codes x per-channel scale)."""
-        arr = np.frombuffer(self.data, dtype=DTYPES[self.dtype]).reshape(self.shape)
-        if self.dtype == "int8":
-            codes = torch.from_numpy(arr.astype(np.int8, copy=True))
-            scale = torch.from_numpy(np.frombuffer(self.scale or b"", dtype="<f4").astype(np.float32, copy=True))
-            return _int8_values(codes, scale, channel_dim=0)
+        """The float32 values (int dtypes: decoded codes and per-channel scales)."""
+        if self.dtype.startswith("int"):
+            codes = torch.from_numpy(self._codes().astype(np.int8, copy=True).reshape(self.shape))
+            scale = torch.from_numpy(np.frombuffer(self.scale or b"", dtype=_SCALE[self.dtype]).astype(np.float32))
+            return _int_values(codes, scale, self.dtype, channel_dim=0)
+        arr = np.frombuffer(self.data, dtype=_FLOAT[self.dtype]).reshape(self.shape)
         return torch.from_numpy(arr.astype(np.float32, copy=True))
 
     def to_wire(self) -> dict[str, Any]:
@@ -262,6 +363,10 @@ class _Message:
         obj = unpack(raw)
         if obj.get("t") != cls.TAG:
             raise MessageError(f"expected a {cls.TAG!r} message, got {obj.get('t')!r}")
+        return cls._from_map(obj)
+
+    @classmethod
+    def _from_map(cls, obj: dict[str, Any]):
         keys = set(obj) - {"v", "t"}
         if keys != set(cls.FIELDS):
             missing, extra = sorted(set(cls.FIELDS) - keys), sorted(keys - set(cls.FIELDS))
@@ -326,6 +431,82 @@ class CameraObservation(_Message):
         if not isinstance(self.features, FeatureTensor):
             raise MessageError("features must be a FeatureTensor")
         _set(self, "label", _int("label", self.label, 0, MAX_CLASSES - 1, optional=True))
+
+
+@dataclass(frozen=True)
+class CameraSummary(_Message):
+    """Lazy upload: one camera's verdict on a frame without its features, which the camera keeps
+    for a while in case the edge asks (`FeatureRequest`). ADA-DDNN cameras only."""
+
+    TAG: ClassVar[str] = "sum"
+    FIELDS: ClassVar[tuple[str, ...]] = ("site", "frame_id", "camera", "captured_at", "prediction", "entropy", "label")
+
+    site: str
+    frame_id: int
+    camera: int
+    captured_at: float  # seconds since the epoch, when the frame was captured
+    prediction: int  # the camera classifier's class
+    entropy: float  # its normalized entropy in [0, 1]
+    label: int | None = None  # ground truth, carried only by replays to score accuracy
+
+    def __post_init__(self) -> None:
+        _site(self.site)
+        _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
+        _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1))
+        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
+        _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1))
+        _set(self, "entropy", _float("entropy", self.entropy, 0.0, 1.0))
+        _set(self, "label", _int("label", self.label, 0, MAX_CLASSES - 1, optional=True))
+
+
+@dataclass(frozen=True)
+class FeatureRequest(_Message):
+    """Lazy upload: the edge asks the site's cameras for one frame's features (a frame that did
+    not leave at exit 1). Published once on the site's request topic; every camera hears it and
+    those named answer."""
+
+    TAG: ClassVar[str] = "freq"
+    FIELDS: ClassVar[tuple[str, ...]] = ("site", "frame_id", "cameras")
+
+    site: str
+    frame_id: int
+    cameras: tuple[int, ...]  # the cameras asked, sorted, at least one
+
+    def __post_init__(self) -> None:
+        _site(self.site)
+        _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
+        _set(self, "cameras", _cameras("cameras", self.cameras))
+        if not self.cameras:
+            raise MessageError("a feature request names at least one camera")
+
+
+@dataclass(frozen=True)
+class CameraFeatures(_Message):
+    """Lazy upload: a camera's features of a frame, the answer to a `FeatureRequest`."""
+
+    TAG: ClassVar[str] = "feat"
+    FIELDS: ClassVar[tuple[str, ...]] = ("site", "frame_id", "camera", "features")
+
+    site: str
+    frame_id: int
+    camera: int
+    features: FeatureTensor
+
+    def __post_init__(self) -> None:
+        _site(self.site)
+        _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
+        _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1))
+        if not isinstance(self.features, FeatureTensor):
+            raise MessageError("features must be a FeatureTensor")
+
+
+def decode_one_of(raw: bytes | bytearray | memoryview, *classes: type[_Message]):
+    """Decode a message that may be any of `classes` (by its type tag); MessageError otherwise."""
+    obj = unpack(raw)
+    for cls in classes:
+        if obj.get("t") == cls.TAG:
+            return cls._from_map(obj)
+    raise MessageError(f"expected one of {[c.TAG for c in classes]} messages, got {obj.get('t')!r}")
 
 
 @dataclass(frozen=True)
@@ -423,6 +604,14 @@ class Decision(_Message):
         return None if self.label is None else self.prediction == self.label
 
 
+def summary_of(obs: CameraObservation) -> CameraSummary:
+    """The summary a lazy camera sends in place of observation `obs` (ADA-DDNN: it has a prediction)."""
+    if obs.prediction is None or obs.entropy is None:
+        raise MessageError(f"site {obs.site!r} frame {obs.frame_id} camera {obs.camera}: no prediction to summarise "
+                           "(DDNN cameras have no classifier: they upload eagerly)")
+    return CameraSummary(obs.site, obs.frame_id, obs.camera, obs.captured_at, obs.prediction, obs.entropy, obs.label)
+
+
 def observation_bytes(features: torch.Tensor, dtype: str = "int8", site: str = "site", frame_id: int = 0,
                       camera: int = 0, with_prediction: bool = True) -> int:
     """Encoded size of one camera observation carrying `features` (K x S x S) as `dtype`, without
@@ -432,6 +621,6 @@ def observation_bytes(features: torch.Tensor, dtype: str = "int8", site: str = "
     return len(obs.encode())
 
 
-__all__ = ["MessageError", "FeatureTensor", "CameraObservation", "CameraStatus", "Escalation", "Decision",
-           "quantize_roundtrip", "observation_bytes", "unpack", "WIRE_VERSION", "MAX_MESSAGE_BYTES", "DTYPES",
-           "EXIT_NAMES"]
+__all__ = ["MessageError", "FeatureTensor", "CameraObservation", "CameraSummary", "FeatureRequest", "CameraFeatures",
+           "CameraStatus", "Escalation", "Decision", "quantize_roundtrip", "feature_nbytes", "observation_bytes",
+           "summary_of", "decode_one_of", "unpack", "WIRE_VERSION", "MAX_MESSAGE_BYTES", "DTYPES", "EXIT_NAMES"]

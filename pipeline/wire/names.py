@@ -6,8 +6,9 @@
     ada/{site}/results            QoS 1           ada:{site}:results           stream (every decision)
     ada/{site}/clock              retained        ada:{site}:losses            stream (frames cameras shed)
     ada/{site}/edge/flow/{id}     retained        ada:{site}:front             hash (admission front per camera)
-    ada/{site}/cam/{cam}/shed     QoS 1
-                                                  ada:{site}:deadletter        stream (rejected messages)
+    ada/{site}/cam/{cam}/shed     QoS 1           ada:{site}:awaiting          frames waiting for features (lazy)
+    ada/{site}/cam/{cam}/feat     QoS 1 (lazy)
+    ada/{site}/edge/request       QoS 1 (lazy)    ada:{site}:deadletter        stream (rejected messages)
                                                   ada:{site}:decided:{id}      claim marker, TTL
                                                   ada:{site}:claimed           claimed frames by lease expiry
                                                   ada:{site}:claimed:{id}      a claimed frame's hash, TTL
@@ -102,6 +103,21 @@ def shared_shed_filter(site: str, group: str = SHARE_GROUP) -> str:
     return f"$share/{group}/ada/{check_site(site)}/cam/+/shed"
 
 
+def features_topic(site: str, cam: int) -> str:
+    """Lazy upload: CameraFeatures, camera `cam`'s answer to a FeatureRequest."""
+    return f"ada/{check_site(site)}/cam/{_cam(cam)}/feat"
+
+
+def shared_features_filter(site: str, group: str = SHARE_GROUP) -> str:
+    """Every camera's feature answers, shared among the aggregators like the observations."""
+    return f"$share/{group}/ada/{check_site(site)}/cam/+/feat"
+
+
+def request_topic(site: str) -> str:
+    """Lazy upload: FeatureRequests of the site's aggregators; every camera of the site listens."""
+    return f"ada/{check_site(site)}/edge/request"
+
+
 # --- Redis --------------------------------------------------------------------------------
 # Every key of a site starts with `_site_prefix(site)`, `ada:{site}:`, the site as hash tag.
 # Scripts get each key they touch from these functions, in KEYS: no script builds a key.
@@ -150,6 +166,12 @@ def escalated_key(site: str, frame_id: int) -> str:
 def result_key(site: str, frame_id: int) -> str:
     """Marker set by whoever records the frame's result first; a second result is refused."""
     return per_frame_key(site, RESULT, frame_id)
+
+
+def awaiting_key(site: str) -> str:
+    """Lazy upload: sorted set of frames whose features were requested, scored by the second
+    deadline (ms since the epoch), when they are decided with the features that came."""
+    return f"{_site_prefix(site)}awaiting"
 
 
 def pending_key(site: str) -> str:
