@@ -21,6 +21,17 @@ than --max-lag-ms ago is shed instead. Every 5 s the process logs its achieved r
 with numbers when it is behind. At --fps 0 (as fast as possible) frames go through the module
 in batches of --batch. `forward_rows` keeps every batch size bit-identical to offline evaluation.
 
+Upload (--upload): eager sends each frame's features with its observation. Lazy (the default for
+ADA-DDNN checkpoints, `auto`) sends a `CameraSummary` (prediction and entropy, about a tenth of an
+int8 observation) and keeps the encoded features (at most --feature-cache frames, for
+--feature-ttl-ms): the edge asks for them (`FeatureRequest` on `ada/{site}/edge/request`, which
+the process's first camera client subscribes to) only for frames that do not leave at exit 1,
+and each camera named answers on `ada/{site}/cam/{k}/feat` from paho's network thread (a
+dictionary look-up and a queued publish). A request for features no longer kept is counted and
+logged; the edge decides that frame without them at its second deadline. After its last frame a
+lazy camera keeps answering until no request came for --linger-ms. DDNN cameras have no
+classifier, so nothing to decide exit 1 from: they always upload eagerly.
+
 Overload: the aggregators publish how late observations reach them (`ada/{site}/edge/flow/+`);
 while one reports --shed-lag-ms or more, the cameras send only a share of their frames that
 follows that lag (`admit`), or with --overload wait hold back. Every frame a camera does not
@@ -31,6 +42,7 @@ records in `ada:{site}:losses`.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import threading
 import time
@@ -56,7 +68,15 @@ from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
 from pipeline.transport.service import check_metrics_port, serve
 from pipeline.wire import names
 from pipeline.wire.control import MAX_SHED_IDS, ShedNotice, SiteClock
-from pipeline.wire.messages import DTYPES, CameraObservation, CameraStatus, FeatureTensor
+from pipeline.wire.messages import (
+    DTYPES,
+    CameraFeatures,
+    CameraObservation,
+    CameraStatus,
+    FeatureRequest,
+    FeatureTensor,
+    summary_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +86,7 @@ CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announ
 CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera can join in time
 PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
 MAX_BACKLOG = 4096  # at full speed, observations in flight (unacknowledged) before the feed waits for the broker
+UPLOADS = ("auto", "lazy", "eager")
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,10 @@ class CameraConfig:
     metrics_port: int = 0  # serve Prometheus /metrics on this TCP port; 0 = off
     metrics_host: str = "127.0.0.1"  # address /metrics listens on (0.0.0.0: a scraper on another host)
     overload: str = field(default="shed", metadata={"choices": ("shed", "wait")})  # under overload (and when behind schedule): shed frames, named; or wait (lossless, for replays and benchmarks)
+    upload: str = field(default="auto", metadata={"choices": UPLOADS})  # lazy: a summary per frame, the features only when the edge asks; eager: the features with every observation; auto: lazy for ADA-DDNN checkpoints, eager for DDNN (no camera classifiers)
+    feature_cache: int = 4096  # lazy upload: frames whose encoded features each camera keeps for the edge's requests, at most
+    feature_ttl_ms: int = 10_000  # lazy upload: how long (ms) a camera keeps a frame's features; keep it above the edge's deadline + request deadline + its lag
+    linger_ms: int = 2000  # lazy upload: after the last frame, keep answering requests until none came for this long (ms)
 
     def __post_init__(self) -> None:
         names.check_site(self.site)
@@ -104,6 +129,10 @@ class CameraConfig:
             raise ValueError(f"camera ids are 0 or more, got {list(self.cameras)}")
         if self.max_lag_ms < 1 or self.shed_lag_ms < 0 or self.overload not in ("shed", "wait"):
             raise ValueError("need max_lag_ms >= 1, shed_lag_ms >= 0 and overload 'shed' or 'wait'")
+        if self.upload not in UPLOADS:
+            raise ValueError(f"upload must be one of {UPLOADS}, got {self.upload!r}")
+        if self.feature_cache < 1 or self.feature_ttl_ms < 1 or self.linger_ms < 0:
+            raise ValueError("need feature_cache >= 1, feature_ttl_ms >= 1 and linger_ms >= 0")
         check_metrics_port(self.metrics_port)
 
 
@@ -111,13 +140,47 @@ class CameraConfig:
 class CameraStats:
     frames: int = 0
     published: int = 0
-    bytes: int = 0  # encoded observation bytes published
+    bytes: int = 0  # encoded observation (or summary) bytes published
+    requests: int = 0  # lazy upload: feature requests received that named one of this process's cameras
+    features_sent: int = 0  # lazy upload: feature answers published
+    feature_bytes: int = 0  # their encoded bytes
+    request_misses: int = 0  # lazy upload: features asked for that were no longer (or never) kept
+    bad_requests: int = 0  # requests that failed validation (logged, ignored)
     unacknowledged: int = 0  # observations the broker had not acknowledged when the camera stopped
     refused: int = 0  # observations dropped because too many were waiting for the broker (named in the log)
     shed: dict[str, int] = field(default_factory=dict)  # frames not sent, by reason (each named in a ShedNotice)
     first_capture: float | None = None
     seconds: float = 0.0
     achieved_fps: float = 0.0  # frames captured per second over the run
+
+
+class FeatureCache:
+    """Lazy upload: the encoded CameraFeatures of recent frames, by (camera, frame id), bounded by
+    count and age. Filled by the feed's thread, read by paho's network thread (a lock each way)."""
+
+    def __init__(self, max_frames: int, ttl_s: float) -> None:
+        self.max_frames, self.ttl_s = max_frames, ttl_s
+        self._items: collections.OrderedDict[tuple[int, int], tuple[float, bytes]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, camera: int, frame_id: int, raw: bytes, cameras: int = 1) -> None:
+        """Keep `raw`; `cameras` (the process's cameras) scales the count bound to frames."""
+        now = time.monotonic()
+        with self._lock:
+            self._items[(camera, frame_id)] = (now, raw)
+            limit = self.max_frames * cameras
+            while self._items and (len(self._items) > limit or next(iter(self._items.values()))[0] < now - self.ttl_s):
+                self._items.popitem(last=False)
+
+    def get(self, camera: int, frame_id: int) -> bytes | None:
+        with self._lock:
+            item = self._items.get((camera, frame_id))
+        if item is None or item[0] < time.monotonic() - self.ttl_s:
+            return None
+        return item[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class CameraFeed:
@@ -136,6 +199,7 @@ class CameraFeed:
         self.modules = {k: m.to(self.device).eval() for k, m in modules.items()}
         self.net = next(iter(modules.values())).cfg  # the network's ModelConfig
         self._init_feed(cfg, len(split), gate)
+        self.lazy = resolve_upload(cfg.upload, self.net.has_camera_classifiers, cfg.site) == "lazy"
 
     def _init_feed(self, cfg: CameraConfig, frames: int, gate: Callable[[int], None] | None) -> None:
         """The feed's state, whatever produces its observations (`encode`)."""
@@ -149,6 +213,10 @@ class CameraFeed:
         self._shed_logged = -RATE_REPORT_S
         self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
         self.metrics = RoleMetrics(self.metric_samples)
+        self.lazy = False  # lazy upload: summaries first, features on request (set by __init__)
+        self.cache = FeatureCache(cfg.feature_cache, cfg.feature_ttl_ms / 1000)
+        self._last_request = time.monotonic()
+        self._miss_logged = -RATE_REPORT_S
 
     def metric_samples(self) -> list[Sample]:
         st, site = self.stats, self.cfg.site
@@ -156,7 +224,13 @@ class CameraFeed:
                counter("ada_camera_published", "observations published", st.published, site=site),
                counter("ada_camera_bytes", "encoded observation bytes published", st.bytes, site=site),
                counter("ada_camera_refused", "observations dropped: too many waited for the broker", st.refused,
-                       site=site)]
+                       site=site),
+               counter("ada_camera_feature_requests", "lazy upload: feature requests naming these cameras",
+                       st.requests, site=site),
+               counter("ada_camera_feature_bytes", "lazy upload: encoded feature answers published", st.feature_bytes,
+                       site=site),
+               counter("ada_camera_request_misses", "lazy upload: features asked for and no longer kept",
+                       st.request_misses, site=site)]
         out += [counter("ada_frames_shed", "frames cameras named as not sent (ShedNotices), by reason", n, site=site,
                         reason=r) for r, n in dict(st.shed).items()]
         clients = list(self.clients.values())
@@ -180,11 +254,52 @@ class CameraFeed:
             def on_connect(c: mqtt.Client, online=online, control: bool = control) -> None:
                 online(c)
                 if control:
-                    c.subscribe([(names.flow_filter(site), 0), (names.clock_topic(site), 1)])
+                    topics = [(names.flow_filter(site), 0), (names.clock_topic(site), 1)]
+                    c.subscribe(topics + ([(names.request_topic(site), 1)] if self.lazy else []))
 
             self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=on_connect,
-                                          on_message=self.signals.on_message if control else None,
+                                          on_message=self.on_control if control else None,
                                           will=(names.status_topic(site, k), offline))
+
+    def on_control(self, msg: mqtt.MQTTMessage) -> None:
+        """The site's control topics (paho's network thread): feature requests, else the clock and
+        the edge's flow status."""
+        if msg.topic == names.request_topic(self.cfg.site):
+            self.answer(msg.payload)
+        else:
+            self.signals.on_message(msg)
+
+    def answer(self, payload: bytes) -> None:
+        """Lazy upload: publish the features a FeatureRequest asks of this process's cameras. A bad
+        request is logged and ignored; features no longer kept are counted (the edge decides the
+        frame without them at its second deadline)."""
+        site = self.cfg.site
+        try:
+            req = FeatureRequest.decode(payload)
+            if req.site != site:
+                raise MessageError(f"a request of site {req.site!r}")
+        except MessageError as err:
+            self.stats.bad_requests += 1
+            log.warning("site %r cameras %s: ignoring a bad feature request: %s", site, list(self.cfg.cameras), err)
+            return
+        self._last_request = time.monotonic()
+        for k in req.cameras:
+            client = self.clients.get(k)
+            if client is None:
+                continue  # another process's camera
+            self.stats.requests += 1
+            raw = self.cache.get(k, req.frame_id)
+            if raw is None:
+                self.stats.request_misses += 1
+                if time.monotonic() >= self._miss_logged + RATE_REPORT_S:
+                    self._miss_logged = time.monotonic()
+                    log.warning("site %r frame %d camera %d: features asked for are no longer kept (--feature-cache "
+                                "%d frames, --feature-ttl-ms %d); misses so far %d", site, req.frame_id, k,
+                                self.cfg.feature_cache, self.cfg.feature_ttl_ms, self.stats.request_misses)
+                continue
+            if client.publish(names.features_topic(site, k), raw, qos=1):
+                self.stats.features_sent += 1
+                self.stats.feature_bytes += len(raw)
 
     def overloaded(self) -> bool:
         return self.signals.overloaded()
@@ -264,9 +379,19 @@ class CameraFeed:
 
     def encode(self, ids: list[int], captured_at: list[float]) -> list[list[tuple[int, bytes]]]:
         """The encoded observations of frames `ids`: [frame][(camera, bytes)]. Runs the camera
-        modules (the load generator of `bench stream` replays pre-encoded ones instead)."""
+        modules (the load generator of `bench stream` replays pre-encoded ones instead). Lazy
+        upload: the summaries, the features going to the cache (before any summary is sent, so a
+        request always finds them)."""
         scenes = to_float(self.split.images[ids], self.device)
-        return [[(o.camera, o.encode()) for o in frame] for frame in self.observe(scenes, ids, captured_at)]
+        frames = self.observe(scenes, ids, captured_at)
+        if not self.lazy:
+            return [[(o.camera, o.encode()) for o in frame] for frame in frames]
+        cams = len(self.cfg.cameras)
+        for frame in frames:
+            for o in frame:
+                self.cache.put(o.camera, o.frame_id, CameraFeatures(o.site, o.frame_id, o.camera, o.features).encode(),
+                               cams)
+        return [[(o.camera, summary_of(o).encode()) for o in frame] for frame in frames]
 
     def publish(self, obs: CameraObservation) -> None:
         self.publish_raw(obs.camera, obs.frame_id, obs.encode())
@@ -328,11 +453,27 @@ class CameraFeed:
             self._run_full_speed(stop)
         self.stats.seconds = time.time() - t_start
         self.stats.achieved_fps = self.stats.frames / max(1e-9, self.stats.seconds)
+        self.linger(stop)
         log.info("site %r cameras %s: %d frames (%.1f fps), %d observations, %.0f bytes/observation, shed %s, "
                  "%.1fs", cfg.site, list(cfg.cameras), self.stats.frames, self.stats.achieved_fps,
                  self.stats.published, self.stats.bytes / max(1, self.stats.published), self.stats.shed or "none",
                  self.stats.seconds)
         return self.stats
+
+    def linger(self, stop: threading.Event) -> None:
+        """Lazy upload: after the last frame, answer requests until none came for --linger-ms
+        (at most --feature-ttl-ms, when nothing is kept any more)."""
+        if not self.lazy:
+            return
+        quiet_s, end = self.cfg.linger_ms / 1000, time.monotonic() + self.cfg.feature_ttl_ms / 1000
+        self._last_request = max(self._last_request, time.monotonic())
+        while not stop.is_set() and time.monotonic() < end:
+            left = self._last_request + quiet_s - time.monotonic()
+            if left <= 0:
+                break
+            stop.wait(min(left, 0.05))
+        log.info("site %r cameras %s: %d feature requests answered (%d bytes), %d misses", self.cfg.site,
+                 list(self.cfg.cameras), self.stats.features_sent, self.stats.feature_bytes, self.stats.request_misses)
 
     def _run_full_speed(self, stop: threading.Event) -> None:
         cfg = self.cfg
@@ -394,6 +535,18 @@ class CameraFeed:
                 log.log(level, "site %r cameras %s: %.1f fps of %.1f asked, %d frames behind, shed so far %s",
                         cfg.site, list(cfg.cameras), rate, cfg.fps, behind, self.stats.shed or "none")
                 report_at, report_frames = time.monotonic() + RATE_REPORT_S, 0
+
+
+def resolve_upload(upload: str, has_camera_classifiers: bool, site: str = "") -> str:
+    """"lazy" or "eager" for an `--upload` choice and a network: auto is lazy exactly when the
+    cameras have classifiers (ADA-DDNN); lazy without them is an error (nothing to decide exit 1
+    from)."""
+    if upload == "auto":
+        return "lazy" if has_camera_classifiers else "eager"
+    if upload == "lazy" and not has_camera_classifiers:
+        raise CameraError(site, None, "lazy upload needs camera classifiers (an ADA-DDNN checkpoint): a DDNN camera "
+                          "has no prediction to send in place of its features; use --upload eager")
+    return upload
 
 
 def load_feed(cfg: CameraConfig, gate: Callable[[int], None] | None = None) -> CameraFeed:

@@ -11,6 +11,17 @@ fuses the camera features and runs the edge block (exit 2), else escalates the f
 to `ada:{site}:escalations` for the cloud. Decisions go to `ada:{site}:results` and
 `ada/{site}/results`. It loads only the edge's part of the checkpoint.
 
+Lazy upload (the cameras' choice, `--upload`; the edge takes whatever arrives): a camera sends a
+`CameraSummary` (prediction, entropy) and keeps its features. A frame is claimed as soon as one
+summary is under T1 (with the summaries that batch brought; `--no-early-exit1` waits for all of
+them or the deadline), when all are in, or at the deadline, and leaves at exit 1 from the
+summaries alone. Any other frame is asked for once: one `FeatureRequest` on
+`ada/{site}/edge/request`, answered by each camera named on `ada/{site}/cam/{k}/feat`. The
+answers come on a connection of their own (so the broker's flow control never holds them behind
+unacknowledged observations) and are taken ahead of new observations; the frame is decided (exit 2 or cloud) when every answer is in, or
+at --request-deadline-ms with the answers that came, the missing cameras named in the
+decision's `present`, counted in `features_missing` and listed in `ada:{site}:losses`.
+
 The loop batches its I/O: it drains up to --batch observations, stores them in one pipelined
 round trip, acknowledges them to the broker only then (MQTT v5 manual acknowledgement, so an
 aggregator that dies holding observations loses none: the broker still has them), decides the
@@ -38,9 +49,10 @@ import paho.mqtt.client as mqtt
 import torch
 from redis.exceptions import NoPermissionError
 
-from edge.decisions import REFUSED, Frame, decide_frames
+from edge.decisions import REFUSED, REQUEST, Frame, assemble, decide_frames
 from edge.edge_net import EdgeModule, load_edge
-from edge.frame_store import FrameStore, StoreTimes
+from edge.exits import under
+from edge.frame_store import Claim, FrameStore, StoreTimes
 from pipeline.checkpoint import thresholds
 from pipeline.compute import resolve_device, set_threads
 from pipeline.errors import AggregationError, EscalationError, MessageError
@@ -52,7 +64,18 @@ from pipeline.transport.results_sink import add_dead_letters
 from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
 from pipeline.wire.control import FlowStatus, ShedNotice
-from pipeline.wire.messages import DTYPES, EXIT_NAMES, CameraObservation, Decision, Escalation, FeatureTensor
+from pipeline.wire.messages import (
+    DTYPES,
+    EXIT_NAMES,
+    CameraFeatures,
+    CameraObservation,
+    CameraSummary,
+    Decision,
+    Escalation,
+    FeatureRequest,
+    FeatureTensor,
+    decode_one_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +93,8 @@ class EdgeConfig(BrokerRoleConfig):
     expected: int = 0  # cameras per frame; 0 = the network's num_cameras
     admit_window: int = 256  # frames an observation may be ahead of the second most advanced camera; 0 = no check
     deadline_ms: int = 50  # after a frame's first observation, decide it this long (ms) later with the cameras that came
+    request_deadline_ms: int = 1000  # lazy upload: after asking the cameras for a frame's features, decide it this long (ms) later with the answers that came
+    early_exit1: bool = True  # lazy upload: claim a frame as soon as one summary is under T1 (off: wait for every summary or the deadline, as offline evaluation with all cameras assumes)
     scan_ms: int = 5  # how often (ms) to look for frames past their deadline
     frame_ttl_s: int = 60  # an unclaimed frame hash expires after this (s; every aggregator dead)
     decided_ttl_s: int = 3600  # how long (s) a decided frame refuses late observations (and markers live)
@@ -90,7 +115,7 @@ class EdgeConfig(BrokerRoleConfig):
         super().__post_init__()
         if self.escalation_dtype != "same" and self.escalation_dtype not in DTYPES:
             raise ValueError(f"escalation_dtype must be 'same' or one of {tuple(DTYPES)}")
-        for name in ("deadline_ms", "scan_ms", "escalation_maxlen", "claim_lease_ms", "batch", "receive_maximum",
+        for name in ("deadline_ms", "request_deadline_ms", "scan_ms", "escalation_maxlen", "claim_lease_ms", "batch", "receive_maximum",
                      "claim_batch", "frame_ttl_s", "decided_ttl_s", "results_maxlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -119,6 +144,10 @@ class EdgeStats:
     shed: int = 0  # observations cameras named as shed (never sent)
     shed_reasons: dict[str, int] = field(default_factory=dict)  # the same, by the cameras' reason
     batches: int = 0  # Redis round trips that stored observations
+    requests: int = 0  # lazy upload: feature requests published (one per frame that did not leave at exit 1)
+    features: int = 0  # lazy upload: feature answers taken in
+    features_missing: int = 0  # lazy upload: cameras asked whose features had not come by the second deadline
+    edge_runs: int = 0  # frames the edge block ran on
 
 
 class Aggregator(BrokerService):
@@ -133,8 +162,10 @@ class Aggregator(BrokerService):
         self.net = edge.cfg  # the network's ModelConfig: cameras, wire shape, mode
         self.expected = cfg.expected or self.net.num_cameras
         self.stats = EdgeStats()
-        self.inbox = Inbox(lambda: self.mqtt.generation if self.mqtt is not None else 0)
+        self.inbox = Inbox(lambda: self.mqtt.generation if self.mqtt is not None else 0,
+                           urgent=lambda m: m.topic.endswith("/feat"))
         self.store: FrameStore | None = None
+        self.answers: MqttClient | None = None  # lazy upload: the connection feature answers come on
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
         # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
@@ -157,6 +188,10 @@ class Aggregator(BrokerService):
                        site=site),
                counter("ada_escalated_bytes", "encoded escalation bytes sent to the cloud", st.escalated_bytes,
                        site=site),
+               counter("ada_feature_requests", "lazy upload: feature requests published", st.requests, site=site),
+               counter("ada_features_missing", "lazy upload: cameras asked whose features did not come in time",
+                       st.features_missing, site=site),
+               counter("ada_edge_block_runs", "frames the edge block ran on", st.edge_runs, site=site),
                gauge("ada_backlog", "messages or frames waiting", len(self.inbox) + len(self._held), site=site,
                      queue="inbox")]
         out += [counter("ada_frames_decided", "frames decided here (cloud: handed to the cloud)", n, site=site, exit=e)
@@ -203,9 +238,14 @@ class Aggregator(BrokerService):
         self.mqtt = MqttClient(cfg.mqtt_url, self.sid, on_connect=on_connect, on_message=self.inbox.put,
                                manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
         self.mqtt.connect()
+        feat = names.shared_features_filter(cfg.site, cfg.share_group)
+        self.answers = MqttClient(cfg.mqtt_url, f"{self.sid}-answers", on_connect=lambda c: c.subscribe(feat, qos=1),
+                                  on_message=lambda m: self.inbox.put(m, self.answers.generation if self.answers else 0),
+                                  manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
+        self.answers.connect()
         self.start_watchdog()
-        log.info("edge %s: site %r, subscribed %s, t1=%s t2=%s, deadline %d ms, %d cameras expected", self.sid,
-                 cfg.site, sub, self.t1, self.t2, cfg.deadline_ms, self.expected)
+        log.info("edge %s: site %r, subscribed %s, t1=%s t2=%s, deadline %d ms (features %d ms), %d cameras expected",
+                 self.sid, cfg.site, sub, self.t1, self.t2, cfg.deadline_ms, cfg.request_deadline_ms, self.expected)
 
     def _beat_info(self) -> dict:
         return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late,
@@ -249,6 +289,8 @@ class Aggregator(BrokerService):
         this aggregator does not come back, another one takes them over."""
         if self.mqtt is not None and self.store is not None and self.mqtt.connected.is_set():
             self.mqtt.client.unsubscribe(names.shared_obs_filter(self.cfg.site, self.cfg.share_group))
+            if self.answers is not None:
+                self.answers.client.unsubscribe(names.shared_features_filter(self.cfg.site, self.cfg.share_group))
             end = time.monotonic() + DRAIN_S
             try:
                 while time.monotonic() < end:
@@ -263,6 +305,9 @@ class Aggregator(BrokerService):
                 log.warning("edge %s: stopping with Redis down (%s); %d observations unacknowledged stay with the "
                             "broker", self.sid, err, len(self._held) + len(self.inbox))
             self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), b"", qos=1, retain=True)  # clears it
+        if self.answers is not None:
+            self.answers.close()
+            self.answers = None
         super().close()
 
     def handle(self, msgs: list[mqtt.MQTTMessage]) -> list[Frame]:
@@ -272,49 +317,62 @@ class Aggregator(BrokerService):
         return self.ingest()
 
     def ingest(self) -> list[Frame]:
-        """Store the held observations (dead-lettering the invalid ones) and acknowledge them to
-        the broker; the frames they completed, now claimed by this aggregator."""
+        """Store the held messages (dead-lettering the invalid ones) and acknowledge them to the
+        broker; the frames they completed, now claimed by this aggregator: frames whose cameras
+        all reported, frames with a summary under T1 (lazy upload), and frames whose requested
+        features are all in."""
         if not self._held:
             return []
         assert self.store is not None and self.redis is not None and self.mqtt is not None
-        good: list[tuple[int, mqtt.MQTTMessage, CameraObservation]] = []
-        bad: list[tuple[int, mqtt.MQTTMessage, str]] = []
+        good: list[tuple[mqtt.MQTTMessage, CameraObservation | CameraSummary]] = []
+        answers: list[tuple[mqtt.MQTTMessage, CameraFeatures]] = []
+        bad: list[tuple[mqtt.MQTTMessage, str]] = []
         losses: list[tuple[int, int, str, str]] = []
-        for gen, msg in self._held:
+        for _, msg in self._held:
             try:
                 if msg.topic.endswith("/shed"):
                     losses.extend(self._shed(msg))
-                    continue
-                obs = CameraObservation.decode(msg.payload)
-                self._validate(obs, msg.topic)
-                good.append((gen, msg, obs))
+                elif msg.topic.endswith("/feat"):
+                    feat = CameraFeatures.decode(msg.payload)
+                    self._validate_features(feat, msg.topic)
+                    answers.append((msg, feat))
+                else:
+                    obs = decode_one_of(msg.payload, CameraObservation, CameraSummary)
+                    self._validate(obs, msg.topic)
+                    good.append((msg, obs))
             except (MessageError, AggregationError) as err:
-                bad.append((gen, msg, str(err)))
+                bad.append((msg, str(err)))
             except Exception as err:  # noqa: BLE001 - the per-message boundary: nothing a device sends stops the edge
                 log.exception("edge %s: unexpected error on a message from %s", self.sid, msg.topic)
-                bad.append((gen, msg, f"unexpected {type(err).__name__}: {err}"))
+                bad.append((msg, f"unexpected {type(err).__name__}: {err}"))
         if bad:
-            self.dead_letter([(msg.topic, msg.payload, reason) for _, msg, reason in bad])
+            self.dead_letter([(msg.topic, msg.payload, reason) for msg, reason in bad])
         self.store.record_losses(losses)
         self.stats.shed += len(losses)
         for *_, reason in losses:
             self.stats.shed_reasons[reason] = self.stats.shed_reasons.get(reason, 0) + 1
-        payloads = [bytes(msg.payload) for _, msg, _ in good]
-        statuses = self.store.add([(obs, raw) for (_, _, obs), raw in zip(good, payloads)])
-        for (_, _, obs), raw in zip(good, payloads):
+        payloads = [bytes(msg.payload) for msg, _ in good]
+        statuses = self.store.add([(obs, raw) for (_, obs), raw in zip(good, payloads)])
+        answer_payloads = [bytes(msg.payload) for msg, _ in answers]
+        completed = self.store.add_features([(f, raw) for (_, f), raw in zip(answers, answer_payloads)])
+        for (_, obs), raw in zip((*good, *answers), (*payloads, *answer_payloads)):
             self._decoded[raw] = obs
         while len(self._decoded) > DECODED_CACHE:
             self._decoded.popitem(last=False)
         now = time.time()
-        self._lags.extend((now - obs.captured_at) * 1000 for _, _, obs in good)
+        self._lags.extend((now - obs.captured_at) * 1000 for _, obs in good)
         self._stored_at = time.monotonic()
         for gen, msg in self._held:
-            self.mqtt.ack(msg, gen)
-        self.stats.observations += len(self._held)
+            if msg.topic.endswith("/feat") and self.answers is not None:
+                self.answers.ack(msg, gen)
+            else:
+                self.mqtt.ack(msg, gen)
+        self.stats.observations += len(self._held) - len(answers)
+        self.stats.features += len(answers)
         self.stats.batches += 1
         self._held = []
-        frames, ahead = [], []
-        for (_, msg, obs), (status, payloads) in zip(good, statuses):
+        frames, ahead, confident = [], [], set()
+        for (msg, obs), (status, stored) in zip(good, statuses):
             if status == "late":
                 self.stats.late += 1
             elif status == "duplicate":
@@ -323,7 +381,14 @@ class Aggregator(BrokerService):
                 ahead.append((msg.topic, msg.payload, f"site {obs.site!r} frame {obs.frame_id} camera {obs.camera}: "
                               f"more than {self.cfg.admit_window} frames ahead of the other cameras; refused"))
             elif status == "claimed":
-                frames.append(self._frame(obs.frame_id, payloads))
+                frames.append(self._frame(Claim(obs.frame_id, stored, "claimed")))
+            elif isinstance(obs, CameraSummary) and self.cfg.early_exit1 and self.t1 is not None \
+                    and bool(under(torch.tensor([obs.entropy]), self.t1)[0]):
+                confident.add(obs.frame_id)  # status "added": claim it after the batch's other summaries
+        confident -= {fr.frame_id for fr in frames}
+        if confident:
+            frames.extend(self._frame(c) for c in self.store.claim_confident(sorted(confident)))
+        frames.extend(self._frame(c) for c in completed if isinstance(c, Claim))
         if ahead:
             self.stats.ahead += len(ahead)
             self.dead_letter(ahead)
@@ -352,13 +417,18 @@ class Aggregator(BrokerService):
         status = FlowStatus(self.cfg.site, self.flow_id, max(0.0, lag), backlog, time.time())
         self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), status.encode(), qos=0, retain=True)
 
-    def _validate(self, obs: CameraObservation, topic: str) -> None:
+    def _validate(self, obs: CameraObservation | CameraSummary, topic: str) -> None:
         cfg, net = self.cfg, self.net
         if obs.site != cfg.site or topic != names.obs_topic(obs.site, obs.camera):
             raise AggregationError(cfg.site, obs.frame_id, f"observation of site {obs.site!r} on topic {topic}",
                                    camera=obs.camera)
         if obs.camera >= net.num_cameras:
             raise AggregationError(cfg.site, obs.frame_id, "camera id beyond the network's cameras", camera=obs.camera)
+        if isinstance(obs, CameraSummary):
+            if not net.has_camera_classifiers:
+                raise AggregationError(cfg.site, obs.frame_id, f"a summary (lazy upload) needs camera classifiers; "
+                                       f"mode {net.mode!r} cameras upload eagerly", camera=obs.camera)
+            return
         if obs.features.shape != net.wire_shape:
             raise AggregationError(cfg.site, obs.frame_id, f"features {obs.features.shape}, expected {net.wire_shape}",
                                    camera=obs.camera)
@@ -366,27 +436,43 @@ class Aggregator(BrokerService):
             raise AggregationError(cfg.site, obs.frame_id, f"camera prediction does not fit mode {net.mode!r}",
                                    camera=obs.camera)
 
-    def _frame(self, frame_id: int, payloads: list[bytes], reclaimed: bool = False) -> Frame:
-        decoded = [self._decoded.pop(p, None) for p in payloads]
-        obs = sorted((o if o is not None else CameraObservation.decode(p) for o, p in zip(decoded, payloads)),
-                     key=lambda o: o.camera)
+    def _validate_features(self, feat: CameraFeatures, topic: str) -> None:
+        cfg, net = self.cfg, self.net
+        if feat.site != cfg.site or topic != names.features_topic(feat.site, feat.camera):
+            raise AggregationError(cfg.site, feat.frame_id, f"features of site {feat.site!r} on topic {topic}",
+                                   camera=feat.camera)
+        if feat.camera >= net.num_cameras:
+            raise AggregationError(cfg.site, feat.frame_id, "camera id beyond the network's cameras", camera=feat.camera)
+        if feat.features.shape != net.wire_shape:
+            raise AggregationError(cfg.site, feat.frame_id, f"features {feat.features.shape}, expected "
+                                   f"{net.wire_shape}", camera=feat.camera)
+
+    def _frame(self, claim: Claim) -> Frame:
+        """The claimed frame of its stored payloads (decoded at ingest, else now)."""
+        decoded = [self._decoded.pop(p, None) for p in claim.payloads]
+        messages = [m if m is not None else decode_one_of(p, CameraObservation, CameraSummary, CameraFeatures)
+                    for m, p in zip(decoded, claim.payloads)]
         self.stats.claimed += 1
-        return Frame(int(frame_id), obs, reclaimed)
+        frame = assemble(claim.frame_id, messages, claim.kind == "reclaimed", claim.requested)
+        frame.nbytes = sum(len(p) for p in claim.payloads)
+        return frame
 
     def claim_expired(self) -> list[Frame]:
-        """Claim the frames past their deadline, and take over the claims whose lease expired."""
+        """Claim the frames past their deadline (or second deadline), and take over the claims
+        whose lease expired."""
         assert self.store is not None
         site, cfg = self.cfg.site, self.cfg
         frames, owners = [], []
-        for frame_id, payloads, kind, prev in self.store.claim_expired():
-            if kind == "lost":
+        for claim in self.store.claim_expired():
+            if claim.kind == "lost":
                 log.error("edge %s: site %r frame %d: its claim expired with its observations (no aggregator for "
-                          "%d s); the frame has no result", self.sid, site, frame_id, cfg.decided_ttl_s)
+                          "%d s); the frame has no result", self.sid, site, claim.frame_id, cfg.decided_ttl_s)
                 continue
-            if kind == "reclaimed":
-                owners.append(prev or "?")
-                log.debug("edge %s: site %r frame %d: lease of %s expired, re-claimed", self.sid, site, frame_id, prev)
-            frames.append(self._frame(frame_id, payloads, reclaimed=kind == "reclaimed"))
+            if claim.kind == "reclaimed":
+                owners.append(claim.prev or "?")
+                log.debug("edge %s: site %r frame %d: lease of %s expired, re-claimed", self.sid, site, claim.frame_id,
+                          claim.prev)
+            frames.append(self._frame(claim))
         if owners:
             self.stats.reclaimed += len(owners)
             log.warning("edge %s: site %r: re-claimed %d frames whose lease (%d ms) expired, claimed by %s", self.sid,
@@ -412,50 +498,101 @@ class Aggregator(BrokerService):
             self.dead_letter([(f"frame {fr.frame_id}", b"", f"decision failed: {err}") for fr in frames])
             self.store.release([fr.frame_id for fr in frames])
             return
-        decisions: list[tuple[Decision, bytes]] = []
+        decisions: list[tuple[Frame, Decision, bytes]] = []
         escalations: list[tuple[Frame, bytes]] = []
+        requests: list[Frame] = []
         refused: list[tuple[Frame, str]] = []
         now = time.time()
+        runs = 0
         for i, (fr, (exit_name, pred, entropy, cam)) in enumerate(zip(frames, outcomes)):
+            runs += not torch.isnan(edge_entropy[i])
             try:
                 if exit_name == REFUSED:
                     raise MessageError("its features or the edge block's output are not finite")
+                if exit_name == REQUEST:
+                    requests.append(fr)
+                    continue
                 if exit_name == "cloud":
                     escalations.append((fr, self._escalation(fr, fused[i], float(edge_entropy[i]),
                                                              int(edge_pred[i]))))
                     continue
                 dec = Decision(site, fr.frame_id, exit_name, pred, entropy, cam, fr.present, fr.captured_at, now,
                                self.sid, fr.label)
-                decisions.append((dec, dec.encode()))
+                decisions.append((fr, dec, dec.encode()))
             except MessageError as err:
                 refused.append((fr, str(err)))
+        self.stats.edge_runs += runs
         if refused:
             self.dead_letter([(f"frame {fr.frame_id}", b"", f"site {site!r} frame {fr.frame_id}: {reason}")
                               for fr, reason in refused])
             self.store.release([fr.frame_id for fr, _ in refused])
-        for (dec, raw), first in zip(decisions, self.store.record(decisions)):
+        self.request_features(requests)
+        done: list[tuple[Frame, str]] = []
+        for (fr, dec, raw), first in zip(decisions, self.store.record([(d, r) for _, d, r in decisions])):
             if first:
                 self.mqtt.publish(names.results_topic(site), raw)
                 self.stats.decided[dec.exit] += 1
                 self.metrics.observe(site, dec.exit, dec.decided_at - dec.captured_at)
-        self.escalate(escalations, stop)
+                done.append((fr, dec.exit))
+        done += [(fr, "cloud") for fr in self.escalate(escalations, stop)]
+        self._account(done, runs)
+
+    def request_features(self, frames: list[Frame]) -> None:
+        """Lazy upload: hand frames to the feature wait, then publish one FeatureRequest each (the
+        wait first: a request is never answered before the frame expects its answers)."""
+        if not frames:
+            return
+        assert self.store is not None and self.mqtt is not None
+        site, reqs = self.cfg.site, [FeatureRequest(self.cfg.site, fr.frame_id, fr.wanted).encode() for fr in frames]
+        statuses = self.store.request([(fr.frame_id, len(fr.wanted), len(raw) * self.expected)
+                                       for fr, raw in zip(frames, reqs)], self.cfg.request_deadline_ms)
+        for fr, raw, status in zip(frames, reqs, statuses):
+            if status == "awaiting":
+                self.mqtt.publish(names.request_topic(site), raw)
+                self.stats.requests += 1
+
+    def _account(self, done: list[tuple[Frame, str]], runs: int) -> None:
+        """Counters of the frames this call decided or escalated first (one round trip): what the
+        cameras sent for each, by exit (requests counted as every camera of the site receives
+        them), the edge block's runs, and the cameras whose features never came, named as losses."""
+        assert self.store is not None
+        site = self.cfg.site
+        counts: dict[str, int] = {"edge_runs": runs}
+        losses = []
+        for fr, exit_name in done:
+            sent = fr.nbytes
+            if fr.requested:
+                sent += len(FeatureRequest(site, fr.frame_id, fr.asked).encode()) * self.expected if fr.asked else 0
+                losses += [(fr.frame_id, k, "edge", "no features") for k in fr.missing]
+            counts[f"camera_bytes_{exit_name}"] = counts.get(f"camera_bytes_{exit_name}", 0) + sent
+        if losses:
+            self.stats.features_missing += len(losses)
+            log.warning("site %r: %d frames decided without the features of some cameras (asked, not answered "
+                        "within %d ms), e.g. frame %d camera %d", site, len({f for f, *_ in losses}),
+                        self.cfg.request_deadline_ms, losses[0][0], losses[0][1])
+            self.store.record_losses(losses, counter="features_missing")
+        self.store.count_many(counts)
 
     def _escalation(self, fr: Frame, fused: torch.Tensor, edge_entropy: float, edge_pred: int) -> bytes:
-        dtype = fr.observations[0].features.dtype if self.cfg.escalation_dtype == "same" else self.cfg.escalation_dtype
+        dtype = self.cfg.escalation_dtype
+        if dtype == "same":  # the cameras' dtype (a frame none of whose features came: exact)
+            dtype = fr.observations[0].features.dtype if fr.observations else "float32"
         return Escalation(self.cfg.site, fr.frame_id, fr.present, fr.captured_at, FeatureTensor.quantize(fused, dtype),
                           edge_entropy, edge_pred, fr.label).encode()
 
-    def escalate(self, items: list[tuple[Frame, bytes]], stop: threading.Event) -> None:
+    def escalate(self, items: list[tuple[Frame, bytes]], stop: threading.Event) -> list[Frame]:
         """Hand frames to the cloud; while the stream is full (the cloud is behind) wait with
-        capped backoff, leases extended, nothing trimmed."""
+        capped backoff, leases extended, nothing trimmed. Returns the frames this call escalated."""
         assert self.store is not None
         site, backoff = self.cfg.site, Backoff(first_s=0.005, cap_s=1.0)
+        added_frames: list[Frame] = []
         while items:
             waiting = []
             for (fr, raw), added in zip(items, self.store.escalate([(fr.frame_id, raw) for fr, raw in items])):
                 if added > 0:
                     self.stats.decided["cloud"] += 1
                     self.stats.escalated_bytes += len(raw)
+                    added_frames.append(fr)
                 elif added < 0:
                     self.stats.escalation_conflicts += 1
                     log.info("site %r frame %d: already escalated or decided (lease taken over); not escalated "
@@ -474,6 +611,7 @@ class Aggregator(BrokerService):
                     raise EscalationError(site, items[0][0].frame_id, f"stopped while {len(items)} frames waited "
                                           "for room in the escalation stream (their leases expire and another "
                                           "aggregator takes them over)")
+        return added_frames
 
 
 # --- CLI ----------------------------------------------------------------------------------

@@ -1,42 +1,89 @@
 """The edge's decision for claimed frames, as a pure function: exit 1 (the most confident
-camera), else fusion + the edge block + exit 2, else "cloud". No I/O; `edge.aggregator` does
-that around it."""
+camera), else fusion + the edge block + exit 2, else "cloud"; with lazy upload, a frame that
+does not leave at exit 1 first needs its cameras' features ("request"). No I/O;
+`edge.aggregator` does that around it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from edge.edge_net import EdgeModule
-from edge.exits import EXIT1, EXIT2, decide
+from edge.exits import exit1_choice, under
 from edge.fusion import fuse
 from pipeline.entropy import normalized_entropy
 from pipeline.layers import forward_rows
-from pipeline.wire.messages import CameraObservation
+from pipeline.wire.messages import CameraFeatures, CameraObservation, CameraSummary
 
 REFUSED = "refused"  # a frame whose numbers are not finite: dead-lettered, never decided
+REQUEST = "request"  # lazy upload: no exit 1, and cameras whose features the edge does not have yet
 
 
 @dataclass
 class Frame:
-    """A claimed frame: its observations, sorted by camera."""
+    """A claimed frame: the cameras whose features the edge has (an eager observation, or a
+    summary with the features it asked for) and, with lazy upload, those it has only a summary of."""
 
     frame_id: int
-    observations: list[CameraObservation]
+    observations: list[CameraObservation]  # by camera: features, prediction and entropy
     reclaimed: bool = False  # taken over from an owner whose lease expired
+    summaries: list[CameraSummary] = field(default_factory=list)  # by camera: prediction and entropy only
+    requested: bool = False  # its features were asked for: decide it now with those that came
+    asked: tuple[int, ...] = ()  # the cameras whose features were asked for (a requested frame)
+    nbytes: int = 0  # encoded size of the messages it was assembled from (what the cameras sent for it)
 
     @property
     def present(self) -> tuple[int, ...]:
-        return tuple(o.camera for o in self.observations)
+        """The cameras its decision uses: exit 1 looks at every camera's verdict until the
+        features were asked for; after that, the cameras whose features came."""
+        cams = {o.camera for o in self.observations}
+        if not self.requested:
+            cams |= {s.camera for s in self.summaries}
+        return tuple(sorted(cams))
+
+    @property
+    def wanted(self) -> tuple[int, ...]:
+        """Cameras to ask for their features (summaries without features)."""
+        return tuple(s.camera for s in self.summaries)
+
+    @property
+    def missing(self) -> tuple[int, ...]:
+        """Cameras asked for features that did not come (a requested frame's summaries)."""
+        return self.wanted if self.requested else ()
 
     @property
     def captured_at(self) -> float:
-        return min(o.captured_at for o in self.observations)
+        return min(o.captured_at for o in (*self.observations, *self.summaries))
 
     @property
     def label(self) -> int | None:
-        return next((o.label for o in self.observations if o.label is not None), None)
+        return next((o.label for o in (*self.observations, *self.summaries) if o.label is not None), None)
+
+
+def assemble(frame_id: int, messages: list, reclaimed: bool = False, requested: bool = False) -> Frame:
+    """A Frame from a frame's stored messages (CameraObservation, CameraSummary, CameraFeatures):
+    a summary and the features of the same camera make one observation."""
+    obs: dict[int, CameraObservation] = {}
+    summaries: dict[int, CameraSummary] = {}
+    feats: dict[int, CameraFeatures] = {}
+    for m in messages:
+        if isinstance(m, CameraObservation):
+            obs[m.camera] = m
+        elif isinstance(m, CameraSummary):
+            summaries[m.camera] = m
+        elif isinstance(m, CameraFeatures):
+            feats[m.camera] = m
+    asked = tuple(sorted(k for k in summaries if k not in obs)) if requested else ()
+    for k, s in list(summaries.items()):
+        if k in obs:
+            del summaries[k]
+        elif k in feats:
+            obs[k] = CameraObservation(s.site, s.frame_id, k, s.captured_at, s.prediction, s.entropy, feats[k].features,
+                                       s.label)
+            del summaries[k]
+    return Frame(int(frame_id), [obs[k] for k in sorted(obs)], reclaimed, [summaries[k] for k in sorted(summaries)],
+                 requested, asked)
 
 
 @torch.no_grad()
@@ -46,41 +93,61 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
     """Exit 1, then fusion + edge + exit 2, for claimed frames; pure (no I/O).
 
     Returns ([(exit name, prediction, entropy, camera or None)], fused, edge entropy, edge
-    prediction); the caller escalates the frames whose exit is "cloud" and dead-letters those
-    marked REFUSED (non-finite numbers). Numbers match offline evaluation: same camera order,
-    same fusion, batches never of one row."""
+    prediction); the caller escalates the frames whose exit is "cloud", asks for the features of
+    those marked REQUEST and dead-letters those marked REFUSED (non-finite numbers). The edge
+    block runs only on the frames that need it (not those leaving at exit 1, nor those waiting
+    for features): their edge entropy is NaN and prediction -1. Numbers match offline
+    evaluation: same camera order, same fusion, batches never of one row."""
     cfg = edge.cfg
     n, cams = len(frames), cfg.num_cameras
     features = torch.zeros(n, cams, *cfg.wire_shape)
-    present = torch.zeros(n, cams, dtype=torch.bool)
+    present = torch.zeros(n, cams, dtype=torch.bool)  # cameras whose features the edge has
+    known = torch.zeros(n, cams, dtype=torch.bool)  # cameras whose verdict exit 1 may use
     cam_entropy = torch.ones(n, cams)
     cam_pred = torch.zeros(n, cams, dtype=torch.long)
+    waiting = torch.zeros(n, dtype=torch.bool)
     for i, fr in enumerate(frames):
         for o in fr.observations:
             features[i, o.camera] = o.features.to_tensor()
-            present[i, o.camera] = True
+            present[i, o.camera] = known[i, o.camera] = True
             if o.entropy is not None:
                 cam_entropy[i, o.camera] = o.entropy
                 cam_pred[i, o.camera] = o.prediction  # type: ignore[assignment]
+        if not fr.requested:
+            for s in fr.summaries:
+                known[i, s.camera] = True
+                cam_entropy[i, s.camera], cam_pred[i, s.camera] = s.entropy, s.prediction
+            waiting[i] = bool(fr.summaries)
+    if cfg.has_camera_classifiers and t1 is not None:
+        best, cam = exit1_choice(cam_entropy, known)
+        fire1 = under(best, t1) & (cam >= 0)
+    else:
+        cam = torch.full((n,), -1, dtype=torch.long)
+        fire1 = torch.zeros(n, dtype=torch.bool)
+    waiting &= ~fire1
+    run = ~fire1 & ~waiting
     fused = fuse(features, present, cfg.fusion)
-    edge_logits = forward_rows(edge, fused.to(device)).float().cpu()
-    edge_entropy, edge_pred = normalized_entropy(edge_logits), edge_logits.argmax(-1)
-    has_cams = cfg.has_camera_classifiers
-    d = decide(t1 if has_cams else None, t2, edge_entropy, edge_pred, torch.zeros(n, dtype=torch.long),
-               cam_entropy if has_cams else None, cam_pred if has_cams else None, present)
+    edge_entropy = torch.full((n,), float("nan"))
+    edge_pred = torch.full((n,), -1, dtype=torch.long)
     # A frame whose features or edge output are not finite (numbers no camera of ours produces)
     # is refused alone: its neighbours in the batch are decided as usual.
-    bad = ~(torch.isfinite(fused).flatten(1).all(dim=1) & torch.isfinite(edge_logits).all(dim=1))
-    out = []
+    bad = ~torch.isfinite(fused).flatten(1).all(dim=1)
+    rows = run.nonzero().flatten()
+    if len(rows):
+        logits = forward_rows(edge, fused[rows].to(device)).float().cpu()
+        edge_entropy[rows], edge_pred[rows] = normalized_entropy(logits), logits.argmax(-1)
+        bad[rows] |= ~torch.isfinite(logits).all(dim=1)
+    out: list[tuple[str, int, float, int | None]] = []
     for i in range(n):
-        e = int(d.exit[i])
         if bool(bad[i]):
             out.append((REFUSED, -1, float("nan"), None))
-        elif e == EXIT1:
-            cam = int(d.camera[i])
-            out.append(("exit1", int(d.prediction[i]), float(cam_entropy[i, cam]), cam))
-        elif e == EXIT2:
-            out.append(("exit2", int(d.prediction[i]), float(edge_entropy[i]), None))
+        elif bool(fire1[i]):
+            k = int(cam[i])
+            out.append(("exit1", int(cam_pred[i, k]), float(cam_entropy[i, k]), k))
+        elif bool(waiting[i]):
+            out.append((REQUEST, -1, float("nan"), None))
+        elif bool(under(edge_entropy[i:i + 1], t2)[0]):
+            out.append(("exit2", int(edge_pred[i]), float(edge_entropy[i]), None))
         else:
             out.append(("cloud", -1, float(edge_entropy[i]), None))
     return out, fused, edge_entropy, edge_pred

@@ -26,6 +26,18 @@ of that protocol is here; every key comes from `pipeline.wire.names`.
    gets exactly one result (its second attempt is counted in `result_conflicts` or
    `escalation_conflicts`).
 
+5. Lazy upload (cameras send a `CameraSummary` first): a frame is also claimed as soon as a
+   summary under T1 arrives (`claim_confident`, CLAIM_CONFIDENT, after the rest of the drained
+   batch is stored, so its other summaries count too; counted in `exit1_early`). A claimed frame
+   that does not leave at exit 1 is handed to the feature wait (`request`, REQUEST_FEATURES): its
+   lease is released, the number of cameras asked is written in the claimed hash (`_want`), and
+   the frame is scored in `ada:{site}:awaiting` by a second deadline; the aggregator then
+   publishes the FeatureRequest. Each answer (`add_features`, ADD_FEATURE) is stored in the same
+   hash (field `f{camera}`); the answer that completes the set claims the frame again (a lease,
+   as above), and the sweep claims the frames past their second deadline with the answers that
+   came (CLAIM_AWAITING). The hash then holds summaries and features; a lease taken over returns
+   both, and `requested`, so the new owner goes on where the old one stopped.
+
 Every script gets each key it touches in KEYS (none builds a key), and all keys of a site share
 the site's hash tag (`pipeline.wire.names`), so the scripts and pipelines run on one Redis or in
 the site's slot of a Redis Cluster alike.
@@ -35,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import redis
 from redis.commands.core import Script
@@ -43,7 +55,7 @@ from redis.commands.core import Script
 from pipeline.transport.redis_client import run_script_batch
 from pipeline.transport.results_sink import RECORD_BODY
 from pipeline.wire import names
-from pipeline.wire.messages import CameraObservation, Decision
+from pipeline.wire.messages import CameraFeatures, CameraObservation, CameraSummary, Decision
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +67,24 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Lua: the payloads of a frame hash, without its bookkeeping fields (names starting with '_').
+PAYLOADS = """
+local function payloads(key)
+  local all = redis.call('HGETALL', key)
+  local out = {}
+  for i = 1, #all, 2 do
+    if string.byte(all[i], 1) ~= 95 then
+      out[#out + 1] = all[i + 1]
+    end
+  end
+  return out
+end
+"""
+
 # KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash, admission front
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
-#       lease ms, admission window (frames; 0 = none)
+#       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary)
+# Bytes stored are counted in observation_bytes or summary_bytes, and those of a late one in late_bytes.
 # Admission: each camera's front (the highest frame id it sent) is kept in a hash; an observation
 # whose id is more than the window beyond the second most advanced camera's front (the only
 # one's, while a single camera has reported) is refused as 'ahead', so that no camera alone can
@@ -91,14 +118,23 @@ if window > 0 then
   end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HINCRBY', KEYS[4], 'late', 1)
+  if ARGV[11] == 'sum' then
+    redis.call('HINCRBY', KEYS[4], 'late_summaries', 1)
+  else
+    redis.call('HINCRBY', KEYS[4], 'late', 1)
+  end
+  redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
   return {'late'}
 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   redis.call('HINCRBY', KEYS[4], 'duplicate_observations', 1)
   return {'duplicate'}
 end
-redis.call('HINCRBY', KEYS[4], 'observation_bytes', string.len(ARGV[2]))
+if ARGV[11] == 'sum' then
+  redis.call('HINCRBY', KEYS[4], 'summary_bytes', string.len(ARGV[2]))
+else
+  redis.call('HINCRBY', KEYS[4], 'observation_bytes', string.len(ARGV[2]))
+end
 local n = redis.call('HLEN', KEYS[1])
 local complete = n >= tonumber(ARGV[3])
 if n > 1 and not complete then
@@ -118,14 +154,16 @@ redis.call('ZADD', KEYS[5], now + tonumber(ARGV[9]), ARGV[6])
 return {'claimed', redis.call('HVALS', KEYS[6])}
 """
 
-# KEYS: pending zset, claimed zset; ARGV: max frames of each
-# Returns {frames past their deadline, frames whose lease expired}, by the Redis clock. The sweep
-# then runs CLAIM_DUE or RECLAIM_LEASE on each (one pipelined round trip), each frame's keys in
-# KEYS: a script never builds a key, so each runs in the site's slot of a Redis Cluster.
+# KEYS: pending zset, claimed zset, awaiting zset; ARGV: max frames of each
+# Returns {frames past their deadline, frames whose lease expired, frames past their second
+# deadline}, by the Redis clock. The sweep then runs CLAIM_DUE, RECLAIM_LEASE or CLAIM_AWAITING on
+# each (one pipelined round trip a kind), each frame's keys in KEYS: a script never builds a key,
+# so each runs in the site's slot of a Redis Cluster.
 DUE_FRAMES = REDIS_NOW + """
 local limit = tonumber(ARGV[1])
 return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit),
-        redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)}
+        redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit),
+        redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)}
 """
 
 # KEYS: pending zset, frame hash, decided marker, claimed zset, claimed frame hash
@@ -151,10 +189,10 @@ return {'gone'}
 # KEYS: claimed zset, claimed frame hash, decided marker, result marker, escalated marker, counters
 # ARGV: frame id, owner, decided ttl ms, lease ms
 # A lease still expired now (by the Redis clock: another aggregator may have renewed or released
-# it since DUE_FRAMES read it) is taken over: {'reclaimed', observations, previous owner}. A frame
-# that already has a result or an escalation is only released: {'gone'}. One whose observations
-# expired with it is {'lost'} (counted in claims_lost).
-RECLAIM_LEASE = REDIS_NOW + """
+# it since DUE_FRAMES read it) is taken over: {'reclaimed', payloads, previous owner, cameras asked
+# for features or ''}. A frame that already has a result or an escalation is only released:
+# {'gone'}. One whose observations expired with it is {'lost'} (counted in claims_lost).
+RECLAIM_LEASE = REDIS_NOW + PAYLOADS + """
 local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not lease or tonumber(lease) > now then
   return {'gone'}
@@ -174,7 +212,106 @@ redis.call('SET', KEYS[3], ARGV[2], 'XX', 'KEEPTTL')
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('HINCRBY', KEYS[6], 'reclaimed', 1)
-return {'reclaimed', redis.call('HVALS', KEYS[2]), prev}
+return {'reclaimed', payloads(KEYS[2]), prev, redis.call('HGET', KEYS[2], '_want') or ''}
+"""
+
+# KEYS: frame hash, decided marker, pending zset, claimed zset, claimed frame hash, counters
+# ARGV: frame id, owner, decided ttl ms, lease ms
+# Lazy upload: a frame one of whose summaries is under T1 is claimed at once with the summaries it
+# has ({'claimed', payloads}); {'gone'} when it was claimed already (completed, or by a sweep).
+CLAIM_CONFIDENT = REDIS_NOW + """
+if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  return {'gone'}
+end
+redis.call('RENAME', KEYS[1], KEYS[5])
+redis.call('PEXPIRE', KEYS[5], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'exit1_early', 1)
+return {'claimed', redis.call('HVALS', KEYS[5])}
+"""
+
+# KEYS: claimed zset, claimed frame hash, awaiting zset, counters, result marker, escalated marker
+# ARGV: frame id, cameras asked, second deadline ms, hash ttl ms, request bytes (as the cameras receive it)
+# Lazy upload: a claimed frame that did not leave at exit 1 waits for its features: the lease is
+# released, the cameras asked are counted in `_want` (answers already stored in `_got`), and the
+# frame is scored in the awaiting set by its second deadline: 'awaiting' (the caller then
+# publishes the FeatureRequest). 'already': someone asked already (a slow owner after a take-over:
+# it publishes nothing); 'gone': the frame has a result or an escalation, or no hash any more.
+REQUEST_FEATURES = REDIS_NOW + """
+if redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+  return 'gone'
+end
+if redis.call('HSETNX', KEYS[2], '_want', ARGV[2]) == 0 then
+  return 'already'
+end
+local got = 0
+for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if string.byte(field, 1) == 102 then
+    got = got + 1
+  end
+end
+redis.call('HSET', KEYS[2], '_got', got)
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'requests', 1)
+redis.call('HINCRBY', KEYS[4], 'request_bytes', ARGV[5])
+return 'awaiting'
+"""
+
+# KEYS: claimed frame hash, awaiting zset, claimed zset, counters, result marker, escalated marker, decided marker
+# ARGV: field ('f' .. camera), payload, frame id, lease ms, owner
+# Lazy upload: a camera's features for a frame. Stored once (HSETNX; counted in feature_bytes);
+# {'late'} when the frame was decided, escalated or claimed for good already (late_features,
+# late_bytes); {'duplicate'} for a second delivery; the answer that completes the cameras asked
+# claims the frame (a lease): {'claimed', payloads}; else {'added'}.
+ADD_FEATURE = PAYLOADS + """
+local want = redis.call('HGET', KEYS[1], '_want')
+local late = redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[6]) == 1 or
+             redis.call('EXISTS', KEYS[1]) == 0 or (want and not redis.call('ZSCORE', KEYS[2], ARGV[3]))
+if late then
+  redis.call('HINCRBY', KEYS[4], 'late_features', 1)
+  redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
+  return {'late'}
+end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('HINCRBY', KEYS[4], 'duplicate_features', 1)
+  return {'duplicate'}
+end
+redis.call('HINCRBY', KEYS[4], 'feature_bytes', string.len(ARGV[2]))
+if not want then
+  return {'added'}
+end
+local got = redis.call('HINCRBY', KEYS[1], '_got', 1)
+if got < tonumber(want) or redis.call('ZREM', KEYS[2], ARGV[3]) == 0 then
+  return {'added'}
+end
+""" + REDIS_NOW + """
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('SET', KEYS[7], ARGV[5], 'XX', 'KEEPTTL')
+return {'claimed', payloads(KEYS[1])}
+"""
+
+# KEYS: awaiting zset, claimed frame hash, claimed zset, counters, decided marker
+# ARGV: frame id, lease ms, owner
+# Lazy upload: a frame past its second deadline is claimed with the features that came (a lease):
+# {'claimed', payloads}; {'gone'} when it is no longer due (its last answer or another sweep took
+# it); {'lost'} when its hash expired (claims_lost).
+CLAIM_AWAITING = REDIS_NOW + PAYLOADS + """
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not deadline or tonumber(deadline) > now or redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  return {'gone'}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HINCRBY', KEYS[4], 'claims_lost', 1)
+  return {'lost'}
+end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('SET', KEYS[5], ARGV[3], 'XX', 'KEEPTTL')
+return {'claimed', payloads(KEYS[2])}
 """
 
 # KEYS: escalation stream, escalated marker, result marker, claimed zset, claimed frame hash, counters
@@ -236,6 +373,16 @@ class StoreTimes:
     results_maxlen: int  # results kept in the results stream (approximate trim)
 
 
+class Claim(NamedTuple):
+    """A frame this aggregator now holds (or one it found lost): what the sweep and the scripts return."""
+
+    frame_id: int
+    payloads: list[bytes]  # the frame's stored messages: observations, summaries, features
+    kind: str  # "claimed" | "reclaimed" (lease taken over) | "lost" (its observations expired with its claim)
+    prev: str = ""  # the previous owner of a reclaimed lease
+    requested: bool = False  # lazy upload: its features were asked for; decide it with those that came
+
+
 class FrameStore:
     """One aggregator's handle on a site's frames in Redis (`owner` is its service id)."""
 
@@ -247,12 +394,17 @@ class FrameStore:
         self._reclaim = client.register_script(RECLAIM_LEASE)
         self._escalate = client.register_script(ESCALATE)
         self._record = client.register_script(RECORD_AND_RELEASE)
-        self._scripts = (self._add, self._due, self._claim, self._reclaim, self._escalate, self._record)
+        self._confident = client.register_script(CLAIM_CONFIDENT)
+        self._request = client.register_script(REQUEST_FEATURES)
+        self._feature = client.register_script(ADD_FEATURE)
+        self._awaited = client.register_script(CLAIM_AWAITING)
+        self._scripts = (self._add, self._due, self._claim, self._reclaim, self._escalate, self._record,
+                         self._confident, self._request, self._feature, self._awaited)
         for script in self._scripts:
             client.script_load(script.script)  # loaded now, so that a NOSCRIPT later means Redis restarted
 
-    def add(self, items: Iterable[tuple[CameraObservation, bytes]]) -> list[tuple[str, list[bytes]]]:
-        """Store observations in one pipelined round trip; for each, ("added" | "late" |
+    def add(self, items: Iterable[tuple[CameraObservation | CameraSummary, bytes]]) -> list[tuple[str, list[bytes]]]:
+        """Store observations or summaries in one pipelined round trip; for each, ("added" | "late" |
         "duplicate" | "ahead", []) or ("claimed", the frame's payloads) when it completed its frame."""
         site, t = self.site, self.times
         replies = self._pipelined(self._add, [
@@ -260,7 +412,7 @@ class FrameStore:
               names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, obs.frame_id),
               names.front_key(site)],
              [obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, obs.frame_id, self.owner,
-              t.decided_ttl_ms, t.lease_ms, t.admit_window])
+              t.decided_ttl_ms, t.lease_ms, t.admit_window, "sum" if isinstance(obs, CameraSummary) else "obs"])
             for obs, payload in items])
         out = []
         for res in replies:
@@ -268,33 +420,71 @@ class FrameStore:
             out.append((status, list(res[1]) if status == "claimed" else []))
         return out
 
-    def claim_expired(self) -> list[tuple[int, list[bytes], str, str]]:
-        """(frame id, payloads, kind, previous owner) for frames past their deadline ("claimed"),
-        leases taken over ("reclaimed") and claims whose observations expired ("lost"): the due
-        frames in one round trip, then one script per frame, pipelined (a round trip per kind)."""
-        past_deadline, leases_expired = self.due()
-        return self.claim(past_deadline) + self.reclaim(leases_expired)
+    def claim_confident(self, frame_ids: list[int]) -> list[Claim]:
+        """Lazy upload: claim frames that have a summary under T1, with the summaries they have."""
+        site, t = self.site, self.times
+        replies = self._pipelined(self._confident, [
+            ([names.frame_key(site, fid), names.decided_key(site, fid), names.pending_key(site),
+              names.claimed_key(site), names.claimed_frame_key(site, fid), names.counters_key(site)],
+             [fid, self.owner, t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
+        return [Claim(fid, list(res[1]), "claimed") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
 
-    def due(self) -> tuple[list[int], list[int]]:
-        """Ids of the frames past their deadline and of those whose lease expired (`claim_batch`
-        at most of each), by the Redis clock. Another aggregator may take any of them first."""
+    def request(self, items: Iterable[tuple[int, int, int]], second_deadline_ms: int) -> list[str]:
+        """Lazy upload: hand claimed frames (id, cameras asked, request bytes on the camera links) to
+        the feature wait, in one round trip; for each "awaiting" (publish the request), "already"
+        (someone asked: publish nothing) or "gone" (decided or escalated meanwhile)."""
+        site, t = self.site, self.times
+        return [x.decode() for x in self._pipelined(self._request, [
+            ([names.claimed_key(site), names.claimed_frame_key(site, fid), names.awaiting_key(site),
+              names.counters_key(site), names.result_key(site, fid), names.escalated_key(site, fid)],
+             [fid, wanted, second_deadline_ms, t.decided_ttl_ms, nbytes]) for fid, wanted, nbytes in items])]
+
+    def add_features(self, items: Iterable[tuple[CameraFeatures, bytes]]) -> list[Claim | str]:
+        """Lazy upload: store camera features in one round trip; for each, "added" | "late" |
+        "duplicate", or the Claim of the frame it completed (requested=True)."""
+        site, t = self.site, self.times
+        items = list(items)
+        replies = self._pipelined(self._feature, [
+            ([names.claimed_frame_key(site, f.frame_id), names.awaiting_key(site), names.claimed_key(site),
+              names.counters_key(site), names.result_key(site, f.frame_id), names.escalated_key(site, f.frame_id),
+              names.decided_key(site, f.frame_id)],
+             [f"f{f.camera}", payload, f.frame_id, t.lease_ms, self.owner]) for f, payload in items])
+        out: list[Claim | str] = []
+        for (f, _), res in zip(items, replies):
+            status = res[0].decode()
+            out.append(Claim(f.frame_id, list(res[1]), "claimed", requested=True) if status == "claimed" else status)
+        return out
+
+    def claim_expired(self) -> list[Claim]:
+        """Frames past their deadline ("claimed"), leases taken over ("reclaimed"), claims whose
+        observations expired ("lost") and frames past their second deadline (claimed with the
+        features that came, requested): the due frames in one round trip, then one script per
+        frame, pipelined (a round trip per kind)."""
+        past_deadline, leases_expired, awaited = self.due()
+        return self.claim(past_deadline) + self.reclaim(leases_expired) + self.claim_awaited(awaited)
+
+    def due(self) -> tuple[list[int], list[int], list[int]]:
+        """Ids of the frames past their deadline, of those whose lease expired and of those past
+        their second deadline (`claim_batch` at most of each), by the Redis clock. Another
+        aggregator may take any of them first."""
         site = self.site
-        pending, leases = self._pipelined(self._due, [([names.pending_key(site), names.claimed_key(site)],
-                                                       [self.times.claim_batch])])[0]
-        return [int(x) for x in pending], [int(x) for x in leases]
+        pending, leases, awaited = self._pipelined(self._due, [(
+            [names.pending_key(site), names.claimed_key(site), names.awaiting_key(site)], [self.times.claim_batch])])[0]
+        return [int(x) for x in pending], [int(x) for x in leases], [int(x) for x in awaited]
 
-    def claim(self, frame_ids: list[int]) -> list[tuple[int, list[bytes], str, str]]:
-        """Claim those of `frame_ids` still past their deadline and unclaimed: (id, payloads, "claimed", "")."""
+    def claim(self, frame_ids: list[int]) -> list[Claim]:
+        """Claim those of `frame_ids` still past their deadline and unclaimed."""
         site, t = self.site, self.times
         replies = self._pipelined(self._claim, [
             ([names.pending_key(site), names.frame_key(site, fid), names.decided_key(site, fid),
               names.claimed_key(site), names.claimed_frame_key(site, fid)],
              [fid, self.owner, t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
-        return [(fid, list(res[1]), "claimed", "") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
+        return [Claim(fid, list(res[1]), "claimed") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
 
-    def reclaim(self, frame_ids: list[int]) -> list[tuple[int, list[bytes], str, str]]:
-        """Take over the leases of `frame_ids` that are still expired: (id, payloads, "reclaimed",
-        previous owner), or (id, [], "lost", "") for a claim whose observations expired."""
+    def reclaim(self, frame_ids: list[int]) -> list[Claim]:
+        """Take over the leases of `frame_ids` that are still expired ("reclaimed", with the previous
+        owner, and requested when the frame's features had been asked for), or "lost" for a claim
+        whose observations expired."""
         site, t = self.site, self.times
         replies = self._pipelined(self._reclaim, [
             ([names.claimed_key(site), names.claimed_frame_key(site, fid), names.decided_key(site, fid),
@@ -304,9 +494,25 @@ class FrameStore:
         for fid, res in zip(frame_ids, replies):
             kind = res[0].decode()
             if kind == "reclaimed":
-                out.append((fid, list(res[1]), kind, res[2].decode()))
+                out.append(Claim(fid, list(res[1]), kind, res[2].decode(), requested=bool(res[3])))
             elif kind == "lost":
-                out.append((fid, [], kind, ""))
+                out.append(Claim(fid, [], kind))
+        return out
+
+    def claim_awaited(self, frame_ids: list[int]) -> list[Claim]:
+        """Lazy upload: claim those of `frame_ids` still past their second deadline, with the
+        features that came (requested), or "lost" when their hash expired."""
+        site, t = self.site, self.times
+        replies = self._pipelined(self._awaited, [
+            ([names.awaiting_key(site), names.claimed_frame_key(site, fid), names.claimed_key(site),
+              names.counters_key(site), names.decided_key(site, fid)], [fid, t.lease_ms, self.owner])
+            for fid in frame_ids])
+        out = []
+        for fid, res in zip(frame_ids, replies):
+            if res[0] == b"claimed":
+                out.append(Claim(fid, list(res[1]), "claimed", requested=True))
+            elif res[0] == b"lost":
+                out.append(Claim(fid, [], "lost"))
         return out
 
     def escalate(self, items: Iterable[tuple[int, bytes]]) -> list[int]:
@@ -344,20 +550,31 @@ class FrameStore:
                 p.delete(names.claimed_frame_key(self.site, fid))
             p.execute()
 
-    def record_losses(self, losses: list[tuple[int, int, str, str]]) -> None:
-        """Name observations that never came: (frame id, camera, where, why), counted in `shed`."""
+    def record_losses(self, losses: list[tuple[int, int, str, str]], counter: str = "shed") -> None:
+        """Name observations that never came: (frame id, camera, where, why), counted in `counter`."""
         if not losses:
             return
         with self.redis.pipeline(transaction=False) as p:
             for frame_id, camera, where, why in losses:
                 p.xadd(names.losses_stream(self.site), {"frame": frame_id, "camera": camera, "where": where,
                                                         "why": why}, maxlen=LOSSES_MAXLEN, approximate=True)
-            p.hincrby(names.counters_key(self.site), "shed", len(losses))
+            p.hincrby(names.counters_key(self.site), counter, len(losses))
             p.execute()
 
     def count(self, counter: str, n: int = 1) -> None:
         self.redis.hincrby(names.counters_key(self.site), counter, n)
 
+    def count_many(self, counts: dict[str, int]) -> None:
+        """Add to several counters of the site in one round trip (zeros skipped)."""
+        counts = {k: n for k, n in counts.items() if n}
+        if not counts:
+            return
+        with self.redis.pipeline(transaction=False) as p:
+            for counter, n in counts.items():
+                p.hincrby(names.counters_key(self.site), counter, n)
+            p.execute()
 
-__all__ = ["FrameStore", "StoreTimes", "ADD_OBSERVATION", "DUE_FRAMES", "CLAIM_DUE", "RECLAIM_LEASE", "ESCALATE",
-           "RECORD_AND_RELEASE", "REDIS_NOW"]
+
+__all__ = ["FrameStore", "StoreTimes", "Claim", "ADD_OBSERVATION", "DUE_FRAMES", "CLAIM_DUE", "RECLAIM_LEASE",
+           "CLAIM_CONFIDENT", "REQUEST_FEATURES", "ADD_FEATURE", "CLAIM_AWAITING", "ESCALATE", "RECORD_AND_RELEASE",
+           "REDIS_NOW"]

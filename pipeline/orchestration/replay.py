@@ -43,7 +43,7 @@ import redis
 import torch
 
 from cloud.worker import CloudConfig, Worker
-from devices.camera import CameraConfig, CameraFeed
+from devices.camera import UPLOADS, CameraConfig, CameraFeed, resolve_upload
 from edge.aggregator import Aggregator, EdgeConfig
 from pipeline.checkpoint import thresholds
 from pipeline.compute import set_threads
@@ -82,6 +82,9 @@ class ReplayConfig:
     n: int = 1000  # frames to replay; 0 = to the end of the split
     fps: float = 0.0  # frames per second; 0 = as fast as possible
     wire_dtype: str = field(default="int8", metadata={"choices": tuple(DTYPES)})  # dtype of the features on the wire
+    upload: str = field(default="auto", metadata={"choices": UPLOADS})  # the cameras' upload: lazy (summaries, features when the edge asks), eager (features always), auto (lazy for ADA-DDNN, eager for DDNN)
+    request_deadline_ms: int = 1000  # lazy upload: the edge decides a frame this long (ms) after asking for its features, with those that came
+    early_exit1: bool = True  # lazy upload: the edge claims a frame at its first summary under T1 (off: waits for all summaries or the deadline)
     t1: float | None = None  # exit 1 threshold; none = the model card's
     t2: float | None = None  # exit 2 threshold; none = the model card's
     deadline_ms: int = 50  # edge deadline (ms) after a frame's first observation
@@ -115,6 +118,8 @@ class ReplayConfig:
             raise ValueError("overload_lag_ms must be positive")
         if self.fps < 0 or self.start < 0 or self.camera_batch < 1 or self.cloud_batch < 1 or self.deadline_ms < 1:
             raise ValueError("need fps >= 0, start >= 0, camera_batch and cloud_batch >= 1, deadline_ms >= 1")
+        if self.upload not in UPLOADS or self.request_deadline_ms < 1:
+            raise ValueError(f"need upload in {UPLOADS} and request_deadline_ms >= 1")
         if self.site:
             names.check_site(self.site)
 
@@ -161,6 +166,7 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
     data = data if data is not None else load_cifar10(cfg.data)
     split = data.split(cfg.split)
     t1, t2 = thresholds(cfg.checkpoint, model.cfg, cfg.t1, cfg.t2)
+    upload = resolve_upload(cfg.upload, model.cfg.has_camera_classifiers)
     base = cfg.site or f"replay-{uuid.uuid4().hex[:8]}"
     runs = [SiteRun(base if cfg.sites == 1 else f"{base[:60]}-{i}", ids)
             for i, ids in enumerate(site_ranges(cfg, len(split)))]
@@ -222,6 +228,7 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
             if not cfg.keep_keys:
                 _clear(r, run.site)
             run.report = _site_report(cfg, model, split, run, t1, t2, counters, shed_ids, t_start)
+            run.report["upload"] = upload
         r.close()
 
     if len(runs) == 1:
@@ -277,12 +284,14 @@ class ThreadRoles:
                                copy.deepcopy(model.cloud)) for i in range(cfg.workers)]
         self.aggs = [Aggregator(EdgeConfig(site=run.site, mqtt_url=run.mqtt_url, redis_url=redis_url,
                                            checkpoint=cfg.checkpoint, deadline_ms=cfg.deadline_ms,
+                                           request_deadline_ms=cfg.request_deadline_ms, early_exit1=cfg.early_exit1,
                                            service_id=f"edge-{i}-{uuid.uuid4().hex[:6]}"),
                                 copy.deepcopy(model.edge), t1, t2) for run in runs for i in range(cfg.aggregators)]
         self.feeds = [CameraFeed(CameraConfig(site=run.site, mqtt_url=run.mqtt_url, checkpoint=cfg.checkpoint,
                                               data=cfg.data, split=cfg.split, start=run.frame_ids.start,
                                               stop=run.frame_ids.stop, fps=cfg.fps, wire_dtype=cfg.wire_dtype,
-                                              batch=cfg.camera_batch, cameras=cams, overload="wait"),
+                                              batch=cfg.camera_batch, cameras=cams, overload="wait",
+                                              upload=cfg.upload),
                                  {k: copy.deepcopy(model.cameras[k]) for k in cams}, split,
                                  gate=lambda done, c=run.collector: c.gate(done, cfg.window, stop))
                       for run in runs]
@@ -373,6 +382,8 @@ class ProcessRoles:
                    for i in range(cfg.workers)]
         aggs = {run.site: [start_role("edge", [*common(run), *next(port_of["edge"], []), *thresholds_args,
                                                "--deadline-ms", str(cfg.deadline_ms),
+                                               "--request-deadline-ms", str(cfg.request_deadline_ms),
+                                               "--early-exit1" if cfg.early_exit1 else "--no-early-exit1",
                                                "--service-id", f"edge-{i}-{tag}"], self.log_dir,
                                       f"edge-{i}" if one else f"{run.site}-edge-{i}")
                            for i in range(cfg.aggregators)] for run in runs}
@@ -386,6 +397,7 @@ class ProcessRoles:
                 "--data", cfg.data, "--split", cfg.split, "--start", str(run.frame_ids.start),
                 "--stop", str(run.frame_ids.stop), "--fps", str(cfg.fps), "--wire-dtype", cfg.wire_dtype,
                 "--batch", str(cfg.camera_batch), "--cameras", ",".join(map(str, self.cams)), "--overload", "wait",
+                "--upload", cfg.upload,
                 "--shed-lag-ms", str(cfg.overload_lag_ms)], self.log_dir, "cameras" if one else f"{run.site}-cameras"))
         self.procs.extend(self.cameras)
 

@@ -142,6 +142,8 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
     latency = {e: percentiles([d.latency_ms for d in decs if d.exit == e]) for e in EXIT_NAMES}
     latency["all"] = percentiles([d.latency_ms for d in decs])
     mqtt_missing = sum(1 for d in decs if collector.mqtt_counts.get(d.frame_id, 0) == 0)
+    cams = model.cfg.num_cameras
+    incomplete = {e: sum(1 for d in decs if d.exit == e and len(d.present) < cams) for e in EXIT_NAMES}
     return {
         "mode": model.cfg.mode,
         "checkpoint": cfg.checkpoint,
@@ -152,9 +154,19 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
         "thresholds": {"t1": t1, "t2": t2},
         "exit_rate": {e: (sum(d.exit == e for d in decs) / got if got else None) for e in EXIT_NAMES},
         "accuracy": {"edge": accuracy(at_edge), "cloud": accuracy(at_cloud), "overall": accuracy(decs)},
-        # bytes stored at the edge (each observation once) and handed to the cloud, per frame
-        "bytes_per_frame": {"camera_to_edge": counters.get("observation_bytes", 0) / max(1, n),
+        # bytes that reached the edge from the cameras (each message once: observations or
+        # summaries, features, and those that came after their frame's decision), requests sent to
+        # the cameras (as each camera receives them), and handed to the cloud, per frame
+        "bytes_per_frame": {"camera_to_edge": _camera_bytes(counters) / max(1, n),
+                            "edge_to_cameras": counters.get("request_bytes", 0) / max(1, n),
                             "edge_to_cloud": counters.get("escalated_bytes", 0) / max(1, n)},
+        "link": link_report(counters, decs, n, cams),
+        "edge_runs_per_100_frames": round(100 * counters.get("edge_runs", 0) / max(1, n), 2),
+        "exit1_early": counters.get("exit1_early", 0),  # lazy: frames claimed at a summary under T1 before all came
+        "late_summaries": counters.get("late_summaries", 0),  # lazy: summaries that came after their frame's decision
+        "feature_requests": counters.get("requests", 0),
+        "features_missing": counters.get("features_missing", 0),  # lazy: cameras asked that never answered in time
+        "late_features": counters.get("late_features", 0),
         "frames": n,
         "results": got,
         "lost": n - got,
@@ -166,7 +178,8 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
         "claims_lost": counters.get("claims_lost", 0),
         "duplicate_observations": counters.get("duplicate_observations", 0),
         "deadletter": counters.get("deadletter", 0),
-        "incomplete": sum(1 for d in decs if len(d.present) < model.cfg.num_cameras),
+        "incomplete": sum(incomplete.values()),
+        "incomplete_by_exit": incomplete,
         "mqtt_results": {"received": sum(collector.mqtt_counts.values()), "missing": mqtt_missing},
         "throughput_fps": round(got / (last - first), 1) if got and last > first else None,
         "latency_ms": latency,
@@ -175,6 +188,30 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
         "deadline_ms": cfg.deadline_ms,
         "fps": cfg.fps,
     }
+
+
+def _camera_bytes(counters: dict) -> int:
+    """Every message byte the cameras sent that reached the edge: observations, summaries,
+    features, and those that came after their frame was decided."""
+    return sum(counters.get(k, 0) for k in ("observation_bytes", "summary_bytes", "feature_bytes", "late_bytes"))
+
+
+def link_report(counters: dict, decs: list[Decision], n: int, cams: int) -> dict:
+    """Bytes per camera per frame on the camera links, all messages counted (camera to edge, and
+    the feature requests each camera receives), averaged over all frames and by exit path. The
+    split by exit counts each frame's own messages as the edge assembled them (and its request);
+    messages no decision used (those after an early exit 1, duplicates of nothing) are only in
+    `all`, and in `unattributed`."""
+    total = _camera_bytes(counters) + counters.get("request_bytes", 0)
+    per_exit = {}
+    attributed = 0
+    for e in EXIT_NAMES:
+        frames = sum(1 for d in decs if d.exit == e)
+        b = counters.get(f"camera_bytes_{e}", 0)
+        attributed += b
+        per_exit[e] = round(b / (frames * cams), 1) if frames else None
+    return {"bytes_per_camera_frame": {"all": round(total / max(1, n * cams), 1), **per_exit,
+                                       "unattributed": round((total - attributed) / max(1, n * cams), 1)}}
 
 
 def compare(cfg: ReplayConfig, model: AdaDDNN, split: Split, frame_ids: range, results: dict[int, Decision],
@@ -234,8 +271,13 @@ def summary_table(report: dict) -> str:
         ("lost / duplicates / late", f"{report['lost']} / {report['duplicates']} / {report['late']}"),
         ("exit mix (exit1/exit2/cloud)", " / ".join(f(report["exit_rate"][e], True) for e in EXIT_NAMES)),
         ("accuracy (edge/cloud/overall)", " / ".join(f(report["accuracy"][k], True) for k in ("edge", "cloud", "overall"))),
-        ("bytes/frame (cam->edge, edge->cloud)",
-         f"{report['bytes_per_frame']['camera_to_edge']:.0f} / {report['bytes_per_frame']['edge_to_cloud']:.0f}"),
+        ("bytes/frame (cam->edge, edge->cams, edge->cloud)",
+         f"{report['bytes_per_frame']['camera_to_edge']:.0f} / {report['bytes_per_frame']['edge_to_cameras']:.0f} / "
+         f"{report['bytes_per_frame']['edge_to_cloud']:.0f}"),
+        (f"bytes/camera/frame, {report.get('upload', '?')} (all; exit1/exit2/cloud)",
+         f"{f(report['link']['bytes_per_camera_frame']['all'])}; "
+         + " / ".join(f(report["link"]["bytes_per_camera_frame"][e]) for e in EXIT_NAMES)),
+        ("edge block runs per 100 frames", f(report["edge_runs_per_100_frames"])),
         ("throughput", f"{f(report['throughput_fps'])} frames/s"),
     ]
     for e in (*EXIT_NAMES, "all"):

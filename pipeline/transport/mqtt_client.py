@@ -272,31 +272,39 @@ class Inbox:
     """Received messages handed from paho's network thread to a role's loop. `put` never blocks
     (the network thread must never wait on the loop: that deadlocked the edge once); with
     manual acknowledgement the broker sends at most `receive_maximum` unacknowledged messages,
-    which bounds it."""
+    which bounds it. Messages `urgent` says yes to are taken before the others (the edge's
+    feature answers, which frames already claimed wait for)."""
 
-    def __init__(self, client_generation: Callable[[], int]) -> None:
+    def __init__(self, client_generation: Callable[[], int],
+                 urgent: Callable[[mqtt.MQTTMessage], bool] | None = None) -> None:
         self._items: collections.deque[tuple[int, mqtt.MQTTMessage]] = collections.deque()
+        self._urgent: collections.deque[tuple[int, mqtt.MQTTMessage]] = collections.deque()
         self._ready = threading.Event()
         self._generation = client_generation
+        self._is_urgent = urgent
 
-    def put(self, msg: mqtt.MQTTMessage) -> None:
-        self._items.append((self._generation(), msg))
+    def put(self, msg: mqtt.MQTTMessage, generation: int | None = None) -> None:
+        """Queue a message; `generation`: the connection it came on, when not the default client's."""
+        queue = self._urgent if self._is_urgent is not None and self._is_urgent(msg) else self._items
+        queue.append((self._generation() if generation is None else generation, msg))
         self._ready.set()
 
     def take(self, n: int, timeout_s: float) -> list[tuple[int, mqtt.MQTTMessage]]:
-        """Up to `n` (connection generation, message) pairs; waits at most `timeout_s` for the first."""
-        if not self._items:
+        """Up to `n` (connection generation, message) pairs, urgent ones first; waits at most
+        `timeout_s` for the first."""
+        if not self._items and not self._urgent:
             self._ready.wait(timeout_s)
         self._ready.clear()
         out = []
-        while self._items and len(out) < n:
-            out.append(self._items.popleft())
-        if self._items:
+        for queue in (self._urgent, self._items):
+            while queue and len(out) < n:
+                out.append(queue.popleft())
+        if self._items or self._urgent:
             self._ready.set()
         return out
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._urgent)
 
 
 def mqtt_client(url: str, client_id: str, on_connect: Callable[[mqtt.Client], None] | None = None,

@@ -4,13 +4,20 @@ import time
 import pytest
 import torch
 
-from devices.camera import CameraConfig, CameraFeed, check_online, load_feed
+from devices.camera import CameraConfig, CameraFeed, FeatureCache, check_online, load_feed, resolve_upload
 from pipeline.errors import CameraError
 from pipeline.offline import evaluation
 from pipeline.settings import config_from_env
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.wire import names
-from pipeline.wire.messages import CameraObservation, CameraStatus
+from pipeline.wire.messages import (
+    CameraFeatures,
+    CameraObservation,
+    CameraStatus,
+    CameraSummary,
+    FeatureRequest,
+    FeatureTensor,
+)
 from tests.helpers import poll
 
 
@@ -69,7 +76,7 @@ def test_cameras_publish_observations_and_status(stream_setup, brokers, site):
         c.subscribe(names.status_filter(site), qos=1)
 
     sub = mqtt_client(mqtt_url, f"{site}-sub", on_connect=on_connect, on_message=on_message)
-    cfg = CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(0, 3), start=10, stop=15, batch=2)
+    cfg = CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(0, 3), start=10, stop=15, batch=2, upload="eager")
     feed = CameraFeed(cfg, {k: model.cameras[k] for k in cfg.cameras}, data.test)
     feed.connect()
     assert check_online(cfg, timeout_s=5) == 0
@@ -103,7 +110,8 @@ def test_separately_started_cameras_share_the_site_clock(stream_setup, brokers, 
     mqtt_url, _ = brokers
     sub, got, done = _recorder(mqtt_url, site, 2 * 20, names.obs_filter(site))
     feeds = [CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(k,), start=0, stop=20, fps=25.0,
-                                     max_lag_ms=5000), {k: model.cameras[k]}, data.test) for k in (0, 4)]
+                                     max_lag_ms=5000, upload="eager"), {k: model.cameras[k]}, data.test)
+             for k in (0, 4)]
     try:
         stats = [None, None]
 
@@ -143,7 +151,7 @@ def test_cameras_shed_and_name_frames_while_the_edge_is_overloaded(stream_setup,
     sub, got, done = _recorder(mqtt_url, site, 1, f"ada/{site}/cam/+/shed")
     obs_sub, obs_got, _ = _recorder(mqtt_url, site, 10**6, names.obs_filter(site))
     feed = CameraFeed(CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(1, 2), start=0, stop=20, batch=4,
-                                   shed_lag_ms=1000), {k: model.cameras[k] for k in (1, 2)}, data.test)
+                                   shed_lag_ms=1000, upload="eager"), {k: model.cameras[k] for k in (1, 2)}, data.test)
     try:
         feed.connect()
         assert poll(lambda: feed.signals.flow, 5)  # the retained flow status reached the camera
@@ -194,3 +202,66 @@ def test_a_camera_whose_range_follows_the_retained_run_starts_its_own(stream_set
     joining.signals.clock = SiteClock("s", now - 1.0, 2.0, 0, 4)
     joining.signals.clock_seen.set()
     assert joining.site_clock() == joining.signals.clock  # a camera of the running run joins it
+
+
+def test_upload_follows_the_network_and_ddnn_cannot_be_lazy():
+    assert resolve_upload("auto", True) == "lazy" and resolve_upload("auto", False) == "eager"
+    assert resolve_upload("eager", True) == "eager" and resolve_upload("lazy", True) == "lazy"
+    with pytest.raises(CameraError, match="camera classifiers"):
+        resolve_upload("lazy", False)
+    with pytest.raises(ValueError):
+        CameraConfig(upload="sometimes")
+
+
+def test_the_feature_cache_is_bounded_by_count_and_age(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    cache = FeatureCache(max_frames=3, ttl_s=1.0)
+    for f in range(5):
+        cache.put(0, f, b"x%d" % f)
+    assert len(cache) == 3 and cache.get(0, 1) is None and cache.get(0, 4) == b"x4"
+    clock[0] += 1.5
+    assert cache.get(0, 4) is None  # too old to answer, even before the next put evicts it
+    cache.put(0, 9, b"x9")
+    assert len(cache) == 1
+
+
+@pytest.mark.services
+def test_a_lazy_camera_sends_summaries_and_answers_feature_requests(stream_setup, brokers, site):
+    _, model, data, _, _ = stream_setup
+    mqtt_url, _ = brokers
+    sub, got, _ = _recorder(mqtt_url, site, 10**6, f"ada/{site}/cam/+/+")
+    cfg = CameraConfig(site=site, mqtt_url=mqtt_url, cameras=(0, 3), start=10, stop=15, batch=2, wire_dtype="int2",
+                       linger_ms=1500)
+    feed = CameraFeed(cfg, {k: model.cameras[k] for k in cfg.cameras}, data.test)
+    edge = mqtt_client(mqtt_url, f"{site}-fake-edge")
+    assert feed.lazy
+    stats = {}
+    runner = threading.Thread(target=lambda: stats.update(s=feed.run()))
+    try:
+        feed.connect()
+        runner.start()
+        assert poll(lambda: feed.stats.frames == 5, 10)
+        for raw in (FeatureRequest(site, 12, (0, 3)).encode(), FeatureRequest(site, 99, (0, 1)).encode(), b"junk",
+                    FeatureRequest(site, 13, (1, 2)).encode()):  # frame 99 never captured; 1, 2 are not ours
+            edge.publish(names.request_topic(site), raw)
+        runner.join(20)
+        assert not runner.is_alive()
+        assert poll(lambda: sum(m.topic.endswith("/feat") for m in got) >= 2, 5)
+    finally:
+        feed.close()
+        edge.close()
+        close_mqtt(sub)
+    st = stats["s"]
+    summaries = [CameraSummary.decode(m.payload) for m in got if m.topic.endswith("/obs")]
+    assert sorted((s.frame_id, s.camera) for s in summaries) == [(f, k) for f in range(10, 15) for k in (0, 3)]
+    assert st.published == 10 and st.bytes == sum(len(m.payload) for m in got if m.topic.endswith("/obs"))
+    answers = {(a.frame_id, a.camera): a for a in (CameraFeatures.decode(m.payload) for m in got
+                                                   if m.topic.endswith("/feat"))}
+    assert set(answers) == {(12, 0), (12, 3)}
+    scenes = torch.as_tensor(data.test.images[12:13]).float() / 255
+    (expect,) = feed.observe(scenes, [12], [1.0])
+    for o in expect:  # the features the camera computed for the frame, as the int2 codec sends them
+        assert answers[(12, o.camera)].features == o.features == FeatureTensor.quantize(
+            evaluation.camera_pass(model, data.test.slice(12, 13), wire_dtype=None).features[0, o.camera], "int2")
+    assert (st.requests, st.features_sent, st.request_misses, st.bad_requests) == (3, 2, 1, 1)

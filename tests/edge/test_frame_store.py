@@ -30,10 +30,10 @@ def test_a_frame_another_sweep_claimed_in_between_is_not_claimed_again(redis_con
     a, b = store(redis_conn, site, "a"), store(redis_conn, site, "b")
     a.add([obs(site, f, 0) for f in range(5)])
     time.sleep(0.01)  # past the 1 ms deadline
-    due, _ = a.due()
+    due, _, _ = a.due()
     assert due == list(range(5))
     taken = b.claim_expired()
-    assert sorted(f for f, _, kind, _ in taken if kind == "claimed") == due
+    assert sorted(c.frame_id for c in taken if c.kind == "claimed") == due
     assert a.claim(due) == []  # already claimed by b: nothing for a
     assert {redis_conn.get(names.decided_key(site, f)) for f in due} == {b"b"}
     assert a.claim(due) == [] and b.claim(due) == []
@@ -43,13 +43,77 @@ def test_a_lease_is_taken_over_once_and_only_while_expired(redis_conn, site):
     a, b, c = (store(redis_conn, site, owner, lease_ms=50) for owner in "abc")
     a.add([obs(site, 7, 0)])
     time.sleep(0.01)
-    assert [(f, kind) for f, _, kind, _ in a.claim_expired()] == [(7, "claimed")]
-    assert b.due() == ([], [])  # the lease runs
+    assert [(c.frame_id, c.kind) for c in a.claim_expired()] == [(7, "claimed")]
+    assert b.due() == ([], [], [])  # the lease runs
     time.sleep(0.08)
-    _, expired = c.due()
+    _, expired, _ = c.due()
     assert expired == [7]
     took = b.claim_expired()
-    assert [(f, len(p), kind, prev) for f, p, kind, prev in took] == [(7, 1, "reclaimed", "a")]
+    assert [(c.frame_id, len(c.payloads), c.kind, c.prev, c.requested) for c in took] == [(7, 1, "reclaimed", "a", False)]
     assert c.reclaim(expired) == []  # b renewed the lease since c read it
     assert redis_conn.get(names.decided_key(site, 7)) == b"b"
     assert int(redis_conn.hget(names.counters_key(site), "reclaimed")) == 1
+
+
+def summary(site, frame_id, cam, entropy=0.9):
+    from pipeline.wire.messages import CameraSummary
+
+    s = CameraSummary(site, frame_id, cam, 1.0, 0, entropy, 0)
+    return s, s.encode()
+
+
+def features(site, frame_id, cam):
+    import torch
+
+    from pipeline.wire.messages import CameraFeatures
+
+    f = CameraFeatures(site, frame_id, cam, FeatureTensor.quantize(torch.zeros(12, 8, 8), "int1"))
+    return f, f.encode()
+
+
+def counters(redis_conn, site):
+    return {k.decode(): int(v) for k, v in redis_conn.hgetall(names.counters_key(site)).items()}
+
+
+def test_a_confident_summary_claims_its_frame_with_the_summaries_it_has(redis_conn, site):
+    a = store(redis_conn, site, "a")
+    assert [s for s, _ in a.add([summary(site, 9, k) for k in (0, 1)])] == ["added", "added"]
+    (claim,) = a.claim_confident([9])
+    assert (claim.frame_id, len(claim.payloads), claim.requested) == (9, 2, False)
+    assert a.claim_confident([9]) == []  # once
+    assert a.add([summary(site, 9, 2)])[0][0] == "late"
+    c = counters(redis_conn, site)
+    assert c["exit1_early"] == 1 and c["late_summaries"] == 1 and c["summary_bytes"] == 2 * len(summary(site, 9, 0)[1])
+    assert "late" not in c  # a summary after an early exit 1 is not an observation late for its frame
+
+
+def test_requested_features_complete_a_frame_once_and_a_lease_keeps_them(redis_conn, site):
+    a, b, c = (store(redis_conn, site, owner, lease_ms=50) for owner in "abc")
+    *_, (status, stored) = a.add([summary(site, 7, k) for k in range(6)])
+    assert status == "claimed" and len(stored) == 6
+    assert a.request([(7, 6, 300)], second_deadline_ms=10_000) == ["awaiting"]
+    assert b.request([(7, 6, 300)], second_deadline_ms=10_000) == ["already"]  # a slow owner asks nothing twice
+    assert redis_conn.zcard(names.claimed_key(site)) == 0  # no lease while the cameras answer
+    assert b.add_features([features(site, 7, k) for k in range(5)]) == ["added"] * 5
+    assert b.add_features([features(site, 7, 0)]) == ["duplicate"]
+    (claim,) = b.add_features([features(site, 7, 5)])  # the last answer claims the frame
+    assert (claim.frame_id, len(claim.payloads), claim.requested) == (7, 12, True)
+    assert b.add_features([features(site, 7, 5)]) == ["late"]  # claimed for good: answers are late now
+    time.sleep(0.08)  # b dies holding it: its lease expires
+    (taken,) = c.claim_expired()
+    assert (taken.kind, taken.prev, taken.requested, len(taken.payloads)) == ("reclaimed", "b", True, 12)
+    cnt = counters(redis_conn, site)
+    assert cnt["requests"] == 1 and cnt["request_bytes"] == 300 and cnt["duplicate_features"] == 1
+    assert cnt["feature_bytes"] == 6 * len(features(site, 7, 0)[1]) and cnt["late_features"] == 1
+
+
+def test_a_frame_whose_cameras_do_not_all_answer_is_claimed_at_its_second_deadline(redis_conn, site):
+    a, b = store(redis_conn, site, "a"), store(redis_conn, site, "b")
+    a.add([summary(site, 8, k) for k in range(6)])
+    assert a.request([(8, 6, 300)], second_deadline_ms=30) == ["awaiting"]
+    a.add_features([features(site, 8, k) for k in (1, 4)])
+    assert b.claim_expired() == []  # not yet due
+    time.sleep(0.05)
+    claims = b.claim_expired()
+    assert [(cl.frame_id, cl.kind, cl.requested, len(cl.payloads)) for cl in claims] == [(8, "claimed", True, 8)]
+    assert a.claim_expired() == [] and a.add_features([features(site, 8, 0)]) == ["late"]

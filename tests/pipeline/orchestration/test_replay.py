@@ -14,9 +14,15 @@ def replay(stream_setup, brokers, site, **kw):
 
 
 def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
+    # Lazy upload (the default for an ADA-DDNN checkpoint): the only frames decided with fewer than
+    # six cameras are those claimed at their first summary under T1 (early exit 1), and offline
+    # evaluation with the cameras each decision used agrees on every frame.
     rep = replay(stream_setup, brokers, site, n=500, wire_dtype="float32", deadline_ms=5000)
+    assert rep["upload"] == "lazy"
     assert rep["frames"] == 500 and rep["results"] == 500
-    assert rep["lost"] == 0 and rep["duplicates"] == 0 and rep["incomplete"] == 0
+    assert rep["lost"] == 0 and rep["duplicates"] == 0
+    assert rep["incomplete"] == rep["incomplete_by_exit"]["exit1"] == rep["exit1_early"]
+    assert rep["features_missing"] == 0 and rep["feature_requests"] == 500 * (1 - rep["exit_rate"]["exit1"])
     assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
     assert all(rep["exit_rate"][e] > 0 for e in ("exit1", "exit2", "cloud"))
     assert rep["mqtt_results"]["missing"] == 0
@@ -25,6 +31,20 @@ def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
         assert key in rep
     assert rep["latency_ms"]["cloud"]["p99"] >= rep["latency_ms"]["cloud"]["p50"] > 0
     assert "decisions equal to offline" in summary_table(rep)
+    link = rep["link"]["bytes_per_camera_frame"]
+    assert link["exit1"] < link["exit2"] and link["exit1"] < link["cloud"]  # exit 1 frames sent summaries only
+    assert rep["edge_runs_per_100_frames"] == pytest.approx(100 * (1 - rep["exit_rate"]["exit1"]), abs=0.01)
+
+
+@pytest.mark.parametrize("upload, early", [("lazy", False), ("eager", True)])
+def test_replay_waiting_for_every_camera_equals_offline(stream_setup, brokers, site, upload, early):
+    # Lazy upload without early exit 1, and eager upload: every frame decided with all six cameras.
+    rep = replay(stream_setup, brokers, site, n=200, start=300, wire_dtype="int4", deadline_ms=5000, upload=upload,
+                 early_exit1=early)
+    assert rep["upload"] == upload and rep["results"] == 200 and rep["lost"] == 0 and rep["duplicates"] == 0
+    assert rep["incomplete"] == 0 and rep["exit1_early"] == 0
+    assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
+    assert rep["feature_requests"] == (0 if upload == "eager" else 200 * (1 - rep["exit_rate"]["exit1"]))
 
 
 @pytest.fixture(scope="module")
