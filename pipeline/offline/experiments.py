@@ -8,16 +8,21 @@ For each checkpoint (and the baseline): run the cameras once over the validation
 splits (features through the wire codec, `--wire-dtype int8` by default, as deployed), choose
 (T1, T2) on validation with `--policy`, then measure on test: exit rates, eq. 6/7 accuracies,
 every classifier's accuracy, bytes per frame from real encoded messages, one camera missing,
-n cameras missing at random, and the T1 x T2 sweep with its Pareto front. Writes
+n cameras missing at random, and the T1 x T2 sweep with its Pareto front. Then the camera link
+(`pipeline.offline.link`): for every wire dtype (float32 down to 1-bit codes) and upload (lazy,
+eager), thresholds from validation, accuracy, bytes per camera per frame by exit path, edge block
+runs per 100 frames, the accuracy-vs-bytes Pareto front, and the fewest bytes at equal overall
+accuracy. Writes
 
     OUT/report.json            the checkpoint's report (keys documented in docs/EVALUATION.md)
     OUT/optimistic.json        the paper's way: thresholds searched on the test split (optimistic)
     OUT/run.json               provenance: command, git commit, device, seed, timings
     OUT/baseline/...           the same three for --baseline
-    OUT/figures/*.png          loss and accuracy per epoch, missing cameras, accuracy vs edge rate
+    OUT/figures/*.png          loss and accuracy per epoch, missing cameras, accuracy vs edge rate and vs bytes
     OUT/RESULTS.md             the paper's table next to ours, with the figures (also at --results PATH)
 
-Nothing is written outside OUT unless --results names a path.
+Nothing is written outside OUT unless --results names a path; then the page goes there, with its
+own copy of the accuracy-vs-bytes figure in the folder `figures/` beside it (docs/figures/).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from typing import Any
@@ -42,7 +48,7 @@ from pipeline.compute import resolve_device, set_threads
 from pipeline.config import default_data_dir
 from pipeline.data import Cifar10, Split, to_float
 from pipeline.fileio import write_json
-from pipeline.offline import evaluation
+from pipeline.offline import evaluation, link
 from pipeline.offline.evaluation import CameraPass, Collected
 from pipeline.offline.network import AdaDDNN, load_checkpoint
 from pipeline.wire.messages import DTYPES
@@ -185,14 +191,17 @@ def evaluate_checkpoint(
     policy_args = dict(policy=policy, min_edge_accuracy=min_edge_accuracy, min_edge_rate=min_edge_rate,
                        epsilon=epsilon)
 
-    val_cams = evaluation.camera_pass(model, val, dev, batch_size, wire_dtype=wire_dtype)
+    # The cameras run once per split; each wire dtype is the codec applied to their features.
+    val_raw = evaluation.camera_pass(model, val, dev, batch_size)
+    test_raw = evaluation.camera_pass(model, test, dev, batch_size)
+    val_cams = link.coded(val_raw, wire_dtype)
     thresholds = evaluation.choose_thresholds(evaluation.fuse_pass(model, val_cams, device=dev, batch_size=batch_size),
                                               grid=grid, **policy_args)
     del val_cams
     log.info("%s: thresholds on %d validation frames: t1=%s t2=%s (%s)", checkpoint, len(val), thresholds["t1"],
              thresholds["t2"], thresholds["policy"])
 
-    cams = evaluation.camera_pass(model, test, dev, batch_size, wire_dtype=wire_dtype)
+    cams = link.coded(test_raw, wire_dtype)
     c = evaluation.fuse_pass(model, cams, device=dev, batch_size=batch_size)
     m = _metrics(c, thresholds)
     acc = evaluation.classifier_accuracies(c)
@@ -213,6 +222,7 @@ def evaluate_checkpoint(
         "missing_one": missing_one(model, cams, thresholds, dev),
         "missing_n": missing_n(model, cams, thresholds, dev, draws, seed),
         "sweep": {"points": points, "pareto": evaluation.pareto(points)},
+        "link": link.wire_ladder(model, val_raw, test_raw, policy_args, dev, batch_size, bytes_sample, grid),
     }
     # The paper's way: the same policy searched on the test split itself (optimistic).
     opt_thr = evaluation.select_thresholds(points, cloud_only=cloud_only, chosen_on=OPTIMISTIC_LABEL, **policy_args)
@@ -290,7 +300,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     figures = write_figures(entries, os.path.join(args.out, "figures"))
     written = [os.path.join(args.out, "RESULTS.md")] + ([args.results] if args.results else [])
     for path in written:
-        write_results(path, entries, figures)
+        page_figures = dict(figures)
+        if path == args.results and "bytes_pareto" in figures:  # the page's own copy, beside it (docs/figures/)
+            copy = os.path.join(os.path.dirname(os.path.abspath(path)), "figures", "bytes_pareto.png")
+            if os.path.abspath(copy) != os.path.abspath(figures["bytes_pareto"]):
+                os.makedirs(os.path.dirname(copy), exist_ok=True)
+                shutil.copyfile(figures["bytes_pareto"], copy)
+            page_figures["bytes_pareto"] = copy
+        write_results(path, entries, page_figures)
     print(json.dumps({"reports": [os.path.join(args.out, sub, "report.json") for sub, _ in runs],
                       "figures": figures, "results": written}, indent=2))
     return 0

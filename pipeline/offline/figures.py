@@ -5,6 +5,7 @@
     missing_one.png       accuracy with one camera missing, each camera in turn (Fig. 5)
     missing_n.png         accuracy with n cameras missing at random, mean +- std (Fig. 6)
     tradeoff.png          overall accuracy vs edge-exit rate over the T1 x T2 sweep, Pareto front
+    bytes_pareto.png      overall accuracy vs bytes per camera per frame over wire dtypes and thresholds
 
 Each function takes the evaluation entries (`report`, `optimistic`, `history` per checkpoint) and
 returns the path written, or None when no entry has what it needs.
@@ -160,12 +161,47 @@ def plot_tradeoff(entries: list[dict], path: str) -> str | None:
     return _save(fig, path)
 
 
+def plot_bytes_pareto(entries: list[dict], path: str) -> str | None:
+    """Overall accuracy vs bytes per camera per frame: each checkpoint's front over every wire dtype
+    and (T1, T2) on the test split, per upload, and its thresholds from validation per dtype."""
+    with_link = [e for e in entries if e["report"].get("link")]
+    if not with_link:
+        return None
+    fig = Figure(figsize=(7.2, 4.8))
+    ax = fig.add_subplot()
+    styles = {"lazy": "-", "eager": ":"}
+    for e in with_link:
+        link, c, name = e["report"]["link"], _color(e, entries), label(e, entries)
+        for upload, front in link["pareto"].items():
+            ax.plot([p["bytes"] for p in front], [100 * p["overall"] for p in front], color=c, ls=styles[upload],
+                    drawstyle="steps-post", label=f"{name}, {upload} upload: front over dtypes and thresholds")
+            rows = link["dtypes"]
+            xs = [r["bytes_per_camera_frame"][upload]["all"] for r in rows]
+            ys = [100 * r["accuracy"]["overall"] for r in rows]
+            ax.plot(xs, ys, color=c, marker="o" if upload == "lazy" else "s", ms=5, ls="none", mfc="white")
+            if upload == link["default_upload"]:
+                for r, x, y in zip(rows, xs, ys):
+                    ax.annotate(r["wire_dtype"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                                color=c)
+    ref = with_link[0]["report"]["link"]["reference"]
+    ax.axhline(100 * ref["overall"] - 0.5, color="grey", lw=0.8, ls="--")
+    ax.axvline(256, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per camera per frame, every message counted (log scale)")
+    ax.set_ylabel("overall accuracy, test (%)")
+    ax.set_title("Accuracy vs bytes on the camera link (markers: thresholds from validation)", fontsize="medium")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="x-small", loc="lower right")
+    return _save(fig, path)
+
+
 FIGURES = {
     "loss": plot_loss,
     "accuracy_epochs": plot_accuracy_epochs,
     "missing_one": plot_missing_one,
     "missing_n": plot_missing_n,
     "tradeoff": plot_tradeoff,
+    "bytes_pareto": plot_bytes_pareto,
 }
 
 
@@ -177,5 +213,5 @@ def write_figures(entries: list[dict], folder: str) -> dict[str, str]:
         if path:
             out[name] = path
         else:
-            log.warning("figure %s skipped: no checkpoint has a training history", name)
+            log.warning("figure %s skipped: no checkpoint has what it draws (a training history, link numbers)", name)
     return out

@@ -16,7 +16,8 @@ from tests.helpers import tiny_config
 VAL = 40  # validation frames held out of the 100 training images of the tiny layout
 
 REPORT_KEYS = {"mode", "checkpoint", "split", "n", "thresholds", "exit_rate", "accuracy", "bytes_per_frame",
-               "missing_one", "missing_n", "sweep"}
+               "missing_one", "missing_n", "sweep", "link"}
+LINK_KEYS = {"uploads", "default_upload", "sample", "dtypes", "reference", "pareto", "equal_accuracy", "val_front"}
 THRESHOLD_KEYS = {"t1", "t2", "chosen_on", "policy"}
 EXIT_KEYS = {"exit1", "exit2", "cloud"}
 ACCURACY_KEYS = {"edge", "cloud", "overall", "edge_all", "cloud_all", "cameras_all"}
@@ -24,7 +25,7 @@ BYTES_KEYS = {"camera_to_edge", "edge_to_cloud", "raw_views"}
 MISSING_ONE_KEYS = {"camera", "edge", "cloud", "overall", "exit_rate"}
 MISSING_N_KEYS = {"n", "overall_mean", "overall_std", "edge_mean", "cloud_mean"}
 POINT_KEYS = {"t1", "t2", "edge_rate", "edge_acc", "overall"}
-FIGURES = {"loss", "accuracy_epochs", "missing_one", "missing_n", "tradeoff"}
+FIGURES = {"loss", "accuracy_epochs", "missing_one", "missing_n", "tradeoff", "bytes_pareto"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def _fractions_ok(x):
 
 
 def check_report(r: dict, mode: str, n: int) -> None:
-    assert set(r) == REPORT_KEYS
+    assert set(r) - {"run_wire_dtype"} == REPORT_KEYS
     assert (r["mode"], r["split"], r["n"]) == (mode, "test", n)
     assert set(r["thresholds"]) == THRESHOLD_KEYS and r["thresholds"]["chosen_on"] == "validation"
     assert (r["thresholds"]["t1"] is None) == (mode == "ddnn")
@@ -86,6 +87,39 @@ def check_report(r: dict, mode: str, n: int) -> None:
         assert set(p) == POINT_KEYS
         assert all(_fractions_ok(p[k]) for k in ("edge_rate", "edge_acc", "overall"))
     assert all(p in r["sweep"]["points"] for p in r["sweep"]["pareto"])
+    check_link(r["link"], mode, r)
+
+
+def check_link(link: dict, mode: str, r: dict) -> None:
+    from pipeline.wire.messages import DTYPES
+
+    assert set(link) == LINK_KEYS
+    uploads = ["lazy", "eager"] if mode == "ada" else ["eager"]
+    assert link["uploads"] == uploads and link["default_upload"] == uploads[0]
+    rows = link["dtypes"]
+    assert [row["wire_dtype"] for row in rows] == list(DTYPES)
+    for u in uploads:
+        every = [row["bytes_per_camera_frame"][u]["all"] for row in rows]
+        assert every == sorted(every, reverse=True) and every[-1] < every[0] / 3  # fewer bits, fewer bytes
+    for row in rows:
+        assert sum(row["exit_rate"].values()) == pytest.approx(1.0)
+        assert row["edge_runs_per_100_frames"] == pytest.approx(100 * (1 - row["exit_rate"]["exit1"]), abs=0.01)
+        eager = row["bytes_per_camera_frame"]["eager"]
+        assert eager["all"] == pytest.approx(row["messages"]["observation"], abs=0.2)
+        if mode == "ddnn":
+            assert row["bytes_per_camera_frame"]["lazy"] is None and row["messages"]["summary"] is None
+            continue
+        lazy = row["bytes_per_camera_frame"]["lazy"]
+        assert lazy["exit1"] in (None, pytest.approx(row["messages"]["summary"], abs=0.2))  # summaries only
+        for e in ("exit2", "cloud"):  # summary, the request each camera receives, the features
+            assert lazy[e] in (None, pytest.approx(sum(row["messages"][k] for k in ("summary", "request", "features")),
+                                                   abs=0.2))
+    by_dtype = {row["wire_dtype"]: row for row in rows}
+    assert by_dtype[r["run_wire_dtype"]]["accuracy"]["overall"] == pytest.approx(r["accuracy"]["overall"])
+    for u in uploads:
+        front = link["pareto"][u]
+        assert [p["bytes"] for p in front] == sorted(p["bytes"] for p in front)
+        assert [p["overall"] for p in front] == sorted(p["overall"] for p in front)
 
 
 def test_evaluate_writes_reports_figures_and_results(setup, capsys):
@@ -100,6 +134,7 @@ def test_evaluate_writes_reports_figures_and_results(setup, capsys):
     for sub, mode in (("", "ada"), ("baseline", "ddnn")):
         folder = out / sub
         report = json.loads((folder / "report.json").read_text())
+        report["run_wire_dtype"] = "int8"
         check_report(report, mode, 30)
         optimistic = json.loads((folder / "optimistic.json").read_text())
         assert "optimistic" in optimistic["thresholds"]["chosen_on"]
@@ -110,8 +145,10 @@ def test_evaluate_writes_reports_figures_and_results(setup, capsys):
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = results.read_text()
-    for text in ("84.70", "86.62", "67.41", "86.57", "optimistic", "Quick run", "../report/figures/tradeoff.png"):
+    for text in ("84.70", "86.62", "67.41", "86.57", "optimistic", "Quick run", "../report/figures/tradeoff.png",
+                 "The camera link", "14-30 bytes", "at equal overall accuracy", "(figures/bytes_pareto.png)"):
         assert text in page, text
+    assert (results.parent / "figures" / "bytes_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "RESULTS.md").is_file()
 
 
@@ -123,6 +160,7 @@ def test_evaluate_one_checkpoint_with_another_policy_and_codec(setup, capsys):
                "--epsilon", "0.05", "--wire-dtype", "float16", "--device", "cpu"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    report["run_wire_dtype"] = "float16"
     check_report(report, "ada", 20)
     assert "cloud-only" in report["thresholds"]["policy"]
     assert json.loads((out / "run.json").read_text())["wire_dtype"] == "float16"
