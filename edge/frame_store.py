@@ -84,7 +84,9 @@ end
 # KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash, admission front
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
 #       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary)
-# Bytes stored are counted in observation_bytes or summary_bytes, and those of a late one in late_bytes.
+# Bytes stored are counted in observation_bytes or summary_bytes, and those of a late one in late_bytes;
+# a summary after its frame left at exit 1 on a confident summary (claim marker "<owner> exit1") is
+# expected, not late: it counts in summary_bytes, camera_bytes_exit1 and summaries_after_exit1.
 # Admission: each camera's front (the highest frame id it sent) is kept in a hash; an observation
 # whose id is more than the window beyond the second most advanced camera's front (the only
 # one's, while a single camera has reported) is refused as 'ahead', so that no camera alone can
@@ -117,7 +119,14 @@ if window > 0 then
     return {'ahead'}
   end
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then
+local claim = redis.call('GET', KEYS[2])
+if claim then
+  if ARGV[11] == 'sum' and string.sub(claim, -6) == ' exit1' then
+    redis.call('HINCRBY', KEYS[4], 'summaries_after_exit1', 1)
+    redis.call('HINCRBY', KEYS[4], 'summary_bytes', string.len(ARGV[2]))
+    redis.call('HINCRBY', KEYS[4], 'camera_bytes_exit1', string.len(ARGV[2]))
+    return {'late'}
+  end
   if ARGV[11] == 'sum' then
     redis.call('HINCRBY', KEYS[4], 'late_summaries', 1)
   else
@@ -218,9 +227,10 @@ return {'reclaimed', payloads(KEYS[2]), prev, redis.call('HGET', KEYS[2], '_want
 # KEYS: frame hash, decided marker, pending zset, claimed zset, claimed frame hash, counters
 # ARGV: frame id, owner, decided ttl ms, lease ms
 # Lazy upload: a frame one of whose summaries is under T1 is claimed at once with the summaries it
-# has ({'claimed', payloads}); {'gone'} when it was claimed already (completed, or by a sweep).
+# has ({'claimed', payloads}), its claim marker "<owner> exit1"; {'gone'} when it was claimed already
+# (completed, or by a sweep).
 CLAIM_CONFIDENT = REDIS_NOW + """
-if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('SET', KEYS[2], ARGV[2] .. ' exit1', 'NX', 'PX', ARGV[3]) then
   return {'gone'}
 end
 redis.call('RENAME', KEYS[1], KEYS[5])

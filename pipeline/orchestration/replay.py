@@ -15,6 +15,12 @@ lost, duplicates, late), throughput and capture-to-decision latency per exit pat
 comparison with offline evaluation of the same frames (`offline`: same codec, decisions must
 be equal; `offline_float32`: features not quantised, agreement and accuracy difference).
 
+    ada-ddnn replay --n 0 --upload lazy --wire-dtype int1      # summaries first, 1-bit features on request
+
+--upload (lazy for an ADA-DDNN checkpoint, eager for DDNN) is the cameras' upload; the report then
+gives the bytes per camera per frame on the camera links, all messages counted (`link`), by exit
+path, and the edge block's runs per 100 frames.
+
     ada-ddnn replay --sites 4 --n 500 --redis-url redis+cluster://127.0.0.1:7000,127.0.0.1:7001
 
 With --sites N, N sites run side by side against the one Redis (or Redis Cluster): each its

@@ -144,7 +144,8 @@ def frame_key(site: str, frame_id: int) -> str:
 
 
 def decided_key(site: str, frame_id: int) -> str:
-    """Claim marker (owner id) set when a frame is claimed: later observations are late."""
+    """Claim marker (owner id; "<owner> exit1" when claimed at a summary under T1, lazy upload) set
+    when a frame is claimed: later observations are late."""
     return per_frame_key(site, DECIDED, frame_id)
 
 

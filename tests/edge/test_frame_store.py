@@ -83,8 +83,11 @@ def test_a_confident_summary_claims_its_frame_with_the_summaries_it_has(redis_co
     assert a.claim_confident([9]) == []  # once
     assert a.add([summary(site, 9, 2)])[0][0] == "late"
     c = counters(redis_conn, site)
-    assert c["exit1_early"] == 1 and c["late_summaries"] == 1 and c["summary_bytes"] == 2 * len(summary(site, 9, 0)[1])
-    assert "late" not in c  # a summary after an early exit 1 is not an observation late for its frame
+    one = len(summary(site, 9, 0)[1])
+    assert c["exit1_early"] == 1 and c["summaries_after_exit1"] == 1 and c["summary_bytes"] == 3 * one
+    assert c["camera_bytes_exit1"] == one  # counted where it belongs: the exit-1 frame's link bytes
+    assert not {"late", "late_summaries", "late_bytes"} & set(c)  # expected after an early exit 1, not late
+    assert redis_conn.get(names.decided_key(site, 9)) == b"a exit1"
 
 
 def test_requested_features_complete_a_frame_once_and_a_lease_keeps_them(redis_conn, site):

@@ -41,6 +41,19 @@ def test_inbox_put_never_blocks_and_take_keeps_order():
     assert len(box) == 0
 
 
+def test_urgent_messages_come_first_and_never_take_the_others_place():
+    from types import SimpleNamespace
+
+    inbox = Inbox(lambda: 1, urgent=lambda m: m.topic.endswith("/feat"))
+    for i in range(5):
+        inbox.put(SimpleNamespace(topic=f"a/{i}/obs"))
+    for i in range(3):
+        inbox.put(SimpleNamespace(topic=f"a/{i}/feat"), generation=7)  # from another connection
+    got = inbox.take(4, 0)
+    assert [m.topic for _, m in got] == ["a/0/feat", "a/1/feat", "a/2/feat", "a/0/obs", "a/1/obs", "a/2/obs", "a/3/obs"]
+    assert [g for g, _ in got] == [7, 7, 7, 1, 1, 1, 1] and len(inbox) == 1
+
+
 def test_inbox_take_wakes_on_put():
     box = Inbox(lambda: 0)
     threading.Timer(0.05, box.put, args=("x",)).start()
