@@ -91,24 +91,29 @@ acl=$dir/mosquitto.acl
     echo "# read = receive; Mosquitto's ACL file grants every SUBSCRIBE and filters at delivery)."
     echo "# Anonymous clients are refused (allow_anonymous false). Topics: pipeline/wire/names.py."
     echo
-    echo "# Camera k publishes its own observations, shed notices and status (retained, and its last"
-    echo "# will); it reads and may announce the site clock, and reads the aggregators' flow status."
+    echo "# Camera k publishes its own observations (or, with lazy upload, summaries and, when asked,"
+    echo "# its features), shed notices and status (retained, and its last will); it reads and may"
+    echo "# announce the site clock, reads the aggregators' flow status and their feature requests."
     for ((k = 0; k < cameras; k++)); do
         echo "user $site-cam$k"
         echo "topic write ada/$site/cam/$k/obs"
+        echo "topic write ada/$site/cam/$k/feat"
         echo "topic write ada/$site/cam/$k/shed"
         echo "topic write ada/$site/cam/$k/status"
         echo "topic readwrite ada/$site/clock"
         echo "topic read ada/$site/edge/flow/+"
+        echo "topic read ada/$site/edge/request"
         echo
     done
-    echo "# Edge aggregators read every camera's observations and shed notices (through their"
-    echo "# \$share/GROUP/... subscriptions) and publish results and their flow status."
+    echo "# Edge aggregators read every camera's observations, feature answers and shed notices (through"
+    echo "# their \$share/GROUP/... subscriptions) and publish results, their flow status and feature requests."
     echo "user $site-edge"
     echo "topic read ada/$site/cam/+/obs"
+    echo "topic read ada/$site/cam/+/feat"
     echo "topic read ada/$site/cam/+/shed"
     echo "topic write ada/$site/results"
     echo "topic write ada/$site/edge/flow/+"
+    echo "topic write ada/$site/edge/request"
     echo
     echo "# Cloud workers publish results; they read escalations from Redis, nothing from MQTT."
     echo "user $site-cloud"

@@ -47,23 +47,27 @@ SHED2, SHED3 = names.shed_topic(SITE, 2), names.shed_topic(SITE, 3)
 STATUS2, STATUS3 = names.status_topic(SITE, 2), names.status_topic(SITE, 3)
 RESULTS, CLOCK = names.results_topic(SITE), names.clock_topic(SITE)
 FLOW = names.flow_topic(SITE, "edge-host-1-abc123")
+FEAT2, FEAT3 = names.features_topic(SITE, 2), names.features_topic(SITE, 3)  # lazy upload: features on request
+REQUEST = names.request_topic(SITE)
 OTHER_SITE = names.obs_topic("site1", 2)
-TOPICS = (OBS2, OBS3, SHED2, SHED3, STATUS2, STATUS3, RESULTS, CLOCK, FLOW, OTHER_SITE)
+TOPICS = (OBS2, OBS3, SHED2, SHED3, STATUS2, STATUS3, RESULTS, CLOCK, FLOW, FEAT2, FEAT3, REQUEST, OTHER_SITE)
 MAY_PUBLISH = {
-    "cam2": {OBS2, SHED2, STATUS2, CLOCK},
-    "edge": {RESULTS, FLOW},
+    "cam2": {OBS2, FEAT2, SHED2, STATUS2, CLOCK},
+    "edge": {RESULTS, FLOW, REQUEST},
     "cloud": {RESULTS},
     "monitor": set(),
 }
 MAY_RECEIVE = {
-    "cam2": {CLOCK, FLOW},
-    "edge": {OBS2, OBS3, SHED2, SHED3},
+    "cam2": {CLOCK, FLOW, REQUEST},
+    "edge": {OBS2, OBS3, FEAT2, FEAT3, SHED2, SHED3},
     "cloud": set(),
     "monitor": {RESULTS, STATUS2, STATUS3, CLOCK, FLOW},
 }
 WRITER = {OBS2: "cam2", OBS3: "cam3", SHED2: "cam2", SHED3: "cam3", STATUS2: "cam2", STATUS3: "cam3",
-          RESULTS: "cloud", CLOCK: "cam2", FLOW: "edge"}  # who publishes each topic in the field
-TOPIC_BUILDERS = {"obs_topic", "shed_topic", "status_topic", "results_topic", "clock_topic", "flow_topic"}
+          RESULTS: "cloud", CLOCK: "cam2", FLOW: "edge", FEAT2: "cam2", FEAT3: "cam3",
+          REQUEST: "edge"}  # who publishes each topic in the field
+TOPIC_BUILDERS = {"obs_topic", "shed_topic", "status_topic", "results_topic", "clock_topic", "flow_topic",
+                  "features_topic", "request_topic"}
 
 
 @dataclass
