@@ -178,7 +178,8 @@ def plot_bytes_pareto(entries: list[dict], path: str) -> str | None:
             rows = link["dtypes"]
             xs = [r["bytes_per_camera_frame"][upload]["all"] for r in rows]
             ys = [100 * r["accuracy"]["overall"] for r in rows]
-            ax.plot(xs, ys, color=c, marker="o" if upload == "lazy" else "s", ms=5, ls="none", mfc="white")
+            ax.plot(xs, ys, color=c, marker="o" if upload == "lazy" else "s", ms=5, ls="none", mfc="white",
+                    label=f"{name}, {upload}: each dtype, thresholds from validation")
             if upload == link["default_upload"]:
                 for r, x, y in zip(rows, xs, ys):
                     ax.annotate(r["wire_dtype"], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
@@ -189,7 +190,7 @@ def plot_bytes_pareto(entries: list[dict], path: str) -> str | None:
     ax.set_xscale("log")
     ax.set_xlabel("bytes per camera per frame, every message counted (log scale)")
     ax.set_ylabel("overall accuracy, test (%)")
-    ax.set_title("Accuracy vs bytes on the camera link (markers: thresholds from validation)", fontsize="medium")
+    ax.set_title("Accuracy vs bytes on the camera link", fontsize="medium")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="x-small", loc="lower right")
     return _save(fig, path)
