@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.data import to_float
-from pipeline.offline import evaluation
+from pipeline.offline import evaluation, link
 from pipeline.offline import experiments as evaluate
 from pipeline.offline.evaluation import (
     Collected,
@@ -211,10 +211,16 @@ def _origins(monkeypatch):
     origin: dict[int, str] = {}
     chosen_from: list[str] = []
     real_cams, real_fuse, real_choose = evaluation.camera_pass, evaluation.fuse_pass, evaluation.choose_thresholds
+    real_coded = link.coded
 
     def camera_pass(model, split, *a, **k):
         out = real_cams(model, split, *a, **k)
         origin[id(out)] = split.name
+        return out
+
+    def coded(raw, dtype):  # the wire codec applied to a camera pass keeps its split
+        out = real_coded(raw, dtype)
+        origin[id(out)] = origin[id(raw)]
         return out
 
     def fuse_pass(model, cams, *a, **k):
@@ -227,6 +233,7 @@ def _origins(monkeypatch):
         return real_choose(c, *a, **k)
 
     monkeypatch.setattr(evaluation, "camera_pass", camera_pass)
+    monkeypatch.setattr(link, "coded", coded)
     monkeypatch.setattr(evaluation, "fuse_pass", fuse_pass)
     monkeypatch.setattr(evaluation, "choose_thresholds", choose_thresholds)
     return origin, chosen_from
