@@ -423,6 +423,9 @@ def _flags(options: dict) -> list[str]:
     for key, value in options.items():
         if value is None:
             continue
+        if isinstance(value, bool):  # argparse BooleanOptionalAction: --flag / --no-flag
+            out.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+            continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         out += [f"--{key.replace('_', '-')}", str(value)]

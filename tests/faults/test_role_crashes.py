@@ -106,8 +106,10 @@ def test_cloud_sigkill_with_pending_escalations_then_restart(harness):
 
 def test_observations_after_an_aggregator_dies_all_reach_the_survivor(harness):
     h = harness.start_brokers(appendonly=True)
-    edge_a = h.edge(name="edge-a", wait=False)
-    edge_b = h.edge(name="edge-b", wait=False)
+    # Lazy upload without early exit 1: every frame waits for all six summaries (and, past exit 1,
+    # features), so a frame decided with fewer cameras means messages lost with the dead aggregator.
+    edge_a = h.edge(name="edge-a", wait=False, early_exit1=False)
+    edge_b = h.edge(name="edge-b", wait=False, early_exit1=False)
     cloud = h.cloud(wait=False)
     for role in (edge_a, edge_b):
         role.wait_log(r"edge \S+: site .* subscribed")
