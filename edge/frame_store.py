@@ -225,12 +225,12 @@ return {'reclaimed', payloads(KEYS[2]), prev, redis.call('HGET', KEYS[2], '_want
 """
 
 # KEYS: frame hash, decided marker, pending zset, claimed zset, claimed frame hash, counters
-# ARGV: frame id, owner, decided ttl ms, lease ms
+# ARGV: frame id, claim marker ("<owner> exit1"), decided ttl ms, lease ms
 # Lazy upload: a frame one of whose summaries is under T1 is claimed at once with the summaries it
 # has ({'claimed', payloads}), its claim marker "<owner> exit1"; {'gone'} when it was claimed already
 # (completed, or by a sweep).
 CLAIM_CONFIDENT = REDIS_NOW + """
-if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('SET', KEYS[2], ARGV[2] .. ' exit1', 'NX', 'PX', ARGV[3]) then
+if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
   return {'gone'}
 end
 redis.call('RENAME', KEYS[1], KEYS[5])
@@ -436,7 +436,7 @@ class FrameStore:
         replies = self._pipelined(self._confident, [
             ([names.frame_key(site, fid), names.decided_key(site, fid), names.pending_key(site),
               names.claimed_key(site), names.claimed_frame_key(site, fid), names.counters_key(site)],
-             [fid, self.owner, t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
+             [fid, f"{self.owner} exit1", t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
         return [Claim(fid, list(res[1]), "claimed") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
 
     def request(self, items: Iterable[tuple[int, int, int]], second_deadline_ms: int) -> list[str]:
