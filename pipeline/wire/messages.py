@@ -232,6 +232,13 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # frozen dataclasses normalise their fields this way
 
 
+def _camera_frame(msg: Any) -> None:
+    """Validate (and normalise) what every per-camera, per-frame message carries: site, frame id, camera."""
+    _site(msg.site)
+    _set(msg, "frame_id", _int("frame_id", msg.frame_id, 0, MAX_FRAME_ID))
+    _set(msg, "camera", _int("camera", msg.camera, 0, MAX_CAMERAS - 1))
+
+
 # --- features -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -420,9 +427,7 @@ class CameraObservation(_Message):
     label: int | None = None  # ground truth, carried only by replays to score accuracy
 
     def __post_init__(self) -> None:
-        _site(self.site)
-        _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
-        _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1))
+        _camera_frame(self)
         _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
         _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1, optional=True))
         _set(self, "entropy", _float("entropy", self.entropy, 0.0, 1.0, optional=True))
@@ -450,9 +455,7 @@ class CameraSummary(_Message):
     label: int | None = None  # ground truth, carried only by replays to score accuracy
 
     def __post_init__(self) -> None:
-        _site(self.site)
-        _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
-        _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1))
+        _camera_frame(self)
         _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
         _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1))
         _set(self, "entropy", _float("entropy", self.entropy, 0.0, 1.0))
@@ -493,9 +496,7 @@ class CameraFeatures(_Message):
     features: FeatureTensor
 
     def __post_init__(self) -> None:
-        _site(self.site)
-        _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
-        _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1))
+        _camera_frame(self)
         if not isinstance(self.features, FeatureTensor):
             raise MessageError("features must be a FeatureTensor")
 
