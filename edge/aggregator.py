@@ -417,35 +417,37 @@ class Aggregator(BrokerService):
         status = FlowStatus(self.cfg.site, self.flow_id, max(0.0, lag), backlog, time.time())
         self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), status.encode(), qos=0, retain=True)
 
+    def _check_source(self, msg: CameraObservation | CameraSummary | CameraFeatures, topic: str, expected: str,
+                      what: str) -> None:
+        """A camera message must come from this site, on its camera's own topic, from a camera the network has."""
+        cfg = self.cfg
+        if msg.site != cfg.site or topic != expected:
+            raise AggregationError(cfg.site, msg.frame_id, f"{what} of site {msg.site!r} on topic {topic}",
+                                   camera=msg.camera)
+        if msg.camera >= self.net.num_cameras:
+            raise AggregationError(cfg.site, msg.frame_id, "camera id beyond the network's cameras", camera=msg.camera)
+
+    def _check_shape(self, msg: CameraObservation | CameraFeatures) -> None:
+        if msg.features.shape != self.net.wire_shape:
+            raise AggregationError(self.cfg.site, msg.frame_id, f"features {msg.features.shape}, expected "
+                                   f"{self.net.wire_shape}", camera=msg.camera)
+
     def _validate(self, obs: CameraObservation | CameraSummary, topic: str) -> None:
         cfg, net = self.cfg, self.net
-        if obs.site != cfg.site or topic != names.obs_topic(obs.site, obs.camera):
-            raise AggregationError(cfg.site, obs.frame_id, f"observation of site {obs.site!r} on topic {topic}",
-                                   camera=obs.camera)
-        if obs.camera >= net.num_cameras:
-            raise AggregationError(cfg.site, obs.frame_id, "camera id beyond the network's cameras", camera=obs.camera)
+        self._check_source(obs, topic, names.obs_topic(obs.site, obs.camera), "observation")
         if isinstance(obs, CameraSummary):
             if not net.has_camera_classifiers:
                 raise AggregationError(cfg.site, obs.frame_id, f"a summary (lazy upload) needs camera classifiers; "
                                        f"mode {net.mode!r} cameras upload eagerly", camera=obs.camera)
             return
-        if obs.features.shape != net.wire_shape:
-            raise AggregationError(cfg.site, obs.frame_id, f"features {obs.features.shape}, expected {net.wire_shape}",
-                                   camera=obs.camera)
+        self._check_shape(obs)
         if (obs.entropy is None) == net.has_camera_classifiers:
             raise AggregationError(cfg.site, obs.frame_id, f"camera prediction does not fit mode {net.mode!r}",
                                    camera=obs.camera)
 
     def _validate_features(self, feat: CameraFeatures, topic: str) -> None:
-        cfg, net = self.cfg, self.net
-        if feat.site != cfg.site or topic != names.features_topic(feat.site, feat.camera):
-            raise AggregationError(cfg.site, feat.frame_id, f"features of site {feat.site!r} on topic {topic}",
-                                   camera=feat.camera)
-        if feat.camera >= net.num_cameras:
-            raise AggregationError(cfg.site, feat.frame_id, "camera id beyond the network's cameras", camera=feat.camera)
-        if feat.features.shape != net.wire_shape:
-            raise AggregationError(cfg.site, feat.frame_id, f"features {feat.features.shape}, expected "
-                                   f"{net.wire_shape}", camera=feat.camera)
+        self._check_source(feat, topic, names.features_topic(feat.site, feat.camera), "features")
+        self._check_shape(feat)
 
     def _frame(self, claim: Claim) -> Frame:
         """The claimed frame of its stored payloads (decoded at ingest, else now)."""
