@@ -124,7 +124,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     from pipeline.orchestration.bench_stream import StreamBenchConfig
 
     st = bsub.add_parser("stream", help="the streaming pipeline's limits: compute, broker, edge capacity, end to "
-                         "end, scaling (JSON, PNG, docs page)", description=bench_stream_doc(),
+                         "end, scaling (JSON, PNG, docs page)", description=bench_doc("bench_stream"),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(st, StreamBenchConfig)
     st.add_argument("--json", dest="json_out", default="runs/bench_stream.json", help="where the JSON goes")
@@ -134,7 +134,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     from pipeline.orchestration.bench_broker import BrokerBenchConfig
 
     bb = bsub.add_parser("broker", help="the pipeline against Mosquitto containers of several configurations "
-                         "(JSON, docs table)", description=bench_broker_doc(),
+                         "(JSON, docs table)", description=bench_doc("bench_broker"),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(bb, BrokerBenchConfig)
     bb.add_argument("--json", dest="json_out", default="runs/bench_broker.json", help="where the JSON goes")
@@ -143,12 +143,6 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     # Its own argument parser (python -m pipeline.orchestration.bench_scale): `main` hands it the rest.
     bsub.add_parser("scale", help="what one Redis shard and one cloud worker carry (docs/SCALING.md); "
                     "see ada-ddnn bench scale --help")
-
-
-def bench_broker_doc() -> str:
-    from pipeline.orchestration import bench_broker
-
-    return bench_broker.__doc__ or ""
 
 
 def cmd_bench_broker(args: argparse.Namespace) -> int:
@@ -171,10 +165,11 @@ def cmd_bench_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_stream_doc() -> str:
-    from pipeline.orchestration import bench_stream
+def bench_doc(module: str) -> str:
+    """The docstring of a benchmark module (pipeline.orchestration.MODULE): its command's --help."""
+    import importlib
 
-    return bench_stream.__doc__ or ""
+    return importlib.import_module(f"pipeline.orchestration.{module}").__doc__ or ""
 
 
 def cmd_bench_stream(args: argparse.Namespace) -> int:
