@@ -11,10 +11,14 @@ and every container is removed by the fixture that started it.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import time
+
+from pipeline.transport.embedded import docker_answers, free_port, image_present
+
+# The tests' one door to containers: the engine and image checks and free ports are the package's.
+__all__ = ["docker_answers", "free_port", "image_present", "images", "MosquittoServer", "RedisServer",
+           "ServerContainer", "LOCAL_MOSQUITTO", "LOCAL_REDIS"]
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -23,31 +27,12 @@ OFFICIAL_MOSQUITTO, OFFICIAL_REDIS = "eclipse-mosquitto:2", "redis:7"
 START_TIMEOUT_S = 30.0
 
 
-def docker_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=15).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def _image_present(tag: str) -> bool:
-    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
-
-
 def images() -> tuple[str, str]:
     """(mosquitto image, redis image): env overrides, else the locally built ones, else official."""
     mq = os.environ.get("ADA_DDNN_TEST_MOSQUITTO_IMAGE") or (
-        LOCAL_MOSQUITTO if _image_present(LOCAL_MOSQUITTO) else OFFICIAL_MOSQUITTO)
-    rd = os.environ.get("ADA_DDNN_TEST_REDIS_IMAGE") or (LOCAL_REDIS if _image_present(LOCAL_REDIS) else OFFICIAL_REDIS)
+        LOCAL_MOSQUITTO if image_present(LOCAL_MOSQUITTO) else OFFICIAL_MOSQUITTO)
+    rd = os.environ.get("ADA_DDNN_TEST_REDIS_IMAGE") or (LOCAL_REDIS if image_present(LOCAL_REDIS) else OFFICIAL_REDIS)
     return mq, rd
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(port: int) -> bool:

@@ -26,12 +26,10 @@ Configurations (`--configs`, comma-separated):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -44,7 +42,7 @@ from pipeline.checkpoint import thresholds
 from pipeline.compute import set_threads
 from pipeline.config import default_data_dir
 from pipeline.data import load_cifar10, to_float
-from pipeline.errors import ReplayError
+from pipeline.errors import ReplayError, ServiceError
 from pipeline.fileio import atomic_write_text
 from pipeline.offline.network import load_checkpoint
 from pipeline.orchestration.bench_stream import (
@@ -57,7 +55,7 @@ from pipeline.orchestration.bench_stream import (
 )
 from pipeline.orchestration.loadgen import write_templates
 from pipeline.orchestration.roles import stop_all
-from pipeline.transport.embedded import embedded_services
+from pipeline.transport.embedded import docker_answers, embedded_services, free_port, image_present, wait_for_port
 from pipeline.transport.redis_client import redis_client
 
 log = logging.getLogger(__name__)
@@ -98,12 +96,6 @@ class BrokerBenchConfig:
             raise ValueError("messages, rate, seconds and templates must be positive")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _docker(*args: str, timeout: float = 60) -> str:
     try:
         done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
@@ -136,7 +128,7 @@ class BrokerContainer:
 
     def __init__(self, image: str, name: str, spec: dict, workdir: str) -> None:
         self.image, self.name, self.spec = image, name, spec
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.container = ""
@@ -158,16 +150,12 @@ class BrokerContainer:
         if self.spec["cpus"]:
             args += ["--cpus", str(self.spec["cpus"])]
         self.container = _docker(*args, self.image, "mosquitto", "-c", "/mosquitto/config/mosquitto.conf")
-        end = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > end:
-                    logs = subprocess.run(["docker", "logs", self.container], capture_output=True, text=True).stdout
-                    raise ReplayError(f"Mosquitto ({self.name}) did not answer on {self.port}:\n{logs[-1500:]}")
-                time.sleep(0.05)  # the container's port opening is not an event we can wait on
+        try:
+            wait_for_port("127.0.0.1", self.port, START_TIMEOUT_S)
+        except ServiceError as err:
+            logs = subprocess.run(["docker", "logs", self.container], capture_output=True, text=True).stdout
+            self.__exit__()  # __exit__ does not run for a failed __enter__: the container goes here
+            raise ReplayError(f"Mosquitto ({self.name}): {err}\n{logs[-1500:]}") from err
         log.info("broker %s: container %s on %s", self.name, self.container[:12], self.url.split("?")[0])
         return self
 
@@ -198,9 +186,11 @@ def measure(cfg: BrokerBenchConfig, name: str, templates_path: str, size: int, r
 
 def bench_broker(cfg: BrokerBenchConfig) -> dict:
     t0 = time.time()
-    if shutil.which("docker") is None:
-        raise ReplayError("bench broker needs docker (scripts/docker-engine.sh up)")
-    _docker("image", "inspect", cfg.image)
+    if not docker_answers():
+        raise ReplayError("bench broker needs a Docker engine that answers (scripts/docker-engine.sh up)")
+    if not image_present(cfg.image):
+        raise ReplayError(f"no image {cfg.image} on this machine (scripts/docker-engine.sh images builds "
+                          f"{DEFAULT_IMAGE}; --image names another)")
     set_threads(1)
     model = load_checkpoint(cfg.checkpoint)
     t1, t2 = thresholds(cfg.checkpoint, model.cfg)
@@ -290,8 +280,3 @@ def write_section(path: str, text: str, name: str = SECTION) -> None:
     else:
         page = page.rstrip("\n") + ("\n\n" if page else "") + block
     atomic_write_text(path, page)
-
-
-def write_result(result: dict, json_path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")

@@ -146,19 +146,19 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_broker(args: argparse.Namespace) -> int:
+    from pipeline.fileio import write_json
     from pipeline.orchestration.bench_broker import (
         BrokerBenchConfig,
         bench_broker,
         section,
         table,
-        write_result,
         write_section,
     )
 
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = bench_broker(config_from_args(BrokerBenchConfig, args))
     result["command"] = command
-    write_result(result, args.json_out)
+    write_json(args.json_out, result)
     if args.doc:
         write_section(args.doc, section(result, command))
     print(table(result))

@@ -84,23 +84,33 @@ CONTAINER_IMAGES = {"mosquitto": ("ADA_DDNN_MOSQUITTO_IMAGE", ("ada-ddnn/mosquit
                     "redis": ("ADA_DDNN_REDIS_IMAGE", ("ada-ddnn/redis:local", "redis:7"))}
 
 
+def docker_answers() -> bool:
+    """Whether a Docker engine answers (`docker info`) through a docker client on PATH."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def image_present(tag: str) -> bool:
+    """Whether the image is on this machine already (nothing is pulled)."""
+    try:
+        return subprocess.run(["docker", "image", "inspect", tag], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def container_image(kind: str) -> str | None:
     """An image to run `kind` from, when a Docker engine answers: the env's (pulled if need be),
     else one of the known images already on this machine; None otherwise."""
     env, known = CONTAINER_IMAGES[kind]
-    if shutil.which("docker") is None:
+    if not docker_answers():
         return None
-    try:
-        if subprocess.run(["docker", "info"], capture_output=True, timeout=15).returncode != 0:
-            return None
-        if os.environ.get(env):
-            return os.environ[env]
-        for image in known:
-            if subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=15).returncode == 0:
-                return image
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return None
+    if os.environ.get(env):
+        return os.environ[env]
+    return next((image for image in known if image_present(image)), None)
 
 
 def _in_container(image: str, name: str, port: int, command: list[str]) -> tuple[list[str], str]:

@@ -80,7 +80,7 @@ def deployment(tmp_path_factory):
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
         _unavailable("no docker compose v2 plugin (scripts/docker-engine.sh up installs it)")
     for image in IMAGES.values():
-        if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0:
+        if not containers.image_present(image):
             _unavailable(f"image {image} is missing (scripts/docker-engine.sh images builds it)")
     data = Path(os.environ.get("ADA_DDNN_DATA", default_data_dir()))
     if not (data / "cifar-10-batches-py" / "test_batch").exists():

@@ -316,8 +316,7 @@ def broker_containers() -> bool:
     from tests import containers
 
     ok = containers.docker_answers() and all(
-        subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
-        for image in (MosquittoContainer.image, RedisContainer.image))
+        containers.image_present(image) for image in (MosquittoContainer.image, RedisContainer.image))
     if want == "container" and not ok:
         raise RuntimeError("ADA_DDNN_FAULT_BROKERS=container, and no engine answers or the images are missing")
     return ok
