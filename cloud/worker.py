@@ -47,7 +47,7 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError, ConnectError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import add_command, config_from_args, printed
-from pipeline.transport.metrics import Sample, counter, gauge
+from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import MqttClient
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import RECORD_RESULT, add_dead_letters, record_results
@@ -187,15 +187,15 @@ class Worker(BrokerService):
     def metric_samples(self) -> list[Sample]:
         """Counters over every site this worker serves (site "all"); backlogs per site."""
         st = self.stats
-        out = [counter("ada_frames_decided", "frames decided here (cloud: handed to the cloud)", st.answered, site="all",
+        out = [sample("ada_frames_decided", st.answered, site="all",
                        exit="cloud"),
-               counter("ada_escalations_read", "escalation entries read", st.entries, site="all"),
-               counter("ada_escalations_reclaimed", "entries reclaimed from a dead worker", st.reclaimed, site="all"),
-               counter("ada_dead_letters", "messages and frames sent to the dead letters", st.deadletter, site="all"),
-               counter("ada_cloud_batches", "forward passes", st.batches, site="all"),
-               counter("ada_redis_outages", "loop turns that met Redis down", st.redis_outages, site="all")]
+               sample("ada_escalations_read", st.entries, site="all"),
+               sample("ada_escalations_reclaimed", st.reclaimed, site="all"),
+               sample("ada_dead_letters", st.deadletter, site="all"),
+               sample("ada_cloud_batches", st.batches, site="all"),
+               sample("ada_redis_outages", st.redis_outages, site="all")]
         if self.mqtt is not None:
-            out.append(counter("ada_mqtt_reconnects", "MQTT connections after the first", self.mqtt.reconnects, site="all"))
+            out.append(sample("ada_mqtt_reconnects", self.mqtt.reconnects, site="all"))
         r = self.redis
         for site in list(self.sites) if r is not None else []:
             try:
@@ -203,8 +203,8 @@ class Worker(BrokerService):
                 pending = r.xpending(names.escalations_stream(site), self.cfg.group)["pending"]
             except (redis.ResponseError, *REDIS_DOWN):
                 continue  # no group yet, or Redis away: this scrape goes without the site's backlog
-            out.append(gauge("ada_backlog", "messages or frames waiting", waiting, site=site, queue="escalations"))
-            out.append(gauge("ada_backlog", "messages or frames waiting", pending, site=site, queue="cloud_pending"))
+            out.append(sample("ada_backlog", waiting, site=site, queue="escalations"))
+            out.append(sample("ada_backlog", pending, site=site, queue="cloud_pending"))
         return out
 
     # -- the loop --

@@ -63,7 +63,7 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, printed
-from pipeline.transport.metrics import RoleMetrics, Sample, counter, gauge
+from pipeline.transport.metrics import RoleMetrics, Sample, sample
 from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
 from pipeline.transport.service import check_metrics_port, serve
 from pipeline.wire import names
@@ -220,23 +220,21 @@ class CameraFeed:
 
     def metric_samples(self) -> list[Sample]:
         st, site = self.stats, self.cfg.site
-        out = [counter("ada_camera_frames", "frames captured (published or shed)", st.frames, site=site),
-               counter("ada_camera_published", "observations published", st.published, site=site),
-               counter("ada_camera_bytes", "encoded observation bytes published", st.bytes, site=site),
-               counter("ada_camera_refused", "observations dropped: too many waited for the broker", st.refused,
+        out = [sample("ada_camera_frames", st.frames, site=site),
+               sample("ada_camera_published", st.published, site=site),
+               sample("ada_camera_bytes", st.bytes, site=site),
+               sample("ada_camera_refused", st.refused,
                        site=site),
-               counter("ada_camera_feature_requests", "lazy upload: feature requests naming these cameras",
-                       st.requests, site=site),
-               counter("ada_camera_feature_bytes", "lazy upload: encoded feature answers published", st.feature_bytes,
+               sample("ada_camera_feature_requests", st.requests, site=site),
+               sample("ada_camera_feature_bytes", st.feature_bytes,
                        site=site),
-               counter("ada_camera_request_misses", "lazy upload: features asked for and no longer kept",
-                       st.request_misses, site=site)]
-        out += [counter("ada_frames_shed", "frames cameras named as not sent (ShedNotices), by reason", n, site=site,
+               sample("ada_camera_request_misses", st.request_misses, site=site)]
+        out += [sample("ada_frames_shed", n, site=site,
                         reason=r) for r, n in dict(st.shed).items()]
         clients = list(self.clients.values())
-        out.append(counter("ada_mqtt_reconnects", "MQTT connections after the first", sum(c.reconnects for c in clients),
+        out.append(sample("ada_mqtt_reconnects", sum(c.reconnects for c in clients),
                            site=site))
-        out.append(gauge("ada_backlog", "messages or frames waiting", sum(c.unconfirmed for c in clients), site=site,
+        out.append(sample("ada_backlog", sum(c.unconfirmed for c in clients), site=site,
                          queue="unacknowledged"))
         return out
 

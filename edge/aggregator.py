@@ -57,7 +57,7 @@ from pipeline.checkpoint import thresholds
 from pipeline.compute import resolve_device, set_threads
 from pipeline.errors import AggregationError, EscalationError, MessageError
 from pipeline.settings import add_command, config_from_args, printed
-from pipeline.transport.metrics import Sample, counter, gauge
+from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import Inbox, MqttClient
 from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import add_dead_letters
@@ -179,36 +179,35 @@ class Aggregator(BrokerService):
     # -- wiring --
     def metric_samples(self) -> list[Sample]:
         st, site = self.stats, self.cfg.site
-        out = [counter("ada_observations", "camera observations taken in", st.observations, site=site),
-               counter("ada_dead_letters", "messages and frames sent to the dead letters", st.deadletter, site=site),
-               counter("ada_frames_reclaimed", "frames taken over from an aggregator whose lease expired", st.reclaimed,
+        out = [sample("ada_observations", st.observations, site=site),
+               sample("ada_dead_letters", st.deadletter, site=site),
+               sample("ada_frames_reclaimed", st.reclaimed,
                        site=site),
-               counter("ada_redis_outages", "loop turns that met Redis down", st.redis_outages, site=site),
-               counter("ada_backpressure_waits", "waits for room in the escalation stream", st.backpressure_waits,
+               sample("ada_redis_outages", st.redis_outages, site=site),
+               sample("ada_backpressure_waits", st.backpressure_waits,
                        site=site),
-               counter("ada_escalated_bytes", "encoded escalation bytes sent to the cloud", st.escalated_bytes,
+               sample("ada_escalated_bytes", st.escalated_bytes,
                        site=site),
-               counter("ada_feature_requests", "lazy upload: feature requests published", st.requests, site=site),
-               counter("ada_features_missing", "lazy upload: cameras asked whose features did not come in time",
-                       st.features_missing, site=site),
-               counter("ada_edge_block_runs", "frames the edge block ran on", st.edge_runs, site=site),
-               gauge("ada_backlog", "messages or frames waiting", len(self.inbox) + len(self._held), site=site,
+               sample("ada_feature_requests", st.requests, site=site),
+               sample("ada_features_missing", st.features_missing, site=site),
+               sample("ada_edge_block_runs", st.edge_runs, site=site),
+               sample("ada_backlog", len(self.inbox) + len(self._held), site=site,
                      queue="inbox")]
-        out += [counter("ada_frames_decided", "frames decided here (cloud: handed to the cloud)", n, site=site, exit=e)
+        out += [sample("ada_frames_decided", n, site=site, exit=e)
                 for e, n in st.decided.items()]
-        out += [counter("ada_observations_rejected", "observations refused", n, site=site, reason=r)
+        out += [sample("ada_observations_rejected", n, site=site, reason=r)
                 for r, n in (("late", st.late), ("duplicate", st.duplicates), ("ahead", st.ahead))]
-        out += [counter("ada_frames_shed", "frames cameras named as not sent (ShedNotices), by reason", n, site=site,
+        out += [sample("ada_frames_shed", n, site=site,
                         reason=r) for r, n in st.shed_reasons.items()]
         mq = self.mqtt
         if mq is not None:
-            out.append(counter("ada_mqtt_reconnects", "MQTT connections after the first", mq.reconnects, site=site))
+            out.append(sample("ada_mqtt_reconnects", mq.reconnects, site=site))
         r = self.redis
         if r is not None:
             try:
-                out.append(gauge("ada_backlog", "messages or frames waiting", r.zcard(names.pending_key(site)), site=site,
+                out.append(sample("ada_backlog", r.zcard(names.pending_key(site)), site=site,
                                  queue="open_frames"))
-                out.append(gauge("ada_backlog", "messages or frames waiting", r.xlen(names.escalations_stream(site)),
+                out.append(sample("ada_backlog", r.xlen(names.escalations_stream(site)),
                                  site=site, queue="escalations"))
             except REDIS_DOWN:
                 pass  # Redis away: the scrape has the in-process figures only

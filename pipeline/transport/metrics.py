@@ -3,7 +3,8 @@
 Each role keeps its counters where it already counts them (its `stats`); at scrape time the
 collector here reads them through the role's `metric_samples()` (so a scrape costs the role's
 loop nothing), and the decision latency, which needs every decision, is a histogram the role
-observes as it decides. Every metric is labelled with the site. Names:
+observes as it decides. Every metric is labelled with the site; `METRICS` below is the one list
+of names, kinds and help texts. The main ones:
 
     ada_observations_total{site}                    camera observations the edge took in
     ada_observations_rejected_total{site,reason}    late | duplicate | ahead (beyond the admission window)
@@ -96,9 +97,37 @@ class RoleMetrics:
             self._server = None
 
 
-def counter(name: str, help: str, value: float, **labels: str) -> Sample:
-    return Sample(name, "counter", help, float(value), labels)
+# Every metric a role serves: name (a counter's without _total) -> (kind, help). The roles give
+# names, values and labels (`sample`); kind and help live here only.
+METRICS: dict[str, tuple[str, str]] = {
+    "ada_backlog": ("gauge", "messages or frames waiting"),
+    "ada_backpressure_waits": ("counter", "waits for room in the escalation stream"),
+    "ada_camera_bytes": ("counter", "encoded observation bytes published"),
+    "ada_camera_feature_bytes": ("counter", "lazy upload: encoded feature answers published"),
+    "ada_camera_feature_requests": ("counter", "lazy upload: feature requests naming these cameras"),
+    "ada_camera_frames": ("counter", "frames captured (published or shed)"),
+    "ada_camera_published": ("counter", "observations published"),
+    "ada_camera_refused": ("counter", "observations dropped: too many waited for the broker"),
+    "ada_camera_request_misses": ("counter", "lazy upload: features asked for and no longer kept"),
+    "ada_cloud_batches": ("counter", "forward passes"),
+    "ada_dead_letters": ("counter", "messages and frames sent to the dead letters"),
+    "ada_edge_block_runs": ("counter", "frames the edge block ran on"),
+    "ada_escalated_bytes": ("counter", "encoded escalation bytes sent to the cloud"),
+    "ada_escalations_read": ("counter", "escalation entries read"),
+    "ada_escalations_reclaimed": ("counter", "entries reclaimed from a dead worker"),
+    "ada_feature_requests": ("counter", "lazy upload: feature requests published"),
+    "ada_features_missing": ("counter", "lazy upload: cameras asked whose features did not come in time"),
+    "ada_frames_decided": ("counter", "frames decided here (cloud: handed to the cloud)"),
+    "ada_frames_reclaimed": ("counter", "frames taken over from an aggregator whose lease expired"),
+    "ada_frames_shed": ("counter", "frames cameras named as not sent (ShedNotices), by reason"),
+    "ada_mqtt_reconnects": ("counter", "MQTT connections after the first"),
+    "ada_observations": ("counter", "camera observations taken in"),
+    "ada_observations_rejected": ("counter", "observations refused"),
+    "ada_redis_outages": ("counter", "loop turns that met Redis down"),
+}
 
 
-def gauge(name: str, help: str, value: float, **labels: str) -> Sample:
-    return Sample(name, "gauge", help, float(value), labels)
+def sample(name: str, value: float, **labels: str) -> Sample:
+    """One value of a metric of `METRICS` (KeyError for a name that is not there)."""
+    kind, help = METRICS[name]
+    return Sample(name, kind, help, float(value), labels)

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from pipeline.orchestration.replay import ReplayConfig, metrics_ports, run_replay
-from pipeline.transport.metrics import RoleMetrics, counter, gauge
+from pipeline.transport.metrics import METRICS, RoleMetrics, sample
 
 
 def scrape(port: int) -> str:
@@ -56,9 +56,9 @@ def test_exporter_serves_counters_gauges_and_latency():
 
     def samples():
         calls.append(1)
-        return [counter("ada_observations", "obs", 7, site="s"), gauge("ada_backlog", "b", 3, site="s", queue="inbox"),
-                counter("ada_frames_decided", "d", 2, site="s", exit="exit1"),
-                counter("ada_frames_decided", "d", 5, site="s", exit="cloud")]
+        return [sample("ada_observations", 7, site="s"), sample("ada_backlog", 3, site="s", queue="inbox"),
+                sample("ada_frames_decided", 2, site="s", exit="exit1"),
+                sample("ada_frames_decided", 5, site="s", exit="cloud")]
 
     port = free_ports(1)
     m = RoleMetrics(samples).serve(port)
@@ -76,6 +76,13 @@ def test_exporter_serves_counters_gauges_and_latency():
             RoleMetrics(samples).serve(port)  # taken: a clear error, not a silent exporter-less process
     finally:
         m.close()
+
+
+def test_every_metric_has_a_kind_and_a_help_and_no_other_name_is_taken():
+    assert all(kind in ("counter", "gauge") and help for kind, help in METRICS.values())
+    assert sample("ada_backlog", 1, site="s", queue="inbox").kind == "gauge"
+    with pytest.raises(KeyError):
+        sample("ada_not_a_metric", 1)
 
 
 def test_a_broken_counter_reader_leaves_the_exporter_up():
