@@ -40,6 +40,7 @@ from pipeline.wire.messages import EXIT_NAMES, CameraStatus, Decision
 log = logging.getLogger(__name__)
 
 RETAINED_WAIT_S = 1.0  # retained messages arrive right after subscribing; wait this long for the last
+RETAINED_QUIET_S = 0.3  # ... or until none came for this long, once a camera's status is in
 CONNECT_TIMEOUT_S = 3.0  # an interactive look: a broker that does not answer by then is reported, not awaited
 
 
@@ -75,11 +76,10 @@ class SiteStatus:
 
 def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S) -> None:
     """The retained camera statuses and flow statuses of the site."""
-    done = threading.Event()
-    last = [time.monotonic()]
+    arrived = threading.Event()  # set by every message; the burst of retained ones is over when it stays clear
 
     def on_message(msg: mqtt.MQTTMessage) -> None:
-        last[0] = time.monotonic()
+        arrived.set()
         try:
             if msg.topic.endswith("/status"):
                 s = CameraStatus.decode(msg.payload)
@@ -100,9 +100,10 @@ def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S
         st.errors.append(f"MQTT: {err}")
         return
     end = time.monotonic() + wait_s
-    while time.monotonic() < end and not done.wait(0.05):
-        if st.cameras and time.monotonic() - last[0] > 0.3:
+    while (left := end - time.monotonic()) > 0:
+        if not arrived.wait(min(RETAINED_QUIET_S, left)) and st.cameras:
             break  # the retained burst is over
+        arrived.clear()
     close_mqtt(client)
 
 
