@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
+import msgpack
 import numpy as np
 
 from pipeline.config import ModelConfig
 from pipeline.data import Cifar10, Split
 from pipeline.wire import names
-from pipeline.wire.messages import Decision
+from pipeline.wire.messages import Decision, FeatureTensor
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -72,3 +73,13 @@ def poll(fn, timeout_s=5.0):
             return out
         time.sleep(0.01)
     return fn()
+
+
+def pack(obj) -> bytes:
+    """msgpack as the wire packs it (bytes as bin)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def over_the_wire(f: FeatureTensor) -> FeatureTensor:
+    """`f` packed as a message field and read back, as a receiver gets it."""
+    return FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))

@@ -4,7 +4,6 @@ decoding refuses anything a sender of ours would not produce."""
 
 import math
 
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -25,12 +24,9 @@ from pipeline.wire.messages import (
     quantize_roundtrip,
     summary_of,
 )
+from tests.helpers import over_the_wire
 
 LOW = ("int4", "int2", "int1")
-
-
-def pack(obj) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -42,7 +38,7 @@ def test_every_dtype_matches_the_wire_bit_for_bit(dtype):
     batch = quantize_roundtrip(x, dtype)
     for i in range(7):
         f = FeatureTensor.quantize(x[i], dtype)
-        back = FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
+        back = over_the_wire(f)
         assert back == f and f.nbytes == feature_nbytes((12, 8, 8), dtype)
         assert torch.equal(back.to_tensor(), batch[i])
     assert float(batch[3, 4].abs().max()) < 1e-4  # a zero channel stays (almost) zero
@@ -81,7 +77,7 @@ def test_low_bit_codec_property(x, dtype):
     """Any finite features survive: odd element counts (padding bits), denormals, constants."""
     t = torch.from_numpy(x)
     f = FeatureTensor.quantize(t, dtype)
-    back = FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
+    back = over_the_wire(f)
     assert back == f
     got = back.to_tensor()
     assert got.shape == t.shape and bool(torch.isfinite(got).all())

@@ -23,6 +23,7 @@ from pipeline.wire.messages import (
     quantize_roundtrip,
     unpack,
 )
+from tests.helpers import over_the_wire, pack
 
 
 def obs(features=None, **changes):
@@ -34,10 +35,6 @@ def obs(features=None, **changes):
 
 def wire(message) -> dict:
     return msgpack.unpackb(message.encode(), raw=False)
-
-
-def pack(obj) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float16", "float32"])
@@ -88,7 +85,7 @@ def test_codec_property(x, dtype):
     """Any finite features survive the wire (denormal magnitudes such as 3e-45 included)."""
     t = torch.from_numpy(x)
     f = FeatureTensor.quantize(t, dtype)
-    back = FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
+    back = over_the_wire(f)
     assert back == f
     got = back.to_tensor()
     assert got.shape == t.shape and bool(torch.isfinite(got).all())
@@ -273,7 +270,7 @@ def test_int8_of_denormal_features_is_accepted():
     the receiver refuses (found by hypothesis: 3e-45)."""
     t = torch.tensor([[[3e-45, -1e-40]], [[1.0, 0.5]]], dtype=torch.float32)
     f = FeatureTensor.quantize(t, "int8")
-    back = FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
+    back = over_the_wire(f)
     got = back.to_tensor()
     assert bool((got[0] == 0).all()) and torch.allclose(got[1], t[1], atol=1 / 254)
     assert torch.equal(got, quantize_roundtrip(t[None], "int8")[0])
