@@ -21,6 +21,8 @@ ViewMode = Literal["viewpoints", "tiles"]
 MODES: tuple[str, ...] = ("ada", "ddnn")
 FUSIONS: tuple[str, ...] = ("max", "mean", "concat")
 VIEW_MODES: tuple[str, ...] = ("viewpoints", "tiles")
+# The wire codes (pipeline.wire.messages.DTYPES, which checks this list), widest first.
+WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "int8", "int4", "int2", "int1")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,11 @@ class ModelConfig:
     camera_head_channels: int = 32  # first strided conv of the classifier head; the second doubles it
     wire_channels: int = 12  # channels a camera sends; 12 x 8 x 8 int8 = 768 bytes per frame
     wire_size: int = 8  # spatial side of the features a camera sends (adaptive average pool)
+    # The feature code the network is trained for: training sends the camera features through the
+    # wire codec (`pipeline.wire.messages.quantize_roundtrip`) with a straight-through gradient, so
+    # edge and cloud learn on what they receive (quantization-aware training). float32 = no codec.
+    # Cameras send this code unless told otherwise (`--wire-dtype`); docs/MODEL.md.
+    wire_dtype: str = field(default="float32", metadata={"choices": WIRE_DTYPES})  # float32, float16, int8, int4, int2 or int1
 
     # Edge: fusion of camera features -> edge block -> classifier (exit 2).
     fusion: str = field(default="concat", metadata={"choices": FUSIONS})  # max, mean or concat; missing cameras are masked in all three
@@ -55,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
         if self.view_mode not in VIEW_MODES:
             raise ValueError(f"view_mode must be one of {VIEW_MODES}, got {self.view_mode!r}")
         if self.view_mode == "tiles" and self.num_cameras != 6:
@@ -144,9 +153,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+MODEL_WIRE_DTYPE = "model"  # a role's --wire-dtype choice meaning: the code the checkpoint was trained for
+
+
+def resolve_wire_dtype(choice: str, model: ModelConfig) -> str:
+    """The wire code a camera sends: `choice`, or for "model" the code `model` was trained for
+    (quantization-aware), int8 for a network trained without one (float32: int8 costs it about
+    nothing, docs/RESULTS.md, at a quarter of the bytes)."""
+    if choice != MODEL_WIRE_DTYPE:
+        if choice not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be {MODEL_WIRE_DTYPE!r} or one of {WIRE_DTYPES}, got {choice!r}")
+        return choice
+    return "int8" if model.wire_dtype == "float32" else model.wire_dtype
+
+
 def default_data_dir() -> str:
     return os.environ.get("ADA_DDNN_DATA", os.path.expanduser("~/.cache/ada-ddnn/cifar10"))
 
 
 __all__ = ["ModelConfig", "TrainConfig", "default_data_dir", "MODES", "FUSIONS",
-           "VIEW_MODES"]
+           "VIEW_MODES", "WIRE_DTYPES", "MODEL_WIRE_DTYPE", "resolve_wire_dtype"]

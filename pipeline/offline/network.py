@@ -20,6 +20,7 @@ from edge.edge_net import EdgeModule
 from edge.fusion import fuse
 from pipeline.checkpoint import load_into, read_config, read_tensors, save_state
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.wire.messages import quantize_roundtrip
 
 
 @dataclass
@@ -57,12 +58,26 @@ class AdaDDNN(nn.Module):
         fused = fuse(features, present, self.cfg.fusion)
         return fused, self.edge(fused), self.cloud(fused)
 
+    def wire(self, features: torch.Tensor) -> torch.Tensor:
+        """N x cams x K x S x S camera features as the edge receives them in `cfg.wire_dtype`, with a
+        straight-through gradient (the identity for float32)."""
+        if self.cfg.wire_dtype == "float32":
+            return features
+        n, cams = features.shape[:2]
+        flat = features.reshape(n * cams, *features.shape[2:])
+        return quantize_roundtrip(flat, self.cfg.wire_dtype, ste=True).reshape(features.shape)
+
     def forward(self, views: torch.Tensor, present: torch.Tensor | None = None) -> Outputs:
+        """The whole network as trained: camera features through the wire codec (`wire`) into the
+        edge, and the fused features through it again into the cloud, as the edge escalates them
+        (its default escalation code is the cameras')."""
         if present is None:
             present = torch.ones(views.shape[:2], dtype=torch.bool, device=views.device)
         features, cam_logits = self.run_cameras(views)
-        fused, edge_logits, cloud_logits = self.forward_features(features, present)
-        return Outputs(features, cam_logits, present, fused, edge_logits, cloud_logits)
+        fused = fuse(self.wire(features), present, self.cfg.fusion)
+        escalated = fused if self.cfg.wire_dtype == "float32" else \
+            quantize_roundtrip(fused, self.cfg.wire_dtype, ste=True)
+        return Outputs(features, cam_logits, present, fused, self.edge(fused), self.cloud(escalated))
 
 
 def prepare_views(cfg: ModelConfig, scenes: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ def train(
                 bar.set_postfix(loss=f"{sums[0] / seen:.3f}", cloud_acc=f"{correct_cloud / seen:.3f}", lr=f"{lr:.3f}")
         bar.close()
         mean = sums / max(1, seen)
-        col = collect(model, val_split, device, autocast=amp)  # one pass: accuracies and losses
+        col = collect(model, val_split, device, autocast=amp, wire_dtype=cfg.wire_dtype)  # one pass: accuracies and losses
         val = classifier_accuracies(col)
         stats = EpochStats(epoch, lr, *map(float, mean), col.edge_loss, col.cloud_loss, val, time.time() - t0)
         history.append(stats)
@@ -227,7 +227,8 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
                 wall: float, history: list[EpochStats]) -> dict[str, Any]:
     val_split = data.val.head(tc.limit_eval)
     test_split = data.test.head(tc.limit_eval)
-    val_outputs = collect(model, val_split, device)  # float32, as deployed
+    dtype = model.cfg.wire_dtype  # the code it was trained for, the cameras' default
+    val_outputs = collect(model, val_split, device, wire_dtype=dtype)  # float32 arithmetic, as deployed
     thresholds = choose_thresholds(val_outputs)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
@@ -244,6 +245,7 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
         "parameters": parameter_count(model),
         "thresholds": thresholds,
         "validation": split_report(val_outputs, thresholds),
-        "test": split_report(collect(model, test_split, device), thresholds),
+        "wire_dtype": dtype,  # the metrics above and below see the features through this code
+        "test": split_report(collect(model, test_split, device, wire_dtype=dtype), thresholds),
         "final_epoch": history[-1].__dict__ if history else None,
     }

@@ -162,3 +162,42 @@ def test_forward_rows_gives_a_single_row_the_numbers_of_a_batch():
         feats, logits = forward_rows(model.run_cameras, torch.randn(1, 6, 3, 32, 32, generator=g))
     assert torch.equal(batch, rows)
     assert feats.shape[0] == 1 and logits.shape[0] == 1
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int2", "int1"])
+def test_quantization_aware_forward_sees_what_the_edge_and_the_cloud_receive(views, dtype):
+    """Training's forward fuses the decoded codes and escalates them through the codec again, as
+    deployed (`evaluation.collect` with the same code), and the camera weights still get a
+    gradient through the codes (straight-through)."""
+    from pipeline.offline.evaluation import wire_roundtrip
+    from pipeline.wire.messages import quantize_roundtrip
+
+    torch.manual_seed(0)
+    cfg = tiny_config(wire_dtype=dtype)
+    model = AdaDDNN(cfg).eval()
+    present = torch.ones(3, 6, dtype=torch.bool)
+    out = model(views, present)
+    with torch.no_grad():
+        coded = wire_roundtrip(out.camera_features.detach(), dtype)
+        fused = fuse(coded, present, cfg.fusion)
+        assert torch.equal(out.fused.detach(), fused)
+        assert torch.allclose(out.edge_logits, model.edge(fused), atol=1e-5)
+        assert torch.allclose(out.cloud_logits, model.cloud(quantize_roundtrip(fused, dtype)), atol=1e-5)
+        plain = AdaDDNN(cfg.replace(wire_dtype="float32")).eval()
+        plain.load_state_dict(model.state_dict())
+        assert not torch.equal(plain(views, present).fused, out.fused.detach())  # the codec did change them
+    out.edge_logits.sum().backward()
+    first = next(model.cameras[0].parameters())  # the camera's first conv: upstream of the codes
+    assert first.grad is not None and float(first.grad.abs().sum()) > 0
+
+
+def test_wire_dtype_is_checked_and_resolved_for_the_cameras():
+    from pipeline.config import resolve_wire_dtype
+
+    with pytest.raises(ValueError, match="wire_dtype"):
+        ModelConfig(wire_dtype="int3")
+    assert resolve_wire_dtype("model", ModelConfig(wire_dtype="int2")) == "int2"
+    assert resolve_wire_dtype("model", ModelConfig()) == "int8"  # trained without a codec: int8
+    assert resolve_wire_dtype("int4", ModelConfig(wire_dtype="int2")) == "int4"  # an explicit choice wins
+    with pytest.raises(ValueError):
+        resolve_wire_dtype("int3", ModelConfig())

@@ -147,3 +147,13 @@ def test_fusion_is_part_of_the_checkpoint_and_of_every_part(tmp_path):
     for path in (out, str(tmp_path / "parts" / "edge.safetensors")):
         assert load_edge(path).cfg.fusion == "max"
     assert load_cloud(str(tmp_path / "parts" / "cloud.safetensors")).cfg.fused_channels == tiny_config().wire_channels
+
+
+def test_the_trained_wire_code_is_in_the_config_and_the_card(tmp_path):
+    data = synthetic_cifar()
+    out = str(tmp_path / "q.safetensors")
+    train(tiny_config(wire_dtype="int2"), TrainConfig(epochs=1, batch_size=16, augment=False), data, out_path=out,
+          progress=False)
+    assert load_checkpoint(out).cfg.wire_dtype == "int2"
+    card = load_card(out)
+    assert card["config"]["wire_dtype"] == card["wire_dtype"] == "int2"
