@@ -1,4 +1,4 @@
-"""The wire format: versioned msgpack maps, one frozen dataclass per message, no pickle anywhere.
+"""The wire format: versioned msgpack arrays (or maps), one frozen dataclass per message, no pickle anywhere.
 
     CameraObservation  camera -> edge    (MQTT ada/{site}/cam/{cam}/obs, QoS 1): eager upload, features included
     CameraSummary      camera -> edge    (MQTT ada/{site}/cam/{cam}/obs, QoS 1): lazy upload, prediction + entropy
@@ -8,9 +8,13 @@
     Escalation         edge -> cloud     (Redis stream ada:{site}:escalations)
     Decision           edge/cloud -> out (MQTT ada/{site}/results and stream ada:{site}:results)
 
-Every message is a msgpack map {"v": WIRE_VERSION, "t": <type tag>, ...fields}. Features travel
-as a `FeatureTensor`: raw little-endian bytes with dtype and shape, and for the int dtypes one
-float32 scale per channel. int8 is the default on the camera link (768 bytes for 12 x 8 x 8
+Every message is sent as a msgpack array [WIRE_VERSION, <type tag>, *fields in the class's
+FIELDS order], its features as [dtype, shape, data, scale]: the compact form, which spares each
+message its field names (on the camera link, where a summary is a few tens of bytes, they were
+most of it). Receivers also accept the named form, a msgpack map {"v": WIRE_VERSION, "t": <type
+tag>, ...fields} with features as {"dtype", "shape", "data", "scale"}; `unpack` turns either
+into that map, which every message is validated from. Features travel as a `FeatureTensor`: raw
+little-endian bytes with dtype and shape, and for the int dtypes one scale per channel. int8 is the default on the camera link (768 bytes for 12 x 8 x 8
 features); int4, int2 and int1 pack 2, 4 and 8 codes a byte (384, 192 and 96 bytes); float16 and
 float32 are selectable, and float32 is exact. `quantize_roundtrip` is the same codec on a batch,
 for offline evaluation and quantization-aware training (`ste=True`).
@@ -30,10 +34,11 @@ import msgpack
 import numpy as np
 import torch
 
+from pipeline.config import WIRE_DTYPES
 from pipeline.errors import MessageError
 from pipeline.wire.names import check_site
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: the compact array form (1 knew only maps)
 MAX_MESSAGE_BYTES = 1 << 20  # hard cap on one encoded message (a float32 6 x 12 x 8 x 8 tensor is 18 KiB)
 MAX_ELEMENTS = 1 << 18  # hard cap on the elements of one feature tensor
 MAX_DIMS = 4  # feature tensors are channel-first, at most K x S x S (plus one spare dim)
@@ -54,6 +59,7 @@ MAX_FEATURE_ABS = 65504.0
 #                           so int1 is sign(x) x mean|x| (DDNN's binarized features, with a scale)
 # Below 8 bits a code is stored as code + 2^(b-1) (int4's 0 would be -8: refused); int8 as itself.
 DTYPES: dict[str, int] = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int2": 2, "int1": 1}
+assert tuple(DTYPES) == WIRE_DTYPES, "pipeline.config.WIRE_DTYPES lists the wire codes for the model config"
 INT8_LEVELS = 127  # symmetric int8: codes in -127..127, scale = max|x| / 127 per channel
 MID_TREAD_LEVELS = {"int8": INT8_LEVELS, "int4": 7}
 # step = c x mean|x| of the channel: int1's c = 2 puts the two levels at +-mean|x|, the L2-best
@@ -330,37 +336,67 @@ class FeatureTensor:
         arr = np.frombuffer(self.data, dtype=_FLOAT[self.dtype]).reshape(self.shape)
         return torch.from_numpy(arr.astype(np.float32, copy=True))
 
+    WIRE_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "shape", "data", "scale")  # the compact form's order
+
     def to_wire(self) -> dict[str, Any]:
+        """The named form: {"dtype", "shape", "data", "scale"}."""
         return {"dtype": self.dtype, "shape": list(self.shape), "data": self.data, "scale": self.scale}
+
+    def to_compact(self) -> list[Any]:
+        """The compact form, as sent: [dtype, shape, data, scale]."""
+        return [self.dtype, list(self.shape), self.data, self.scale]
+
+    @classmethod
+    def named(cls, obj: Any) -> Any:
+        """The named form of features in either form; anything else is returned as it is (and
+        refused by `from_wire`)."""
+        if isinstance(obj, list) and len(obj) == len(cls.WIRE_FIELDS):
+            return dict(zip(cls.WIRE_FIELDS, obj))
+        return obj
 
     @classmethod
     def from_wire(cls, obj: Any) -> "FeatureTensor":
-        if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data", "scale"}:
-            raise MessageError("features must be a map with dtype, shape, data and scale")
+        obj = cls.named(obj)
+        if not isinstance(obj, dict) or set(obj) != set(cls.WIRE_FIELDS):
+            raise MessageError("features must be [dtype, shape, data, scale] or a map with those four keys")
         return cls(data=obj["data"], dtype=obj["dtype"], shape=obj["shape"], scale=obj["scale"])
 
 
 # --- messages -----------------------------------------------------------------------------
 
+_BY_TAG: dict[str, type["_Message"]] = {}  # every message class by its tag, for the compact form
+
+
 class _Message:
-    """encode/decode shared by every message: a versioned msgpack map of the dataclass fields."""
+    """encode/decode shared by every message: a versioned msgpack array of the dataclass fields
+    (the compact form; the named map is accepted too, see the module doc)."""
 
     TAG: ClassVar[str]
     FIELDS: ClassVar[tuple[str, ...]]
 
-    def _wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"v": WIRE_VERSION, "t": self.TAG}
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if _BY_TAG.setdefault(cls.TAG, cls) is not cls:
+            raise TypeError(f"message tag {cls.TAG!r} is taken by {_BY_TAG[cls.TAG].__name__}")
+
+    def _values(self, compact: bool) -> list[Any]:
+        out = []
         for name in self.FIELDS:
             value = getattr(self, name)
             if isinstance(value, FeatureTensor):
-                value = value.to_wire()
+                value = value.to_compact() if compact else value.to_wire()
             elif isinstance(value, tuple):
                 value = list(value)
-            out[name] = value
+            out.append(value)
         return out
 
+    def _wire(self) -> dict[str, Any]:
+        """The named form: {"v": WIRE_VERSION, "t": TAG, field: value, ...}."""
+        return {"v": WIRE_VERSION, "t": self.TAG, **dict(zip(self.FIELDS, self._values(compact=False)))}
+
     def encode(self) -> bytes:
-        raw = msgpack.packb(self._wire(), use_bin_type=True)
+        """The compact form, as sent: [WIRE_VERSION, TAG, *values in FIELDS order]."""
+        raw = msgpack.packb([WIRE_VERSION, self.TAG, *self._values(compact=True)], use_bin_type=True)
         if len(raw) > MAX_MESSAGE_BYTES:
             raise MessageError(f"{self.TAG} message of {len(raw)} bytes exceeds the cap of {MAX_MESSAGE_BYTES}")
         return raw
@@ -387,8 +423,25 @@ class _Message:
             raise MessageError(f"{cls.TAG} message: {err}") from err
 
 
+def _named(values: list[Any]) -> dict[str, Any]:
+    """A compact message [v, tag, *values] as its named map (version and fields checked later)."""
+    if len(values) < 2:
+        raise MessageError(f"a message array starts with version and type tag, got {len(values)} items")
+    version, tag = values[0], values[1]
+    cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
+    if cls is None:  # the version check comes first, so an unknown version is named as such
+        return {"v": version, "t": tag if isinstance(tag, str) else None}
+    if len(values) != 2 + len(cls.FIELDS):
+        raise MessageError(f"a {tag!r} message has {len(cls.FIELDS)} fields {list(cls.FIELDS)}, got {len(values) - 2}")
+    obj = {"v": version, "t": tag, **dict(zip(cls.FIELDS, values[2:]))}
+    if "features" in obj:
+        obj["features"] = FeatureTensor.named(obj["features"])
+    return obj
+
+
 def unpack(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Raw bytes -> the message map, with its version checked; MessageError on anything else."""
+    """Raw bytes (either form) -> the message's named map, with its version checked;
+    MessageError on anything else."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MessageError(f"a message is bytes, got {type(raw).__name__}")
     if len(raw) > MAX_MESSAGE_BYTES:
@@ -399,8 +452,10 @@ def unpack(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
                               max_array_len=MAX_ELEMENTS, max_map_len=64, max_ext_len=0)
     except (ValueError, TypeError, OverflowError) as err:  # msgpack's errors are ValueErrors
         raise MessageError(f"not a msgpack message: {err}") from err
+    if isinstance(obj, list):
+        obj = _named(obj)
     if not isinstance(obj, dict):
-        raise MessageError(f"a message is a msgpack map, got {type(obj).__name__}")
+        raise MessageError(f"a message is a msgpack array or map, got {type(obj).__name__}")
     version = obj.get("v")
     if type(version) is not int or version != WIRE_VERSION:  # not 1.0, not True: the int itself
         raise MessageError(f"wire version {version!r}, this code speaks {WIRE_VERSION}")

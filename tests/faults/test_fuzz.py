@@ -17,7 +17,7 @@ from edge.exits import decide
 from pipeline.offline import evaluation
 from pipeline.wire import names
 from pipeline.wire.control import ShedNotice
-from pipeline.wire.messages import EXIT_NAMES, MAX_FRAME_ID, CameraObservation, FeatureTensor
+from pipeline.wire.messages import EXIT_NAMES, MAX_FRAME_ID, WIRE_VERSION, CameraObservation, FeatureTensor, unpack
 from tests.faults.harness import Publisher, wait_until
 
 pytestmark = pytest.mark.services
@@ -43,7 +43,8 @@ def not_a_valid_id(v) -> bool:
     return not (type(v) is int and 0 <= v < FORBIDDEN)
 
 
-VERSIONS = [1.0, True, False, 2, 0, -1, "1", b"\x01", None, 2**64 - 1, [1], {"v": 1}]
+VERSIONS = [float(WIRE_VERSION), True, False, WIRE_VERSION - 1, WIRE_VERSION + 1, 0, -1, str(WIRE_VERSION), b"\x02", None,
+            2**64 - 1, [WIRE_VERSION], {"v": WIRE_VERSION}]
 HUGE_IDS = [MAX_FRAME_ID, MAX_FRAME_ID + 1, 2**64 - 1, -(2**63), -1]
 KINDS = ["random", "flip", "truncate", "field", "feature_field", "version", "drop", "extra", "huge_id", "topic",
          "shed", "valid"]
@@ -53,7 +54,7 @@ def base_map(site: str, frame_id: int, camera: int, dtype: str) -> dict:
     g = torch.Generator().manual_seed(frame_id % 10_007 * 8 + camera)
     obs = CameraObservation(site, frame_id, camera, time.time(), 2, 0.4,
                             FeatureTensor.quantize(torch.randn(4, 8, 8, generator=g), dtype), 1)
-    return msgpack.unpackb(obs.encode(), raw=False)
+    return unpack(obs.encode())  # the named map (sent as the compact array; both are accepted)
 
 
 def pack(m: dict) -> bytes:

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.layers import forward_rows
 from pipeline.wire import names
-from pipeline.wire.messages import CameraObservation, Escalation, FeatureTensor
+from pipeline.wire.messages import CameraObservation, Escalation, FeatureTensor, unpack
 from tests.faults.harness import publish_raw, wait_until
 
 pytestmark = pytest.mark.services
@@ -28,7 +28,7 @@ def wire_map(site: str, frame_id: int, camera: int, shape=(4, 8, 8)) -> dict:
     g = torch.Generator().manual_seed(frame_id * 8 + camera)
     obs = CameraObservation(site, frame_id, camera, time.time(), 1, 0.5,
                             FeatureTensor.quantize(torch.randn(*shape, generator=g), "int8"), 3)
-    return msgpack.unpackb(obs.encode(), raw=False)
+    return unpack(obs.encode())  # the named map (sent as the compact array; both are accepted)
 
 
 def pack(m: dict) -> bytes:

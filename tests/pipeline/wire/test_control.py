@@ -3,6 +3,7 @@ import pytest
 
 from pipeline.errors import MessageError
 from pipeline.wire.control import MAX_SHED_IDS, FlowStatus, ShedNotice, SiteClock
+from pipeline.wire.messages import unpack
 
 
 def test_control_messages_round_trip():
@@ -33,7 +34,7 @@ def test_control_messages_refuse_bad_fields(build):
 
 
 def test_shed_notice_decode_refuses_a_tampered_map():
-    raw = msgpack.unpackb(ShedNotice("s", 3, (5,), "behind", 1.0).encode())
+    raw = unpack(ShedNotice("s", 3, (5,), "behind", 1.0).encode())
     raw["frame_ids"] = "5"
     with pytest.raises(MessageError):
         ShedNotice.decode(msgpack.packb(raw))

@@ -34,7 +34,8 @@ def obs(features=None, **changes):
 
 
 def wire(message) -> dict:
-    return msgpack.unpackb(message.encode(), raw=False)
+    """The message's named map (what `unpack` makes of the compact array it is sent as)."""
+    return unpack(message.encode())
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float16", "float32"])
@@ -232,7 +233,7 @@ def test_no_lua_script_builds_a_key():
         assert ".." not in script and "ada:" not in script, script
 
 
-@pytest.mark.parametrize("version", [1.0, True, "1", None, 2])
+@pytest.mark.parametrize("version", [float(WIRE_VERSION), True, str(WIRE_VERSION), None, WIRE_VERSION - 1, WIRE_VERSION + 1])
 def test_the_version_must_be_the_integer_itself(version):
     m = wire(obs())
     m["v"] = version
@@ -274,3 +275,52 @@ def test_int8_of_denormal_features_is_accepted():
     got = back.to_tensor()
     assert bool((got[0] == 0).all()) and torch.allclose(got[1], t[1], atol=1 / 254)
     assert torch.equal(got, quantize_roundtrip(t[None], "int8")[0])
+
+
+def test_messages_travel_as_the_compact_array_and_the_named_map_is_accepted_too():
+    o = obs(FeatureTensor.quantize(torch.randn(12, 8, 8), "int2"))
+    raw = o.encode()
+    arr = msgpack.unpackb(raw, raw=False)
+    assert arr[:2] == [WIRE_VERSION, "obs"] and len(arr) == 2 + len(CameraObservation.FIELDS)
+    assert arr[2 + CameraObservation.FIELDS.index("features")] == o.features.to_compact()
+    named = pack(o._wire())
+    assert CameraObservation.decode(raw) == CameraObservation.decode(named) == o
+    # the field names are what the compact form saves: every name once, the features' four too
+    saved = sum(len(n) + 1 for n in ("v", "t", *CameraObservation.FIELDS, *FeatureTensor.WIRE_FIELDS))
+    assert len(named) - len(raw) >= saved
+
+
+def test_every_message_class_round_trips_in_both_forms():
+    from pipeline.wire.control import ShedNotice
+    from pipeline.wire.messages import CameraFeatures, CameraSummary, FeatureRequest
+
+    f = FeatureTensor.quantize(torch.randn(12, 8, 8), "int1")
+    for m in (CameraSummary("s", 5, 1, 1.0, 3, 0.5, None), FeatureRequest("s", 5, (0, 3)),
+              CameraFeatures("s", 5, 1, f), Escalation("s", 1, (0, 2), 1.0, f, 0.5, 3, 7),
+              CameraStatus("s", 3, "online", 2.0), ShedNotice("s", 3, (5,), "behind", 1.0)):
+        assert type(m).decode(m.encode()) == m
+        assert type(m).decode(pack(m._wire())) == m
+
+
+@pytest.mark.parametrize("case", [
+    ("empty array", []),
+    ("version only", [WIRE_VERSION]),
+    ("wrong version", [WIRE_VERSION + 1, "obs"]),
+    ("unknown tag", [WIRE_VERSION, "nope", 1, 2]),
+    ("tag not text", [WIRE_VERSION, 7, 1]),
+    ("one field short", None),
+    ("one field extra", None),
+    ("features array of three", None),
+], ids=lambda c: c[0])
+def test_malformed_compact_arrays_are_refused(case):
+    name, arr = case
+    good = msgpack.unpackb(obs().encode(), raw=False)
+    feat = 2 + CameraObservation.FIELDS.index("features")
+    if name == "one field short":
+        arr = good[:-1]
+    elif name == "one field extra":
+        arr = [*good, 0]
+    elif name == "features array of three":
+        arr = [*good[:feat], good[feat][:3], *good[feat + 1:]]
+    with pytest.raises(MessageError):
+        CameraObservation.decode(pack(arr))
