@@ -57,7 +57,7 @@ from devices.site_signals import SiteSignals
 from devices.views import camera_view, normalize
 from pipeline.checkpoint import read_config
 from pipeline.compute import resolve_device, set_threads
-from pipeline.config import default_data_dir
+from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import SPLITS, Split, load_cifar10, to_float
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError, MessageError
@@ -101,7 +101,7 @@ class CameraConfig:
     start: int = 0  # first frame (index into the split)
     stop: int = 0  # one past the last frame; 0 = the end of the split
     fps: float = 0.0  # frames per second; 0 = as fast as possible
-    wire_dtype: str = field(default="int8", metadata={"choices": tuple(DTYPES)})  # dtype of the features on the wire
+    wire_dtype: str = field(default=MODEL_WIRE_DTYPE, metadata={"choices": (MODEL_WIRE_DTYPE, *DTYPES)})  # code of the features on the wire; model = the one the checkpoint was trained for (int8 if none)
     batch: int = 64  # frames per forward pass at fps 0
     device: str = "cpu"  # cpu, cuda or auto, for the camera modules
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -119,8 +119,8 @@ class CameraConfig:
 
     def __post_init__(self) -> None:
         names.check_site(self.site)
-        if self.wire_dtype not in DTYPES:
-            raise ValueError(f"wire_dtype must be one of {tuple(DTYPES)}, got {self.wire_dtype!r}")
+        if self.wire_dtype not in (MODEL_WIRE_DTYPE, *DTYPES):
+            raise ValueError(f"wire_dtype must be {MODEL_WIRE_DTYPE!r} or one of {tuple(DTYPES)}, got {self.wire_dtype!r}")
         if self.fps < 0 or self.batch < 1 or self.start < 0 or (self.stop and self.stop <= self.start):
             raise ValueError("need fps >= 0, batch >= 1 and 0 <= start < stop (stop 0 = end)")
         if not self.cameras:
@@ -198,6 +198,7 @@ class CameraFeed:
         self.split = split
         self.modules = {k: m.to(self.device).eval() for k, m in modules.items()}
         self.net = next(iter(modules.values())).cfg  # the network's ModelConfig
+        self.wire_dtype = resolve_wire_dtype(cfg.wire_dtype, self.net)
         self._init_feed(cfg, len(split), gate)
         self.lazy = resolve_upload(cfg.upload, self.net.has_camera_classifiers, cfg.site) == "lazy"
 
@@ -369,7 +370,7 @@ class CameraFeed:
                     out[i].append(CameraObservation(
                         cfg.site, f, k, captured_at[i],
                         None if logits is None else int(pred[i]), None if logits is None else float(ent[i]),
-                        FeatureTensor.quantize(feats[i], cfg.wire_dtype),
+                        FeatureTensor.quantize(feats[i], self.wire_dtype),
                         int(labels[f]) if cfg.labels else None))
                 except MessageError as err:
                     raise CameraError(cfg.site, f, f"cannot encode the observation: {err}", camera=k) from err

@@ -43,9 +43,9 @@ import torch
 
 from edge.exits import CLOUD, decide
 from edge.fusion import fuse
-from pipeline.checkpoint import git_commit, load_card
+from pipeline.checkpoint import git_commit, load_card, read_config
 from pipeline.compute import resolve_device, set_threads
-from pipeline.config import default_data_dir
+from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import Cifar10, Split, to_float
 from pipeline.fileio import write_json
 from pipeline.offline import evaluation, link
@@ -277,7 +277,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
     set_threads(args.threads)
     device = str(resolve_device(args.device))
-    wire = None if args.wire_dtype == "none" else args.wire_dtype
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else [])
     entries = []
     data_by_val: dict[int, Cifar10] = {}
@@ -286,6 +285,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         val_size = int(load_card(ckpt).get("train_config", {}).get("val_size", args.val_size))
         if val_size not in data_by_val:
             data_by_val[val_size] = load_cifar10(args.data, val_size=val_size)
+        wire = None if args.wire_dtype == "none" else resolve_wire_dtype(args.wire_dtype, read_config(ckpt))
         report, optimistic, run = evaluate_checkpoint(
             ckpt, data_by_val[val_size], wire_dtype=wire, policy=args.policy, min_edge_accuracy=args.min_edge_accuracy,
             min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, limit=args.limit, draws=args.draws,
@@ -326,9 +326,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=5000,
                    help="validation frames when the model card does not record them (default %(default)s)")
     p.add_argument("--limit", type=int, default=0, help="first N validation and N test frames only (0 = all)")
-    p.add_argument("--wire-dtype", choices=(*DTYPES, "none"), default=os.environ.get("ADA_DDNN_WIRE_DTYPE", "int8"),
-                   help="codec the camera features go through before fusion, as deployed; 'none' skips the "
-                        "codec (env ADA_DDNN_WIRE_DTYPE; default %(default)s)")
+    p.add_argument("--wire-dtype", choices=(MODEL_WIRE_DTYPE, *DTYPES, "none"),
+                   default=os.environ.get("ADA_DDNN_WIRE_DTYPE", MODEL_WIRE_DTYPE),
+                   help="codec the camera features go through before fusion, as deployed; 'model' is the one each "
+                        "checkpoint was trained for (int8 if none), 'none' skips the codec (env "
+                        "ADA_DDNN_WIRE_DTYPE; default %(default)s)")
     p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
                    help="threshold policy on validation: edge-accuracy = most frames at the edge with edge "
                         "accuracy >= --min-edge-accuracy (the model card's); min-edge-rate = best overall "

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -53,7 +54,7 @@ from devices.camera import UPLOADS, CameraConfig, CameraFeed, resolve_upload
 from edge.aggregator import Aggregator, EdgeConfig
 from pipeline.checkpoint import thresholds
 from pipeline.compute import set_threads
-from pipeline.config import default_data_dir
+from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import SPLITS, Cifar10
 from pipeline.errors import ReplayError
 from pipeline.fileio import write_json
@@ -87,7 +88,7 @@ class ReplayConfig:
     start: int = 0  # first frame of the split
     n: int = 1000  # frames to replay; 0 = to the end of the split
     fps: float = 0.0  # frames per second; 0 = as fast as possible
-    wire_dtype: str = field(default="int8", metadata={"choices": tuple(DTYPES)})  # dtype of the features on the wire
+    wire_dtype: str = field(default=MODEL_WIRE_DTYPE, metadata={"choices": (MODEL_WIRE_DTYPE, *DTYPES)})  # code of the features on the wire; model = the one the checkpoint was trained for (int8 if none)
     upload: str = field(default="auto", metadata={"choices": UPLOADS})  # the cameras' upload: lazy (summaries, features when the edge asks), eager (features always), auto (lazy for ADA-DDNN, eager for DDNN)
     request_deadline_ms: int = 1000  # lazy upload: the edge decides a frame this long (ms) after asking for its features, with those that came
     early_exit1: bool = True  # lazy upload: the edge claims a frame at its first summary under T1 (off: waits for all summaries or the deadline)
@@ -116,8 +117,8 @@ class ReplayConfig:
     metrics_port: int = 0  # first of consecutive ports the roles serve Prometheus /metrics on (cloud workers, then aggregators, then cameras); 0 = off
 
     def __post_init__(self) -> None:
-        if self.wire_dtype not in DTYPES:
-            raise ValueError(f"wire_dtype must be one of {tuple(DTYPES)}")
+        if self.wire_dtype not in (MODEL_WIRE_DTYPE, *DTYPES):
+            raise ValueError(f"wire_dtype must be {MODEL_WIRE_DTYPE!r} or one of {tuple(DTYPES)}")
         if self.aggregators < 1 or self.workers < 1 or self.window < 1 or self.n < 0 or self.sites < 1:
             raise ValueError("need at least one aggregator, one worker, one site, window >= 1 and n >= 0")
         if self.overload_lag_ms < 1:
@@ -169,6 +170,7 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
         raise ReplayError("role processes read the frames from --data on disk: replay in-memory data with "
                           "processes=False")
     model = model if model is not None else load_checkpoint(cfg.checkpoint)
+    cfg = dataclasses.replace(cfg, wire_dtype=resolve_wire_dtype(cfg.wire_dtype, model.cfg))  # the report names the code
     data = data if data is not None else load_cifar10(cfg.data)
     split = data.split(cfg.split)
     t1, t2 = thresholds(cfg.checkpoint, model.cfg, cfg.t1, cfg.t2)
