@@ -210,6 +210,8 @@ def evaluate_checkpoint(
     cloud_only = evaluation.cloud_only_accuracy(c)
     report = {
         "mode": model.cfg.mode,
+        "fusion": model.cfg.fusion,
+        "trained_wire_dtype": model.cfg.wire_dtype,
         "checkpoint": checkpoint,
         "split": "test",
         "n": len(test),
@@ -277,7 +279,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
     set_threads(args.threads)
     device = str(resolve_device(args.device))
-    runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else [])
+    runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else []) \
+        + [(f"also{i}", ckpt) for i, ckpt in enumerate(args.also)]
     entries = []
     data_by_val: dict[int, Cifar10] = {}
     for sub, ckpt in runs:
@@ -297,7 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         log.info("wrote %s", os.path.join(folder, "report.json"))
         entries.append({"report": report, "optimistic": optimistic, "run": run, "history": load_history(ckpt),
                         "card": load_card(ckpt)})
-    figures = write_figures(entries, os.path.join(args.out, "figures"))
+    figures = write_figures(entries[:2], os.path.join(args.out, "figures"))  # the checkpoint and its baseline
     written = [os.path.join(args.out, "RESULTS.md")] + ([args.results] if args.results else [])
     for path in written:
         page_figures = dict(figures)
@@ -346,6 +349,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the missing_n draws")
     p.add_argument("--bytes-sample", type=int, default=500,
                    help="test frames whose messages are encoded for bytes_per_frame (0 = all; default %(default)s)")
+    p.add_argument("--also", nargs="+", default=[], metavar="CHECKPOINT",
+                   help="more checkpoints, e.g. the same recipe with --fusion max: evaluated the same way, rows "
+                        "of the page's tables (not of its figures or of the link comparison), reports in "
+                        "OUT/also0/, OUT/also1/, ...")
     p.add_argument("--results", default="",
                    help="also write the results page here, e.g. docs/RESULTS.md for a release (default: only "
                         "OUT/RESULTS.md)")

@@ -28,11 +28,17 @@ DPI = 120  # pixels per inch of the saved PNGs
 
 
 def label(entry: dict, entries: list[dict]) -> str:
-    """ADA-DDNN / DDNN; a second checkpoint of the same mode is told apart as the baseline."""
+    """ADA-DDNN / DDNN; checkpoints of the same mode are told apart by their fusion when it
+    differs ("ADA-DDNN, max fusion"), else a second one as the baseline."""
     mode = entry["report"]["mode"]
     name = NAMES.get(mode, mode)
     same = [e for e in entries if e["report"]["mode"] == mode]
-    return name if len(same) == 1 or same[0] is entry else f"{name} (baseline)"
+    if len(same) == 1:
+        return name
+    fusions = {e["report"].get("fusion") for e in same}
+    if len(fusions) > 1:
+        return f"{name}, {entry['report'].get('fusion')} fusion"
+    return name if same[0] is entry else f"{name} (baseline)"
 
 
 def _color(entry: dict, entries: list[dict]) -> str:

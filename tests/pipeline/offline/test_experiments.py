@@ -15,7 +15,7 @@ from tests.helpers import tiny_config
 
 VAL = 40  # validation frames held out of the 100 training images of the tiny layout
 
-REPORT_KEYS = {"mode", "checkpoint", "split", "n", "thresholds", "exit_rate", "accuracy", "bytes_per_frame",
+REPORT_KEYS = {"mode", "fusion", "trained_wire_dtype", "checkpoint", "split", "n", "thresholds", "exit_rate", "accuracy", "bytes_per_frame",
                "missing_one", "missing_n", "sweep", "link"}
 LINK_KEYS = {"uploads", "default_upload", "sample", "dtypes", "reference", "pareto", "equal_accuracy", "val_front"}
 THRESHOLD_KEYS = {"t1", "t2", "chosen_on", "policy"}
@@ -165,3 +165,24 @@ def test_evaluate_one_checkpoint_with_another_policy_and_codec(setup, capsys):
     assert "cloud-only" in report["thresholds"]["policy"]
     assert json.loads((out / "run.json").read_text())["wire_dtype"] == "float16"
     assert not os.path.exists(out / "baseline")
+
+
+def test_evaluate_also_rows_name_their_fusion_and_use_their_trained_code(setup, capsys):
+    """The paper's comparison beside ours: a max-fusion, 2-bit-trained checkpoint as an extra row."""
+    root, ckpts = setup
+    data = load_cifar10(str(root / "data"), val_size=VAL)
+    extra = str(root / "ada-max-int2.safetensors")
+    train(tiny_config(fusion="max", wire_dtype="int2"), TrainConfig(epochs=1, batch_size=20, val_size=VAL,
+                                                                    augment=False), data, out_path=extra, progress=False)
+    out = root / "also"
+    rc = main(["evaluate", "--checkpoint", ckpts["ada"], "--baseline", ckpts["ddnn"], "--also", extra, "--out", str(out),
+               "--data", str(root / "data"), "--limit", "20", "--bytes-sample", "4", "--draws", "2", "--device", "cpu"])
+    assert rc == 0
+    assert len(json.loads(capsys.readouterr().out)["reports"]) == 3
+    report = json.loads((out / "also0" / "report.json").read_text())
+    assert (report["mode"], report["fusion"], report["trained_wire_dtype"]) == ("ada", "max", "int2")
+    assert json.loads((out / "also0" / "run.json").read_text())["wire_dtype"] == "int2"  # --wire-dtype model
+    assert json.loads((out / "run.json").read_text())["wire_dtype"] == "int8"  # trained without a code
+    page = (out / "RESULTS.md").read_text()
+    assert "| Ours, ADA-DDNN, max fusion |" in page and "| Ours, ADA-DDNN, concat fusion |" in page
+    assert "| Ours, DDNN |" in page

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The release evaluation and replay reports, from the release checkpoints in models/: what
+# docs/RESULTS.md, reports/release/, reports/link/ and the README's results table are made of.
+#
+#   bash scripts/release-reports.sh            # everything (about 20 minutes on 2 cores)
+#   bash scripts/release-reports.sh evaluate   # only the offline evaluation and docs/RESULTS.md
+#   bash scripts/release-reports.sh replays    # only the replays
+#
+# Every replay runs each role as a process with embedded Mosquitto and Redis (as `make replay`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+ADA=${ADA:-models/ada.safetensors}
+DDNN=${DDNN:-models/ddnn.safetensors}
+what=${1:-all}
+
+run() { echo "+ $*" >&2; "$@"; }
+
+if [[ $what == all || $what == evaluate ]]; then
+  run "$BIN/ada-ddnn" evaluate --checkpoint "$ADA" --baseline "$DDNN" --out reports/release/ --results docs/RESULTS.md
+fi
+
+if [[ $what == all || $what == replays ]]; then
+  R=("$BIN/ada-ddnn" replay --no-progress)
+  # The main job as `make replay` runs it (lazy upload, the trained wire code), and with two
+  # aggregators and two workers.
+  run "${R[@]}" --n 0 --checkpoint "$ADA" --json reports/release/replay.json
+  run "${R[@]}" --n 0 --checkpoint "$ADA" --aggregators 2 --workers 2 --json reports/release/replay_2x2.json
+  # The camera link: eager against lazy, every summary awaited (evaluate's exit mix exactly),
+  # DDNN (eager by necessity), and latency at 30 fps.
+  run "${R[@]}" --n 0 --checkpoint "$ADA" --upload eager --json reports/link/r10k_eager.json
+  run "${R[@]}" --n 0 --checkpoint "$ADA" --site eval --deadline-ms 200 --no-early-exit1 \
+    --json reports/link/r10k_agree.json
+  run "${R[@]}" --n 0 --checkpoint "$ADA" --wire-dtype int1 --json reports/link/r10k_lazy_int1.json
+  run "${R[@]}" --n 0 --checkpoint "$DDNN" --json reports/link/r10k_ddnn.json
+  run "${R[@]}" --n 1000 --fps 30 --checkpoint "$ADA" --json reports/release/replay_fps30.json
+  run "${R[@]}" --n 1000 --fps 30 --checkpoint "$ADA" --upload eager --json reports/link/f30_eager.json
+  run "${R[@]}" --n 1000 --fps 30 --checkpoint "$ADA" --no-early-exit1 --json reports/link/f30_lazy_noearly.json
+fi
