@@ -335,16 +335,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "checkpoint was trained for (int8 if none), 'none' skips the codec (env "
                         "ADA_DDNN_WIRE_DTYPE; default %(default)s)")
     p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
-                   help="threshold policy on validation: edge-accuracy = most frames at the edge with edge "
-                        "accuracy >= --min-edge-accuracy (the model card's); min-edge-rate = best overall "
+                   help="threshold policy on validation: exit1-first = most frames at exit 1 with edge accuracy "
+                        ">= --min-edge-accuracy and overall accuracy >= cloud-only - --epsilon (the model "
+                        "card's); edge-accuracy = most frames at the edge with edge "
+                        "accuracy >= --min-edge-accuracy; min-edge-rate = best overall "
                         "accuracy with >= --min-edge-rate at the edge; within-cloud = most frames at the edge "
                         "with overall accuracy >= cloud-only - --epsilon (default %(default)s)")
     p.add_argument("--min-edge-accuracy", type=float, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
-                   help="fraction, for --policy edge-accuracy (default %(default)s)")
+                   help="fraction, for --policy exit1-first and edge-accuracy (default %(default)s)")
     p.add_argument("--min-edge-rate", type=float, default=evaluation.DEFAULT_MIN_EDGE_RATE,
                    help="fraction of frames, for --policy min-edge-rate (default %(default)s)")
     p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,
-                   help="absolute accuracy, for --policy within-cloud (default %(default)s)")
+                   help="absolute accuracy, for --policy exit1-first and within-cloud (default %(default)s)")
     p.add_argument("--draws", type=int, default=5, help="random camera sets per n for missing_n (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the missing_n draws")
     p.add_argument("--bytes-sample", type=int, default=500,

@@ -28,12 +28,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import git_commit
+from pipeline.checkpoint import card_path, git_commit, load_card
 from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import Cifar10, augment
 from pipeline.fileio import write_json
 from pipeline.offline.evaluation import (
+    DEFAULT_EPSILON,
+    DEFAULT_MIN_EDGE_ACCURACY,
+    DEFAULT_POLICY,
     Collected,
     choose_thresholds,
     classifier_accuracies,
@@ -43,6 +46,7 @@ from pipeline.offline.evaluation import (
 from pipeline.offline.network import (
     AdaDDNN,
     joint_loss,
+    load_checkpoint,
     parameter_count,
     prepare_views,
     sample_present,
@@ -221,6 +225,37 @@ def split_report(col: Collected, thresholds: dict) -> dict[str, Any]:
     """Per-exit metrics of a split's collected outputs with the given thresholds."""
     m = exit_metrics(col, thresholds["t1"], thresholds["t2"])
     return {"n": len(col), **classifier_accuracies(col), "exit_rate": m["exit_rate"], "accuracy": m["accuracy"]}
+
+
+def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accuracy: float = DEFAULT_MIN_EDGE_ACCURACY,
+           epsilon: float = DEFAULT_EPSILON, command: str | None = None, write: bool = False) -> dict[str, Any]:
+    """Choose a checkpoint's deployed thresholds again, on its validation split, by `policy`
+    (`evaluation.select_thresholds`), without retraining: the card's thresholds and its validation
+    and test reports as training would have written them with that policy. With `write`, the card
+    beside the checkpoint is rewritten, the thresholds it replaces kept in `retuned`. Returns the
+    new card. `data` must hold the validation split the run held out (its `val_size`)."""
+    model = load_checkpoint(path)
+    card = load_card(path)
+    tc = card.get("train_config") or {}
+    if card.get("data", {}).get("digest_sha256") not in (None, data.digest):
+        raise ValueError(f"{path} was trained on CIFAR-10 with digest {card['data']['digest_sha256']}, this copy is "
+                         f"{data.digest}")
+    if len(data.val) != tc.get("val_size", len(data.val)):
+        raise ValueError(f"{path} held out {tc['val_size']} validation frames; load the data with that val_size")
+    limit = int(tc.get("limit_eval", 0))
+    dtype = model.cfg.wire_dtype  # what the card's metrics see (float32 for a network trained without a code)
+    val_outputs = collect(model, data.val.head(limit), "cpu", wire_dtype=dtype)
+    thr = choose_thresholds(val_outputs, min_edge_accuracy=min_edge_accuracy, policy=policy, epsilon=epsilon)
+    previous = {"thresholds": card.get("thresholds"), "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **({"by": command} if command else {})}
+    new = {**card, "thresholds": thr, "validation": split_report(val_outputs, thr),
+           "test": split_report(collect(model, data.test.head(limit), "cpu", wire_dtype=dtype), thr),
+           "retuned": [*card.get("retuned", []), previous]}
+    if write:
+        write_json(card_path(path), new, indent=2)
+        log.info("%s: thresholds %s -> t1=%s t2=%s (%s)", card_path(path), card.get("thresholds"), thr["t1"], thr["t2"],
+                 thr["policy"])
+    return new
 
 
 def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.device, amp: bool,

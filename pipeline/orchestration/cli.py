@@ -87,6 +87,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_thresholds(args: argparse.Namespace) -> int:
+    from pipeline.checkpoint import load_card
+    from pipeline.offline.train import retune
+
+    card = load_card(args.checkpoint)
+    data = load_data(args, int((card.get("train_config") or {}).get("val_size", 5000)))
+    command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    new = retune(args.checkpoint, data, args.policy, args.min_edge_accuracy, args.epsilon, command, write=args.write)
+    print(json.dumps({"checkpoint": args.checkpoint, "before": card.get("thresholds"), "thresholds": new["thresholds"],
+                      "validation": new["validation"], "test": new["test"], "written": args.write}, indent=2))
+    return 0
+
+
+def register_thresholds(sub: argparse._SubParsersAction) -> None:
+    from pipeline.offline import evaluation
+
+    p = sub.add_parser("thresholds", help="choose a checkpoint's thresholds again on validation (--write: into its card)",
+                       description="Choose T1 and T2 again on the checkpoint's validation split by a threshold policy, "
+                                   "without retraining, and show what they give on validation and test; --write "
+                                   "puts them in the model card, which the edge and replay read (the thresholds they "
+                                   "replace are kept in the card's 'retuned').")
+    add_data_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors) with its model card beside it")
+    p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
+                   help="threshold policy (see ada-ddnn evaluate --help; default %(default)s)")
+    p.add_argument("--min-edge-accuracy", type=float, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
+                   help="fraction, for exit1-first and edge-accuracy (default %(default)s)")
+    p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,
+                   help="absolute accuracy, for exit1-first and within-cloud (default %(default)s)")
+    p.add_argument("--write", action="store_true", help="rewrite the model card with the new thresholds")
+    p.set_defaults(func=cmd_thresholds)
+
+
 def register_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train ADA-DDNN or DDNN jointly and write a checkpoint")
     add_data_args(p)
@@ -207,7 +240,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    register_data, register_train, register_export, experiments.register, register_bench,
+    register_data, register_train, register_thresholds, register_export, experiments.register, register_bench,
     camera.register, aggregator.register, worker.register, replay.register, status.register,
 )
 

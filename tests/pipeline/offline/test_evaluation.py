@@ -122,6 +122,28 @@ def test_policy_edge_accuracy():
     assert (t["t1"], t["t2"]) == (0.0, 0.0) and "unreachable" in t["policy"]
 
 
+def X(t, rate, exit1, edge_acc, overall):
+    return {"t1": t, "t2": t, "edge_rate": rate, "exit1_rate": exit1, "edge_acc": edge_acc, "overall": overall}
+
+
+def test_policy_exit1_first_takes_the_most_exit1_frames_that_keep_both_floors():
+    pts = [X(0.0, 0.90, 0.00, 0.91, 0.860),  # the most frames at the edge, no exit 1 (edge-accuracy's choice)
+           X(0.1, 0.88, 0.45, 0.91, 0.858),
+           X(0.2, 0.86, 0.55, 0.90, 0.852),  # more exit 1, but overall under cloud-only - epsilon
+           X(0.3, 0.80, 0.60, 0.89, 0.860),  # edge accuracy under the floor
+           X(0.4, 0.70, 0.45, 0.95, 0.865)]  # as many exit-1 frames as 0.1, fewer at the edge
+    t = select_thresholds(pts, "exit1-first", min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)
+    assert t["t1"] == 0.1 and "max exit-1 rate" in t["policy"]
+    assert select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90)["t1"] == 0.0
+    assert select_thresholds(pts, "exit1-first", min_edge_accuracy=0.90, epsilon=0.02, cloud_only=0.865)["t1"] == 0.2
+    t = select_thresholds(pts, "exit1-first", min_edge_accuracy=0.99, epsilon=0.01, cloud_only=0.865)
+    assert (t["t1"], t["t2"]) == (0.0, 0.0) and "unreachable" in t["policy"]
+    with pytest.raises(ValueError, match="cloud-only"):
+        select_thresholds(pts, "exit1-first")
+    ddnn = [{**p, "t1": None, "exit1_rate": 0.0} for p in pts]  # no exit 1: the most frames at the edge
+    assert select_thresholds(ddnn, "exit1-first", min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)["t2"] == 0.0
+
+
 def test_policy_min_edge_rate():
     assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.5)["t1"] == 0.2  # best overall at >= 50%
     assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.0)["t1"] == 0.1
@@ -144,7 +166,7 @@ def test_choose_thresholds_default_is_the_model_cards_policy():
     c = hand_made()
     t = evaluation.choose_thresholds(c)
     assert t["chosen_on"] == "validation"
-    assert t["policy"] == "max edge rate with edge accuracy >= 0.90"
+    assert t["policy"].startswith("max exit-1 rate with edge accuracy >= 0.90 and overall accuracy >= cloud-only")
     # within-cloud measures cloud-only on the same outputs: 0.75 here
     t = evaluation.choose_thresholds(c, policy="within-cloud", epsilon=0.0)
     assert exit_metrics(c, t["t1"], t["t2"])["accuracy"]["overall"] >= 0.75

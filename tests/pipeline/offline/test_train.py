@@ -157,3 +157,23 @@ def test_the_trained_wire_code_is_in_the_config_and_the_card(tmp_path):
     assert load_checkpoint(out).cfg.wire_dtype == "int2"
     card = load_card(out)
     assert card["config"]["wire_dtype"] == card["wire_dtype"] == "int2"
+
+
+def test_thresholds_are_chosen_again_into_the_card(tmp_path):
+    from pipeline.offline.train import retune
+
+    data = synthetic_cifar()
+    out = str(tmp_path / "r.safetensors")
+    train(tiny_config(), TrainConfig(epochs=1, batch_size=16, augment=False, val_size=len(data.val)), data,
+          out_path=out, progress=False)
+    before = load_card(out)
+    shown = retune(out, data, policy="min-edge-rate", command="ada-ddnn thresholds ...")
+    assert load_card(out) == before  # not written without write=True
+    new = retune(out, data, policy="min-edge-rate", command="ada-ddnn thresholds ...", write=True)
+    card = load_card(out)
+    assert card == new and card["thresholds"] == shown["thresholds"]
+    assert card["thresholds"]["policy"].startswith("max overall accuracy")
+    assert card["retuned"][-1]["thresholds"] == before["thresholds"]
+    assert card["test"]["exit_rate"] == shown["test"]["exit_rate"]
+    assert {k: card[k] for k in ("config", "train_config", "wall_time_s")} == \
+        {k: before[k] for k in ("config", "train_config", "wall_time_s")}
