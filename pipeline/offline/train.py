@@ -119,6 +119,7 @@ def train(
 
     With `out_path`, the run's state is written after every epoch; `resume` continues from it
     (same config, `tc.epochs` may be larger than before)."""
+    commit = git_commit()  # before the run: the tree may move on while it trains
     set_threads(tc.threads)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
@@ -206,7 +207,7 @@ def train(
             on_epoch(stats)
     model = model.to(memory_format=torch.contiguous_format)  # the layout it is deployed in, for the card's metrics
     wall = wall_before + time.time() - t_start
-    card = _model_card(model, tc, data, device, amp, wall, history)  # metrics in float32, as deployed
+    card = _model_card(model, tc, data, device, amp, wall, history, commit)  # metrics in float32, as deployed
     if resumed_at:
         card["resumed_after_epochs"] = resumed_at
     if command:
@@ -259,7 +260,7 @@ def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accu
 
 
 def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.device, amp: bool,
-                wall: float, history: list[EpochStats]) -> dict[str, Any]:
+                wall: float, history: list[EpochStats], commit: str | None) -> dict[str, Any]:
     val_split = data.val.head(tc.limit_eval)
     test_split = data.test.head(tc.limit_eval)
     dtype = model.cfg.wire_dtype  # the code it was trained for, the cameras' default
@@ -275,7 +276,7 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
         "device": dev_name,
         "bf16_autocast": amp,  # training only; the metrics below are computed in float32
         "wall_time_s": round(wall, 1),
-        "git_commit": git_commit(),
+        "git_commit": commit,  # HEAD when training started (the code that trained it)
         "torch": torch.__version__,
         "parameters": parameter_count(model),
         "thresholds": thresholds,
