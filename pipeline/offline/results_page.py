@@ -203,11 +203,13 @@ def communication(entries: list[dict]) -> list[str]:
             f"payload counted: ADA-DDNN {eager8:.0f} bytes per camera per frame with int8 features sent with every "
             f"observation (eager, the pipeline before lazy upload), {lazy8:.0f} with lazy upload, {lazy1:.0f} with "
             f"lazy upload and 1-bit codes"
+            + (f", {a_rows['int2']['bytes_per_camera_frame']['lazy']['all']:.0f} with lazy upload and 2-bit codes"
+               if "int2" in a_rows and a_rows["int2"]["bytes_per_camera_frame"].get("lazy") else "")
             + (f"; DDNN (eager) {d_rows['int1']['bytes_per_camera_frame']['eager']['all']:.0f} with 1-bit codes"
                if "int1" in d_rows else "")
             + f". Of a {a_rows['int1']['messages']['features']:.0f}-byte 1-bit feature message, "
-            f"{a_rows['int1']['messages']['codes']} bytes are codes and float16 scales; the rest is its msgpack map "
-            "(field names, site, frame id, camera, dtype, shape), as is all of a summary "
+            f"{a_rows['int1']['messages']['codes']} bytes are codes and float16 scales; the rest is its framing, a msgpack array "
+            "(version, type tag, site, frame id, camera, dtype, shape), as is all of a summary "
             f"({a_rows['int1']['messages']['summary']:.0f} bytes) and of a feature request "
             f"({a_rows['int1']['messages']['request']:.0f} bytes, received by every camera).",
             "",
