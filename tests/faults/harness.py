@@ -41,7 +41,7 @@ from redis.exceptions import RedisClusterException
 
 from pipeline.transport.redis_client import make_client
 from pipeline.wire import names
-from pipeline.wire.messages import Decision, MessageError
+from pipeline.wire.messages import Decision, MessageError, unpack
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 15.0  # a broker that does not accept connections by then failed
@@ -624,10 +624,14 @@ def dead_letter_frame(f: dict) -> int | None:
     m = re.search(r"\bframe (\d+)\b", f.get(b"reason", b"").decode(errors="replace"))
     if m:
         return int(m.group(1))
+    payload = f.get(b"payload", b"")
     try:
-        obj = msgpack.unpackb(f.get(b"payload", b""), raw=False, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - garbage stays garbage
-        return None
+        obj = unpack(payload)  # either wire form, as its named map
+    except MessageError:
+        try:
+            obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except Exception:  # noqa: BLE001 - garbage stays garbage
+            return None
     if isinstance(obj, dict) and type(obj.get("frame_id")) is int:
         return obj["frame_id"]
     return None

@@ -97,7 +97,7 @@ def fuzz_message(draw, site: str, unhashable_dtype: bool):
                                       f"ada/{site}/cam/99/obs", f"ada/{site}/cam/{cam}/shed"]))
     elif kind == "shed":
         ids = tuple(BASE_ID + i for i in draw(st.lists(st.integers(0, 600), min_size=1, max_size=5)))
-        notice = msgpack.unpackb(ShedNotice(site, cam, ids, "behind", time.time()).encode(), raw=False)
+        notice = unpack(ShedNotice(site, cam, ids, "behind", time.time()).encode())
         if draw(st.booleans()):
             key = draw(st.sampled_from(sorted(notice)))
             notice[key] = draw(JUNK.filter(not_a_valid_id))

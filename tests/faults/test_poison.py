@@ -200,7 +200,7 @@ def test_escalation_with_an_unhashable_dtype_does_not_kill_the_cloud(harness, st
     cloud = h.cloud(wait=True)
     ids = [900_020, 900_021]
     escs, _ = valid_escalations(stream_setup, h.site, ids)
-    bad = msgpack.unpackb(escs[0].encode(), raw=False)
+    bad = unpack(escs[0].encode())  # the named map
     bad["frame_id"], bad["features"]["dtype"] = 900_022, {"int8": 1}  # a msgpack map where a string belongs
     xadd_all(h.admin(), h.site, [{"frame": ids[0], "msg": escs[0].encode()}, {"frame": 900_022, "msg": pack(bad)},
                                  {"frame": ids[1], "msg": escs[1].encode()}])
