@@ -58,14 +58,15 @@ class AdaDDNN(nn.Module):
         fused = fuse(features, present, self.cfg.fusion)
         return fused, self.edge(fused), self.cloud(fused)
 
+    def coded(self, x: torch.Tensor) -> torch.Tensor:
+        """N x K x ... features through the wire codec of `cfg.wire_dtype` with a straight-through
+        gradient; float32 (no codec) returns x itself, its dtype kept under autocast."""
+        return x if self.cfg.wire_dtype == "float32" else quantize_roundtrip(x, self.cfg.wire_dtype, ste=True)
+
     def wire(self, features: torch.Tensor) -> torch.Tensor:
-        """N x cams x K x S x S camera features as the edge receives them in `cfg.wire_dtype`, with a
-        straight-through gradient (the identity for float32)."""
-        if self.cfg.wire_dtype == "float32":
-            return features
+        """N x cams x K x S x S camera features as the edge receives them (each camera's tensor coded)."""
         n, cams = features.shape[:2]
-        flat = features.reshape(n * cams, *features.shape[2:])
-        return quantize_roundtrip(flat, self.cfg.wire_dtype, ste=True).reshape(features.shape)
+        return self.coded(features.reshape(n * cams, *features.shape[2:])).reshape(features.shape)
 
     def forward(self, views: torch.Tensor, present: torch.Tensor | None = None) -> Outputs:
         """The whole network as trained: camera features through the wire codec (`wire`) into the
@@ -75,9 +76,7 @@ class AdaDDNN(nn.Module):
             present = torch.ones(views.shape[:2], dtype=torch.bool, device=views.device)
         features, cam_logits = self.run_cameras(views)
         fused = fuse(self.wire(features), present, self.cfg.fusion)
-        escalated = fused if self.cfg.wire_dtype == "float32" else \
-            quantize_roundtrip(fused, self.cfg.wire_dtype, ste=True)
-        return Outputs(features, cam_logits, present, fused, self.edge(fused), self.cloud(escalated))
+        return Outputs(features, cam_logits, present, fused, self.edge(fused), self.cloud(self.coded(fused)))
 
 
 def prepare_views(cfg: ModelConfig, scenes: torch.Tensor) -> torch.Tensor:

@@ -243,15 +243,12 @@ def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accu
                          f"{data.digest}")
     if len(data.val) != tc.get("val_size", len(data.val)):
         raise ValueError(f"{path} held out {tc['val_size']} validation frames; load the data with that val_size")
-    limit = int(tc.get("limit_eval", 0))
-    dtype = model.cfg.wire_dtype  # what the card's metrics see (float32 for a network trained without a code)
-    val_outputs = collect(model, data.val.head(limit), "cpu", wire_dtype=dtype)
-    thr = choose_thresholds(val_outputs, min_edge_accuracy=min_edge_accuracy, policy=policy, epsilon=epsilon)
+    metrics = card_metrics(model, data, int(tc.get("limit_eval", 0)), torch.device("cpu"),
+                           policy=policy, min_edge_accuracy=min_edge_accuracy, epsilon=epsilon)
+    thr = metrics["thresholds"]
     previous = {"thresholds": card.get("thresholds"), "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **({"by": command} if command else {})}
-    new = {**card, "thresholds": thr, "validation": split_report(val_outputs, thr),
-           "test": split_report(collect(model, data.test.head(limit), "cpu", wire_dtype=dtype), thr),
-           "retuned": [*card.get("retuned", []), previous]}
+    new = {**card, **metrics, "retuned": [*card.get("retuned", []), previous]}
     if write:
         write_json(card_path(path), new, indent=2)
         log.info("%s: thresholds %s -> t1=%s t2=%s (%s)", card_path(path), card.get("thresholds"), thr["t1"], thr["t2"],
@@ -259,17 +256,23 @@ def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accu
     return new
 
 
+def card_metrics(model: AdaDDNN, data: Cifar10, limit_eval: int, device: torch.device, **policy: Any) -> dict[str, Any]:
+    """What a model card says of the deployed network: the thresholds chosen on validation
+    (`choose_thresholds`, its default policy unless `policy` says otherwise), the wire code the
+    metrics see (the one it was trained for) and the validation and test reports, float32."""
+    dtype = model.cfg.wire_dtype
+    val_outputs = collect(model, data.val.head(limit_eval), device, wire_dtype=dtype)
+    thresholds = choose_thresholds(val_outputs, **policy)
+    return {"thresholds": thresholds, "validation": split_report(val_outputs, thresholds), "wire_dtype": dtype,
+            "test": split_report(collect(model, data.test.head(limit_eval), device, wire_dtype=dtype), thresholds)}
+
+
 def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.device, amp: bool,
                 wall: float, history: list[EpochStats], commit: str | None) -> dict[str, Any]:
-    val_split = data.val.head(tc.limit_eval)
-    test_split = data.test.head(tc.limit_eval)
-    dtype = model.cfg.wire_dtype  # the code it was trained for, the cameras' default
-    val_outputs = collect(model, val_split, device, wire_dtype=dtype)  # float32 arithmetic, as deployed
-    thresholds = choose_thresholds(val_outputs)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
-        "data": {"digest_sha256": data.digest, "train": len(data.train.head(tc.limit_train)), "val": len(val_split),
-                 "test": len(test_split)},
+        "data": {"digest_sha256": data.digest, "train": len(data.train.head(tc.limit_train)),
+                 "val": len(data.val.head(tc.limit_eval)), "test": len(data.test.head(tc.limit_eval))},
         "train_config": tc.to_dict(),
         "seed": tc.seed,
         "epochs": tc.epochs,
@@ -279,9 +282,6 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
         "git_commit": commit,  # HEAD when training started (the code that trained it)
         "torch": torch.__version__,
         "parameters": parameter_count(model),
-        "thresholds": thresholds,
-        "validation": split_report(val_outputs, thresholds),
-        "wire_dtype": dtype,  # the metrics above and below see the features through this code
-        "test": split_report(collect(model, test_split, device, wire_dtype=dtype), thresholds),
+        **card_metrics(model, data, tc.limit_eval, device),  # thresholds, validation, wire_dtype, test
         "final_epoch": history[-1].__dict__ if history else None,
     }
