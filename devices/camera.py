@@ -37,6 +37,10 @@ while one reports --shed-lag-ms or more, the cameras send only a share of their 
 follows that lag (`admit`), or with --overload wait hold back. Every frame a camera does not
 send is named, by id and reason, in a ShedNotice on `ada/{site}/cam/{k}/shed`, which the edge
 records in `ada:{site}:losses`.
+
+Broker crash: a QoS 1 PUBACK means the broker holds a message in memory, not on disk. After a
+reconnect each camera publishes again what the broker acknowledged in the last --resend-ms before
+the connection was lost (`MqttClient(resend_s=...)`); the edge drops what it already has.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class CameraConfig:
     feature_cache: int = 4096  # lazy upload: frames whose encoded features each camera keeps for the edge's requests, at most
     feature_ttl_ms: int = 10_000  # lazy upload: how long (ms) a camera keeps a frame's features; keep it above the edge's deadline + request deadline + its lag
     linger_ms: int = 2000  # lazy upload: after the last frame, keep answering requests until none came for this long (ms)
+    resend_ms: int = 10_000  # after a reconnect, publish again what the broker acknowledged this long (ms) before the connection was lost: a broker that crashed lost what it had not saved (keep it above Mosquitto's autosave_interval); 0 = off
 
     def __post_init__(self) -> None:
         names.check_site(self.site)
@@ -131,8 +136,8 @@ class CameraConfig:
             raise ValueError("need max_lag_ms >= 1, shed_lag_ms >= 0 and overload 'shed' or 'wait'")
         if self.upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}, got {self.upload!r}")
-        if self.feature_cache < 1 or self.feature_ttl_ms < 1 or self.linger_ms < 0:
-            raise ValueError("need feature_cache >= 1, feature_ttl_ms >= 1 and linger_ms >= 0")
+        if self.feature_cache < 1 or self.feature_ttl_ms < 1 or self.linger_ms < 0 or self.resend_ms < 0:
+            raise ValueError("need feature_cache >= 1, feature_ttl_ms >= 1, linger_ms >= 0 and resend_ms >= 0")
         check_metrics_port(self.metrics_port)
 
 
@@ -230,6 +235,7 @@ class CameraFeed:
                sample("ada_camera_feature_bytes", st.feature_bytes,
                        site=site),
                sample("ada_camera_request_misses", st.request_misses, site=site)]
+        out.append(sample("ada_camera_resent", sum(c.resent for c in self.clients.values()), site=site))
         out += [sample("ada_frames_shed", n, site=site,
                         reason=r) for r, n in dict(st.shed).items()]
         clients = list(self.clients.values())
@@ -258,7 +264,8 @@ class CameraFeed:
 
             self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=on_connect,
                                           on_message=self.on_control if control else None,
-                                          will=(names.status_topic(site, k), offline))
+                                          will=(names.status_topic(site, k), offline),
+                                          resend_s=self.cfg.resend_ms / 1000)
 
     def on_control(self, msg: mqtt.MQTTMessage) -> None:
         """The site's control topics (paho's network thread): feature requests, else the clock and

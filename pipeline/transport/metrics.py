@@ -109,6 +109,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_camera_published": ("counter", "observations published"),
     "ada_camera_refused": ("counter", "observations dropped: too many waited for the broker"),
     "ada_camera_request_misses": ("counter", "lazy upload: features asked for and no longer kept"),
+    "ada_camera_resent": ("counter", "messages the broker had acknowledged, published again after a reconnect"),
     "ada_cloud_batches": ("counter", "forward passes"),
     "ada_dead_letters": ("counter", "messages and frames sent to the dead letters"),
     "ada_edge_block_runs": ("counter", "frames the edge block ran on"),

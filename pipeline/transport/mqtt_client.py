@@ -13,6 +13,14 @@ with the broker. `receive_maximum` caps the unacknowledged messages the broker s
 flow control), so the network thread never waits on a full queue. With `session_expiry_s` > 0
 the session (subscriptions and queued QoS 1 messages) survives a disconnect of that long.
 
+A PUBACK only says the broker has the message in memory: a broker SIGKILLed before it delivered
+or saved it (Mosquitto saves every `autosave_interval`) loses it. With `resend_s` > 0 the client
+keeps what it published (QoS 1, not retained) for that long, and after a reconnect publishes
+again those the broker had acknowledged in the last `resend_s` before the connection was lost
+(paho itself resends the unacknowledged ones). Receivers must drop duplicates (the edge does:
+a frame's observation is stored once, and one for a decided frame is counted late). Cameras use
+it, so that a broker crash loses no observation the broker had not yet saved.
+
 A refused login or a TLS mismatch fails the first connect at once with a clear error: those
 never heal by retrying.
 """
@@ -43,6 +51,7 @@ BACKOFF_MAX_S = 5.0  # cap of the exponential backoff between retries
 MQTT_KEEPALIVE_S = 15  # a dead connection is noticed within 1.5x this
 MAX_QUEUED = 100_000  # QoS 1 publishes kept while the broker is away; beyond, publish refuses (counted)
 PRUNE_EVERY = 1000  # publishes between two prunings of the acknowledged ones (amortized: O(1) a publish)
+MAX_RESEND = 100_000  # publishes kept for a resend after a reconnect, at most (the oldest go first)
 MAX_INFLIGHT = 1000  # QoS 1 publishes sent and not yet acknowledged (paho's default of 20 caps a camera at ~20 per round trip)
 FATAL_CONNACK = ("Bad user name or password", "Not authorized", "Banned", "Client identifier not valid",
                  "Bad authentication method")
@@ -111,7 +120,8 @@ class MqttClient:
 
     def __init__(self, url: str, client_id: str, *, on_connect: Callable[[mqtt.Client], None] | None = None,
                  on_message: Callable[[mqtt.MQTTMessage], None] | None = None, will: tuple[str, bytes] | None = None,
-                 manual_ack: bool = False, receive_maximum: int | None = None, session_expiry_s: int = 0) -> None:
+                 manual_ack: bool = False, receive_maximum: int | None = None, session_expiry_s: int = 0,
+                 resend_s: float = 0.0) -> None:
         self.url, self.client_id = parse_mqtt_url(url), client_id
         self._on_connect, self._on_message = on_connect, on_message
         self.session_expiry_s, self.receive_maximum = session_expiry_s, receive_maximum
@@ -125,6 +135,11 @@ class MqttClient:
         self._prune_at = PRUNE_EVERY
         self._lock = threading.Lock()
         self._ever_connected = False
+        self.resend_s = resend_s
+        self.resent = 0  # acknowledged publishes sent again after reconnects (`resend_s`)
+        # (monotonic time, topic, payload, qos, info) of the publishes kept for a resend, oldest first
+        self._sent: collections.deque[tuple[float, str, bytes, int, mqtt.MQTTMessageInfo]] = collections.deque()
+        self._lost_at: float | None = None  # monotonic time the connection was lost (None: connected)
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         c.reconnect_delay_set(min_delay=1, max_delay=int(BACKOFF_MAX_S))
         c.max_queued_messages_set(MAX_QUEUED)
@@ -160,10 +175,39 @@ class MqttClient:
                 self._on_connect(c)
         except Exception:  # noqa: BLE001 - a callback error must be logged, never swallowed silently
             log.exception("MQTT %s: on_connect failed", self.client_id)
+        if self.resend_s > 0 and self._lost_at is not None:
+            self._resend()
+        self._lost_at = None
         self.connected.set()
+
+    def _resend(self) -> None:
+        """After a reconnect: publish again what the broker acknowledged in the last `resend_s`
+        before the connection was lost (it may have died with them unsaved)."""
+        assert self._lost_at is not None
+        since = self._lost_at - self.resend_s
+        with self._lock:
+            kept = [e for e in self._sent if e[0] >= since]
+            self._sent.clear()
+        again, n = [], 0
+        for t, topic, payload, qos, info in kept:
+            if info._published:  # acknowledged; paho resends the unacknowledged ones itself
+                info = self.client.publish(topic, payload, qos=qos)
+                n += 1
+                with self._lock:
+                    self._pending.append(info)
+            again.append((t, topic, payload, qos, info))
+        with self._lock:
+            self._sent.extendleft(reversed(again))  # before anything published meanwhile
+        self.resent += n
+        if n:
+            log.warning("MQTT %s: published again %d messages the broker acknowledged in the last %.1f s before the "
+                        "connection was lost (it may have lost them; receivers drop duplicates)", self.client_id, n,
+                        self.resend_s)
 
     def _disconnected(self, c: mqtt.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self.connected.clear()
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
         if not self._ever_connected and self._refusal is None:
             self._refusal = f"closed before answering ({reason_code})"
         if reason_code != 0:
@@ -246,7 +290,19 @@ class MqttClient:
                 self._pending.append(info)
                 if len(self._pending) >= self._prune_at:  # a role that never asks must not keep them all
                     self._prune()
+                if self.resend_s > 0 and not retain:
+                    self._keep(topic, payload, qos, info)
         return True
+
+    def _keep(self, topic: str, payload: bytes, qos: int, info: mqtt.MQTTMessageInfo) -> None:
+        """Keep a publish for `_resend` (caller holds the lock); forget those older than `resend_s`
+        before now, or before the loss of the connection while it is lost."""
+        now = time.monotonic()
+        self._sent.append((now, topic, payload, qos, info))
+        lost = self._lost_at
+        horizon = (now if lost is None else lost) - self.resend_s
+        while self._sent and (self._sent[0][0] < horizon or len(self._sent) > MAX_RESEND):
+            self._sent.popleft()
 
     def ack(self, msg: mqtt.MQTTMessage, generation: int) -> None:
         """Acknowledge a QoS 1 message received on connection `generation` (with manual_ack): the

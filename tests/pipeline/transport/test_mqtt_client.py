@@ -136,3 +136,42 @@ def test_acknowledged_publishes_are_forgotten_without_anyone_asking(brokers, sit
         assert c.wait_confirmed(10) and c.unconfirmed == 0
     finally:
         c.close()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("resend_s", [10.0, 0.0], ids=["resend", "no-resend"])
+def test_acknowledged_publishes_a_killed_broker_lost_are_sent_again(tmp_path, resend_s):
+    # A subscriber's persistent session is saved (graceful restart); then, while it is away, 50
+    # messages are published and acknowledged, and the broker is SIGKILLed before it saves them
+    # (autosave once an hour). After the restart only the publisher's resend brings them back.
+    from tests.faults.harness import Mosquitto, wait_until
+
+    broker = Mosquitto(tmp_path / "mosquitto", autosave_interval_s=3600).start()
+    got: list[bytes] = []
+    try:
+        sub = MqttClient(broker.url, "resend-sub", on_message=lambda m: got.append(m.payload),
+                         on_connect=lambda c: c.subscribe("t/resend", qos=1), session_expiry_s=600).connect()
+        sub.close()
+        broker.terminate()  # a clean stop saves the subscriber's session
+        broker.start()
+        pub = MqttClient(broker.url, "resend-pub", resend_s=resend_s).connect()
+        for i in range(50):
+            assert pub.publish("t/resend", str(i).encode(), qos=1)
+        assert pub.wait_confirmed(10)
+        broker.restart(down_s=0.2)  # SIGKILL: the 50 queued for the subscriber were never saved
+        wait_until(lambda: pub.connected.is_set() and pub.reconnects == 1, 30, "the publisher's reconnect")
+        sub = MqttClient(broker.url, "resend-sub", on_message=lambda m: got.append(m.payload),
+                         on_connect=lambda c: c.subscribe("t/resend", qos=1), session_expiry_s=600).connect()
+        if resend_s:
+            wait_until(lambda: len(set(got)) == 50, 10, "the 50 messages")
+            assert sorted(set(got), key=int) == [str(i).encode() for i in range(50)]
+            assert pub.resent == 50 and pub.wait_confirmed(10)
+        else:
+            marker = pub.publish("t/resend", b"marker", qos=1)
+            assert marker
+            wait_until(lambda: b"marker" in got, 10, "the marker")
+            assert got == [b"marker"] and pub.resent == 0  # the 50 are gone without the resend
+        pub.close()
+        sub.close()
+    finally:
+        broker.terminate()
