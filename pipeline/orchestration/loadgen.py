@@ -14,6 +14,7 @@ broker alone: QoS 1 messages of the same size, no model. Each prints one JSON li
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import threading
@@ -26,26 +27,33 @@ from devices.camera import CameraConfig, CameraFeed
 from pipeline.settings import add_config_args, config_from_args
 from pipeline.transport.mqtt_client import MqttClient
 from pipeline.wire import names
-
-STAMPED = ("site", "frame_id", "captured_at")  # the fields a load generator writes as it sends
+from pipeline.wire.messages import WIRE_VERSION, CameraObservation
 
 
 class PreEncodedFeed(CameraFeed):
     """A camera feed whose observations were encoded beforehand (wire maps of real ones). To
-    cost the generator as little as possible, each message is its template's packed fields plus
-    the three it stamps (msgpack maps do not depend on key order), all cameras share one MQTT
-    connection, and no camera status is published."""
+    cost the generator as little as possible, each message is sent in the compact form cameras
+    send (`CameraObservation.encode`), assembled from its template's packed fields around the
+    two it stamps (frame id and capture time); all cameras share one MQTT connection, and no
+    camera status is published."""
 
     def __init__(self, cfg: CameraConfig, templates: list[dict[int, dict[str, Any]]]) -> None:
         self._init_feed(cfg, cfg.stop or 1 << 62, None)
-        site = msgpack.packb("site") + msgpack.packb(cfg.site)
-        self.parts = [{k: self._packed_rest(wire) + site for k, wire in frame.items()} for frame in templates]
+        self.parts = [{k: self._packed(wire, cfg.site) for k, wire in frame.items()} for frame in templates]
 
     @staticmethod
-    def _packed_rest(wire: dict[str, Any]) -> bytes:
-        rest = {k: v for k, v in wire.items() if k not in STAMPED}
-        header = msgpack.packb({k: None for k in wire})[:1]  # a fixmap header for every field
-        return header + b"".join(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in rest.items())
+    def _packed(wire: dict[str, Any], site: str) -> tuple[bytes, bytes, bytes]:
+        """The compact message of an observation's wire map, site `site`, in three pieces: what
+        comes before the frame id, between it and the capture time, and after the capture time."""
+        obs = CameraObservation._from_map({**wire, "site": site})
+        values = [WIRE_VERSION, obs.TAG, *obs._values(compact=True)]
+        at = {name: 2 + i for i, name in enumerate(obs.FIELDS)}
+        fid, cap = at["frame_id"], at["captured_at"]
+        assert cap == fid + 2, "the stamped fields are frame_id, camera, captured_at in that order"
+        pack = functools.partial(msgpack.packb, use_bin_type=True)
+        head = pack([None] * len(values))[:-len(values)]  # the array header alone
+        return (head + b"".join(pack(v) for v in values[:fid]), pack(values[fid + 1]),
+                b"".join(pack(v) for v in values[cap + 1:]))
 
     def connect(self) -> None:
         shared = MqttClient(self.cfg.mqtt_url, f"{self.cfg.site}-loadgen-{id(self):x}", on_message=self.signals.on_message,
@@ -62,12 +70,11 @@ class PreEncodedFeed(CameraFeed):
         self.clients = {}
 
     def encode(self, ids: list[int], captured_at: list[float]) -> list[list[tuple[int, bytes]]]:
-        frame_key, at_key = msgpack.packb("frame_id"), msgpack.packb("captured_at")
         out = []
         for frame_id, at in zip(ids, captured_at):
             parts = self.parts[frame_id % len(self.parts)]
-            stamp = frame_key + msgpack.packb(frame_id) + at_key + msgpack.packb(float(at))
-            out.append([(k, parts[k] + stamp) for k in self.cfg.cameras])
+            fid, cap = msgpack.packb(frame_id), msgpack.packb(float(at))
+            out.append([(k, parts[k][0] + fid + parts[k][1] + cap + parts[k][2]) for k in self.cfg.cameras])
         return out
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import torch
 
 from devices.camera import CameraConfig
@@ -17,6 +19,7 @@ def test_pre_encoded_observations_decode_as_the_real_ones(tmp_path):
         for k, raw in frame:
             got = CameraObservation.decode(raw)  # the edge's own validation accepts it
             real = frames[frame_id % 3][k]
+            assert raw == dataclasses.replace(real, site="lab-2", frame_id=frame_id, captured_at=at).encode()
             assert (got.site, got.frame_id, got.camera, got.captured_at) == ("lab-2", frame_id, k, at)
             assert (got.prediction, got.entropy, got.features, got.label) == (real.prediction, real.entropy,
                                                                               real.features, real.label)
