@@ -175,9 +175,10 @@ return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit),
         redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)}
 """
 
-# KEYS: pending zset, frame hash, decided marker, claimed zset, claimed frame hash
+# KEYS: pending zset, frame hash, decided marker, claimed zset, claimed frame hash, counters
 # ARGV: frame id, owner, decided ttl ms, lease ms
-# {'claimed', observations} when this call claimed the frame; {'gone'} when it is no longer due
+# {'claimed', observations} when this call claimed the frame (counted in `deadline_claims`: frames
+# decided with the cameras that had come by the deadline); {'gone'} when it is no longer due
 # (another aggregator's sweep or its last observation claimed it since DUE_FRAMES read it) or
 # its observations expired. Only the call whose ZREM takes the frame out of the pending set goes
 # on, and the claim itself is a SET NX: one aggregator gets each frame.
@@ -190,6 +191,7 @@ if redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) and redis.call('EXIS
   redis.call('RENAME', KEYS[2], KEYS[5])
   redis.call('PEXPIRE', KEYS[5], ARGV[3])
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[4]), ARGV[1])
+  redis.call('HINCRBY', KEYS[6], 'deadline_claims', 1)
   return {'claimed', redis.call('HVALS', KEYS[5])}
 end
 return {'gone'}
@@ -487,7 +489,7 @@ class FrameStore:
         site, t = self.site, self.times
         replies = self._pipelined(self._claim, [
             ([names.pending_key(site), names.frame_key(site, fid), names.decided_key(site, fid),
-              names.claimed_key(site), names.claimed_frame_key(site, fid)],
+              names.claimed_key(site), names.claimed_frame_key(site, fid), names.counters_key(site)],
              [fid, self.owner, t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
         return [Claim(fid, list(res[1]), "claimed") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
 

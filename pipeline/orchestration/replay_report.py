@@ -163,6 +163,7 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
         "link": link_report(counters, decs, n, cams),
         "edge_runs_per_100_frames": round(100 * counters.get("edge_runs", 0) / max(1, n), 2),
         "exit1_early": counters.get("exit1_early", 0),  # lazy: frames claimed at a summary under T1 before all came
+        "deadline_claims": counters.get("deadline_claims", 0),  # frames claimed at the deadline with the cameras that came
         "summaries_after_exit1": counters.get("summaries_after_exit1", 0),  # lazy: after an early exit 1 (expected)
         "late_summaries": counters.get("late_summaries", 0),  # lazy: summaries that came after any other decision
         "feature_requests": counters.get("requests", 0),

@@ -37,6 +37,7 @@ def test_a_frame_another_sweep_claimed_in_between_is_not_claimed_again(redis_con
     assert a.claim(due) == []  # already claimed by b: nothing for a
     assert {redis_conn.get(names.decided_key(site, f)) for f in due} == {b"b"}
     assert a.claim(due) == [] and b.claim(due) == []
+    assert int(redis_conn.hget(names.counters_key(site), "deadline_claims")) == 5  # each counted once
 
 
 def test_a_lease_is_taken_over_once_and_only_while_expired(redis_conn, site):

@@ -21,7 +21,10 @@ def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
     assert rep["upload"] == "lazy"
     assert rep["frames"] == 500 and rep["results"] == 500
     assert rep["lost"] == 0 and rep["duplicates"] == 0
-    assert rep["incomplete"] == rep["incomplete_by_exit"]["exit1"] == rep["exit1_early"]
+    # Every frame decided with fewer than six cameras was claimed at a confident summary, or (under
+    # a loaded machine, seldom: a camera's client starved for the 5 s deadline) at its deadline.
+    assert rep["incomplete"] == rep["exit1_early"] + rep["deadline_claims"], rep
+    assert rep["deadline_claims"] <= 5 and rep["reclaimed"] == 0, rep
     assert rep["features_missing"] == 0 and rep["feature_requests"] == 500 * (1 - rep["exit_rate"]["exit1"])
     assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
     assert all(rep["exit_rate"][e] > 0 for e in ("exit1", "exit2", "cloud"))
