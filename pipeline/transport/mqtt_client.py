@@ -192,6 +192,11 @@ class MqttClient:
         for t, topic, payload, qos, info in kept:
             if info._published:  # acknowledged; paho resends the unacknowledged ones itself
                 info = self.client.publish(topic, payload, qos=qos)
+                if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                    self.refused += 1
+                    log.error("MQTT %s: %d publishes wait already; one to %s is not sent again", self.client_id,
+                              MAX_QUEUED, topic)
+                    continue
                 n += 1
                 with self._lock:
                     self._pending.append(info)
