@@ -16,8 +16,13 @@ what=${1:-all}
 
 run() { echo "+ $*" >&2; "$@"; }
 
+# The paper's comparison: the same recipe with max fusion (DDNN's aggregation), rows of the page's tables.
+ALSO=()
+for m in ada ddnn; do [[ -f models/max/$m.safetensors ]] && ALSO+=("models/max/$m.safetensors"); done
+
 if [[ $what == all || $what == evaluate ]]; then
-  run "$BIN/ada-ddnn" evaluate --checkpoint "$ADA" --baseline "$DDNN" --out reports/release/ --results docs/RESULTS.md
+  run "$BIN/ada-ddnn" evaluate --checkpoint "$ADA" --baseline "$DDNN" ${ALSO[@]+--also "${ALSO[@]}"} \
+    --out reports/release/ --results docs/RESULTS.md
 fi
 
 if [[ $what == all || $what == replays ]]; then
