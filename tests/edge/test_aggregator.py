@@ -98,7 +98,8 @@ def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redi
         counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(names.counters_key(site)).items()}
         assert counters.pop("observation_bytes") == sum(len(msg(o, site).payload) for o in obs[0] + obs[1][:4])
         late_bytes = len(msg(obs[0][1], site).payload) + len(msg(obs[1][5], site).payload)
-        assert counters == {"duplicate_observations": 1, "late": 2, "late_bytes": late_bytes}
+        assert counters == {"duplicate_observations": 1, "late": 2, "late_bytes": late_bytes,
+                            "deadline_claims": 1}  # frame 1
         assert not redis_conn.exists(names.frame_key(site, 0), names.frame_key(site, 1))
         assert redis_conn.zcard(names.claimed_key(site)) == 2  # claimed, not decided: leased, observations kept
         assert redis_conn.hlen(names.claimed_frame_key(site, 1)) == 4
