@@ -182,32 +182,24 @@ class MqttClient:
 
     def _resend(self) -> None:
         """After a reconnect: publish again what the broker acknowledged in the last `resend_s`
-        before the connection was lost (it may have died with them unsaved)."""
+        before the connection was lost (it may have died with them unsaved). The unacknowledged
+        ones stay kept as they are: paho resends those itself."""
         assert self._lost_at is not None
         since = self._lost_at - self.resend_s
         with self._lock:
             kept = [e for e in self._sent if e[0] >= since]
             self._sent.clear()
-        again, n = [], 0
-        for t, topic, payload, qos, info in kept:
-            if info._published:  # acknowledged; paho resends the unacknowledged ones itself
-                info = self.client.publish(topic, payload, qos=qos)
-                if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-                    self.refused += 1
-                    log.error("MQTT %s: %d publishes wait already; one to %s is not sent again", self.client_id,
-                              MAX_QUEUED, topic)
-                    continue
-                n += 1
-                with self._lock:
-                    self._pending.append(info)
-            again.append((t, topic, payload, qos, info))
-        with self._lock:
-            self._sent.extendleft(reversed(again))  # before anything published meanwhile
+            self._sent.extend(e for e in kept if not e[4]._published)
+        acked = [(topic, payload, qos) for _, topic, payload, qos, info in kept if info._published]
+        n = sum(self.publish(*e) for e in acked)  # kept again from now: the broker has them only from now
         self.resent += n
         if n:
             log.warning("MQTT %s: published again %d messages the broker acknowledged in the last %.1f s before the "
                         "connection was lost (it may have lost them; receivers drop duplicates)", self.client_id, n,
                         self.resend_s)
+        if n < len(acked):
+            log.error("MQTT %s: %d publishes wait already; %d acknowledged messages are not sent again",
+                      self.client_id, MAX_QUEUED, len(acked) - n)
 
     def _disconnected(self, c: mqtt.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         self.connected.clear()
