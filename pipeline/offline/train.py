@@ -5,16 +5,22 @@
     ada-ddnn train --mode ada --epochs 180 --lr 0.1 --batch-size 200   # the paper's recipe
     ada-ddnn train --mode ada --out models/ada.safetensors --resume     # continue an interrupted run
     ada-ddnn train --mode ada --out models/ada.safetensors --resume --epochs 40   # extend a finished one
+    ada-ddnn train --mode ada --wire-dtype int1 --init models/ada.safetensors --epochs 2 --lr 0.01 \
+        --warmup-epochs 0 --out runs/ada-int1.safetensors   # fine-tune a checkpoint for 1-bit codes
 
 SGD with Nesterov momentum, linear warm-up then cosine annealing per step, camera dropout so
 the network tolerates missing cameras, bf16 autocast where the device supports it. Writes the
 checkpoint, its model card and a per-epoch history (JSON) next to it, and after every epoch the
 run's state (`<out>.state.safetensors`, see `pipeline.offline.train_state`) that `--resume`
-continues from.
+continues from. `--init` starts from a trained checkpoint's weights instead of random ones (same
+network; only the wire code may differ, the quantizer having no weights): fine-tuning it for
+another bit width, with a fresh optimizer and schedule; the card names the checkpoint and its own
+training budget (`initialized_from`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -28,10 +34,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import card_path, git_commit, load_card
+from pipeline.checkpoint import card_path, git_commit, load_card, load_into, read_config, read_tensors
 from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import Cifar10, augment
+from pipeline.errors import CheckpointError
 from pipeline.fileio import write_json
 from pipeline.offline.evaluation import (
     DEFAULT_EPSILON,
@@ -114,11 +121,13 @@ def train(
     on_epoch: Callable[[EpochStats], None] | None = None,
     command: str | None = None,
     resume: bool = False,
+    init: str | None = None,
 ) -> tuple[AdaDDNN, list[EpochStats], dict[str, Any]]:
     """Train jointly; returns the model, its history and the model card (also written when `out_path`).
 
     With `out_path`, the run's state is written after every epoch; `resume` continues from it
-    (same config, `tc.epochs` may be larger than before)."""
+    (same config, `tc.epochs` may be larger than before). `init`: a checkpoint whose weights the
+    run starts from (`initial_weights`; a resumed run has them in its state already)."""
     commit = git_commit()  # before the run: the tree may move on while it trains
     set_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -128,7 +137,9 @@ def train(
     amp = autocast_enabled(device, tc.bf16)
     train_split = data.train.head(tc.limit_train)
     val_split = data.val.head(tc.limit_eval)
-    model, forward = training_model(AdaDDNN(cfg).to(device), tc)
+    net = AdaDDNN(cfg)
+    initialized_from = initial_weights(net, init) if init else None
+    model, forward = training_model(net.to(device), tc)
     opt = make_optimizer(model, tc)
     steps_per_epoch = max(1, len(train_split) // tc.batch_size)  # drop the last partial batch
     total = steps_per_epoch * tc.epochs
@@ -210,12 +221,33 @@ def train(
     card = _model_card(model, tc, data, device, amp, wall, history, commit)  # metrics in float32, as deployed
     if resumed_at:
         card["resumed_after_epochs"] = resumed_at
+    if initialized_from:
+        card["initialized_from"] = initialized_from
     if command:
         card = {"command": command, **card}
     if out_path:
         save_checkpoint(model, out_path, card)
         log.info("wrote %s", out_path)
     return model, history, card
+
+
+def initial_weights(model: AdaDDNN, path: str) -> dict[str, Any]:
+    """Load the weights of the checkpoint at `path` into `model` (built from the run's config),
+    for a run that starts from them; returns what the card records of that checkpoint. Its network
+    must be the run's: every ModelConfig field but `wire_dtype` equal (CheckpointError naming the
+    fields that differ)."""
+    theirs = read_config(path)
+    mine, other = model.cfg.to_dict(), theirs.to_dict()
+    diff = [f"{k}: run {mine[k]!r}, checkpoint {other[k]!r}" for k in mine if k != "wire_dtype" and mine[k] != other[k]]
+    if diff:
+        raise CheckpointError(f"{path}: cannot start from it, its network differs from this run's ({'; '.join(diff)})")
+    load_into(model, read_tensors(path), path)
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    card = load_card(path)
+    log.info("starting from the weights of %s (trained for %s codes)", path, theirs.wire_dtype)
+    return {"checkpoint": path, "sha256": digest, "wire_dtype": theirs.wire_dtype, "command": card.get("command"),
+            "epochs": card.get("epochs"), "wall_time_s": card.get("wall_time_s"), "git_commit": card.get("git_commit")}
 
 
 def _write_history(out_path: str, history: list[EpochStats]) -> None:

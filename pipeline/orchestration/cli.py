@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{cfg.mode}.safetensors"
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     _, _, card = train(cfg, tc, data, out_path=out, progress=not args.no_progress, command=command,
-                       resume=args.resume)
+                       resume=args.resume, init=args.init)
     print(json.dumps({"checkpoint": out, "thresholds": card["thresholds"], "test": card["test"]}, indent=2))
     return 0
 
@@ -129,6 +129,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose state is next to --out (<out>.state.safetensors, written after "
                         "every epoch); same options, except a larger --epochs extends a finished run")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same network; --wire-dtype may differ, to fine-tune "
+                        "it for other codes) with a fresh optimizer and schedule; the card names it")
     p.set_defaults(func=cmd_train)
 
 

@@ -177,3 +177,30 @@ def test_thresholds_are_chosen_again_into_the_card(tmp_path):
     assert card["test"]["exit_rate"] == shown["test"]["exit_rate"]
     assert {k: card[k] for k in ("config", "train_config", "wall_time_s")} == \
         {k: before[k] for k in ("config", "train_config", "wall_time_s")}
+
+
+def test_init_starts_from_a_checkpoint_for_other_codes(tmp_path):
+    # `ada-ddnn train --init`: a checkpoint trained for 2-bit codes, fine-tuned for 1-bit ones.
+    from pipeline.offline.network import AdaDDNN
+    from pipeline.offline.train import initial_weights
+
+    data = synthetic_cifar()
+    base = str(tmp_path / "int2.safetensors")
+    train(tiny_config(wire_dtype="int2"), TrainConfig(epochs=1, batch_size=16), data, out_path=base, progress=False)
+    fresh = AdaDDNN(tiny_config(wire_dtype="int1"))
+    record = initial_weights(fresh, base)
+    theirs = load_checkpoint(base).state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in fresh.state_dict().items())
+    assert record["wire_dtype"] == "int2" and record["epochs"] == 1 and len(record["sha256"]) == 64
+
+    out = str(tmp_path / "int1.safetensors")
+    # lr 0 and no weight decay: only batch-norm statistics move, so the start is visible in the result.
+    _, _, card = train(tiny_config(wire_dtype="int1"), TrainConfig(epochs=1, batch_size=16, lr=0.0, weight_decay=0.0),
+                       data, out_path=out, progress=False, init=base)
+    tuned = load_checkpoint(out).state_dict()
+    weights = [k for k in tuned if k.endswith(".weight") and tuned[k].ndim > 1]
+    assert weights and all(torch.equal(tuned[k], theirs[k]) for k in weights)
+    assert card["initialized_from"]["sha256"] == record["sha256"] and load_card(out)["config"]["wire_dtype"] == "int1"
+
+    with pytest.raises(CheckpointError, match="camera_channels"):
+        initial_weights(AdaDDNN(tiny_config(camera_channels=12)), base)
