@@ -14,7 +14,6 @@ broker alone: QoS 1 messages of the same size, no model. Each prints one JSON li
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import threading
@@ -27,7 +26,7 @@ from devices.camera import CameraConfig, CameraFeed
 from pipeline.settings import add_config_args, config_from_args
 from pipeline.transport.mqtt_client import MqttClient
 from pipeline.wire import names
-from pipeline.wire.messages import WIRE_VERSION, CameraObservation
+from pipeline.wire.messages import CameraObservation, array_header
 
 
 class PreEncodedFeed(CameraFeed):
@@ -46,14 +45,11 @@ class PreEncodedFeed(CameraFeed):
         """The compact message of an observation's wire map, site `site`, in three pieces: what
         comes before the frame id, between it and the capture time, and after the capture time."""
         obs = CameraObservation._from_map({**wire, "site": site})
-        values = [WIRE_VERSION, obs.TAG, *obs._values(compact=True)]
+        items = obs.packed_items()  # version, tag, then the fields in FIELDS order
         at = {name: 2 + i for i, name in enumerate(obs.FIELDS)}
         fid, cap = at["frame_id"], at["captured_at"]
         assert cap == fid + 2, "the stamped fields are frame_id, camera, captured_at in that order"
-        pack = functools.partial(msgpack.packb, use_bin_type=True)
-        head = pack([None] * len(values))[:-len(values)]  # the array header alone
-        return (head + b"".join(pack(v) for v in values[:fid]), pack(values[fid + 1]),
-                b"".join(pack(v) for v in values[cap + 1:]))
+        return array_header(len(items)) + b"".join(items[:fid]), items[fid + 1], b"".join(items[cap + 1:])
 
     def connect(self) -> None:
         shared = MqttClient(self.cfg.mqtt_url, f"{self.cfg.site}-loadgen-{id(self):x}", on_message=self.signals.on_message,

@@ -11,7 +11,8 @@
 Every message is sent as a msgpack array [WIRE_VERSION, <type tag>, *fields in the class's
 FIELDS order], its features as [dtype, shape, data, scale]: the compact form, which spares each
 message its field names (on the camera link, where a summary is a few tens of bytes, they were
-most of it). Receivers also accept the named form, a msgpack map {"v": WIRE_VERSION, "t": <type
+most of it). A normalized entropy is computed in float32 and travels as one (5 bytes, not 9:
+the value is exact, so the edge decides on the camera's own number). Receivers also accept the named form, a msgpack map {"v": WIRE_VERSION, "t": <type
 tag>, ...fields} with features as {"dtype", "shape", "data", "scale"}; `unpack` turns either
 into that map, which every message is validated from. Features travel as a `FeatureTensor`: raw
 little-endian bytes with dtype and shape, and for the int dtypes one scale per channel. int8 is the default on the camera link (768 bytes for 12 x 8 x 8
@@ -367,12 +368,27 @@ class FeatureTensor:
 _BY_TAG: dict[str, type["_Message"]] = {}  # every message class by its tag, for the compact form
 
 
+def _packb(value: Any, use_single_float: bool = False) -> bytes:
+    return msgpack.packb(value, use_bin_type=True, use_single_float=use_single_float)
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of n items (what precedes its packed items)."""
+    return msgpack.Packer().pack_array_header(n)
+
+
+def _float32(value: float | None) -> float | None:
+    """`value` rounded to float32 (what a FLOAT32_FIELDS field holds, so that it survives the wire as it is)."""
+    return None if value is None else float(np.float32(value))
+
+
 class _Message:
     """encode/decode shared by every message: a versioned msgpack array of the dataclass fields
     (the compact form; the named map is accepted too, see the module doc)."""
 
     TAG: ClassVar[str]
     FIELDS: ClassVar[tuple[str, ...]]
+    FLOAT32_FIELDS: ClassVar[frozenset[str]] = frozenset()  # sent as float32: values held at float32 precision
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -394,9 +410,18 @@ class _Message:
         """The named form: {"v": WIRE_VERSION, "t": TAG, field: value, ...}."""
         return {"v": WIRE_VERSION, "t": self.TAG, **dict(zip(self.FIELDS, self._values(compact=False)))}
 
+    def packed_items(self) -> list[bytes]:
+        """Each item of the compact form packed alone: version, tag, then the fields in FIELDS
+        order (float32 for those in FLOAT32_FIELDS); the message is an array header and these."""
+        out = [_packb(WIRE_VERSION), _packb(self.TAG)]
+        for name, value in zip(self.FIELDS, self._values(compact=True)):
+            out.append(_packb(value, use_single_float=name in self.FLOAT32_FIELDS))
+        return out
+
     def encode(self) -> bytes:
         """The compact form, as sent: [WIRE_VERSION, TAG, *values in FIELDS order]."""
-        raw = msgpack.packb([WIRE_VERSION, self.TAG, *self._values(compact=True)], use_bin_type=True)
+        items = self.packed_items()
+        raw = array_header(len(items)) + b"".join(items)
         if len(raw) > MAX_MESSAGE_BYTES:
             raise MessageError(f"{self.TAG} message of {len(raw)} bytes exceeds the cap of {MAX_MESSAGE_BYTES}")
         return raw
@@ -471,6 +496,7 @@ class CameraObservation(_Message):
     TAG: ClassVar[str] = "obs"
     FIELDS: ClassVar[tuple[str, ...]] = ("site", "frame_id", "camera", "captured_at", "prediction", "entropy",
                                          "features", "label")
+    FLOAT32_FIELDS: ClassVar[frozenset[str]] = frozenset({"entropy"})
 
     site: str
     frame_id: int
@@ -485,7 +511,7 @@ class CameraObservation(_Message):
         _camera_frame(self)
         _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
         _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1, optional=True))
-        _set(self, "entropy", _float("entropy", self.entropy, 0.0, 1.0, optional=True))
+        _set(self, "entropy", _float32(_float("entropy", self.entropy, 0.0, 1.0, optional=True)))
         if (self.prediction is None) != (self.entropy is None):
             raise MessageError("prediction and entropy come together or not at all")
         if not isinstance(self.features, FeatureTensor):
@@ -500,6 +526,7 @@ class CameraSummary(_Message):
 
     TAG: ClassVar[str] = "sum"
     FIELDS: ClassVar[tuple[str, ...]] = ("site", "frame_id", "camera", "captured_at", "prediction", "entropy", "label")
+    FLOAT32_FIELDS: ClassVar[frozenset[str]] = frozenset({"entropy"})
 
     site: str
     frame_id: int
@@ -513,7 +540,7 @@ class CameraSummary(_Message):
         _camera_frame(self)
         _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
         _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1))
-        _set(self, "entropy", _float("entropy", self.entropy, 0.0, 1.0))
+        _set(self, "entropy", _float32(_float("entropy", self.entropy, 0.0, 1.0)))
         _set(self, "label", _int("label", self.label, 0, MAX_CLASSES - 1, optional=True))
 
 

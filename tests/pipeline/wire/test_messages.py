@@ -324,3 +324,20 @@ def test_malformed_compact_arrays_are_refused(case):
         arr = [*good[:feat], good[feat][:3], *good[feat + 1:]]
     with pytest.raises(MessageError):
         CameraObservation.decode(pack(arr))
+
+
+def test_a_camera_entropy_travels_as_float32_exactly():
+    from pipeline.wire.messages import CameraSummary
+
+    ent = torch.tensor([0.123456789], dtype=torch.float32)  # as a camera computes it
+    s = CameraSummary("s1", 7, 2, 1.7e9, 3, float(ent[0]))
+    raw = s.encode()
+    assert b"\xca" + ent.numpy().astype(">f4").tobytes() in raw  # msgpack float32
+    assert msgpack.packb(float(ent[0])) not in raw  # not its float64
+    back = CameraSummary.decode(raw)
+    assert back.entropy == float(ent[0]) and back.captured_at == 1.7e9  # captured_at stays float64
+    # 4 bytes fewer than the float64 form; a value given in float64 is held (and sent) rounded to float32
+    assert len(raw) == len(msgpack.packb([WIRE_VERSION, "sum", "s1", 7, 2, 1.7e9, 3, float(ent[0]), None])) - 4
+    assert CameraSummary("s1", 7, 2, 1.7e9, 3, 0.1).entropy == float(torch.tensor(0.1, dtype=torch.float32))
+    o = obs(FeatureTensor.quantize(torch.randn(12, 8, 8), "int2"))
+    assert CameraObservation.decode(o.encode()) == o
