@@ -110,7 +110,7 @@ def exit1_rates(c: Collected, grid: tuple[float, ...]) -> dict[float | None, flo
     return {float(t): float((under(best, t) & (cam >= 0)).float().mean()) for t in grid}
 
 
-def _front(points: list[dict], key: str = "bytes", acc: str = "overall") -> list[dict]:
+def pareto_front(points: list[dict], key: str = "bytes", acc: str = "overall") -> list[dict]:
     """The points no other beats on both fewer bytes and higher accuracy, by rising bytes."""
     front: list[dict] = []
     for p in sorted(points, key=lambda q: (q[key], -q[acc])):
@@ -188,14 +188,14 @@ def wire_ladder(model: AdaDDNN, val_raw: CameraPass, test_raw: CameraPass, polic
         "sample": n,
         "dtypes": rows,
         "reference": {"wire_dtype": ref["wire_dtype"], "upload": "eager", "overall": ref["accuracy"]["overall"]},
-        "pareto": {u: _front(fronts[u]) for u in uploads},
+        "pareto": {u: pareto_front(fronts[u]) for u in uploads},
         "equal_accuracy": equal,
         # the choices no other beats on validation (fewer bytes, higher overall), with what each gives
         # on test: where another checkpoint's accuracy is met at the fewest bytes (`at_accuracy`)
-        "val_front": {u: [_rounded(p) for p in _front(candidates[u], key="val_bytes", acc="val_overall")]
+        "val_front": {u: [_rounded(p) for p in pareto_front(candidates[u], key="val_bytes", acc="val_overall")]
                       for u in uploads},
     }
 
 
-__all__ = ["wire_ladder", "at_accuracy", "coded", "message_sizes", "bytes_by_exit", "mean_bytes", "exit1_rates", "WIRE_LADDER",
+__all__ = ["wire_ladder", "at_accuracy", "pareto_front", "coded", "message_sizes", "bytes_by_exit", "mean_bytes", "exit1_rates", "WIRE_LADDER",
            "ACCURACY_TARGETS", "UPLOADS", "SITE"]

@@ -13,7 +13,7 @@ import time
 
 from pipeline.fileio import atomic_write_text
 from pipeline.offline.figures import NAMES, label
-from pipeline.offline.link import at_accuracy
+from pipeline.offline.link import at_accuracy, pareto_front
 
 # The ADA-DDNN paper's CIFAR-10 table: accuracy (%) at the edge and at the cloud, per mode.
 PAPER = {
@@ -179,6 +179,24 @@ def _b(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def pooled_front(entries: list[dict], mode: str, upload: str, fusion: str) -> tuple[list[dict], list[str]]:
+    """The validation front (fewest bytes, highest validation accuracy) over every checkpoint of
+    `mode` and `fusion` among the entries, each point marked with the codes its checkpoint was
+    trained for (`trained`); and those checkpoints' paths."""
+    points, paths = [], []
+    for e in entries:
+        r = e["report"]
+        if r["mode"] != mode or r.get("fusion", "concat") != fusion or not r.get("link"):
+            continue
+        paths.append(r["checkpoint"])
+        points += [{**p, "trained": r.get("trained_wire_dtype")} for p in r["link"]["val_front"].get(upload, [])]
+    return pareto_front(points, key="val_bytes", acc="val_overall"), paths
+
+
+def _bits(p: dict, pooled: bool) -> str:
+    return f"{p['wire_dtype']} ({p['trained']}-trained)" if pooled and p.get("trained") else p["wire_dtype"]
+
+
 def _mode(entries: list[dict], mode: str) -> dict | None:
     return next((e for e in entries if e["report"]["mode"] == mode and e["report"].get("link")), None)
 
@@ -250,26 +268,32 @@ def communication(entries: list[dict]) -> list[str]:
                             f"{pct(best['accuracy']['overall'])}% (target: at most {LINK_TARGET_BYTES}: "
                             f"{'met' if b <= LINK_TARGET_BYTES else 'not met'}).")
     if ada and ddnn:
-        a_front = ada["report"]["link"]["val_front"]["lazy"]
+        fusion = ada["report"].get("fusion", "concat")
+        a_front, a_from = pooled_front(entries, "ada", "lazy", fusion)
+        d_front, d_from = pooled_front(entries, "ddnn", "eager", fusion)
+        pooled = len(a_from) > 1 or len(d_from) > 1
         lines += ["", "### ADA-DDNN against DDNN at equal overall accuracy", "",
                   "DDNN's bytes do not depend on its threshold, so each accuracy it reaches is a row: its cheapest "
                   "bit width reaching that accuracy on validation (its validation front). Beside it, ADA-DDNN's "
                   "cheapest choice of bit width, T1 and T2 with lazy upload that reaches the same accuracy on "
-                  "validation. Both then measured on the test split.", "",
+                  "validation. Both then measured on the test split."
+                  + (f" Each mode's choices pool all its {fusion}-fusion checkpoints evaluated here (ADA-DDNN: "
+                     f"{', '.join(a_from)}; DDNN: {', '.join(d_from)}): a bit width is marked with the codes its "
+                     "checkpoint was trained for where they differ." if pooled else ""), "",
                   "| DDNN: bits, T2 | val / test overall (%) | bytes | edge runs /100 | ADA-DDNN (lazy): bits, T1, T2 | "
                   "val / test overall (%) | bytes | edge runs /100 | bytes saved |",
                   "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
         savings = []
-        for dp in ddnn["report"]["link"]["val_front"]["eager"]:
+        for dp in d_front:
             ap = at_accuracy(a_front, dp["val_overall"])
-            left = f"| {dp['wire_dtype']}, T2 {dp['t2']:.3f} | {pct(dp['val_overall'])} / {pct(dp['overall'])} | " \
+            left = f"| {_bits(dp, pooled)}, T2 {dp['t2']:.3f} | {pct(dp['val_overall'])} / {pct(dp['overall'])} | " \
                    f"{_b(dp['bytes'])} | {dp['edge_runs_per_100_frames']:.0f} | "
             if ap is None:
                 lines.append(left + "not reached | - | - | - | - |")
                 continue
             saved = 1 - ap["bytes"] / dp["bytes"]
             savings.append((saved, dp, ap))
-            lines.append(left + f"{ap['wire_dtype']}, T1 {ap['t1']:.3f}, T2 {ap['t2']:.3f} | {pct(ap['val_overall'])} / "
+            lines.append(left + f"{_bits(ap, pooled)}, T1 {ap['t1']:.3f}, T2 {ap['t2']:.3f} | {pct(ap['val_overall'])} / "
                          f"{pct(ap['overall'])} | {_b(ap['bytes'])} | {ap['edge_runs_per_100_frames']:.1f} | "
                          f"{100 * saved:.1f}% |")
         if savings:

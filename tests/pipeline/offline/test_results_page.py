@@ -12,3 +12,29 @@ def test_edge_rate_at_accuracy_takes_the_best_point_reaching_the_level():
     assert edge_rate_at_accuracy(pts, 0.90) == 0.7
     assert edge_rate_at_accuracy(pts, 0.95) == 0.5
     assert edge_rate_at_accuracy(pts, 0.99) is None
+
+
+def _entry(mode, trained, fusion, upload, front):
+    pts = [{"wire_dtype": d, "t1": t1, "t2": 0.0, "val_overall": v, "val_bytes": b, "overall": v - 0.001, "bytes": b,
+            "edge_runs_per_100_frames": 50.0} for d, t1, v, b in front]
+    return {"report": {"mode": mode, "fusion": fusion, "trained_wire_dtype": trained, "checkpoint": f"{mode}-{trained}",
+                       "link": {"val_front": {upload: pts}}}}
+
+
+def test_equal_accuracy_pools_every_checkpoint_of_a_mode_and_fusion():
+    from pipeline.offline.results_page import pooled_front
+
+    entries = [
+        _entry("ada", "int2", "concat", "lazy", [("int1", 0.05, 0.850, 110.0), ("int2", 0.05, 0.856, 160.0)]),
+        _entry("ddnn", "int2", "concat", "eager", [("int1", None, 0.856, 168.0), ("int2", None, 0.868, 264.0)]),
+        _entry("ada", "int1", "concat", "lazy", [("int1", 0.05, 0.858, 106.0)]),
+        _entry("ddnn", "int1", "concat", "eager", [("int1", None, 0.862, 168.0)]),
+        _entry("ada", "int2", "max", "lazy", [("int1", 0.9, 0.99, 1.0)]),  # another fusion: not pooled
+    ]
+    a, a_from = pooled_front(entries, "ada", "lazy", "concat")
+    assert a_from == ["ada-int2", "ada-int1"]
+    # the int1-trained checkpoint's 106 bytes at 85.8% beat both of the int2-trained one's points
+    assert [(p["trained"], p["val_bytes"]) for p in a] == [("int1", 106.0)]
+    d, _ = pooled_front(entries, "ddnn", "eager", "concat")
+    # at 168 bytes the int1-trained DDNN is the better (86.2% against 85.6%); 264 bytes reach 86.8%
+    assert [(p["trained"], p["val_overall"]) for p in d] == [("int1", 0.862), ("int2", 0.868)]
