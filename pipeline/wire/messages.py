@@ -12,7 +12,8 @@ Every message is sent as a msgpack array [WIRE_VERSION, <type tag>, *fields in t
 FIELDS order], its features as [dtype, shape, data, scale]: the compact form, which spares each
 message its field names (on the camera link, where a summary is a few tens of bytes, they were
 most of it). A normalized entropy is computed in float32 and travels as one (5 bytes, not 9:
-the value is exact, so the edge decides on the camera's own number). Receivers also accept the named form, a msgpack map {"v": WIRE_VERSION, "t": <type
+the value is exact, so the edge decides on the camera's own number), and a feature request names
+its cameras by a bitmask (`FeatureRequest`). Receivers also accept the named form, a msgpack map {"v": WIRE_VERSION, "t": <type
 tag>, ...fields} with features as {"dtype", "shape", "data", "scale"}; `unpack` turns either
 into that map, which every message is validated from. Features travel as a `FeatureTensor`: raw
 little-endian bytes with dtype and shape, and for the int dtypes one scale per channel. int8 is the default on the camera link (768 bytes for 12 x 8 x 8
@@ -557,12 +558,28 @@ class FeatureRequest(_Message):
     frame_id: int
     cameras: tuple[int, ...]  # the cameras asked, sorted, at least one
 
+    # In the compact form the cameras travel as a bitmask (bit k: camera k), one byte for up to
+    # seven cameras where their list takes one more byte a camera; a list where a camera id is 64
+    # or more (msgpack ints are 64-bit). Receivers take either (cameras older than the bitmask
+    # take only the list: upgrade the cameras before the edge).
+    MASK_CAMERAS: ClassVar[int] = 64
+
     def __post_init__(self) -> None:
         _site(self.site)
         _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
-        _set(self, "cameras", _cameras("cameras", self.cameras))
+        cams = self.cameras
+        if isinstance(cams, (int, np.integer)) and not isinstance(cams, bool):
+            mask = _int("cameras (bitmask)", cams, 0, (1 << self.MASK_CAMERAS) - 1)
+            cams = [k for k in range(self.MASK_CAMERAS) if mask >> k & 1]
+        _set(self, "cameras", _cameras("cameras", cams))
         if not self.cameras:
             raise MessageError("a feature request names at least one camera")
+
+    def _values(self, compact: bool) -> list[Any]:
+        values = super()._values(compact)
+        if compact and self.cameras[-1] < self.MASK_CAMERAS:
+            values[self.FIELDS.index("cameras")] = sum(1 << k for k in self.cameras)
+        return values
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,20 @@ def test_lazy_messages_round_trip_and_dispatch():
 def test_lazy_messages_refuse_bad_fields(bad):
     with pytest.raises(MessageError):
         bad()
+
+
+def test_a_feature_request_names_its_cameras_by_a_bitmask_and_takes_a_list_too():
+    import msgpack
+
+    req = FeatureRequest("s", 9, (0, 1, 2, 3, 4, 5))
+    raw = req.encode()
+    assert msgpack.unpackb(raw)[-1] == 0b111111  # one byte where the list takes seven
+    assert len(raw) == len(msgpack.packb([2, "freq", "s", 9, [0, 1, 2, 3, 4, 5]])) - 6
+    assert FeatureRequest.decode(raw) == req
+    # the list is still read (edges older than the bitmask send it), and used for ids of 64 and up
+    assert FeatureRequest.decode(msgpack.packb([2, "freq", "s", 9, [0, 3]])).cameras == (0, 3)
+    far = FeatureRequest("s", 9, (1, 64))
+    assert msgpack.unpackb(far.encode())[-1] == [1, 64] and FeatureRequest.decode(far.encode()) == far
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(MessageError):
+            FeatureRequest.decode(msgpack.packb([2, "freq", "s", 9, bad]))
