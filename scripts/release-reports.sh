@@ -16,9 +16,10 @@ what=${1:-all}
 
 run() { echo "+ $*" >&2; "$@"; }
 
-# The paper's comparison: the same recipe with max fusion (DDNN's aggregation), rows of the page's tables.
+# The paper's comparison: the same recipe with max fusion (DDNN's aggregation), rows of the page's tables;
+# and both release checkpoints fine-tuned for 1-bit codes, pooled with them in the bytes comparison.
 ALSO=()
-for m in ada ddnn; do [[ -f models/max/$m.safetensors ]] && ALSO+=("models/max/$m.safetensors"); done
+for m in max/ada max/ddnn int1/ada int1/ddnn; do [[ -f models/$m.safetensors ]] && ALSO+=("models/$m.safetensors"); done
 
 if [[ $what == all || $what == evaluate ]]; then
   run "$BIN/ada-ddnn" evaluate --checkpoint "$ADA" --baseline "$DDNN" ${ALSO[@]+--also "${ALSO[@]}"} \

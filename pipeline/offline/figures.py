@@ -28,17 +28,20 @@ DPI = 120  # pixels per inch of the saved PNGs
 
 
 def label(entry: dict, entries: list[dict]) -> str:
-    """ADA-DDNN / DDNN; checkpoints of the same mode are told apart by their fusion when it
-    differs ("ADA-DDNN, max fusion"), else a second one as the baseline."""
+    """ADA-DDNN / DDNN; checkpoints of the same mode are told apart by their fusion and by the
+    codes they were trained for, where those differ ("ADA-DDNN, max fusion", "DDNN, concat
+    fusion, trained for int1"), else a second one as the baseline."""
     mode = entry["report"]["mode"]
     name = NAMES.get(mode, mode)
     same = [e for e in entries if e["report"]["mode"] == mode]
     if len(same) == 1:
         return name
-    fusions = {e["report"].get("fusion") for e in same}
-    if len(fusions) > 1:
-        return f"{name}, {entry['report'].get('fusion')} fusion"
-    return name if same[0] is entry else f"{name} (baseline)"
+    parts = [name]
+    for key, text in (("fusion", "{} fusion"), ("trained_wire_dtype", "trained for {}")):
+        if len({e["report"].get(key) for e in same}) > 1:
+            parts.append(text.format(entry["report"].get(key)))
+    twins = [e for e in same if all(e["report"].get(k) == entry["report"].get(k) for k in ("fusion", "trained_wire_dtype"))]
+    return ", ".join(parts) + ("" if twins[0] is entry else " (baseline)")
 
 
 def _color(entry: dict, entries: list[dict]) -> str:

@@ -184,5 +184,7 @@ def test_evaluate_also_rows_name_their_fusion_and_use_their_trained_code(setup, 
     assert json.loads((out / "also0" / "run.json").read_text())["wire_dtype"] == "int2"  # --wire-dtype model
     assert json.loads((out / "run.json").read_text())["wire_dtype"] == "int8"  # trained without a code
     page = (out / "RESULTS.md").read_text()
-    assert "| Ours, ADA-DDNN, max fusion |" in page and "| Ours, ADA-DDNN, concat fusion |" in page
+    # the two ADA-DDNN checkpoints differ in fusion and in the code they were trained for: both named
+    assert "| Ours, ADA-DDNN, max fusion, trained for int2 |" in page
+    assert "| Ours, ADA-DDNN, concat fusion, trained for float32 |" in page
     assert "| Ours, DDNN |" in page

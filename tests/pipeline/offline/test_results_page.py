@@ -38,3 +38,21 @@ def test_equal_accuracy_pools_every_checkpoint_of_a_mode_and_fusion():
     d, _ = pooled_front(entries, "ddnn", "eager", "concat")
     # at 168 bytes the int1-trained DDNN is the better (86.2% against 85.6%); 264 bytes reach 86.8%
     assert [(p["trained"], p["val_overall"]) for p in d] == [("int1", 0.862), ("int2", 0.868)]
+
+
+def test_labels_tell_checkpoints_of_a_mode_apart_by_what_differs():
+    from pipeline.offline.figures import label
+
+    def e(mode, fusion, trained):
+        return {"report": {"mode": mode, "fusion": fusion, "trained_wire_dtype": trained}}
+
+    a, d = e("ada", "concat", "int2"), e("ddnn", "concat", "int2")
+    assert [label(x, [a, d]) for x in (a, d)] == ["ADA-DDNN", "DDNN"]
+    amax, a1 = e("ada", "max", "int2"), e("ada", "concat", "int1")
+    assert label(amax, [a, amax]) == "ADA-DDNN, max fusion"
+    entries = [a, d, amax, a1]
+    assert [label(x, entries) for x in (a, amax, a1)] == [
+        "ADA-DDNN, concat fusion, trained for int2", "ADA-DDNN, max fusion, trained for int2",
+        "ADA-DDNN, concat fusion, trained for int1"]
+    twin = e("ada", "concat", "int2")
+    assert label(twin, [a, twin]) == "ADA-DDNN (baseline)"
