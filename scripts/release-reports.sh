@@ -4,6 +4,7 @@
 #
 #   bash scripts/release-reports.sh            # everything (about 35 minutes on 2 cores)
 #   bash scripts/release-reports.sh evaluate   # only the offline evaluation and docs/RESULTS.md
+#   bash scripts/release-reports.sh page       # docs/RESULTS.md again from those reports, measuring nothing
 #   bash scripts/release-reports.sh replays    # only the replays
 #
 # Every replay runs each role as a process with embedded Mosquitto and Redis (as `make replay`).
@@ -21,9 +22,10 @@ run() { echo "+ $*" >&2; "$@"; }
 ALSO=()
 for m in max/ada max/ddnn int1/ada int1/ddnn; do [[ -f models/$m.safetensors ]] && ALSO+=("models/$m.safetensors"); done
 
-if [[ $what == all || $what == evaluate ]]; then
+if [[ $what == all || $what == evaluate || $what == page ]]; then
+  FROM=(); [[ $what == page ]] && FROM=(--from-reports)
   run "$BIN/ada-ddnn" evaluate --checkpoint "$ADA" --baseline "$DDNN" ${ALSO[@]+--also "${ALSO[@]}"} \
-    --out reports/release/ --results docs/RESULTS.md
+    --out reports/release/ --results docs/RESULTS.md ${FROM[@]+"${FROM[@]}"}
 fi
 
 if [[ $what == all || $what == replays ]]; then

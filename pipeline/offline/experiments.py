@@ -248,6 +248,7 @@ def evaluate_checkpoint(
         "data_digest_sha256": data.digest,
         "checkpoint_card": {k: card.get(k) for k in ("epochs", "seed", "device", "wall_time_s", "git_commit", "data")},
         "seconds": round(time.time() - t0, 1),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),  # UTC
     }
     log.info("%s: test overall %.4f, edge %s at rate %.3f, cloud-only %.4f (%.0fs)", checkpoint,
              m["accuracy"]["overall"], "-" if m["accuracy"]["edge"] is None else f"{m['accuracy']['edge']:.4f}",
@@ -267,6 +268,26 @@ def rounded(obj: Any, digits: int = 6) -> Any:
     return obj
 
 
+def saved_entry(folder: str, ckpt: str) -> dict[str, Any]:
+    """The page entry of a checkpoint from the reports an earlier run wrote into `folder`
+    (`evaluate --from-reports`); ValueError when they are missing or of another checkpoint."""
+    out = {}
+    for name in ("report", "optimistic", "run"):
+        path = os.path.join(folder, f"{name}.json")
+        try:
+            with open(path) as f:
+                out[name] = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--from-reports: cannot read {path} ({err}); run evaluate without it first") from err
+    if os.path.normpath(out["report"].get("checkpoint", "")) != os.path.normpath(ckpt):
+        raise ValueError(f"--from-reports: {folder}/report.json is of {out['report'].get('checkpoint')!r}, not {ckpt!r}: "
+                         "pass the checkpoints in the order of the run that wrote the reports")
+    # a run from before `finished_at` was recorded: when its run.json was written
+    out["run"].setdefault("finished_at", time.strftime("%Y-%m-%d %H:%M", time.gmtime(
+        os.path.getmtime(os.path.join(folder, "run.json")))))
+    return {**out, "history": load_history(ckpt), "card": load_card(ckpt), "from_reports": True}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.data import load_cifar10
     from pipeline.offline.figures import write_figures
@@ -284,6 +305,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     entries = []
     data_by_val: dict[int, Cifar10] = {}
     for sub, ckpt in runs:
+        if args.from_reports:
+            entries.append(saved_entry(os.path.join(args.out, sub), ckpt))
+            continue
         # The validation split must be the one training held out: its size comes from the model card.
         val_size = int(load_card(ckpt).get("train_config", {}).get("val_size", args.val_size))
         if val_size not in data_by_val:
@@ -353,8 +377,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="test frames whose messages are encoded for bytes_per_frame (0 = all; default %(default)s)")
     p.add_argument("--also", nargs="+", default=[], metavar="CHECKPOINT",
                    help="more checkpoints, e.g. the same recipe with --fusion max: evaluated the same way, rows "
-                        "of the page's tables (not of its figures or of the link comparison), reports in "
+                        "of the page's tables (not of its figures); those with the first checkpoint's fusion are "
+                        "pooled with it and the baseline, by mode, in the link comparison; reports in "
                         "OUT/also0/, OUT/also1/, ...")
+    p.add_argument("--from-reports", action="store_true",
+                   help="measure nothing: write the page and figures again from the reports an earlier run with "
+                        "the same checkpoints wrote under --out")
     p.add_argument("--results", default="",
                    help="also write the results page here, e.g. docs/RESULTS.md for a release (default: only "
                         "OUT/RESULTS.md)")

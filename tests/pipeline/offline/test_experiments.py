@@ -122,7 +122,7 @@ def check_link(link: dict, mode: str, r: dict) -> None:
         assert [p["overall"] for p in front] == sorted(p["overall"] for p in front)
 
 
-def test_evaluate_writes_reports_figures_and_results(setup, capsys):
+def test_evaluate_writes_reports_figures_and_results(setup, capsys, caplog):
     root, ckpts = setup
     out = root / "report"
     results = root / "docs" / "RESULTS.md"
@@ -150,6 +150,18 @@ def test_evaluate_writes_reports_figures_and_results(setup, capsys):
         assert text in page, text
     assert (results.parent / "figures" / "bytes_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "RESULTS.md").is_file()
+
+    # --from-reports measures nothing (no data given) and writes the same page from the reports
+    results.unlink()
+    rc = main(["evaluate", "--checkpoint", ckpts["ada"], "--baseline", ckpts["ddnn"], "--out", str(out),
+               "--data", str(root / "nowhere"), "--results", str(results), "--from-reports"])
+    assert rc == 0
+    again = results.read_text()
+    assert "--from-reports" in again.split("\n")[2]
+    assert again.split("\n")[3:] == page.split("\n")[3:]
+    rc = main(["evaluate", "--checkpoint", ckpts["ddnn"], "--baseline", ckpts["ada"], "--out", str(out),
+               "--results", "", "--from-reports"])
+    assert rc != 0 and "pass the checkpoints in the order of the run" in caplog.text
 
 
 def test_evaluate_one_checkpoint_with_another_policy_and_codec(setup, capsys):

@@ -56,3 +56,26 @@ def test_labels_tell_checkpoints_of_a_mode_apart_by_what_differs():
         "ADA-DDNN, concat fusion, trained for int1"]
     twin = e("ada", "concat", "int2")
     assert label(twin, [a, twin]) == "ADA-DDNN (baseline)"
+
+
+def test_the_level_table_prices_each_accuracy_for_both_modes():
+    from pipeline.offline.results_page import communication
+
+    entries = [
+        _entry("ada", "int2", "concat", "lazy", [("int1", 0.05, 0.852, 100.0), ("int2", 0.025, 0.8605, 176.0)]),
+        _entry("ddnn", "int2", "concat", "eager", [("int1", None, 0.8598, 160.0), ("int2", None, 0.868, 256.0)]),
+    ]
+    for e in entries:
+        e["report"]["link"].update({"dtypes": [], "sample": 10, "reference": {"overall": 0.85}})
+    for p in entries[1]["report"]["link"]["val_front"]["eager"]:
+        p["t2"] = 0.0
+    page = "\n".join(communication(entries))
+    # at DDNN's own 160-byte point (85.98%) ADA-DDNN needs 176 bytes: -10%
+    assert "| int1, T2 0.000 | 85.98 / 85.88 | 160 | 50 | int2, T1 0.025, T2 0.000 | 86.05 / 85.95 | 176 | 50.0 | -10.0% |" in page
+    # asked for 85.0%, DDNN still pays its 160-byte step and ADA-DDNN 100 bytes: 37.5% saved
+    assert "| 85.0% | int1, T2 0.000 | 85.98 / 85.88 | 160 | int1, T1 0.050, T2 0.000 | 85.20 / 85.10 | 100 | 37.5% |" in page
+    assert "| 86.5% | int2, T2 0.000 | 86.80 / 86.70 | 256 | not reached | - | - | - |" in page
+    # 84.0, 84.5, 85.0 (100 against 160) and 86.0 (176 against DDNN's 256: its 1-bit step tops at 85.98) save
+    # 30% or more; 85.5 (176 against 160) does not
+    assert "| 86.0% | int2, T2 0.000 | 86.80 / 86.70 | 256 | int2, T1 0.025, T2 0.000 | 86.05 / 85.95 | 176 | 31.2% |" in page
+    assert "saves -10.0% to +37.5%, at least 30% at 4 of the 5 levels" in page
