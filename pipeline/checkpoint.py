@@ -110,11 +110,16 @@ def read_config(path: str, expect: ModelConfig | None = None) -> ModelConfig:
         cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: its config does not match this code: {err}") from err
-    if expect is not None and expect != cfg:
-        a, b = expect.to_dict(), cfg.to_dict()
-        diff = ", ".join(f"{k}: expected {a[k]!r}, checkpoint has {b[k]!r}" for k in a if a[k] != b[k])
-        raise CheckpointError(f"{path}: config mismatch ({diff})")
+    if expect is not None and (diff := config_diff(expect, cfg)):
+        raise CheckpointError(f"{path}: config mismatch ({', '.join(diff)})")
     return cfg
+
+
+def config_diff(expect: ModelConfig, got: ModelConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The fields in which checkpoint config `got` differs from `expect`, but those in `ignore`,
+    as "field: expected X, checkpoint has Y"."""
+    a, b = expect.to_dict(), got.to_dict()
+    return [f"{k}: expected {a[k]!r}, checkpoint has {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
 
 
 def read_tensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -34,7 +34,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import card_path, git_commit, load_card, load_into, read_config, read_tensors
+from pipeline.checkpoint import (
+    card_path,
+    config_diff,
+    git_commit,
+    load_card,
+    load_into,
+    read_config,
+    read_tensors,
+)
 from pipeline.compute import autocast_enabled, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import Cifar10, augment
@@ -237,10 +245,8 @@ def initial_weights(model: AdaDDNN, path: str) -> dict[str, Any]:
     must be the run's: every ModelConfig field but `wire_dtype` equal (CheckpointError naming the
     fields that differ)."""
     theirs = read_config(path)
-    mine, other = model.cfg.to_dict(), theirs.to_dict()
-    diff = [f"{k}: run {mine[k]!r}, checkpoint {other[k]!r}" for k in mine if k != "wire_dtype" and mine[k] != other[k]]
-    if diff:
-        raise CheckpointError(f"{path}: cannot start from it, its network differs from this run's ({'; '.join(diff)})")
+    if diff := config_diff(model.cfg, theirs, ignore=("wire_dtype",)):
+        raise CheckpointError(f"{path}: cannot start from it, its network differs from this run's ({', '.join(diff)})")
     load_into(model, read_tensors(path), path)
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
