@@ -196,8 +196,12 @@ def pooled_front(entries: list[dict], mode: str, upload: str, fusion: str) -> tu
     return pareto_front(points, key="val_bytes", acc="val_overall"), paths
 
 
-def _bits(p: dict, pooled: bool) -> str:
-    return f"{p['wire_dtype']} ({p['trained']}-trained)" if pooled and p.get("trained") else p["wire_dtype"]
+def _choice(p: dict, pooled: bool) -> str:
+    """A front point's three cells: bits (and the codes its checkpoint was trained for, when the
+    choices are pooled), T1 (ADA-DDNN) and T2; validation / test overall accuracy; bytes."""
+    bits = f"{p['wire_dtype']} ({p['trained']}-trained)" if pooled and p.get("trained") else p["wire_dtype"]
+    t1 = "" if p["t1"] is None else f", T1 {p['t1']:.3f}"
+    return f"{bits}{t1}, T2 {p['t2']:.3f} | {pct(p['val_overall'])} / {pct(p['overall'])} | {_b(p['bytes'])}"
 
 
 def _mode(entries: list[dict], mode: str) -> dict | None:
@@ -289,16 +293,13 @@ def communication(entries: list[dict]) -> list[str]:
         savings = []
         for dp in d_front:
             ap = at_accuracy(a_front, dp["val_overall"])
-            left = f"| {_bits(dp, pooled)}, T2 {dp['t2']:.3f} | {pct(dp['val_overall'])} / {pct(dp['overall'])} | " \
-                   f"{_b(dp['bytes'])} | {dp['edge_runs_per_100_frames']:.0f} | "
+            left = f"| {_choice(dp, pooled)} | {dp['edge_runs_per_100_frames']:.0f} | "
             if ap is None:
                 lines.append(left + "not reached | - | - | - | - |")
                 continue
             saved = 1 - ap["bytes"] / dp["bytes"]
             savings.append((saved, dp, ap))
-            lines.append(left + f"{_bits(ap, pooled)}, T1 {ap['t1']:.3f}, T2 {ap['t2']:.3f} | {pct(ap['val_overall'])} / "
-                         f"{pct(ap['overall'])} | {_b(ap['bytes'])} | {ap['edge_runs_per_100_frames']:.1f} | "
-                         f"{100 * saved:.1f}% |")
+            lines.append(left + f"{_choice(ap, pooled)} | {ap['edge_runs_per_100_frames']:.1f} | {100 * saved:.1f}% |")
         lines += ["", "DDNN's bytes move in steps, one per bit width: below the accuracy of a step it still pays that "
                   "step. ADA-DDNN's move with T1. So the comparison also depends on the accuracy asked for. For a "
                   "grid of overall accuracies (validation), each mode's cheapest choice reaching it, from the same "
@@ -309,10 +310,8 @@ def communication(entries: list[dict]) -> list[str]:
         level_savings = []
         for level in LINK_LEVELS:
             dp, ap = at_accuracy(d_front, level), at_accuracy(a_front, level)
-            d_cells = (f"{_bits(dp, pooled)}, T2 {dp['t2']:.3f} | {pct(dp['val_overall'])} / {pct(dp['overall'])} | "
-                       f"{_b(dp['bytes'])}") if dp else "not reached | - | -"
-            a_cells = (f"{_bits(ap, pooled)}, T1 {ap['t1']:.3f}, T2 {ap['t2']:.3f} | {pct(ap['val_overall'])} / "
-                       f"{pct(ap['overall'])} | {_b(ap['bytes'])}") if ap else "not reached | - | -"
+            d_cells = _choice(dp, pooled) if dp else "not reached | - | -"
+            a_cells = _choice(ap, pooled) if ap else "not reached | - | -"
             saved = 1 - ap["bytes"] / dp["bytes"] if dp and ap else None
             if saved is not None:
                 level_savings.append((level, saved))
