@@ -41,6 +41,10 @@ if [[ $what == all || $what == replays ]]; then
     --json reports/link/r10k_agree.json
   run "${R[@]}" --n 0 --checkpoint "$ADA" --wire-dtype int1 --json reports/link/r10k_lazy_int1.json
   run "${R[@]}" --n 0 --checkpoint "$DDNN" --json reports/link/r10k_ddnn.json
+  # The 1-bit pair (models/int1/): ADA-DDNN with every summary awaited (evaluate's exit mix), and DDNN.
+  run "${R[@]}" --n 0 --checkpoint models/int1/ada.safetensors --site eval --deadline-ms 200 --no-early-exit1 \
+    --json reports/link/r10k_int1_ada_agree.json
+  run "${R[@]}" --n 0 --checkpoint models/int1/ddnn.safetensors --site eval --json reports/link/r10k_int1_ddnn.json
   # Latency: 3,000 frames at 30 fps, lazy and eager alternating, twice (on an otherwise idle machine).
   for round in "" _round2; do
     lazy=reports/link/f30_lazy$round.json
