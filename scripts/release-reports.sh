@@ -5,7 +5,8 @@
 #   bash scripts/release-reports.sh            # everything (about 35 minutes on 2 cores)
 #   bash scripts/release-reports.sh evaluate   # only the offline evaluation and docs/RESULTS.md
 #   bash scripts/release-reports.sh page       # docs/RESULTS.md again from those reports, measuring nothing
-#   bash scripts/release-reports.sh replays    # only the replays
+#   bash scripts/release-reports.sh replays    # only the replays (the latency runs included)
+#   bash scripts/release-reports.sh latency    # only the 30 fps latency replays (about 15 minutes)
 #
 # Every replay runs each role as a process with embedded Mosquitto and Redis (as `make replay`).
 set -euo pipefail
@@ -14,6 +15,10 @@ BIN=${BIN:-.venv/bin}
 ADA=${ADA:-models/ada.safetensors}
 DDNN=${DDNN:-models/ddnn.safetensors}
 what=${1:-all}
+case $what in
+  all|evaluate|page|replays|latency) ;;
+  *) echo "usage: $0 [all|evaluate|page|replays|latency]" >&2; exit 2 ;;
+esac
 
 run() { echo "+ $*" >&2; "$@"; }
 
@@ -28,8 +33,8 @@ if [[ $what == all || $what == evaluate || $what == page ]]; then
     --out reports/release/ --results docs/RESULTS.md ${FROM[@]+"${FROM[@]}"}
 fi
 
+R=("$BIN/ada-ddnn" replay --no-progress)
 if [[ $what == all || $what == replays ]]; then
-  R=("$BIN/ada-ddnn" replay --no-progress)
   # The main job as `make replay` runs it (lazy upload, the trained wire code), and with two
   # aggregators and two workers.
   run "${R[@]}" --n 0 --checkpoint "$ADA" --json reports/release/replay.json
@@ -45,6 +50,9 @@ if [[ $what == all || $what == replays ]]; then
   run "${R[@]}" --n 0 --checkpoint models/int1/ada.safetensors --site eval --deadline-ms 200 --no-early-exit1 \
     --json reports/link/r10k_int1_ada_agree.json
   run "${R[@]}" --n 0 --checkpoint models/int1/ddnn.safetensors --site eval --json reports/link/r10k_int1_ddnn.json
+fi
+
+if [[ $what == all || $what == replays || $what == latency ]]; then
   # Latency: 3,000 frames at 30 fps, lazy and eager alternating, twice (on an otherwise idle machine).
   for round in "" _round2; do
     lazy=reports/link/f30_lazy$round.json
