@@ -82,13 +82,19 @@ class CloudConfig(BrokerRoleConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sites != ALL_SITES:
-            for one in filter(None, self.sites.split(",")):
-                names.check_site(one.strip())
+            listed = [one.strip() for one in self.sites.split(",")]
+            if self.sites.strip() and not all(listed):
+                raise ValueError(f"sites: a comma-separated list of site ids or '*', got {self.sites!r}")
+            for one in filter(None, listed):
+                names.check_site(one)
         self.mqtt_urls()
-        if self.batch < 1 or self.wait_ms < 0 or self.claim_idle_ms < 1 or self.max_deliveries < 1:
-            raise ValueError("need batch >= 1, wait_ms >= 0, claim_idle_ms >= 1 and max_deliveries >= 1")
-        if not self.claim_interval_s > 0 or self.decided_ttl_s < 1 or self.results_maxlen < 1:
-            raise ValueError("need claim_interval_s > 0, decided_ttl_s >= 1 and results_maxlen >= 1")
+        for name, ok in (("batch", self.batch >= 1), ("wait_ms", self.wait_ms >= 0),
+                         ("claim_idle_ms", self.claim_idle_ms >= 1), ("max_deliveries", self.max_deliveries >= 1),
+                         ("claim_interval_s", self.claim_interval_s > 0), ("decided_ttl_s", self.decided_ttl_s >= 1),
+                         ("results_maxlen", self.results_maxlen >= 1), ("threads", self.threads >= 0)):
+            if not ok:
+                raise ValueError(f"{name} out of range, got {getattr(self, name)} (wait_ms, threads: >= 0; "
+                                 "claim_interval_s: > 0; the others: >= 1)")
 
     def site_list(self) -> list[str]:
         """The sites named by --sites (none for *), else --site."""
@@ -350,7 +356,9 @@ class Worker(BrokerService):
         letters: dict[str, list[tuple[bytes, bytes, str]]] = {}
         for site, entry_id, fields in entries:
             try:
-                esc = Escalation.decode(fields.get(b"msg", b""))
+                if b"msg" not in fields:
+                    raise MessageError(f"stream entry without a 'msg' field (fields: {sorted(fields)[:8]})")
+                esc = Escalation.decode(fields[b"msg"])
                 if esc.site != site or esc.features.shape != self.fused_shape:
                     raise CloudError(site, esc.frame_id, f"escalation of site {esc.site!r} with features "
                                                          f"{esc.features.shape} does not fit this network")

@@ -130,8 +130,10 @@ class CameraConfig:
             raise ValueError("need fps >= 0, batch >= 1 and 0 <= start < stop (stop 0 = end)")
         if not self.cameras:
             raise ValueError("no camera to run")
-        if any(k < 0 for k in self.cameras):
-            raise ValueError(f"camera ids are 0 or more, got {list(self.cameras)}")
+        if any(k < 0 for k in self.cameras) or len(set(self.cameras)) != len(self.cameras):
+            raise ValueError(f"camera ids are 0 or more, each once, got {list(self.cameras)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
         if self.max_lag_ms < 1 or self.shed_lag_ms < 0 or self.overload not in ("shed", "wait"):
             raise ValueError("need max_lag_ms >= 1, shed_lag_ms >= 0 and overload 'shed' or 'wait'")
         if self.upload not in UPLOADS:
@@ -215,6 +217,7 @@ class CameraFeed:
             raise CameraError(cfg.site, None, f"frames {cfg.start}..{self.stop_at} outside the split of {frames}")
         self.stats = CameraStats()
         self.clients: dict[int, MqttClient] = {}
+        self.stopped_early = False  # set by run(): stopped (a signal, `stop`) before the last frame
         self.signals = SiteSignals(cfg.site, cfg.shed_lag_ms)
         self._shed_logged = -RATE_REPORT_S
         self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
@@ -349,7 +352,9 @@ class CameraFeed:
                 notice = ShedNotice(site, k, tuple(frame_ids[i:i + MAX_SHED_IDS]), reason, time.time())
                 client.publish(names.shed_topic(site, k), notice.encode(), qos=1)
 
-    def close(self, state: str = "done") -> None:
+    def close(self, state: str | None = None) -> None:
+        """Retain each camera's last status: "done", or "offline" when stopped before its last frame."""
+        state = state or ("offline" if self.stopped_early else "done")
         for k, c in self.clients.items():
             c.publish(names.status_topic(self.cfg.site, k), CameraStatus(self.cfg.site, k, state, time.time()).encode(),
                       qos=1, retain=True)
@@ -457,13 +462,15 @@ class CameraFeed:
             self._run_paced(stop)
         else:
             self._run_full_speed(stop)
+        self.stopped_early = stop.is_set()  # the loops end early only on `stop`
         self.stats.seconds = time.time() - t_start
         self.stats.achieved_fps = self.stats.frames / max(1e-9, self.stats.seconds)
         self.linger(stop)
-        log.info("site %r cameras %s: %d frames (%.1f fps), %d observations, %.0f bytes/observation, shed %s, "
-                 "%.1fs", cfg.site, list(cfg.cameras), self.stats.frames, self.stats.achieved_fps,
-                 self.stats.published, self.stats.bytes / max(1, self.stats.published), self.stats.shed or "none",
-                 self.stats.seconds)
+        log.info("site %r cameras %s: %s%d frames (%.1f fps), %d observations, %.0f bytes/observation, shed %s, "
+                 "%.1fs", cfg.site, list(cfg.cameras),
+                 f"stopped before the end of frames {cfg.start}..{self.stop_at}: " if self.stopped_early else "",
+                 self.stats.frames, self.stats.achieved_fps, self.stats.published,
+                 self.stats.bytes / max(1, self.stats.published), self.stats.shed or "none", self.stats.seconds)
         return self.stats
 
     def linger(self, stop: threading.Event) -> None:
@@ -587,7 +594,7 @@ def check_online(cfg: CameraConfig, timeout_s: float = 5.0) -> int:
     try:
         client = mqtt_client(cfg.mqtt_url, f"{cfg.site}-check-{time.monotonic_ns():x}",
                              on_connect=lambda c: c.subscribe(names.status_filter(cfg.site), qos=1),
-                             on_message=on_message)
+                             on_message=on_message, timeout_s=timeout_s)
     except ConnectError as err:
         log.error("%s", err)
         return 1

@@ -55,6 +55,7 @@ from edge.exits import under
 from edge.frame_store import Claim, FrameStore, StoreTimes
 from pipeline.checkpoint import thresholds
 from pipeline.compute import resolve_device, set_threads
+from pipeline.entropy import check_thresholds
 from pipeline.errors import AggregationError, EscalationError, MessageError
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.metrics import Sample, sample
@@ -119,8 +120,14 @@ class EdgeConfig(BrokerRoleConfig):
                      "claim_batch", "frame_ttl_s", "decided_ttl_s", "results_maxlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.receive_maximum > 65535 or self.session_expiry_s < 0 or self.expected < 0 or self.admit_window < 0:
-            raise ValueError("need receive_maximum <= 65535 (MQTT v5), session_expiry_s >= 0 and expected >= 0")
+        for name, ok in (("receive_maximum", 1 <= self.receive_maximum <= 65535),
+                         ("session_expiry_s", self.session_expiry_s >= 0), ("expected", self.expected >= 0),
+                         ("admit_window", self.admit_window >= 0), ("threads", self.threads >= 0)):
+            if not ok:
+                raise ValueError(f"{name} out of range, got {getattr(self, name)} "
+                                 "(receive_maximum: 1..65535 (MQTT v5); the others: >= 0)")
+        check_thresholds(self.t1, self.t2)
+        names.check_share_group(self.share_group)
 
     def store_times(self, expected: int) -> StoreTimes:
         return StoreTimes(expected, self.admit_window, self.deadline_ms, self.frame_ttl_s * 1000, self.decided_ttl_s * 1000,
@@ -161,6 +168,8 @@ class Aggregator(BrokerService):
         self.cfg, self.edge, self.t1, self.t2 = cfg, edge.to(self.device).eval(), t1, t2
         self.net = edge.cfg  # the network's ModelConfig: cameras, wire shape, mode
         self.expected = cfg.expected or self.net.num_cameras
+        if self.expected > self.net.num_cameras:
+            raise ValueError(f"expected: {cfg.expected} cameras per frame, but the network has {self.net.num_cameras}")
         self.stats = EdgeStats()
         self.inbox = Inbox(lambda: self.mqtt.generation if self.mqtt is not None else 0,
                            urgent=lambda m: m.topic.endswith("/feat"))
@@ -434,6 +443,10 @@ class Aggregator(BrokerService):
     def _validate(self, obs: CameraObservation | CameraSummary, topic: str) -> None:
         cfg, net = self.cfg, self.net
         self._check_source(obs, topic, names.obs_topic(obs.site, obs.camera), "observation")
+        for what, value in (("prediction", obs.prediction), ("label", obs.label)):
+            if value is not None and not 0 <= value < net.num_classes:
+                raise AggregationError(cfg.site, obs.frame_id, f"{what} {value} is not one of the network's "
+                                       f"{net.num_classes} classes", camera=obs.camera)
         if isinstance(obs, CameraSummary):
             if not net.has_camera_classifiers:
                 raise AggregationError(cfg.site, obs.frame_id, f"a summary (lazy upload) needs camera classifiers; "

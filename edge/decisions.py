@@ -106,6 +106,10 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
     cam_entropy = torch.ones(n, cams)
     cam_pred = torch.zeros(n, cams, dtype=torch.long)
     waiting = torch.zeros(n, dtype=torch.bool)
+    # Asked for features and none came by the second deadline: the cameras' own verdicts (their
+    # summaries) are all the frame has, so its most confident camera answers, whatever T1 says,
+    # rather than the edge block on all-zero features (one class for every such frame).
+    blind = torch.zeros(n, dtype=torch.bool)
     for i, fr in enumerate(frames):
         for o in fr.observations:
             features[i, o.camera] = o.features.to_tensor()
@@ -113,14 +117,16 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
             if o.entropy is not None:
                 cam_entropy[i, o.camera] = o.entropy
                 cam_pred[i, o.camera] = o.prediction  # type: ignore[assignment]
-        if not fr.requested:
+        blind[i] = fr.requested and not fr.observations and bool(fr.summaries)
+        if not fr.requested or blind[i]:
             for s in fr.summaries:
                 known[i, s.camera] = True
                 cam_entropy[i, s.camera], cam_pred[i, s.camera] = s.entropy, s.prediction
-            waiting[i] = bool(fr.summaries)
-    if cfg.has_camera_classifiers and t1 is not None:
+            waiting[i] = bool(fr.summaries) and not blind[i]
+    if cfg.has_camera_classifiers:
         best, cam = exit1_choice(cam_entropy, known)
-        fire1 = under(best, t1) & (cam >= 0)
+        fire1 = (under(best, t1) if t1 is not None else torch.zeros(n, dtype=torch.bool)) & (cam >= 0)
+        fire1 |= blind & (cam >= 0)
     else:
         cam = torch.full((n,), -1, dtype=torch.long)
         fire1 = torch.zeros(n, dtype=torch.bool)

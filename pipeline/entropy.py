@@ -28,3 +28,11 @@ def normalized_entropy_probs(probs: torch.Tensor, dim: int = -1) -> torch.Tensor
     p = probs.float()
     h = -torch.where(p > 0, p * torch.log(p.clamp_min(1e-45)), torch.zeros_like(p)).sum(dim=dim)
     return (h / math.log(num_classes)).clamp_(0.0, 1.0)
+
+
+def check_thresholds(t1: float | None, t2: float | None) -> None:
+    """An exit threshold compares a normalized entropy: None (the model card's) or in [0, 1]
+    (0: the exit never fires; 1: every frame that reaches it leaves there)."""
+    for name, t in (("t1", t1), ("t2", t2)):
+        if t is not None and not 0.0 <= t <= 1.0:
+            raise ValueError(f"{name} is a normalized entropy threshold in [0, 1], got {t}")

@@ -69,3 +69,8 @@ class ReplayError(PipelineError):
 
 __all__ = ["PipelineError", "ConnectError", "DataError", "CheckpointError", "ServiceError", "SettingsError", "MessageError", "FrameError", "CameraError", "AggregationError", "EscalationError",
            "CloudError", "ReplayError"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a command had no handler of its own in place (start-up, a job such as
+    replay): raised like Ctrl-C's KeyboardInterrupt, so `finally` blocks stop what was started."""

@@ -20,3 +20,24 @@ def atomic_write_text(path: str, text: str) -> str:
 def write_json(path: str, obj: Any, indent: int = 2) -> str:
     """`obj` as JSON (with a final newline) at `path`, atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def check_writable(path: str) -> str:
+    """Fail now, not after a long job, when `path` cannot be written (`atomic_write_text` creates
+    missing folders, so the nearest existing one must take new files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.probe")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from err
+    if os.path.isdir(path):
+        raise OSError(f"cannot write {path}: it is a folder")
+    return path

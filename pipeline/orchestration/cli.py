@@ -18,18 +18,16 @@ module's `register(subparsers)`; `COMMANDS` lists them in the order of `--help`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import shlex
+import signal
 import sys
 from typing import Callable, Sequence
 
-from cloud import worker
-from devices import camera
-from edge import aggregator
 from pipeline.config import ModelConfig, TrainConfig, default_data_dir
-from pipeline.offline import experiments
-from pipeline.orchestration import replay, status
+from pipeline.errors import Terminated
 from pipeline.settings import add_config_args, config_from_args
 
 log = logging.getLogger("ada_ddnn")
@@ -242,9 +240,12 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    register_data, register_train, register_thresholds, register_export, experiments.register, register_bench,
-    camera.register, aggregator.register, worker.register, replay.register, status.register,
+# The role modules import torch (seconds on a small CPU): named here, imported by `build_parser`
+# once `main` has its SIGTERM handler in place.
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None] | str, ...] = (
+    register_data, register_train, register_thresholds, register_export, "pipeline.offline.experiments",
+    register_bench, "devices.camera", "edge.aggregator", "cloud.worker", "pipeline.orchestration.replay",
+    "pipeline.orchestration.status",
 )
 
 
@@ -254,25 +255,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in COMMANDS:
+        if isinstance(register, str):
+            register = importlib.import_module(register).register
         register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one sub-command. Ctrl-C or SIGTERM before a role's own handlers are in (while it
+    imports and loads) or during a job (replay, evaluate, train) ends it through its `finally`
+    blocks with one line and status 130 or 143; a running role's handlers stop it cleanly (0)."""
+    from pipeline.transport.service import raise_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = signal.getsignal(signal.SIGTERM) if raise_on_sigterm() else None
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as err:
+        _setup_logging(False)
+        stopped = isinstance(err, Terminated)
+        log.warning("stopped by SIGTERM" if stopped else "interrupted")
+        return 143 if stopped else 130
+    finally:
+        if ours is not None and signal.getsignal(signal.SIGTERM) is ours:  # a role's own stays, for its shutdown
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:2] == ["bench", "scale"]:
         from pipeline.orchestration import bench_scale
 
-        _setup_logging(0)
+        _setup_logging(False)
         return bench_scale.main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        log.warning("interrupted")
-        return 130
     except (ValueError, RuntimeError, OSError) as err:
         # Named errors from the package (DataError, CheckpointError, ...) end here with one line.
         log.error("%s: %s", type(err).__name__, err)

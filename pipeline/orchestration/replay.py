@@ -56,8 +56,9 @@ from pipeline.checkpoint import thresholds
 from pipeline.compute import set_threads
 from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import SPLITS, Cifar10
-from pipeline.errors import ReplayError
-from pipeline.fileio import write_json
+from pipeline.entropy import check_thresholds
+from pipeline.errors import ConnectError, ReplayError
+from pipeline.fileio import check_writable, write_json
 from pipeline.offline.network import AdaDDNN
 from pipeline.orchestration.replay_report import (
     ResultCollector,
@@ -70,7 +71,9 @@ from pipeline.orchestration.replay_report import (
 from pipeline.orchestration.roles import RoleProcess, start_role, stop_all, wait_alive
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.embedded import embedded_services
+from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.transport.redis_client import redis_client
+from pipeline.transport.service import check_metrics_port
 from pipeline.wire import names
 from pipeline.wire.messages import DTYPES, EXIT_NAMES
 
@@ -129,6 +132,13 @@ class ReplayConfig:
             raise ValueError(f"need upload in {UPLOADS} and request_deadline_ms >= 1")
         if self.site:
             names.check_site(self.site)
+        check_thresholds(self.t1, self.t2)
+        if any(k < 0 for k in self.silent) or len(set(self.silent)) != len(self.silent):
+            raise ValueError(f"silent: camera ids, 0 or more, each once, got {list(self.silent)}")
+        if not self.drain_timeout_s >= 0 or self.threads < 0:
+            raise ValueError(f"need drain_timeout_s >= 0 and threads >= 0, got {self.drain_timeout_s} and "
+                             f"{self.threads}")
+        check_metrics_port(self.metrics_port)
 
 
 def run_replay(cfg: ReplayConfig, data: Cifar10 | None = None, model: AdaDDNN | None = None) -> dict:
@@ -179,6 +189,9 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
     runs = [SiteRun(base if cfg.sites == 1 else f"{base[:60]}-{i}", ids)
             for i, ids in enumerate(site_ranges(cfg, len(split)))]
     cams = tuple(k for k in range(model.cfg.num_cameras) if k not in cfg.silent)
+    if not cams or any(k >= model.cfg.num_cameras for k in cfg.silent):
+        raise ReplayError(f"silent cameras {list(cfg.silent)}: the network has cameras 0..{model.cfg.num_cameras - 1}, "
+                          "and at least one must publish")
     embedded = {"mqtt": cfg.mqtt_url is None, "redis": cfg.redis_url is None}
     total = sum(len(run.frame_ids) for run in runs)
 
@@ -235,6 +248,8 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
             shed_ids = {int(f[b"frame"]) for _, f in r.xrange(names.losses_stream(run.site))}
             if not cfg.keep_keys:
                 _clear(r, run.site)
+                if cfg.mqtt_url:  # a broker of the user's: it outlives the replay
+                    _clear_retained(run.mqtt_url, run.site)
             run.report = _site_report(cfg, model, split, run, t1, t2, counters, shed_ids, t_start)
             run.report["upload"] = upload
         r.close()
@@ -436,9 +451,44 @@ def _site_mqtt(runs: list[SiteRun]) -> str:
 
 
 def _clear(r: redis.Redis, site: str) -> None:
+    """The site's Redis keys, and its entry in the registry of sites (which `cloud --sites '*'` serves)."""
     keys = list(r.scan_iter(match=names.site_pattern(site), count=1000))
     for i in range(0, len(keys), 500):
         r.delete(*keys[i:i + 500])
+    r.srem(names.sites_key(), site)
+
+
+def _clear_retained(mqtt_url: str, site: str, timeout_s: float = 5.0) -> int:
+    """Empty the site's retained MQTT messages (camera statuses, the clock, flow statuses) on a
+    broker the replay does not own, so nothing of a finished replay looks alive; returns how many."""
+    token = uuid.uuid4().hex
+    marker, topics, synced = names.sync_topic(site, token), set(), threading.Event()
+
+    def on_message(msg) -> None:
+        if msg.topic == marker:
+            synced.set()
+        elif msg.retain and msg.payload:
+            topics.add(msg.topic)
+
+    def on_connect(c) -> None:
+        c.subscribe(names.site_filter(site), qos=1)
+        c.publish(marker, b"", qos=1)  # after the subscription: arrives after its retained messages
+
+    try:
+        client = mqtt_client(mqtt_url, f"{site}-clear-{token[:8]}", on_connect=on_connect, on_message=on_message)
+    except ConnectError as err:
+        log.warning("site %r: retained messages left on the broker: %s", site, err)
+        return 0
+    try:
+        if not synced.wait(timeout_s):
+            log.warning("site %r: the broker did not echo a marker within %.0f s; clearing the retained messages "
+                        "seen so far", site, timeout_s)
+        for topic in sorted(topics):
+            client.publish(topic, b"", qos=1, retain=True)
+        client.wait_confirmed(timeout_s)
+    finally:
+        close_mqtt(client)
+    return len(topics)
 
 
 def _bar(n: int, enabled: bool):
@@ -455,6 +505,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(ReplayConfig, args)
     if printed(cfg, args):
         return 0
+    if args.json_out:
+        check_writable(args.json_out)
     out = run_replay(cfg)
     print(summary_table(out) if "sites" not in out else sites_table(out))
     if args.json_out:

@@ -21,6 +21,7 @@ from pipeline.data import Split
 from pipeline.errors import MessageError
 from pipeline.offline.network import AdaDDNN
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
+from pipeline.transport.service import Backoff
 from pipeline.wire import names
 from pipeline.wire.messages import EXIT_NAMES, Decision
 
@@ -65,8 +66,16 @@ class ResultCollector:
         return self
 
     def _run(self) -> None:
+        backoff = Backoff()
         while not self._stop.is_set():
-            resp = self.r.xread({self.stream: self._last_id}, count=500, block=200)
+            try:
+                resp = self.r.xread({self.stream: self._last_id}, count=500, block=200)
+            except redis.RedisError as err:  # Redis restarting: read on from the last entry once it is back
+                wait_s = backoff.next()
+                log.warning("site %r: results stream unreadable (%s); again in %.1f s", self.site, err, wait_s)
+                self._stop.wait(wait_s)
+                continue
+            backoff.reset()
             for _, entries in resp or []:
                 for entry_id, fields in entries:
                     self._last_id = entry_id

@@ -63,8 +63,10 @@ def start_role(role: str, args: list[str], log_dir: str, name: str, env: dict[st
     argv = [sys.executable, "-m", "pipeline.orchestration.cli", role, *args]
     path = os.path.join(log_dir, f"{name}.log")
     with open(path, "wb") as out:  # the child keeps its own descriptor
+        # A session of its own: a terminal's Ctrl-C reaches the replay alone, which stops its
+        # roles in order (cameras first) and its brokers last, instead of all at once.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
     log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
     return RoleProcess(name, argv, path, proc)
 

@@ -95,7 +95,7 @@ def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S
 
     try:
         client = mqtt_client(cfg.mqtt_url, f"{cfg.site}-status-{time.monotonic_ns():x}", on_connect=on_connect,
-                             on_message=on_message)
+                             on_message=on_message, timeout_s=CONNECT_TIMEOUT_S)
     except ConnectError as err:
         st.errors.append(f"MQTT: {err}")
         return
@@ -176,6 +176,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(StatusConfig, args)
     if printed(cfg, args):
         return 0
+    if not args.watch >= 0:
+        raise ValueError(f"--watch: seconds between looks, 0 (once) or more, got {args.watch}")
     while True:
         st = site_status(cfg)
         print(json.dumps(asdict(st), indent=2) if args.json else table(st), flush=True)

@@ -121,7 +121,9 @@ def _in_container(image: str, name: str, port: int, command: list[str]) -> tuple
 def _spawn(name: str, argv: list[str], port: int, workdir: str, url: str, container: str | None = None) -> _Server:
     log_path = os.path.join(workdir, f"{name}.log")
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # its own session: a terminal's Ctrl-C must not take the broker away before the roles stop
+        proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     server = _Server(name, url, proc, workdir, log_path, container)
     try:
         wait_for_port("127.0.0.1", port, START_TIMEOUT_S, proc)

@@ -374,9 +374,11 @@ class Inbox:
 
 def mqtt_client(url: str, client_id: str, on_connect: Callable[[mqtt.Client], None] | None = None,
                 on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
-                will: tuple[str, bytes] | None = None, **options) -> MqttClient:
-    """A connected `MqttClient` with its network thread running (see the module docstring)."""
-    return MqttClient(url, client_id, on_connect=on_connect, on_message=on_message, will=will, **options).connect()
+                will: tuple[str, bytes] | None = None, timeout_s: float = CONNECT_TIMEOUT_S, **options) -> MqttClient:
+    """A connected `MqttClient` with its network thread running (see the module docstring); an
+    unreachable broker is retried for `timeout_s`."""
+    return MqttClient(url, client_id, on_connect=on_connect, on_message=on_message, will=will,
+                      **options).connect(timeout_s)
 
 
 def close_mqtt(client: MqttClient) -> None:

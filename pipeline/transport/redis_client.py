@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT_S = 10.0  # a reply that takes longer means the server is gone (blocking reads use 0.2 s)
 COMMAND_RETRIES = 2  # the client's own retries of a command on a connection error, before the loop's backoff
+CHECK_TIMEOUT_S = 3.0  # `--check` (a docker health check): a Redis that does not answer by then means not alive
 
 
 def safe_url(url: str) -> str:
@@ -85,6 +86,12 @@ def make_client(url: str, **options) -> redis.Redis:
     """A client for `url` (one Redis or, for `redis+cluster://`, a cluster), not yet connected;
     `options` go to the client (timeouts, retry)."""
     if not is_cluster_url(url):
+        u = urlparse(url)
+        if u.scheme in ("redis", "rediss"):  # redis-py would take a missing host or database silently
+            if not u.hostname:
+                raise ValueError("no host")
+            if u.path.strip("/") and not u.path.strip("/").isdigit():
+                raise ValueError(f"database {u.path.strip('/')!r} is not a number")
         return redis.Redis.from_url(url, **options)
     from redis.cluster import ClusterNode
 
@@ -250,7 +257,7 @@ def alive(client: redis.Redis, site: str, role: str, sid: str | None = None) -> 
 def check_alive(redis_url: str, site: str, role: str, sid: str | None = None) -> int:
     """Exit status for `--check`: 0 when a heartbeat of `role` (or of `sid`) is alive, else 1."""
     try:
-        ids = alive(redis_client(redis_url), site, role, sid)
+        ids = alive(redis_client(redis_url, timeout_s=CHECK_TIMEOUT_S), site, role, sid)
     except (ConnectError, redis.RedisError) as err:
         log.error("check %s at site %r: %s", role, site, err)
         return 1

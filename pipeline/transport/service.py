@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from pipeline.errors import Terminated
 from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL
 from pipeline.transport.metrics import RoleMetrics, Sample
 from pipeline.transport.mqtt_client import BACKOFF_MAX_S, BACKOFF_MIN_S, MqttClient
@@ -61,10 +62,33 @@ def check_metrics_port(port: int) -> None:
         raise ValueError(f"metrics_port must be 0 (off) or a TCP port, got {port}")
 
 
-def stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM (docker stop) and SIGINT set `stop`, so the service closes its connections cleanly."""
+def stop_on_signals(stop: threading.Event) -> dict[str, int | None]:
+    """SIGTERM (docker stop) and SIGINT set `stop`, so the service closes its connections cleanly;
+    the returned dict's "signal" is the first one that came (None while none has)."""
+    got: dict[str, int | None] = {"signal": None}
+
+    def handler(signum: int, _frame: object) -> None:
+        if got["signal"] is None:
+            got["signal"] = signum
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, handler)
+    return got
+
+
+def raise_on_sigterm() -> bool:
+    """Until a role installs `stop_on_signals`: SIGTERM raises `Terminated` (a KeyboardInterrupt),
+    so a command stopped while it loads (imports, data, checkpoint) or while a job runs ends
+    through its `finally` blocks and says so, instead of dying silently. Main thread only:
+    returns whether the handler went in."""
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated("SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGTERM, handler)
+    return True
 
 
 def service_id(role: str) -> str:
@@ -140,7 +164,7 @@ def serve(service: Any) -> Any:
     handlers go in before connecting, so a stop request during the connect is honoured cleanly
     (the loop then ends at once) instead of killing the process mid-way."""
     stop = threading.Event()
-    stop_on_signals(stop)
+    got = stop_on_signals(stop)
     if isinstance(service, BrokerService):
         service.exit_on_stuck = True  # its own process: a stuck loop exits for the supervisor to restart
     cfg = getattr(service, "cfg", None)
@@ -164,6 +188,9 @@ def serve(service: Any) -> Any:
         if metrics is not None:
             metrics.close()
         ignore_stop_signals()
+        if got["signal"] is not None:
+            who = getattr(service, "sid", None) or f"site {getattr(cfg, 'site', '?')!r} {type(service).__name__}"
+            log.info("%s: stopped by %s", who, signal.Signals(got["signal"]).name)
 
 
 def ignore_stop_signals() -> None:

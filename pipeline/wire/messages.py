@@ -477,7 +477,7 @@ def unpack(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
                               max_str_len=MAX_MESSAGE_BYTES, max_bin_len=MAX_MESSAGE_BYTES,
                               max_array_len=MAX_ELEMENTS, max_map_len=64, max_ext_len=0)
     except (ValueError, TypeError, OverflowError) as err:  # msgpack's errors are ValueErrors
-        raise MessageError(f"not a msgpack message: {err}") from err
+        raise MessageError(f"not a msgpack message: {str(err) or type(err).__name__}") from err
     if isinstance(obj, list):
         obj = _named(obj)
     if not isinstance(obj, dict):

@@ -44,6 +44,13 @@ def check_site(site: object) -> str:
     return site
 
 
+def check_share_group(group: object) -> str:
+    """A shared-subscription group is one topic level: the site id's characters (no /, +, #)."""
+    if not isinstance(group, str) or not SITE_RE.match(group):
+        raise ValueError(f"share group must match {SITE_RE.pattern}, got {group!r}")
+    return group
+
+
 def _cam(cam: int) -> int:
     if isinstance(cam, bool) or not isinstance(cam, int) or cam < 0:
         raise ValueError(f"camera id must be a non-negative int, got {cam!r}")
@@ -63,7 +70,7 @@ def obs_filter(site: str) -> str:
 
 def shared_obs_filter(site: str, group: str = SHARE_GROUP) -> str:
     """MQTT v5 shared subscription: the broker hands each observation to one member of `group`."""
-    return f"$share/{group}/{obs_filter(site)}"
+    return f"$share/{check_share_group(group)}/{obs_filter(site)}"
 
 
 def status_topic(site: str, cam: int) -> str:
@@ -90,6 +97,19 @@ def flow_topic(site: str, service_id: str) -> str:
     return f"ada/{check_site(site)}/edge/flow/{service_id}"
 
 
+def site_filter(site: str) -> str:
+    """Every topic of a site (a replay on a shared broker empties its retained ones at the end)."""
+    return f"ada/{check_site(site)}/#"
+
+
+def sync_topic(site: str, token: str) -> str:
+    """A marker a client sends itself after subscribing: once it arrives, every retained message
+    of the subscription has (a broker delivers in order). No role subscribes to it."""
+    if not SERVICE_RE.match(token):
+        raise ValueError(f"bad token {token!r}")
+    return f"ada/{check_site(site)}/sync/{token}"
+
+
 def flow_filter(site: str) -> str:
     return f"ada/{check_site(site)}/edge/flow/+"
 
@@ -100,7 +120,7 @@ def shed_topic(site: str, cam: int) -> str:
 
 
 def shared_shed_filter(site: str, group: str = SHARE_GROUP) -> str:
-    return f"$share/{group}/ada/{check_site(site)}/cam/+/shed"
+    return f"$share/{check_share_group(group)}/ada/{check_site(site)}/cam/+/shed"
 
 
 def features_topic(site: str, cam: int) -> str:
@@ -110,7 +130,7 @@ def features_topic(site: str, cam: int) -> str:
 
 def shared_features_filter(site: str, group: str = SHARE_GROUP) -> str:
     """Every camera's feature answers, shared among the aggregators like the observations."""
-    return f"$share/{group}/ada/{check_site(site)}/cam/+/feat"
+    return f"$share/{check_share_group(group)}/ada/{check_site(site)}/cam/+/feat"
 
 
 def request_topic(site: str) -> str:

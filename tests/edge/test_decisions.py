@@ -8,7 +8,7 @@ from edge.decisions import Frame, decide_frames
 from edge.exits import decide
 from edge.fusion import fuse
 from pipeline.offline import evaluation
-from pipeline.wire.messages import EXIT_NAMES, CameraObservation, FeatureTensor
+from pipeline.wire.messages import EXIT_NAMES, CameraObservation, CameraSummary, FeatureTensor
 from tests.helpers import stream_model, synthetic_cifar, tiny_config
 
 
@@ -56,3 +56,19 @@ def test_max_fusion_is_smaller_than_concat():
     # Max pooling keeps one camera's channels: the edge and the cloud see 12 channels, not 6 x 12.
     assert tiny_config(fusion="max").fused_channels == tiny_config().wire_channels
     assert tiny_config().fused_channels == 6 * tiny_config().wire_channels
+
+
+def test_a_requested_frame_without_any_features_is_answered_by_its_most_confident_camera(setup):
+    # Lazy upload, no camera answered the feature request by the second deadline: the summaries
+    # are all the edge has. The edge block on all-zero features would give one class to every
+    # such frame; the most confident camera answers instead, even above T1.
+    model, _, t1, t2 = setup
+    if not model.cfg.has_camera_classifiers:
+        pytest.skip("summaries (lazy upload) need camera classifiers")
+    sums = [CameraSummary("s", 7, k, 1.0, k + 1, 0.9 - 0.1 * k) for k in (1, 3, 4)]  # camera 4: 0.5, class 5
+    blind = Frame(7, [], summaries=sums, requested=True, asked=(1, 3, 4))
+    waiting = Frame(8, [], summaries=[CameraSummary("s", 8, 2, 1.0, 3, 0.99)])  # not yet asked: ask
+    out, _, edge_entropy, _ = decide_frames(model.edge, [blind, waiting], 0.01, t2)
+    assert out[0] == ("exit1", 5, pytest.approx(0.5), 4)
+    assert out[1][0] == "request"
+    assert torch.isnan(edge_entropy).all()  # the edge block ran on neither

@@ -1,6 +1,9 @@
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -48,3 +51,55 @@ def test_bench_train_json(capsys):
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["benchmark"] == "train" and result["samples_per_s"] > 0 and result["seconds_per_epoch"] > 0
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["edge", "--t1", "1.5"], "t1 is a normalized entropy threshold in \\[0, 1\\], got 1.5"),
+    (["edge", "--t2", "-0.1"], "t2 is a normalized entropy threshold"),
+    (["edge", "--share-group", "#"], "share group must match"),
+    (["edge", "--share-group", "a/b"], "share group must match"),
+    (["edge", "--admit-window", "-1"], "admit_window out of range, got -1"),
+    (["edge", "--threads", "-2"], "threads out of range, got -2"),
+    (["cameras", "--cameras", "0,0"], "each once"),
+    (["cloud", "--sites", ","], "a comma-separated list of site ids"),
+    (["cloud", "--max-deliveries", "0"], "max_deliveries out of range, got 0"),
+    (["replay", "--t1", "1.5"], "t1 is a normalized entropy threshold"),
+    (["replay", "--silent", "1,1"], "each once"),
+    (["replay", "--drain-timeout-s", "-1"], "drain_timeout_s >= 0"),
+    (["replay", "--metrics-port", "70000"], "metrics_port must be 0"),
+    (["status", "--watch", "-1"], "--watch: seconds between looks"),
+])
+def test_an_option_out_of_range_is_named_before_anything_starts(argv, reason, caplog):
+    brokers = ["--mqtt-url", "mqtt://127.0.0.1:1"] + (["--redis-url", "redis://127.0.0.1:1/0"]
+                                                      if argv[0] != "cameras" else [])
+    assert main([*argv, *brokers]) == 1
+    assert any(re.search(reason, r.getMessage()) for r in caplog.records), caplog.text
+
+
+def test_a_report_path_that_cannot_be_written_fails_before_the_replay(caplog):
+    assert main(["replay", "--json", "/proc/no/report.json", "--n", "10"]) == 1
+    assert "cannot write /proc/no/report.json" in caplog.text
+    assert "embedded" not in caplog.text  # no broker was started
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (bit 15 of SigCgt in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_sigterm_while_a_role_loads_ends_it_with_one_line_and_143():
+    # The edge imports torch and loads its checkpoint for a second or more: SIGTERM then, before
+    # the role's own handlers are in, must not kill it silently (-15) nor print a traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.orchestration.cli", "edge", "--site", "sigterm-test",
+                             "--redis-url", "redis://127.0.0.1:1/0", "--mqtt-url", "mqtt://127.0.0.1:1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(proc.pid):  # main's handler is in: the role is importing torch now
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.01)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "Traceback" not in out

@@ -28,3 +28,10 @@ def test_a_cluster_nobody_answers_fails_after_its_timeout():
         redis_client(f"redis+cluster://127.0.0.1:{free_port()}", timeout_s=0.5)
     with pytest.raises(ConnectError, match="Redis URL"):
         redis_client("redis+cluster://127.0.0.1:1,nohost", timeout_s=0.5)
+
+
+@pytest.mark.parametrize("bad, reason", [("redis://127.0.0.1:6379/abc", "database 'abc' is not a number"),
+                                         ("redis://", "no host")])
+def test_a_url_redis_py_would_take_silently_is_refused(bad, reason):
+    with pytest.raises(ConnectError, match=reason):
+        redis_client(bad, timeout_s=0.5)
