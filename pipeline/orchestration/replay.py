@@ -69,6 +69,7 @@ from pipeline.orchestration.replay_report import (
     summary_table,
 )
 from pipeline.orchestration.roles import RoleProcess, start_role, stop_all, wait_alive
+from pipeline.orchestration.status import RETAINED_QUIET_S
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
@@ -460,29 +461,26 @@ def _clear(r: redis.Redis, site: str) -> None:
 
 def _clear_retained(mqtt_url: str, site: str, timeout_s: float = 5.0) -> int:
     """Empty the site's retained MQTT messages (camera statuses, the clock, flow statuses) on a
-    broker the replay does not own, so nothing of a finished replay looks alive; returns how many."""
-    token = uuid.uuid4().hex
-    marker, topics, synced = names.sync_topic(site, token), set(), threading.Event()
+    broker the replay does not own, so nothing of a finished replay looks alive; returns how many.
+    Retained messages come in a burst right after the subscription: taken as over once none came
+    for RETAINED_QUIET_S (as `ada-ddnn status` does)."""
+    topics, arrived = set(), threading.Event()
 
     def on_message(msg) -> None:
-        if msg.topic == marker:
-            synced.set()
-        elif msg.retain and msg.payload:
+        if msg.retain and msg.payload:
             topics.add(msg.topic)
-
-    def on_connect(c) -> None:
-        c.subscribe(names.site_filter(site), qos=1)
-        c.publish(marker, b"", qos=1)  # after the subscription: arrives after its retained messages
+        arrived.set()
 
     try:
-        client = mqtt_client(mqtt_url, f"{site}-clear-{token[:8]}", on_connect=on_connect, on_message=on_message)
+        client = mqtt_client(mqtt_url, f"{site}-clear-{uuid.uuid4().hex[:8]}", timeout_s=timeout_s,
+                             on_connect=lambda c: c.subscribe(names.site_filter(site), qos=1), on_message=on_message)
     except ConnectError as err:
         log.warning("site %r: retained messages left on the broker: %s", site, err)
         return 0
     try:
-        if not synced.wait(timeout_s):
-            log.warning("site %r: the broker did not echo a marker within %.0f s; clearing the retained messages "
-                        "seen so far", site, timeout_s)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and arrived.wait(RETAINED_QUIET_S):
+            arrived.clear()
         for topic in sorted(topics):
             client.publish(topic, b"", qos=1, retain=True)
         client.wait_confirmed(timeout_s)

@@ -102,14 +102,6 @@ def site_filter(site: str) -> str:
     return f"ada/{check_site(site)}/#"
 
 
-def sync_topic(site: str, token: str) -> str:
-    """A marker a client sends itself after subscribing: once it arrives, every retained message
-    of the subscription has (a broker delivers in order). No role subscribes to it."""
-    if not SERVICE_RE.match(token):
-        raise ValueError(f"bad token {token!r}")
-    return f"ada/{check_site(site)}/sync/{token}"
-
-
 def flow_filter(site: str) -> str:
     return f"ada/{check_site(site)}/edge/flow/+"
 

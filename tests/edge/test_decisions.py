@@ -58,13 +58,11 @@ def test_max_fusion_is_smaller_than_concat():
     assert tiny_config().fused_channels == 6 * tiny_config().wire_channels
 
 
-def test_a_requested_frame_without_any_features_is_answered_by_its_most_confident_camera(setup):
+def test_a_requested_frame_without_any_features_is_answered_by_its_most_confident_camera(stream_setup):
     # Lazy upload, no camera answered the feature request by the second deadline: the summaries
     # are all the edge has. The edge block on all-zero features would give one class to every
     # such frame; the most confident camera answers instead, even above T1.
-    model, _, t1, t2 = setup
-    if not model.cfg.has_camera_classifiers:
-        pytest.skip("summaries (lazy upload) need camera classifiers")
+    _, model, _, _, t2 = stream_setup  # ADA-DDNN (summaries need camera classifiers)
     sums = [CameraSummary("s", 7, k, 1.0, k + 1, 0.9 - 0.1 * k) for k in (1, 3, 4)]  # camera 4: 0.5, class 5
     blind = Frame(7, [], summaries=sums, requested=True, asked=(1, 3, 4))
     waiting = Frame(8, [], summaries=[CameraSummary("s", 8, 2, 1.0, 3, 0.99)])  # not yet asked: ask
