@@ -117,16 +117,16 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
             if o.entropy is not None:
                 cam_entropy[i, o.camera] = o.entropy
                 cam_pred[i, o.camera] = o.prediction  # type: ignore[assignment]
-        blind[i] = fr.requested and not fr.observations and bool(fr.summaries)
-        if not fr.requested or blind[i]:
+        no_features = fr.requested and not fr.observations and bool(fr.summaries)
+        if not fr.requested or no_features:
             for s in fr.summaries:
                 known[i, s.camera] = True
                 cam_entropy[i, s.camera], cam_pred[i, s.camera] = s.entropy, s.prediction
-            waiting[i] = bool(fr.summaries) and not blind[i]
+            blind[i] = no_features
+            waiting[i] = bool(fr.summaries) and not no_features
     if cfg.has_camera_classifiers:
         best, cam = exit1_choice(cam_entropy, known)
-        fire1 = (under(best, t1) if t1 is not None else torch.zeros(n, dtype=torch.bool)) & (cam >= 0)
-        fire1 |= blind & (cam >= 0)
+        fire1 = ((under(best, t1) if t1 is not None else torch.zeros(n, dtype=torch.bool)) | blind) & (cam >= 0)
     else:
         cam = torch.full((n,), -1, dtype=torch.long)
         fire1 = torch.zeros(n, dtype=torch.bool)

@@ -67,10 +67,10 @@ class ReplayError(PipelineError):
     """The replay job cannot run or finish (bad arguments, frames missing at the end)."""
 
 
-__all__ = ["PipelineError", "ConnectError", "DataError", "CheckpointError", "ServiceError", "SettingsError", "MessageError", "FrameError", "CameraError", "AggregationError", "EscalationError",
-           "CloudError", "ReplayError"]
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived while a command had no handler of its own in place (start-up, a job such as
     replay): raised like Ctrl-C's KeyboardInterrupt, so `finally` blocks stop what was started."""
+
+
+__all__ = ["PipelineError", "ConnectError", "DataError", "CheckpointError", "ServiceError", "SettingsError", "MessageError", "FrameError", "CameraError", "AggregationError", "EscalationError",
+           "CloudError", "ReplayError", "Terminated"]

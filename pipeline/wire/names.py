@@ -38,17 +38,20 @@ SHARE_GROUP = "edge"  # MQTT v5 shared-subscription group of the aggregators
 CLOUD_GROUP = "cloud"  # Redis consumer group of the cloud workers
 
 
+def _level(value: object, what: str) -> str:
+    """One topic level (and key part): letters, digits, - and _ (no /, +, # nor :)."""
+    if not isinstance(value, str) or not SITE_RE.match(value):
+        raise ValueError(f"{what} must match {SITE_RE.pattern}, got {value!r}")
+    return value
+
+
 def check_site(site: object) -> str:
-    if not isinstance(site, str) or not SITE_RE.match(site):
-        raise ValueError(f"site id must match {SITE_RE.pattern}, got {site!r}")
-    return site
+    return _level(site, "site id")
 
 
 def check_share_group(group: object) -> str:
-    """A shared-subscription group is one topic level: the site id's characters (no /, +, #)."""
-    if not isinstance(group, str) or not SITE_RE.match(group):
-        raise ValueError(f"share group must match {SITE_RE.pattern}, got {group!r}")
-    return group
+    """A shared-subscription group is one topic level, spelled like a site id."""
+    return _level(group, "share group")
 
 
 def _cam(cam: int) -> int:
