@@ -45,9 +45,10 @@ the site's slot of a Redis Cluster alike.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
 import redis
 from redis.commands.core import Script
@@ -78,6 +79,24 @@ local function payloads(key)
     end
   end
   return out
+end
+"""
+
+# Lua: a requested frame's wait for its features, from the request ('_asked', microseconds by the
+# Redis clock) to now, counted in the wait histogram `hist` (`wait_bins` names the bins).
+COUNT_WAIT = """
+local function count_wait(frame, hist)
+  local asked = redis.call('HGET', frame, '_asked')
+  if not asked then
+    return
+  end
+  local t = redis.call('TIME')
+  local us = math.max(0, tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(asked))
+  local bin = math.floor(us / 100)
+  if bin >= 1000 then
+    bin = math.floor(us / 1000) * 10
+  end
+  redis.call('HINCRBY', hist, string.format('%d', bin), 1)
 end
 """
 
@@ -266,6 +285,7 @@ for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
   end
 end
 redis.call('HSET', KEYS[2], '_got', got)
+redis.call('HSET', KEYS[2], '_asked', string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -274,13 +294,14 @@ redis.call('HINCRBY', KEYS[4], 'request_bytes', ARGV[5])
 return 'awaiting'
 """
 
-# KEYS: claimed frame hash, awaiting zset, claimed zset, counters, result marker, escalated marker, decided marker
+# KEYS: claimed frame hash, awaiting zset, claimed zset, counters, result marker, escalated marker, decided marker,
+#       wait histogram
 # ARGV: field ('f' .. camera), payload, frame id, lease ms, owner
 # Lazy upload: a camera's features for a frame. Stored once (HSETNX; counted in feature_bytes);
 # {'late'} when the frame was decided, escalated or claimed for good already (late_features,
 # late_bytes); {'duplicate'} for a second delivery; the answer that completes the cameras asked
 # claims the frame (a lease): {'claimed', payloads}; else {'added'}.
-ADD_FEATURE = PAYLOADS + """
+ADD_FEATURE = PAYLOADS + COUNT_WAIT + """
 local want = redis.call('HGET', KEYS[1], '_want')
 local late = redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[6]) == 1 or
              redis.call('EXISTS', KEYS[1]) == 0 or (want and not redis.call('ZSCORE', KEYS[2], ARGV[3]))
@@ -304,15 +325,16 @@ end
 """ + REDIS_NOW + """
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
 redis.call('SET', KEYS[7], ARGV[5], 'XX', 'KEEPTTL')
+count_wait(KEYS[1], KEYS[8])
 return {'claimed', payloads(KEYS[1])}
 """
 
-# KEYS: awaiting zset, claimed frame hash, claimed zset, counters, decided marker
+# KEYS: awaiting zset, claimed frame hash, claimed zset, counters, decided marker, wait histogram
 # ARGV: frame id, lease ms, owner
 # Lazy upload: a frame past its second deadline is claimed with the features that came (a lease):
 # {'claimed', payloads}; {'gone'} when it is no longer due (its last answer or another sweep took
 # it); {'lost'} when its hash expired (claims_lost).
-CLAIM_AWAITING = REDIS_NOW + PAYLOADS + """
+CLAIM_AWAITING = REDIS_NOW + PAYLOADS + COUNT_WAIT + """
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not deadline or tonumber(deadline) > now or redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
   return {'gone'}
@@ -323,6 +345,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('SET', KEYS[5], ARGV[3], 'XX', 'KEEPTTL')
+count_wait(KEYS[2], KEYS[6])
 return {'claimed', payloads(KEYS[2])}
 """
 
@@ -368,6 +391,20 @@ if first == 0 then
 end
 return first
 """
+
+
+def wait_percentiles(hist: Mapping[bytes | str, bytes | str | int]) -> dict:
+    """p50 / p95 / p99 (ms, each the middle of its bin), mean and count of a feature-wait
+    histogram (`names.feature_wait_key`, filled by COUNT_WAIT): how long the frames whose features
+    the edge asked for waited for them, from the request to the claim that decides them."""
+    bins = sorted((int(k), int(v)) for k, v in hist.items())
+    n = sum(v for _, v in bins)
+    if not n:
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "n": 0}
+    mids = [(b + (0.5 if b < 1000 else 5)) / 10 for b, _ in bins]  # bins of 0.1 ms below 100 ms, 1 ms above
+    cum = list(itertools.accumulate(v for _, v in bins))
+    out = {f"p{q}": round(mids[next(i for i, c in enumerate(cum) if c >= q / 100 * n)], 2) for q in (50, 95, 99)}
+    return {**out, "mean": round(sum(m * v for m, (_, v) in zip(mids, bins)) / n, 2), "n": n}
 
 
 @dataclass(frozen=True)
@@ -459,7 +496,7 @@ class FrameStore:
         replies = self._pipelined(self._feature, [
             ([names.claimed_frame_key(site, f.frame_id), names.awaiting_key(site), names.claimed_key(site),
               names.counters_key(site), names.result_key(site, f.frame_id), names.escalated_key(site, f.frame_id),
-              names.decided_key(site, f.frame_id)],
+              names.decided_key(site, f.frame_id), names.feature_wait_key(site)],
              [f"f{f.camera}", payload, f.frame_id, t.lease_ms, self.owner]) for f, payload in items])
         out: list[Claim | str] = []
         for (f, _), res in zip(items, replies):
@@ -517,7 +554,8 @@ class FrameStore:
         site, t = self.site, self.times
         replies = self._pipelined(self._awaited, [
             ([names.awaiting_key(site), names.claimed_frame_key(site, fid), names.claimed_key(site),
-              names.counters_key(site), names.decided_key(site, fid)], [fid, t.lease_ms, self.owner])
+              names.counters_key(site), names.decided_key(site, fid), names.feature_wait_key(site)],
+             [fid, t.lease_ms, self.owner])
             for fid in frame_ids])
         out = []
         for fid, res in zip(frame_ids, replies):

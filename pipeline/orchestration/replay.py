@@ -247,11 +247,12 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
         for run in runs:
             counters = {k.decode(): int(v) for k, v in r.hgetall(names.counters_key(run.site)).items()}
             shed_ids = {int(f[b"frame"]) for _, f in r.xrange(names.losses_stream(run.site))}
+            waits = r.hgetall(names.feature_wait_key(run.site))
             if not cfg.keep_keys:
                 _clear(r, run.site)
                 if cfg.mqtt_url:  # a broker of the user's: it outlives the replay
                     _clear_retained(run.mqtt_url, run.site)
-            run.report = _site_report(cfg, model, split, run, t1, t2, counters, shed_ids, t_start)
+            run.report = _site_report(cfg, model, split, run, t1, t2, counters, shed_ids, t_start, waits)
             run.report["upload"] = upload
         r.close()
 
@@ -276,10 +277,10 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
 
 
 def _site_report(cfg: ReplayConfig, model: AdaDDNN, split, run: SiteRun, t1, t2, counters: dict, shed_ids: set,
-                 t_start: float) -> dict:
+                 t_start: float, feature_wait: dict) -> dict:
     collector, frame_ids = run.collector, run.frame_ids
     decs = [collector.results[f] for f in frame_ids if f in collector.results]
-    out = report(cfg, model, run.site, len(frame_ids), t1, t2, decs, collector, counters, t_start)
+    out = report(cfg, model, run.site, len(frame_ids), t1, t2, decs, collector, counters, t_start, feature_wait)
     shed_whole = len(shed_ids - set(collector.results))
     out["accounting"] = {"captured": len(frame_ids), "decided": len(decs), "shed": shed_whole,
                          "unexplained": len(frame_ids) - len(decs) - shed_whole}

@@ -17,6 +17,7 @@ import redis
 import torch
 
 from edge.exits import decide
+from edge.frame_store import wait_percentiles
 from pipeline.data import Split
 from pipeline.errors import MessageError
 from pipeline.offline.network import AdaDDNN
@@ -140,9 +141,10 @@ def accuracy(decs: list[Decision]) -> float | None:
 
 
 def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: list[Decision],
-           collector: ResultCollector, counters: dict, t_start: float) -> dict:
+           collector: ResultCollector, counters: dict, t_start: float, feature_wait: dict | None = None) -> dict:
     """The report's numbers, from the decisions and the site's counters in Redis (so that it
-    reads the same whether the roles ran as threads or as processes)."""
+    reads the same whether the roles ran as threads or as processes); `feature_wait`: the site's
+    feature-wait histogram (lazy upload)."""
     got = len(decs)
     at_edge = [d for d in decs if d.exit != "cloud"]
     at_cloud = [d for d in decs if d.exit == "cloud"]
@@ -194,6 +196,8 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
         "mqtt_results": {"received": sum(collector.mqtt_counts.values()), "missing": mqtt_missing},
         "throughput_fps": round(got / (last - first), 1) if got and last > first else None,
         "latency_ms": latency,
+        # lazy upload: request to claim of the frames whose features were asked for (the Redis clock)
+        "feature_wait_ms": wait_percentiles(feature_wait or {}),
         "aggregators": cfg.aggregators,
         "workers": cfg.workers,
         "deadline_ms": cfg.deadline_ms,
@@ -294,6 +298,10 @@ def summary_table(report: dict) -> str:
     for e in (*EXIT_NAMES, "all"):
         lat = report["latency_ms"][e]
         rows.append((f"latency {e} ms (p50/p95/p99)", f"{f(lat['p50'])} / {f(lat['p95'])} / {f(lat['p99'])}  n={lat['n']}"))
+    wait = report.get("feature_wait_ms", {})
+    if wait.get("n"):
+        rows.append(("feature requests, wait ms (p50/p95/p99)",
+                     f"{f(wait['p50'])} / {f(wait['p95'])} / {f(wait['p99'])}  n={wait['n']}"))
     if "offline" in report:
         rows.append(("decisions equal to offline", f(report["offline"]["decisions_equal"], True)))
     if "offline_float32" in report:

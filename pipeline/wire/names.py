@@ -212,6 +212,13 @@ def losses_stream(site: str) -> str:
     return f"{_site_prefix(site)}losses"
 
 
+def feature_wait_key(site: str) -> str:
+    """Lazy upload: hash of how long requested frames waited for their features, from the
+    request to the claim by the last answer or at the second deadline (bin -> frames; bins of
+    0.1 ms below 100 ms, of 1 ms above, named in tenths of a ms: `edge.frame_store.wait_bins`)."""
+    return f"{_site_prefix(site)}feature_wait"
+
+
 def front_key(site: str) -> str:
     """Hash camera -> highest frame id it sent: the edge admits frame ids near what two cameras reached."""
     return f"{_site_prefix(site)}front"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from edge.frame_store import FrameStore, StoreTimes
+from edge.frame_store import FrameStore, StoreTimes, wait_percentiles
 from pipeline.wire import names
 from pipeline.wire.messages import CameraObservation, FeatureTensor
 
@@ -121,3 +121,32 @@ def test_a_frame_whose_cameras_do_not_all_answer_is_claimed_at_its_second_deadli
     claims = b.claim_expired()
     assert [(cl.frame_id, cl.kind, cl.requested, len(cl.payloads)) for cl in claims] == [(8, "claimed", True, 8)]
     assert a.claim_expired() == [] and a.add_features([features(site, 8, 0)]) == ["late"]
+
+
+def test_each_requested_frame_counts_its_wait_for_features_once(redis_conn, site):
+    a = store(redis_conn, site, "a")
+    for fid in (20, 21):
+        a.add([summary(site, fid, k) for k in range(6)])
+    t0 = time.monotonic()
+    assert a.request([(20, 6, 300), (21, 6, 300)], second_deadline_ms=40) == ["awaiting", "awaiting"]
+    a.add_features([features(site, 20, k) for k in range(6)])  # all answers: claimed at once
+    answered_s = time.monotonic() - t0
+    a.add_features([features(site, 21, 0)])  # one answer: claimed at its second deadline
+    time.sleep(0.06)
+    (late,) = a.claim_expired()
+    waited_s = time.monotonic() - t0
+    assert late.frame_id == 21
+    a.add_features([features(site, 20, 0)])  # late: counts nothing
+    waits = wait_percentiles(redis_conn.hgetall(names.feature_wait_key(site)))
+    assert waits["n"] == 2
+    assert waits["p50"] <= 1000 * answered_s + 0.1  # the answered frame: its wait, to a bin
+    assert 40 <= waits["p99"] <= 1000 * waited_s + 1  # the other: at least its second deadline
+
+
+def test_wait_percentiles_read_the_bins_the_store_writes():
+    # bins in tenths of a ms: 0.1 ms wide below 100 ms (bin 1000), 1 ms wide above
+    hist = {b"12": b"50", b"35": b"45", b"1500": b"5"}  # 1.2 ms x50, 3.5 ms x45, 150 ms x5
+    w = wait_percentiles(hist)
+    assert (w["p50"], w["p95"], w["p99"], w["n"]) == (1.25, 3.55, 150.5, 100)
+    assert w["mean"] == round((1.25 * 50 + 3.55 * 45 + 150.5 * 5) / 100, 2)
+    assert wait_percentiles({})["n"] == 0

@@ -26,6 +26,9 @@ def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
     assert rep["incomplete"] == rep["exit1_early"] + rep["deadline_claims"], rep
     assert rep["deadline_claims"] <= 5 and rep["reclaimed"] == 0, rep
     assert rep["features_missing"] == 0 and rep["feature_requests"] == 500 * (1 - rep["exit_rate"]["exit1"])
+    # every requested frame counted its wait for features once, all answered well within the deadline
+    assert rep["feature_wait_ms"]["n"] == rep["feature_requests"], rep["feature_wait_ms"]
+    assert 0 < rep["feature_wait_ms"]["p50"] <= rep["feature_wait_ms"]["p99"] < 1000
     assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
     assert all(rep["exit_rate"][e] > 0 for e in ("exit1", "exit2", "cloud"))
     assert rep["mqtt_results"]["missing"] == 0
@@ -48,6 +51,7 @@ def test_replay_waiting_for_every_camera_equals_offline(stream_setup, brokers, s
     assert rep["incomplete"] == 0 and rep["exit1_early"] == 0
     assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
     assert rep["feature_requests"] == (0 if upload == "eager" else 200 * (1 - rep["exit_rate"]["exit1"]))
+    assert rep["feature_wait_ms"]["n"] == rep["feature_requests"]
 
 
 @pytest.fixture(scope="module")
