@@ -101,38 +101,42 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
     cfg = edge.cfg
     n, cams = len(frames), cfg.num_cameras
     features = torch.zeros(n, cams, *cfg.wire_shape)
-    present = torch.zeros(n, cams, dtype=torch.bool)  # cameras whose features the edge has
-    known = torch.zeros(n, cams, dtype=torch.bool)  # cameras whose verdict exit 1 may use
-    cam_entropy = torch.ones(n, cams)
-    cam_pred = torch.zeros(n, cams, dtype=torch.long)
-    waiting = torch.zeros(n, dtype=torch.bool)
+    # Built as lists and made tensors once (per-element tensor writes cost more than the decision).
+    present = [[False] * cams for _ in range(n)]  # cameras whose features the edge has
+    known = [[False] * cams for _ in range(n)]  # cameras whose verdict exit 1 may use
+    cam_entropy = [[1.0] * cams for _ in range(n)]
+    cam_pred = [[0] * cams for _ in range(n)]
+    waiting = [False] * n
     # Asked for features and none came by the second deadline: the cameras' own verdicts (their
     # summaries) are all the frame has, so its most confident camera answers, whatever T1 says,
     # rather than the edge block on all-zero features (one class for every such frame).
-    blind = torch.zeros(n, dtype=torch.bool)
+    blind = [False] * n
     for i, fr in enumerate(frames):
         for o in fr.observations:
             features[i, o.camera] = o.features.to_tensor()
-            present[i, o.camera] = known[i, o.camera] = True
+            present[i][o.camera] = known[i][o.camera] = True
             if o.entropy is not None:
-                cam_entropy[i, o.camera] = o.entropy
-                cam_pred[i, o.camera] = o.prediction  # type: ignore[assignment]
+                cam_entropy[i][o.camera] = o.entropy
+                cam_pred[i][o.camera] = o.prediction  # type: ignore[assignment]
         no_features = fr.requested and not fr.observations and bool(fr.summaries)
         if not fr.requested or no_features:
             for s in fr.summaries:
-                known[i, s.camera] = True
-                cam_entropy[i, s.camera], cam_pred[i, s.camera] = s.entropy, s.prediction
+                known[i][s.camera] = True
+                cam_entropy[i][s.camera], cam_pred[i][s.camera] = s.entropy, s.prediction
             blind[i] = no_features
             waiting[i] = bool(fr.summaries) and not no_features
+    present_t, known_t = torch.tensor(present, dtype=torch.bool), torch.tensor(known, dtype=torch.bool)
+    cam_entropy_t = torch.tensor(cam_entropy, dtype=torch.float32)
+    waiting_t, blind_t = torch.tensor(waiting, dtype=torch.bool), torch.tensor(blind, dtype=torch.bool)
     if cfg.has_camera_classifiers:
-        best, cam = exit1_choice(cam_entropy, known)
-        fire1 = ((under(best, t1) if t1 is not None else torch.zeros(n, dtype=torch.bool)) | blind) & (cam >= 0)
+        best, cam = exit1_choice(cam_entropy_t, known_t)
+        fire1 = ((under(best, t1) if t1 is not None else torch.zeros(n, dtype=torch.bool)) | blind_t) & (cam >= 0)
     else:
         cam = torch.full((n,), -1, dtype=torch.long)
         fire1 = torch.zeros(n, dtype=torch.bool)
-    waiting &= ~fire1
-    run = ~fire1 & ~waiting
-    fused = fuse(features, present, cfg.fusion)
+    waiting_t &= ~fire1
+    run = ~fire1 & ~waiting_t
+    fused = fuse(features, present_t, cfg.fusion)
     edge_entropy = torch.full((n,), float("nan"))
     edge_pred = torch.full((n,), -1, dtype=torch.long)
     # A frame whose features or edge output are not finite (numbers no camera of ours produces)
@@ -144,16 +148,17 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
         edge_entropy[rows], edge_pred[rows] = normalized_entropy(logits), logits.argmax(-1)
         bad[rows] |= ~torch.isfinite(logits).all(dim=1)
     out: list[tuple[str, int, float, int | None]] = []
-    for i in range(n):
-        if bool(bad[i]):
+    exit2 = under(edge_entropy, t2).tolist()
+    entropies, preds, cam_entropy_f32 = edge_entropy.tolist(), edge_pred.tolist(), cam_entropy_t.tolist()
+    for i, (refused, first, k, wait) in enumerate(zip(bad.tolist(), fire1.tolist(), cam.tolist(), waiting_t.tolist())):
+        if refused:
             out.append((REFUSED, -1, float("nan"), None))
-        elif bool(fire1[i]):
-            k = int(cam[i])
-            out.append(("exit1", int(cam_pred[i, k]), float(cam_entropy[i, k]), k))
-        elif bool(waiting[i]):
+        elif first:
+            out.append(("exit1", int(cam_pred[i][k]), cam_entropy_f32[i][k], k))
+        elif wait:
             out.append((REQUEST, -1, float("nan"), None))
-        elif bool(under(edge_entropy[i:i + 1], t2)[0]):
-            out.append(("exit2", int(edge_pred[i]), float(edge_entropy[i]), None))
+        elif exit2[i]:
+            out.append(("exit2", preds[i], entropies[i], None))
         else:
-            out.append(("cloud", -1, float(edge_entropy[i]), None))
+            out.append(("cloud", -1, entropies[i], None))
     return out, fused, edge_entropy, edge_pred
