@@ -18,6 +18,11 @@ def _b(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def _wait(w: dict | None) -> str:
+    """The feature requests' wait, p50 / p99 ms ("-": eager, or a report from before it was measured)."""
+    return "-" if not w or not w.get("n") else f"{w['p50']:.1f}/{w['p99']:.1f}"
+
+
 def row(path: str, command: str) -> str:
     with open(path) as f:
         r = json.load(f)
@@ -35,6 +40,7 @@ def row(path: str, command: str) -> str:
         " / ".join(str(inc.get(e, 0)) for e in EXITS),
         f"{r['throughput_fps']:.1f}",
         latency,
+        _wait(r.get("feature_wait_ms")),
         f"{r['lost']} / {r['duplicates']}",
         f"{r['offline']['decisions_equal']}",
     ]
@@ -46,9 +52,10 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     print("| report | command | overall | exit 1 / exit 2 / cloud | bytes/camera/frame (all; exit 1 / exit 2 / cloud) "
-          "| incomplete (exit 1 / 2 / cloud) | frames/s | latency p50 / p99 ms (exit 1; exit 2; cloud) | lost / dup "
+          "| incomplete (exit 1 / 2 / cloud) | frames/s | latency p50 / p99 ms (exit 1; exit 2; cloud) "
+          "| feature wait p50 / p99 ms | lost / dup "
           "| equal to offline |")
-    print("|---|---|---:|---|---|---|---:|---|---|---:|")
+    print("|---|---|---:|---|---|---|---:|---|---|---|---:|")
     for arg in argv:
         path, command = arg.split("=", 1)
         print(row(path, command))

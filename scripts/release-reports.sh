@@ -6,7 +6,8 @@
 #   bash scripts/release-reports.sh evaluate   # only the offline evaluation and docs/RESULTS.md
 #   bash scripts/release-reports.sh page       # docs/RESULTS.md again from those reports, measuring nothing
 #   bash scripts/release-reports.sh replays    # only the replays (the latency runs included)
-#   bash scripts/release-reports.sh latency    # only the 30 fps latency replays (about 15 minutes)
+#   bash scripts/release-reports.sh latency    # only the 30 fps latency replays (about 10 minutes;
+#                                               # ROUNDS=4 for four lazy/eager pairs instead of two)
 #
 # Every replay runs each role as a process with embedded Mosquitto and Redis (as `make replay`).
 set -euo pipefail
@@ -53,8 +54,11 @@ if [[ $what == all || $what == replays ]]; then
 fi
 
 if [[ $what == all || $what == replays || $what == latency ]]; then
-  # Latency: 3,000 frames at 30 fps, lazy and eager alternating, twice (on an otherwise idle machine).
-  for round in "" _round2; do
+  # Latency: 3,000 frames at 30 fps, lazy and eager alternating, ROUNDS times (default 2; on an
+  # otherwise idle machine: each run takes about 2 minutes).
+  rounds=("")
+  for ((i = 2; i <= ${ROUNDS:-2}; i++)); do rounds+=("_round$i"); done
+  for round in "${rounds[@]}"; do
     lazy=reports/link/f30_lazy$round.json
     [[ -z $round ]] && lazy=reports/release/replay_fps30.json
     run "${R[@]}" --n 3000 --fps 30 --checkpoint "$ADA" --json "$lazy"
