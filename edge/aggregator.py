@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 DRAIN_S = 5.0  # on stop, store what the broker already sent for at most this long
 DECODED_CACHE = 16_384  # decoded observations kept for their frame's claim (about 16 MB of payloads)
 FLOW_INTERVAL_S = 0.1  # how often the aggregator tells the cameras its lag
+CLOCK_AHEAD_S = 5.0  # an observation captured further ahead of the edge's clock than this has a wrong capture time
+SKEW_LOG_S = 60.0  # name a camera whose clock is wrong at most this often
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class EdgeStats:
     features: int = 0  # lazy upload: feature answers taken in
     features_missing: int = 0  # lazy upload: cameras asked whose features had not come by the second deadline
     edge_runs: int = 0  # frames the edge block ran on
+    clock_skewed: int = 0  # observations whose capture time is impossible by the edge's clock (left out of the lag)
 
 
 class Aggregator(BrokerService):
@@ -177,6 +180,7 @@ class Aggregator(BrokerService):
         self.answers: MqttClient | None = None  # lazy upload: the connection feature answers come on
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
+        self._skew_logged: dict[int, float] = {}  # camera -> when its wrong clock was last named
         # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
         # Redis and need no second decode (bounded; a miss just decodes again).
         self._decoded: collections.OrderedDict[bytes, CameraObservation] = collections.OrderedDict()
@@ -200,6 +204,7 @@ class Aggregator(BrokerService):
                sample("ada_feature_requests", st.requests, site=site),
                sample("ada_features_missing", st.features_missing, site=site),
                sample("ada_edge_block_runs", st.edge_runs, site=site),
+               sample("ada_clock_skewed", st.clock_skewed, site=site),
                sample("ada_backlog", len(self.inbox) + len(self._held), site=site,
                      queue="inbox")]
         out += [sample("ada_frames_decided", n, site=site, exit=e)
@@ -368,7 +373,7 @@ class Aggregator(BrokerService):
         while len(self._decoded) > DECODED_CACHE:
             self._decoded.popitem(last=False)
         now = time.time()
-        self._lags.extend((now - obs.captured_at) * 1000 for _, obs in good)
+        self._lags.extend(self._plausible_lags([obs for _, obs in good], now))
         self._stored_at = time.monotonic()
         for gen, msg in self._held:
             if msg.topic.endswith("/feat") and self.answers is not None:
@@ -411,6 +416,28 @@ class Aggregator(BrokerService):
         log.warning("site %r camera %d shed %d frames (%s), %d..%d", notice.site, notice.camera,
                     len(notice.frame_ids), notice.reason, min(notice.frame_ids), max(notice.frame_ids))
         return [(f, notice.camera, "camera", notice.reason) for f in notice.frame_ids]
+
+    def _plausible_lags(self, observations: list[CameraObservation | CameraSummary], now: float) -> list[float]:
+        """Capture -> stored delays (ms) of `observations` for the flow status, without those whose
+        capture time the edge's clock rules out: more than CLOCK_AHEAD_S ahead, or older than
+        --decided-ttl-s (a device that booted without its clock, a local time taken for UTC). One
+        camera with a wrong clock must not make every camera of the site shed; each such
+        observation is counted (`clock_skewed`) and its camera named in the log. Its frame is
+        decided as usual (deadlines run on the Redis clock from the first arrival)."""
+        lags = []
+        for obs in observations:
+            lag_s = now - obs.captured_at
+            if -CLOCK_AHEAD_S <= lag_s <= self.cfg.decided_ttl_s:
+                lags.append(lag_s * 1000)
+                continue
+            self.stats.clock_skewed += 1
+            if now >= self._skew_logged.get(obs.camera, -SKEW_LOG_S) + SKEW_LOG_S:
+                self._skew_logged[obs.camera] = now
+                log.warning("edge %s: site %r camera %d: frame %d was captured %.0f s %s the edge's clock: is the "
+                            "camera's clock set (NTP)? Its delay is left out of the flow status (%d such observations "
+                            "so far)", self.sid, self.cfg.site, obs.camera, obs.frame_id, abs(lag_s),
+                            "before" if lag_s > 0 else "after", self.stats.clock_skewed)
+        return lags
 
     def publish_flow(self) -> None:
         """Tell the cameras how late observations reach this aggregator (retained FlowStatus)."""

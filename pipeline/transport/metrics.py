@@ -113,6 +113,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_cloud_batches": ("counter", "forward passes"),
     "ada_dead_letters": ("counter", "messages and frames sent to the dead letters"),
     "ada_edge_block_runs": ("counter", "frames the edge block ran on"),
+    "ada_clock_skewed": ("counter", "observations whose capture time the edge's clock rules out (left out of its lag)"),
     "ada_escalated_bytes": ("counter", "encoded escalation bytes sent to the cloud"),
     "ada_escalations_read": ("counter", "escalation entries read"),
     "ada_escalations_reclaimed": ("counter", "entries reclaimed from a dead worker"),

@@ -363,3 +363,26 @@ def test_a_frame_with_non_finite_numbers_is_refused_alone(stream_setup):
     clean, _, _, _ = decide_frames(model.edge, [frames[0], frames[2]], t1, t2)
     assert out[1][0] == REFUSED
     assert [out[0][:2], out[2][:2]] == [clean[0][:2], clean[1][:2]]  # its batch-mates decided as without it
+
+
+def test_a_camera_with_a_wrong_clock_does_not_set_the_sites_lag(stream_setup, brokers, site, caplog):
+    # Camera 2 booted without its clock (1970) and camera 4 runs an hour ahead: their frames are
+    # still taken in, but only the plausible delays reach the flow status, and both are named.
+    _, model, data, _, _ = stream_setup
+    agg = make(stream_setup, brokers, site)
+    try:
+        now = time.time()
+        obs = observations(model, data, [0, 1])
+        clocks = {2: 1.0, 4: now + 3600}
+        batch = [msg(CameraObservation(o.site, o.frame_id, o.camera, clocks.get(o.camera, now - 0.02), o.prediction,
+                                       o.entropy, o.features, o.label), site) for f in (0, 1) for o in obs[f]]
+        with caplog.at_level("WARNING", logger="edge.aggregator"):
+            agg.handle(batch)
+        assert agg.stats.observations == 12 and agg.stats.clock_skewed == 4
+        assert len(agg._lags) == 8 and all(0 <= lag < 5_000 for lag in agg._lags)
+        named = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+        assert len(named) == 2  # once per camera, not per observation
+        assert any("camera 2:" in m and "before" in m for m in named)
+        assert any("camera 4:" in m and "after" in m for m in named)
+    finally:
+        agg.close()
