@@ -39,12 +39,9 @@ class FrameError(PipelineError):
         self.site = site
         self.frame_id = frame_id
         self.camera = camera
-        where = f"site {site!r}"
-        if frame_id is not None:
-            where += f" frame {frame_id}"
-        if camera is not None:
-            where += f" camera {camera}"
-        super().__init__(f"{where}: {message}")
+        parts = ([f"site {site!r}"] if site else []) + ([f"frame {frame_id}"] if frame_id is not None else []) + \
+            ([f"camera {camera}"] if camera is not None else [])
+        super().__init__(f"{' '.join(parts)}: {message}" if parts else message)
 
 
 class CameraError(FrameError):

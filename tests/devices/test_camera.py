@@ -207,8 +207,11 @@ def test_a_camera_whose_range_follows_the_retained_run_starts_its_own(stream_set
 def test_upload_follows_the_network_and_ddnn_cannot_be_lazy():
     assert resolve_upload("auto", True) == "lazy" and resolve_upload("auto", False) == "eager"
     assert resolve_upload("eager", True) == "eager" and resolve_upload("lazy", True) == "lazy"
-    with pytest.raises(CameraError, match="camera classifiers"):
+    with pytest.raises(CameraError, match="^lazy upload needs camera classifiers"):  # no site to name: none named
         resolve_upload("lazy", False)
+    with pytest.raises(CameraError, match="^site 's1': lazy upload"):
+        resolve_upload("lazy", False, "s1")
+    assert str(CameraError("s1", 4, "x", camera=2)) == "site 's1' frame 4 camera 2: x"
     with pytest.raises(ValueError):
         CameraConfig(upload="sometimes")
 
