@@ -83,7 +83,7 @@ end
 """
 
 # Lua: a requested frame's wait for its features, from the request ('_asked', microseconds by the
-# Redis clock) to now, counted in the wait histogram `hist` (`wait_bins` names the bins).
+# Redis clock) to now, counted in the wait histogram `hist` (`wait_percentiles` reads it).
 COUNT_WAIT = """
 local function count_wait(frame, hist)
   local asked = redis.call('HGET', frame, '_asked')

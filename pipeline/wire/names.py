@@ -215,7 +215,7 @@ def losses_stream(site: str) -> str:
 def feature_wait_key(site: str) -> str:
     """Lazy upload: hash of how long requested frames waited for their features, from the
     request to the claim by the last answer or at the second deadline (bin -> frames; bins of
-    0.1 ms below 100 ms, of 1 ms above, named in tenths of a ms: `edge.frame_store.wait_bins`)."""
+    0.1 ms below 100 ms, of 1 ms above, named in tenths of a ms: `edge.frame_store.wait_percentiles`)."""
     return f"{_site_prefix(site)}feature_wait"
 
 
