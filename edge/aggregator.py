@@ -60,7 +60,7 @@ from pipeline.errors import AggregationError, EscalationError, MessageError
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import Inbox, MqttClient
-from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
+from pipeline.transport.redis_client import Heartbeat, alive, check_alive, redis_client
 from pipeline.transport.results_sink import add_dead_letters
 from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
@@ -299,16 +299,30 @@ class Aggregator(BrokerService):
     def close(self) -> None:
         """Stop taking observations, store and acknowledge those in hand (so that the broker can
         forget them), then close the connections. Frames already claimed keep their lease: if
-        this aggregator does not come back, another one takes them over."""
+        this aggregator does not come back, another one takes them over.
+
+        The last aggregator of a site with a persistent session (`--service-id`) keeps its
+        subscriptions: the broker then queues the observations and feature answers published
+        while it is away for its session (--session-expiry-s) and hands them over when it comes
+        back, instead of dropping them for want of a subscriber. With other aggregators alive it
+        unsubscribes, so that they take its share at once."""
         if self.mqtt is not None and self.store is not None and self.mqtt.connected.is_set():
-            self.mqtt.client.unsubscribe(names.shared_obs_filter(self.cfg.site, self.cfg.share_group))
-            if self.answers is not None:
-                self.answers.client.unsubscribe(names.shared_features_filter(self.cfg.site, self.cfg.share_group))
+            keep = self._keep_subscriptions()
+            if keep:
+                log.info("edge %s: the site's last aggregator, with a persistent session: keeping its subscriptions, "
+                         "so the broker queues what the cameras send for %d s until it is back", self.sid,
+                         self.cfg.session_expiry_s)
+            else:
+                self.mqtt.client.unsubscribe(names.shared_obs_filter(self.cfg.site, self.cfg.share_group))
+                if self.answers is not None:
+                    self.answers.client.unsubscribe(names.shared_features_filter(self.cfg.site, self.cfg.share_group))
             end = time.monotonic() + DRAIN_S
+            left = len(self.inbox)  # kept subscriptions: only what already came (the rest waits in the broker)
             try:
                 while time.monotonic() < end:
-                    if not self._held:
+                    if not self._held and (not keep or left > 0):
                         self._held = self.inbox.take(self.cfg.batch, 0.05)
+                        left -= len(self._held)
                     if not self._held:
                         break
                     if claimed := self.ingest():
@@ -322,6 +336,16 @@ class Aggregator(BrokerService):
             self.answers.close()
             self.answers = None
         super().close()
+
+    def _keep_subscriptions(self) -> bool:
+        """On stopping: True for a persistent session with no other aggregator of the site alive."""
+        if not (self.cfg.service_id and self.cfg.session_expiry_s > 0) or self.redis is None:
+            return False
+        try:
+            others = [s for s in alive(self.redis, self.cfg.site, "edge") if s != self.sid]
+        except REDIS_DOWN:
+            return True  # cannot tell: keeping loses nothing while this aggregator comes back in time
+        return not others
 
     def handle(self, msgs: list[mqtt.MQTTMessage]) -> list[Frame]:
         """Store messages received on the current connection (what `run` does with each batch)."""

@@ -386,3 +386,36 @@ def test_a_camera_with_a_wrong_clock_does_not_set_the_sites_lag(stream_setup, br
         assert any("camera 4:" in m and "after" in m for m in named)
     finally:
         agg.close()
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_stopped_aggregator_with_a_stable_id_loses_nothing_sent_while_it_is_away(stream_setup, brokers, site, alone):
+    # The site's last aggregator keeps its shared subscriptions on stopping, so the broker queues
+    # for its session what the cameras publish meanwhile; with another aggregator alive it
+    # unsubscribes, and the other one gets the observations at once.
+    from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
+
+    _, model, data, _, _ = stream_setup
+    sid = f"{site}-e1"[-60:]
+    agg = make(stream_setup, brokers, site, service_id=sid)
+    other = None if alone else make(stream_setup, brokers, site)
+    agg.close()
+    cam = mqtt_client(brokers[0], f"{site}-pub")
+    try:
+        for o in observations(model, data, [3])[3]:
+            cam.publish(names.obs_topic(site, o.camera), msg(o, site).payload, qos=1)
+        assert cam.wait_confirmed(10)
+        back = make(stream_setup, brokers, site, service_id=sid)
+        try:
+            receiver = back if alone else other
+            got = poll(lambda: len(receiver.inbox) >= 6, 10)
+            assert got, f"{len(receiver.inbox)} of 6 observations reached the {'restarted' if alone else 'other'} aggregator"
+            receiver._held = receiver.inbox.take(64, 1)
+            assert [fr.frame_id for fr in receiver.ingest()] == [3]
+            assert len(back.inbox) == 0 or alone
+        finally:
+            back.close()
+    finally:
+        close_mqtt(cam)
+        if other is not None:
+            other.close()
