@@ -34,11 +34,17 @@ class Frame:
     nbytes: int = 0  # encoded size of the messages it was assembled from (what the cameras sent for it)
 
     @property
+    def blind(self) -> bool:
+        """Its features were asked for and none came: its cameras' verdicts are all it has."""
+        return self.requested and not self.observations and bool(self.summaries)
+
+    @property
     def present(self) -> tuple[int, ...]:
         """The cameras its decision uses: exit 1 looks at every camera's verdict until the
-        features were asked for; after that, the cameras whose features came."""
+        features were asked for; after that, the cameras whose features came (or, for a frame
+        none of whose features came, the cameras whose verdicts answer it)."""
         cams = {o.camera for o in self.observations}
-        if not self.requested:
+        if not self.requested or self.blind:
             cams |= {s.camera for s in self.summaries}
         return tuple(sorted(cams))
 
@@ -118,7 +124,7 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
             if o.entropy is not None:
                 cam_entropy[i][o.camera] = o.entropy
                 cam_pred[i][o.camera] = o.prediction  # type: ignore[assignment]
-        no_features = fr.requested and not fr.observations and bool(fr.summaries)
+        no_features = fr.blind
         if not fr.requested or no_features:
             for s in fr.summaries:
                 known[i][s.camera] = True

@@ -70,3 +70,5 @@ def test_a_requested_frame_without_any_features_is_answered_by_its_most_confiden
     assert out[0] == ("exit1", 5, pytest.approx(0.5), 4)
     assert out[1][0] == "request"
     assert torch.isnan(edge_entropy).all()  # the edge block ran on neither
+    assert blind.blind and blind.present == (1, 3, 4) and blind.missing == (1, 3, 4)  # the verdicts it used; all missing
+    assert not waiting.blind and waiting.present == (2,)

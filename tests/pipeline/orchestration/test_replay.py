@@ -109,3 +109,16 @@ def test_three_sites_one_pool_of_cloud_workers(stream_setup, brokers, site):
         assert one["offline"]["exit_rate"] == one["exit_rate"]
     assert rep["exit_mix_equal_to_offline"] is True
     assert f"{site}-2" in sites_table(rep)
+
+
+def test_frames_answered_blind_are_named_not_counted_as_mismatches(stream_setup, brokers, site):
+    # A request deadline of 1 ms: most requested frames are decided before any feature comes,
+    # answered at exit 1 by their most confident camera (whatever T1 says). Offline evaluation,
+    # which has every feature, cannot take that decision: such frames are counted apart, and
+    # every other frame still equals offline evaluation.
+    rep = replay(stream_setup, brokers, site, n=120, start=100, wire_dtype="int4", deadline_ms=5000,
+                 request_deadline_ms=1)
+    assert rep["results"] == 120 and rep["lost"] == 0
+    assert rep["offline"]["blind"] > 0, rep["offline"]
+    assert rep["features_missing"] > 0
+    assert rep["offline"]["decisions_equal"] == 1.0, rep["offline"]["mismatched_frames"]
