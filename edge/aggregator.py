@@ -457,7 +457,7 @@ class Aggregator(BrokerService):
             self.stats.clock_skewed += 1
             if now >= self._skew_logged.get(obs.camera, -SKEW_LOG_S) + SKEW_LOG_S:
                 self._skew_logged[obs.camera] = now
-                log.warning("edge %s: site %r camera %d: frame %d was captured %.0f s %s the edge's clock: is the "
+                log.warning("edge %s: site %r camera %d: frame %d was captured %.4g s %s the edge's clock: is the "
                             "camera's clock set (NTP)? Its delay is left out of the flow status (%d such observations "
                             "so far)", self.sid, self.cfg.site, obs.camera, obs.frame_id, abs(lag_s),
                             "before" if lag_s > 0 else "after", self.stats.clock_skewed)

@@ -5,6 +5,7 @@ does not leave at exit 1 first needs its cameras' features ("request"). No I/O;
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +61,10 @@ class Frame:
 
     @property
     def captured_at(self) -> float:
-        return min(o.captured_at for o in (*self.observations, *self.summaries))
+        """When the frame was captured: its cameras' capture times agree (a site clock), so the
+        middle one (the lower of two) stands for them, and a camera whose clock is wrong cannot
+        move it unless it is half of them."""
+        return statistics.median_low(o.captured_at for o in (*self.observations, *self.summaries))
 
     @property
     def label(self) -> int | None:

@@ -72,3 +72,9 @@ def test_a_requested_frame_without_any_features_is_answered_by_its_most_confiden
     assert torch.isnan(edge_entropy).all()  # the edge block ran on neither
     assert blind.blind and blind.present == (1, 3, 4) and blind.missing == (1, 3, 4)  # the verdicts it used; all missing
     assert not waiting.blind and waiting.present == (2,)
+
+
+def test_a_camera_with_a_wrong_clock_does_not_move_its_frames_capture_time():
+    sums = [CameraSummary("s", 9, k, 1.0 if k == 2 else 1_700_000_000.0, 0, 0.5) for k in range(6)]
+    assert Frame(9, [], summaries=sums).captured_at == 1_700_000_000.0  # camera 2 booted at 1970
+    assert Frame(9, [], summaries=sums[1:3]).captured_at == 1.0  # of two, the lower
