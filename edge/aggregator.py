@@ -429,6 +429,10 @@ class Aggregator(BrokerService):
         if ahead:
             self.stats.ahead += len(ahead)
             self.dead_letter(ahead)
+        unasked = [(msg.topic, msg.payload, f"site {f.site!r} frame {f.frame_id} camera {f.camera}: features the "
+                    "edge did not ask of this camera; refused") for (msg, f), c in zip(answers, completed) if c == "unasked"]
+        if unasked:
+            self.dead_letter(unasked)
         return frames
 
     def _shed(self, msg: mqtt.MQTTMessage) -> list[tuple[int, int, str, str]]:
@@ -609,7 +613,7 @@ class Aggregator(BrokerService):
             return
         assert self.store is not None and self.mqtt is not None
         site, reqs = self.cfg.site, [FeatureRequest(self.cfg.site, fr.frame_id, fr.wanted).encode() for fr in frames]
-        statuses = self.store.request([(fr.frame_id, len(fr.wanted), len(raw) * self.expected)
+        statuses = self.store.request([(fr.frame_id, fr.wanted, len(raw) * self.expected)
                                        for fr, raw in zip(frames, reqs)], self.cfg.request_deadline_ms)
         for fr, raw, status in zip(frames, reqs, statuses):
             if status == "awaiting":

@@ -263,9 +263,11 @@ return {'claimed', redis.call('HVALS', KEYS[5])}
 """
 
 # KEYS: claimed zset, claimed frame hash, awaiting zset, counters, result marker, escalated marker
-# ARGV: frame id, cameras asked, second deadline ms, hash ttl ms, request bytes (as the cameras receive it)
+# ARGV: frame id, cameras asked (count), second deadline ms, hash ttl ms, request bytes (as the cameras
+#       receive it), cameras asked (comma-separated ids)
 # Lazy upload: a claimed frame that did not leave at exit 1 waits for its features: the lease is
-# released, the cameras asked are counted in `_want` (answers already stored in `_got`), and the
+# released, the cameras asked are counted in `_want` and each marked `_c<id>` (the answers of those
+# already stored in `_got`; if that is all of them, the frame is due at once), and the
 # frame is scored in the awaiting set by its second deadline: 'awaiting' (the caller then
 # publishes the FeatureRequest). 'already': someone asked already (a slow owner after a take-over:
 # it publishes nothing); 'gone': the frame has a result or an escalation, or no hash any more.
@@ -279,15 +281,18 @@ if redis.call('HSETNX', KEYS[2], '_want', ARGV[2]) == 0 then
   return 'already'
 end
 local got = 0
-for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if string.byte(field, 1) == 102 then
-    got = got + 1
-  end
+for k in string.gmatch(ARGV[6], '%d+') do
+  redis.call('HSET', KEYS[2], '_c' .. k, 1)
+  got = got + redis.call('HEXISTS', KEYS[2], 'f' .. k)
 end
 redis.call('HSET', KEYS[2], '_got', got)
 redis.call('HSET', KEYS[2], '_asked', string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+if got >= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[3], now, ARGV[1])
+else
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('HINCRBY', KEYS[4], 'requests', 1)
 redis.call('HINCRBY', KEYS[4], 'request_bytes', ARGV[5])
@@ -299,8 +304,10 @@ return 'awaiting'
 # ARGV: field ('f' .. camera), payload, frame id, lease ms, owner
 # Lazy upload: a camera's features for a frame. Stored once (HSETNX; counted in feature_bytes);
 # {'late'} when the frame was decided, escalated or claimed for good already (late_features,
-# late_bytes); {'duplicate'} for a second delivery; the answer that completes the cameras asked
-# claims the frame (a lease): {'claimed', payloads}; else {'added'}.
+# late_bytes); {'unasked'} for features of a camera the request did not name (unasked_features,
+# late_bytes: never stored, never counted towards the answers); {'duplicate'} for a second
+# delivery; the answer that completes the cameras asked claims the frame (a lease):
+# {'claimed', payloads}; else {'added'}.
 ADD_FEATURE = PAYLOADS + COUNT_WAIT + """
 local want = redis.call('HGET', KEYS[1], '_want')
 local late = redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[6]) == 1 or
@@ -309,6 +316,11 @@ if late then
   redis.call('HINCRBY', KEYS[4], 'late_features', 1)
   redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
   return {'late'}
+end
+if want and redis.call('HEXISTS', KEYS[1], '_c' .. string.sub(ARGV[1], 2)) == 0 then
+  redis.call('HINCRBY', KEYS[4], 'unasked_features', 1)
+  redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
+  return {'unasked'}
 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   redis.call('HINCRBY', KEYS[4], 'duplicate_features', 1)
@@ -478,7 +490,7 @@ class FrameStore:
              [fid, f"{self.owner} exit1", t.decided_ttl_ms, t.lease_ms]) for fid in frame_ids])
         return [Claim(fid, list(res[1]), "claimed") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
 
-    def request(self, items: Iterable[tuple[int, int, int]], second_deadline_ms: int) -> list[str]:
+    def request(self, items: Iterable[tuple[int, tuple[int, ...], int]], second_deadline_ms: int) -> list[str]:
         """Lazy upload: hand claimed frames (id, cameras asked, request bytes on the camera links) to
         the feature wait, in one round trip; for each "awaiting" (publish the request), "already"
         (someone asked: publish nothing) or "gone" (decided or escalated meanwhile)."""
@@ -486,11 +498,13 @@ class FrameStore:
         return [x.decode() for x in self._pipelined(self._request, [
             ([names.claimed_key(site), names.claimed_frame_key(site, fid), names.awaiting_key(site),
               names.counters_key(site), names.result_key(site, fid), names.escalated_key(site, fid)],
-             [fid, wanted, second_deadline_ms, t.decided_ttl_ms, nbytes]) for fid, wanted, nbytes in items])]
+             [fid, len(wanted), second_deadline_ms, t.decided_ttl_ms, nbytes, ",".join(map(str, wanted))])
+            for fid, wanted, nbytes in items])]
 
     def add_features(self, items: Iterable[tuple[CameraFeatures, bytes]]) -> list[Claim | str]:
         """Lazy upload: store camera features in one round trip; for each, "added" | "late" |
-        "duplicate", or the Claim of the frame it completed (requested=True)."""
+        "duplicate" | "unasked" (a camera the request did not name), or the Claim of the frame it
+        completed (requested=True)."""
         site, t = self.site, self.times
         items = list(items)
         replies = self._pipelined(self._feature, [

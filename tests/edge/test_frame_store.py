@@ -95,8 +95,8 @@ def test_requested_features_complete_a_frame_once_and_a_lease_keeps_them(redis_c
     a, b, c = (store(redis_conn, site, owner, lease_ms=50) for owner in "abc")
     *_, (status, stored) = a.add([summary(site, 7, k) for k in range(6)])
     assert status == "claimed" and len(stored) == 6
-    assert a.request([(7, 6, 300)], second_deadline_ms=10_000) == ["awaiting"]
-    assert b.request([(7, 6, 300)], second_deadline_ms=10_000) == ["already"]  # a slow owner asks nothing twice
+    assert a.request([(7, tuple(range(6)), 300)], second_deadline_ms=10_000) == ["awaiting"]
+    assert b.request([(7, tuple(range(6)), 300)], second_deadline_ms=10_000) == ["already"]  # a slow owner asks nothing twice
     assert redis_conn.zcard(names.claimed_key(site)) == 0  # no lease while the cameras answer
     assert b.add_features([features(site, 7, k) for k in range(5)]) == ["added"] * 5
     assert b.add_features([features(site, 7, 0)]) == ["duplicate"]
@@ -114,7 +114,7 @@ def test_requested_features_complete_a_frame_once_and_a_lease_keeps_them(redis_c
 def test_a_frame_whose_cameras_do_not_all_answer_is_claimed_at_its_second_deadline(redis_conn, site):
     a, b = store(redis_conn, site, "a"), store(redis_conn, site, "b")
     a.add([summary(site, 8, k) for k in range(6)])
-    assert a.request([(8, 6, 300)], second_deadline_ms=30) == ["awaiting"]
+    assert a.request([(8, tuple(range(6)), 300)], second_deadline_ms=30) == ["awaiting"]
     a.add_features([features(site, 8, k) for k in (1, 4)])
     assert b.claim_expired() == []  # not yet due
     time.sleep(0.05)
@@ -128,7 +128,7 @@ def test_each_requested_frame_counts_its_wait_for_features_once(redis_conn, site
     for fid in (20, 21):
         a.add([summary(site, fid, k) for k in range(6)])
     t0 = time.monotonic()
-    assert a.request([(20, 6, 300), (21, 6, 300)], second_deadline_ms=40) == ["awaiting", "awaiting"]
+    assert a.request([(20, tuple(range(6)), 300), (21, tuple(range(6)), 300)], second_deadline_ms=40) == ["awaiting", "awaiting"]
     a.add_features([features(site, 20, k) for k in range(6)])  # all answers: claimed at once
     answered_s = time.monotonic() - t0
     a.add_features([features(site, 21, 0)])  # one answer: claimed at its second deadline
@@ -150,3 +150,21 @@ def test_wait_percentiles_read_the_bins_the_store_writes():
     assert (w["p50"], w["p95"], w["p99"], w["n"]) == (1.25, 3.55, 150.5, 100)
     assert w["mean"] == round((1.25 * 50 + 3.55 * 45 + 150.5 * 5) / 100, 2)
     assert wait_percentiles({})["n"] == 0
+
+
+def test_an_answer_from_a_camera_not_asked_neither_counts_nor_completes_the_frame(redis_conn, site):
+    a = store(redis_conn, site, "a")
+    a.add([summary(site, 30, k) for k in range(5)])  # camera 5's summary never came: not asked
+    a.add([summary(site, 31, k) for k in range(6)])
+    a.add_features([features(site, 31, 2)])  # an answer before the request is recorded: counted once asked
+    time.sleep(0.01)
+    a.claim_expired()  # frame 30 past its 1 ms deadline with five cameras
+    assert a.request([(30, (0, 1, 2, 3, 4), 300), (31, (2,), 300)], second_deadline_ms=10_000) == ["awaiting"] * 2
+    assert a.add_features([features(site, 30, k) for k in (0, 1, 2, 3)]) == ["added"] * 4
+    assert a.add_features([features(site, 30, 5)]) == ["unasked"]  # camera 5 was not asked
+    (claim,) = a.add_features([features(site, 30, 4)])  # the last camera asked completes it
+    assert claim.frame_id == 30 and len(claim.payloads) == 5 + 5
+    (early,) = a.claim_expired()  # frame 31: its one camera had answered already, so it is due at once
+    assert (early.frame_id, early.requested, len(early.payloads)) == (31, True, 7)
+    cnt = counters(redis_conn, site)
+    assert cnt["unasked_features"] == 1 and cnt["late_bytes"] == len(features(site, 30, 5)[1])
