@@ -266,7 +266,8 @@ return {'claimed', redis.call('HVALS', KEYS[5])}
 # ARGV: frame id, cameras asked (count), second deadline ms, hash ttl ms, request bytes (as the cameras
 #       receive it), cameras asked (comma-separated ids)
 # Lazy upload: a claimed frame that did not leave at exit 1 waits for its features: the lease is
-# released, the cameras asked are counted in `_want` and each marked `_c<id>` (the answers of those
+# released, the cameras asked are counted in `_want`, listed in `_cams` and each marked `_c<id>` (a
+# request without `_cams`, from an aggregator before this check, accepts any camera; the answers of those
 # already stored in `_got`; if that is all of them, the frame is due at once), and the
 # frame is scored in the awaiting set by its second deadline: 'awaiting' (the caller then
 # publishes the FeatureRequest). 'already': someone asked already (a slow owner after a take-over:
@@ -281,6 +282,7 @@ if redis.call('HSETNX', KEYS[2], '_want', ARGV[2]) == 0 then
   return 'already'
 end
 local got = 0
+redis.call('HSET', KEYS[2], '_cams', ARGV[6])
 for k in string.gmatch(ARGV[6], '%d+') do
   redis.call('HSET', KEYS[2], '_c' .. k, 1)
   got = got + redis.call('HEXISTS', KEYS[2], 'f' .. k)
@@ -317,7 +319,7 @@ if late then
   redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
   return {'late'}
 end
-if want and redis.call('HEXISTS', KEYS[1], '_c' .. string.sub(ARGV[1], 2)) == 0 then
+if want and redis.call('HEXISTS', KEYS[1], '_cams') == 1 and redis.call('HEXISTS', KEYS[1], '_c' .. string.sub(ARGV[1], 2)) == 0 then
   redis.call('HINCRBY', KEYS[4], 'unasked_features', 1)
   redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
   return {'unasked'}
