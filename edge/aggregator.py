@@ -85,6 +85,7 @@ DECODED_CACHE = 16_384  # decoded observations kept for their frame's claim (abo
 FLOW_INTERVAL_S = 0.1  # how often the aggregator tells the cameras its lag
 CLOCK_AHEAD_S = 5.0  # an observation captured further ahead of the edge's clock than this has a wrong capture time
 SKEW_LOG_S = 60.0  # name a camera whose clock is wrong at most this often
+MISSING_LOG_S = 5.0  # report frames decided without some cameras' features at most this often
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,8 @@ class Aggregator(BrokerService):
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
         self._skew_logged: dict[int, float] = {}  # camera -> when its wrong clock was last named
+        self._missing_logged = -MISSING_LOG_S  # when frames decided without some features were last reported
+        self._missing_frames = 0  # such frames since then
         # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
         # Redis and need no second decode (bounded; a miss just decodes again).
         self._decoded: collections.OrderedDict[bytes, CameraObservation] = collections.OrderedDict()
@@ -636,9 +639,14 @@ class Aggregator(BrokerService):
             counts[f"camera_bytes_{exit_name}"] = counts.get(f"camera_bytes_{exit_name}", 0) + sent
         if losses:
             self.stats.features_missing += len(losses)
-            log.warning("site %r: %d frames decided without the features of some cameras (asked, not answered "
-                        "within %d ms), e.g. frame %d camera %d", site, len({f for f, *_ in losses}),
-                        self.cfg.request_deadline_ms, losses[0][0], losses[0][1])
+            self._missing_frames += len({f for f, *_ in losses})
+            if time.monotonic() >= self._missing_logged + MISSING_LOG_S:  # one line per period, with its count
+                self._missing_logged = time.monotonic()
+                log.warning("site %r: %d frames decided without the features of some cameras (asked, not answered "
+                            "within %d ms) since the last such line, e.g. frame %d camera %d; %d cameras' features "
+                            "missing in all", site, self._missing_frames, self.cfg.request_deadline_ms, losses[0][0],
+                            losses[0][1], self.stats.features_missing)
+                self._missing_frames = 0
             self.store.record_losses(losses, counter="features_missing")
         self.store.count_many(counts)
 

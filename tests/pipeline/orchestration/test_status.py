@@ -33,6 +33,7 @@ def test_status_of_a_live_site(stream_setup, brokers, site):
     after = site_status(scfg)  # everything decided, within the window
     assert report["results"] == 400
     assert after.decided == 400
+    assert after.rate_fps > 400 / after.window_s  # a rate over the seconds the site has run, not the whole window
     assert {e: n / 400 for e, n in after.exits.items()} == report["exit_rate"]
     assert after.cameras == {k: "done" for k in range(6)}
     assert after.backlog["open_frames"] == 0 and after.backlog["escalations"] == 0
