@@ -91,6 +91,7 @@ CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera
 PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
 MAX_BACKLOG = 4096  # at full speed, observations in flight (unacknowledged) before the feed waits for the broker
 UPLOADS = ("auto", "lazy", "eager")
+EDGE_DEFAULT_WAIT_MS = 1050  # the edge's default --deadline-ms + --request-deadline-ms: keep features at least this long
 
 
 @dataclass(frozen=True)
@@ -458,6 +459,10 @@ class CameraFeed:
         t_start = time.time()
         log.info("site %r cameras %s: frames %d..%d at %s", cfg.site, list(cfg.cameras), cfg.start, self.stop_at,
                  f"{cfg.fps:g} fps" if cfg.fps else "full speed")
+        if self.lazy and cfg.feature_ttl_ms < EDGE_DEFAULT_WAIT_MS:
+            log.warning("site %r cameras %s: --feature-ttl-ms %d is below the edge's default deadline and request "
+                        "deadline (%d ms): features asked for later are gone, and those frames are decided without "
+                        "them", cfg.site, list(cfg.cameras), cfg.feature_ttl_ms, EDGE_DEFAULT_WAIT_MS)
         if cfg.fps > 0:
             self._run_paced(stop)
         else:

@@ -239,6 +239,14 @@ class Aggregator(BrokerService):
         except NoPermissionError as err:
             log.warning("edge %s: site %r not announced in %s (%s): a cloud worker with --sites '*' does not see it",
                         self.sid, cfg.site, names.sites_key(), err)
+        if cfg.service_id and alive(self.redis, cfg.site, "edge", self.sid):
+            log.warning("edge %s: site %r: an aggregator with this --service-id is alive (its heartbeat): unless it is "
+                        "this one's previous run, stopped moments ago, two processes share the id and will keep "
+                        "taking over each other's MQTT session", self.sid, cfg.site)
+        if cfg.request_deadline_ms < 10:
+            log.warning("edge %s: --request-deadline-ms %d is shorter than a feature request's round trip (a few ms "
+                        "on one host): frames will be decided without the features they ask for", self.sid,
+                        cfg.request_deadline_ms)
         self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info,
                                    self.healthy).start()
         sub = names.shared_obs_filter(cfg.site, cfg.share_group)
