@@ -5,7 +5,8 @@
     ada-ddnn evaluate --checkpoint /tmp/ev/ada.safetensors --out /tmp/ev/report --limit 500 --results /tmp/ev/RESULTS.md
 
 For each checkpoint (and the baseline): run the cameras once over the validation and test
-splits (features through the wire codec, `--wire-dtype int8` by default, as deployed), choose
+splits (features through the wire codec, by default `--wire-dtype model`: the code the checkpoint was
+trained for, int8 for one trained without a code, as deployed), choose
 (T1, T2) on validation with `--policy`, then measure on test: exit rates, eq. 6/7 accuracies,
 every classifier's accuracy, bytes per frame from real encoded messages, one camera missing,
 n cameras missing at random, and the T1 x T2 sweep with its Pareto front. Then the camera link

@@ -117,8 +117,8 @@ def bench_cloud(redis_url: str, sites: list[str], checkpoint: str, n: int, batch
             "frames_per_s": round(worker.stats.answered / wall, 1), "batches": worker.stats.batches}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.orchestration.bench_scale", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline.orchestration.bench_scale") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis-url", default=None, help="redis:// or redis+cluster://; none = a private redis-server")
     p.add_argument("--sites", type=int, default=4)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     tag = uuid.uuid4().hex[:6]
     sites = [f"bench-{tag}-{i}" for i in range(args.sites)]
-    out = {"command": "python -m pipeline.orchestration.bench_scale " + " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"command": f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                        "torch": torch.__version__}, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     with embedded_services("mqtt://unused:1", args.redis_url) as (_, redis_url):

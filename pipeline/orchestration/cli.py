@@ -286,7 +286,7 @@ def _main(argv: list[str]) -> int:
         from pipeline.orchestration import bench_scale
 
         _setup_logging(False)
-        return bench_scale.main(argv[2:])
+        return bench_scale.main(argv[2:], prog="ada-ddnn bench scale")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -4,9 +4,9 @@
     ada-ddnn replay --checkpoint models/ada.safetensors --mqtt-url mqtt://host:1883 --redis-url redis://host:6379/0 \\
         --aggregators 2 --workers 2 --wire-dtype float32 --json reports/replay.json
 
-Runs the six cameras, --aggregators edge aggregators and --workers cloud workers (threads of
-this process, each with its own broker connections, exactly as the separate processes would)
-against --mqtt-url and --redis-url (env ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL). With neither,
+Runs the six cameras, --aggregators edge aggregators and --workers cloud workers (each a process
+of its own, `ada-ddnn cameras|edge|cloud`; with --no-processes, threads of this process, each with
+its own broker connections) against --mqtt-url and --redis-url (env ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL). With neither,
 it starts a private Mosquitto and Redis and stops them at the end. Results are read back from
 the results stream (and counted on the MQTT results topic); a live bar shows frames done, the
 exit mix and the running accuracy. At the end: a summary table and a JSON report with the

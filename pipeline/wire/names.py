@@ -16,6 +16,7 @@
                                                   ada:{site}:result:{id}       result marker, TTL
                                                   ada:{site}:pending           open frames by deadline
                                                   ada:{site}:counters          hash of counters
+                                                  ada:{site}:feature_wait      hash: feature waits (lazy)
                                                   ada:{site}:heartbeat:{role}:{id}  liveness, TTL
                                                   ada:sites                    set: sites edges announced
 
