@@ -264,7 +264,8 @@ return {'claimed', redis.call('HVALS', KEYS[5])}
 
 # KEYS: claimed zset, claimed frame hash, awaiting zset, counters, result marker, escalated marker
 # ARGV: frame id, cameras asked (count), second deadline ms, hash ttl ms, request bytes (as the cameras
-#       receive it), cameras asked (comma-separated ids)
+#       receive it), cameras asked (comma-separated ids), then per camera asked its marker field
+#       ('_c' .. id) and its features field ('f' .. id)
 # Lazy upload: a claimed frame that did not leave at exit 1 waits for its features: the lease is
 # released, the cameras asked are counted in `_want`, listed in `_cams` and each marked `_c<id>` (a
 # request without `_cams`, from an aggregator before this check, accepts any camera; the answers of those
@@ -283,9 +284,9 @@ if redis.call('HSETNX', KEYS[2], '_want', ARGV[2]) == 0 then
 end
 local got = 0
 redis.call('HSET', KEYS[2], '_cams', ARGV[6])
-for k in string.gmatch(ARGV[6], '%d+') do
-  redis.call('HSET', KEYS[2], '_c' .. k, 1)
-  got = got + redis.call('HEXISTS', KEYS[2], 'f' .. k)
+for i = 7, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], 1)
+  got = got + redis.call('HEXISTS', KEYS[2], ARGV[i + 1])
 end
 redis.call('HSET', KEYS[2], '_got', got)
 redis.call('HSET', KEYS[2], '_asked', string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
@@ -303,7 +304,7 @@ return 'awaiting'
 
 # KEYS: claimed frame hash, awaiting zset, claimed zset, counters, result marker, escalated marker, decided marker,
 #       wait histogram
-# ARGV: field ('f' .. camera), payload, frame id, lease ms, owner
+# ARGV: field ('f' .. camera), payload, frame id, lease ms, owner, the camera's request marker ('_c' .. camera)
 # Lazy upload: a camera's features for a frame. Stored once (HSETNX; counted in feature_bytes);
 # {'late'} when the frame was decided, escalated or claimed for good already (late_features,
 # late_bytes); {'unasked'} for features of a camera the request did not name (unasked_features,
@@ -319,7 +320,7 @@ if late then
   redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
   return {'late'}
 end
-if want and redis.call('HEXISTS', KEYS[1], '_cams') == 1 and redis.call('HEXISTS', KEYS[1], '_c' .. string.sub(ARGV[1], 2)) == 0 then
+if want and redis.call('HEXISTS', KEYS[1], '_cams') == 1 and redis.call('HEXISTS', KEYS[1], ARGV[6]) == 0 then
   redis.call('HINCRBY', KEYS[4], 'unasked_features', 1)
   redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
   return {'unasked'}
@@ -500,7 +501,8 @@ class FrameStore:
         return [x.decode() for x in self._pipelined(self._request, [
             ([names.claimed_key(site), names.claimed_frame_key(site, fid), names.awaiting_key(site),
               names.counters_key(site), names.result_key(site, fid), names.escalated_key(site, fid)],
-             [fid, len(wanted), second_deadline_ms, t.decided_ttl_ms, nbytes, ",".join(map(str, wanted))])
+             [fid, len(wanted), second_deadline_ms, t.decided_ttl_ms, nbytes, ",".join(map(str, wanted)),
+              *(field for k in wanted for field in (f"_c{k}", f"f{k}"))])
             for fid, wanted, nbytes in items])]
 
     def add_features(self, items: Iterable[tuple[CameraFeatures, bytes]]) -> list[Claim | str]:
@@ -513,7 +515,7 @@ class FrameStore:
             ([names.claimed_frame_key(site, f.frame_id), names.awaiting_key(site), names.claimed_key(site),
               names.counters_key(site), names.result_key(site, f.frame_id), names.escalated_key(site, f.frame_id),
               names.decided_key(site, f.frame_id), names.feature_wait_key(site)],
-             [f"f{f.camera}", payload, f.frame_id, t.lease_ms, self.owner]) for f, payload in items])
+             [f"f{f.camera}", payload, f.frame_id, t.lease_ms, self.owner, f"_c{f.camera}"]) for f, payload in items])
         out: list[Claim | str] = []
         for (f, _), res in zip(items, replies):
             status = res[0].decode()
