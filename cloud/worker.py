@@ -40,6 +40,7 @@ from typing import Any
 
 import redis
 import torch
+from redis.cluster import RedisCluster
 
 from cloud.cloud_net import CloudModule, load_cloud
 from pipeline.compute import resolve_device, set_threads
@@ -49,7 +50,7 @@ from pipeline.layers import forward_rows
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import MqttClient
-from pipeline.transport.redis_client import Heartbeat, check_alive, redis_client
+from pipeline.transport.redis_client import CHECK_TIMEOUT_S, Heartbeat, check_alive, redis_client
 from pipeline.transport.results_sink import RECORD_RESULT, add_dead_letters, record_results
 from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
@@ -259,6 +260,23 @@ class Worker(BrokerService):
             return []
         return [(site, entry_id, fields) for _, entries in resp or [] for entry_id, fields in entries]
 
+    def _read_all(self, sites: list[str], count: int, block: int) -> list[tuple[str, bytes, dict]] | None:
+        """Idle with several sites on one Redis: one XREADGROUP blocking on every site's stream at
+        once (a round of per-site reads with 1 ms blocks spent most of a core with a hundred
+        sites). None where that cannot be done: a Redis Cluster (the sites' streams live in
+        different slots) or a site whose group is missing (the per-site read recreates it)."""
+        assert self.redis is not None
+        if isinstance(self.redis, RedisCluster):
+            return None
+        streams = {names.escalations_stream(site): ">" for site in sites}
+        try:
+            resp = self.redis.xreadgroup(self.cfg.group, self.sid, streams, count=count, block=block)
+        except redis.ResponseError:
+            return None
+        by_stream = {names.escalations_stream(site): site for site in sites}
+        return [(by_stream[stream.decode() if isinstance(stream, bytes) else stream], entry_id, fields)
+                for stream, entries in resp or [] for entry_id, fields in entries]
+
     def read_batch(self) -> list[tuple[str, bytes, dict]]:
         """Up to `batch` new (site, entry id, fields): rounds over the sites, each taking at most
         its share of the batch per round; when a round finds nothing, block on one site (at most
@@ -285,6 +303,12 @@ class Worker(BrokerService):
                     break
                 continue
             if first_at is None:
+                if len(sites) > 1 and (entries := self._read_all(order, share, IDLE_BLOCK_MS)) is not None:
+                    if not entries:
+                        return out
+                    out.extend(entries)
+                    first_at = time.monotonic()
+                    continue
                 block = max(1, IDLE_BLOCK_MS // len(sites))
             else:
                 left = cfg.wait_ms - (time.monotonic() - first_at) * 1000
@@ -359,9 +383,11 @@ class Worker(BrokerService):
                 if b"msg" not in fields:
                     raise MessageError(f"stream entry without a 'msg' field (fields: {sorted(fields)[:8]})")
                 esc = Escalation.decode(fields[b"msg"])
-                if esc.site != site or esc.features.shape != self.fused_shape:
-                    raise CloudError(site, esc.frame_id, f"escalation of site {esc.site!r} with features "
-                                                         f"{esc.features.shape} does not fit this network")
+                if esc.site != site:
+                    raise CloudError(site, esc.frame_id, f"an escalation of site {esc.site!r} in this site's stream")
+                if esc.features.shape != self.fused_shape:
+                    raise CloudError(site, esc.frame_id, f"escalation with features {esc.features.shape}, this "
+                                                         f"network takes {self.fused_shape}")
                 good.append(((site, entry_id), esc))
             except (MessageError, CloudError) as err:
                 letters.setdefault(site, []).append((entry_id, fields.get(b"msg", b""), str(err)))
@@ -437,7 +463,9 @@ class Worker(BrokerService):
         if letters:
             self.stats.deadletter += len(letters)
             for entry_id, _, reason in letters[:5]:
-                log.warning("site %r: escalation %s to the dead letters: %s", site, entry_id, reason)
+                log.warning("site %r: escalation %s to the dead letters: %s", site, _text(entry_id), reason)
+            if len(letters) > 5:
+                log.warning("site %r: %d more escalations of this batch to the dead letters", site, len(letters) - 5)
             add_dead_letters(self.redis, site, [(f"{stream} {entry_id!r}", payload, reason)
                                                 for entry_id, payload, reason in letters], self.sid)
         ids = done + [entry_id for entry_id, _, _ in letters]
@@ -462,10 +490,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text(entry_id: bytes | str) -> str:
+    """A stream entry id as text."""
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
 def registered_sites(redis_url: str) -> list[str]:
-    """The sites in the registry (`--sites '*'`); none when Redis cannot be read."""
+    """The sites in the registry (`--sites '*'`) for `--check`; none when Redis cannot be read
+    within the check's timeout."""
     try:
-        client = redis_client(redis_url)
+        client = redis_client(redis_url, timeout_s=CHECK_TIMEOUT_S)
         return sorted(x.decode() for x in client.smembers(names.sites_key()))
     except (ConnectError, redis.RedisError) as err:
         log.error("check cloud: the site registry could not be read: %s", err)

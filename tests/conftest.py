@@ -84,7 +84,8 @@ def brokers(request):
 
 @pytest.fixture
 def site(request, brokers):
-    """A fresh site id for one test; its Redis keys are deleted afterwards."""
+    """A fresh site id for one test; its Redis keys and its entry in the site registry are
+    deleted afterwards."""
     import redis
 
     from pipeline.wire import names
@@ -95,6 +96,7 @@ def site(request, brokers):
     keys = list(r.scan_iter(match=names.site_pattern(name), count=1000))
     if keys:
         r.delete(*keys)
+    r.srem(names.sites_key(), name)  # an edge announced it: a `cloud --sites '*'` would serve it forever
     r.close()
 
 

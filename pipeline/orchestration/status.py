@@ -130,11 +130,10 @@ def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:
         since_ms = int((st.at - cfg.window_s) * 1000)
         exits: Counter[str] = Counter()
         last_id = f"{since_ms}-0"
-        first_ms = None
+        first = r.xrange(names.results_stream(site), min="-", max="+", count=1)  # the site's first result kept
+        first_ms = int(first[0][0].split(b"-")[0]) if first else None
         while True:  # the window's results, in pages
             page = r.xrange(names.results_stream(site), min=last_id, max="+", count=1000)
-            if page and first_ms is None:
-                first_ms = int(page[0][0].split(b"-")[0])
             for entry_id, fields in page:
                 try:
                     exits[Decision.decode(fields[b"msg"]).exit] += 1
@@ -145,7 +144,7 @@ def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:
             last_id = "(" + page[-1][0].decode()
         st.exits = {e: exits.get(e, 0) for e in EXIT_NAMES}
         st.decided = sum(exits.values())
-        # over the window, or since the first result in it when the site started within it (1 s at least)
+        # over the window, or, for a site whose first result came within it, since then (1 s at least)
         span_s = cfg.window_s if first_ms is None else min(cfg.window_s, max(1.0, st.at - first_ms / 1000))
         st.rate_fps = round(st.decided / span_s, 2)
     except redis.RedisError as err:

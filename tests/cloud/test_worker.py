@@ -168,3 +168,29 @@ def test_sites_and_their_brokers_are_checked():
     for bad in ({"sites": "a,b/c"}, {"site_mqtt": "a"}, {"site_mqtt": "a/b=mqtt://h:1"}):
         with pytest.raises(ValueError):
             CloudConfig(**bad)
+
+
+@pytest.mark.services
+def test_an_idle_worker_of_several_sites_waits_on_all_of_them_at_once(stream_setup, brokers, three_sites, redis_conn):
+    # Idle, one blocking read covers every site's stream: an entry of any site ends the wait at
+    # once, and with none the read waits its full 200 ms instead of spinning on 1 ms blocks.
+    import time
+
+    _, model, _, _, _ = stream_setup
+    a, b, c = three_sites
+    w = worker(stream_setup, brokers, a, sites=",".join(three_sites))
+    w.connect()
+    try:
+        t0 = time.monotonic()
+        assert w.read_batch() == []
+        assert time.monotonic() - t0 >= 0.15
+        for target in (c, b):
+            timer = threading.Timer(0.05, xadd, args=(redis_conn, escalations(model, target, 1)))
+            timer.start()
+            got = w.read_batch()
+            timer.join()
+            assert [s for s, _, _ in got] == [target]
+            w.process(got)
+    finally:
+        w.stop()
+    assert [len(results(redis_conn, s)) for s in three_sites] == [0, 1, 1]
