@@ -279,8 +279,10 @@ class Worker(BrokerService):
 
     def read_batch(self) -> list[tuple[str, bytes, dict]]:
         """Up to `batch` new (site, entry id, fields): rounds over the sites, each taking at most
-        its share of the batch per round; when a round finds nothing, block on one site (at most
-        200 ms over all sites while idle, then at most `wait_ms` for the rest of a batch)."""
+        its share of the batch per round; when a round finds nothing, block: while idle on every
+        site at once for at most 200 ms (one read, on one Redis; with more sites than `batch`, a
+        burst may bring one entry a site), then on one site at a time for at most `wait_ms` for
+        the rest of a batch."""
         cfg, sites = self.cfg, list(self.sites)
         share = max(1, -(-cfg.batch // len(sites)))
         out: list[tuple[str, bytes, dict]] = []
@@ -303,7 +305,8 @@ class Worker(BrokerService):
                     break
                 continue
             if first_at is None:
-                if len(sites) > 1 and (entries := self._read_all(order, share, IDLE_BLOCK_MS)) is not None:
+                count = max(1, (cfg.batch - len(out)) // len(sites))
+                if len(sites) > 1 and (entries := self._read_all(order, count, IDLE_BLOCK_MS)) is not None:
                     if not entries:
                         return out
                     out.extend(entries)
