@@ -268,13 +268,13 @@ class Worker(BrokerService):
         assert self.redis is not None
         if isinstance(self.redis, RedisCluster):
             return None
-        streams = {names.escalations_stream(site): ">" for site in sites}
+        by_stream = {names.escalations_stream(site): site for site in sites}
         try:
-            resp = self.redis.xreadgroup(self.cfg.group, self.sid, streams, count=count, block=block)
+            resp = self.redis.xreadgroup(self.cfg.group, self.sid, dict.fromkeys(by_stream, ">"), count=count,
+                                         block=block)
         except redis.ResponseError:
             return None
-        by_stream = {names.escalations_stream(site): site for site in sites}
-        return [(by_stream[stream.decode() if isinstance(stream, bytes) else stream], entry_id, fields)
+        return [(by_stream[_text(stream)], entry_id, fields)
                 for stream, entries in resp or [] for entry_id, fields in entries]
 
     def read_batch(self) -> list[tuple[str, bytes, dict]]:

@@ -128,13 +128,12 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
             if o.entropy is not None:
                 cam_entropy[i][o.camera] = o.entropy
                 cam_pred[i][o.camera] = o.prediction  # type: ignore[assignment]
-        no_features = fr.blind
-        if not fr.requested or no_features:
+        if not fr.requested or fr.blind:
             for s in fr.summaries:
                 known[i][s.camera] = True
                 cam_entropy[i][s.camera], cam_pred[i][s.camera] = s.entropy, s.prediction
-            blind[i] = no_features
-            waiting[i] = bool(fr.summaries) and not no_features
+            blind[i] = fr.blind
+            waiting[i] = bool(fr.summaries) and not fr.blind
     present_t, known_t = torch.tensor(present, dtype=torch.bool), torch.tensor(known, dtype=torch.bool)
     cam_entropy_t = torch.tensor(cam_entropy, dtype=torch.float32)
     waiting_t, blind_t = torch.tensor(waiting, dtype=torch.bool), torch.tensor(blind, dtype=torch.bool)

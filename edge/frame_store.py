@@ -83,14 +83,14 @@ end
 """
 
 # Lua: a requested frame's wait for its features, from the request ('_asked', microseconds by the
-# Redis clock) to now, counted in the wait histogram `hist` (`wait_percentiles` reads it).
+# Redis clock) to `t` (REDIS_NOW's TIME), counted in the wait histogram `hist` (`wait_percentiles`
+# reads it).
 COUNT_WAIT = """
-local function count_wait(frame, hist)
+local function count_wait(frame, hist, t)
   local asked = redis.call('HGET', frame, '_asked')
   if not asked then
     return
   end
-  local t = redis.call('TIME')
   local us = math.max(0, tonumber(t[1]) * 1000000 + tonumber(t[2]) - tonumber(asked))
   local bin = math.floor(us / 100)
   if bin >= 1000 then
@@ -264,10 +264,9 @@ return {'claimed', redis.call('HVALS', KEYS[5])}
 
 # KEYS: claimed zset, claimed frame hash, awaiting zset, counters, result marker, escalated marker
 # ARGV: frame id, cameras asked (count), second deadline ms, hash ttl ms, request bytes (as the cameras
-#       receive it), cameras asked (comma-separated ids), then per camera asked its marker field
-#       ('_c' .. id) and its features field ('f' .. id)
+#       receive it), then per camera asked its marker field ('_c' .. id) and its features field ('f' .. id)
 # Lazy upload: a claimed frame that did not leave at exit 1 waits for its features: the lease is
-# released, the cameras asked are counted in `_want`, listed in `_cams` and each marked `_c<id>` (a
+# released, the cameras asked are counted in `_want` and each marked `_c<id>`, `_cams` saying so (a
 # request without `_cams`, from an aggregator before this check, accepts any camera; the answers of those
 # already stored in `_got`; if that is all of them, the frame is due at once), and the
 # frame is scored in the awaiting set by its second deadline: 'awaiting' (the caller then
@@ -283,8 +282,8 @@ if redis.call('HSETNX', KEYS[2], '_want', ARGV[2]) == 0 then
   return 'already'
 end
 local got = 0
-redis.call('HSET', KEYS[2], '_cams', ARGV[6])
-for i = 7, #ARGV, 2 do
+redis.call('HSET', KEYS[2], '_cams', 1)
+for i = 6, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], 1)
   got = got + redis.call('HEXISTS', KEYS[2], ARGV[i + 1])
 end
@@ -340,7 +339,7 @@ end
 """ + REDIS_NOW + """
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
 redis.call('SET', KEYS[7], ARGV[5], 'XX', 'KEEPTTL')
-count_wait(KEYS[1], KEYS[8])
+count_wait(KEYS[1], KEYS[8], t)
 return {'claimed', payloads(KEYS[1])}
 """
 
@@ -360,7 +359,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('SET', KEYS[5], ARGV[3], 'XX', 'KEEPTTL')
-count_wait(KEYS[2], KEYS[6])
+count_wait(KEYS[2], KEYS[6], t)
 return {'claimed', payloads(KEYS[2])}
 """
 
@@ -501,7 +500,7 @@ class FrameStore:
         return [x.decode() for x in self._pipelined(self._request, [
             ([names.claimed_key(site), names.claimed_frame_key(site, fid), names.awaiting_key(site),
               names.counters_key(site), names.result_key(site, fid), names.escalated_key(site, fid)],
-             [fid, len(wanted), second_deadline_ms, t.decided_ttl_ms, nbytes, ",".join(map(str, wanted)),
+             [fid, len(wanted), second_deadline_ms, t.decided_ttl_ms, nbytes,
               *(field for k in wanted for field in (f"_c{k}", f"f{k}"))])
             for fid, wanted, nbytes in items])]
 

@@ -242,18 +242,20 @@ def compare(cfg: ReplayConfig, model: AdaDDNN, split: Split, frame_ids: range, r
     have = torch.zeros(len(sub), dtype=torch.bool)
     s_pred = torch.full((len(sub),), -1, dtype=torch.long)
     s_exit = torch.full((len(sub),), -1, dtype=torch.long)
-    blind = 0
+    s_entropy = torch.ones(len(sub))  # of the classifier that answered
     for i, f in enumerate(frame_ids):
         d = results.get(f)
         if d is None:
-            continue
-        if d.exit == "exit1" and not bool(under(torch.tensor([d.entropy if d.entropy is not None else 1.0]), t1)[0]):
-            blind += 1
             continue
         have[i] = True
         present[i] = False
         present[i, list(d.present)] = True
         s_pred[i], s_exit[i] = d.prediction, EXIT_NAMES.index(d.exit)
+        if d.entropy is not None:
+            s_entropy[i] = d.entropy
+    blind_mask = have & (s_exit == EXIT_NAMES.index("exit1")) & ~under(s_entropy, t1)
+    blind = int(blind_mask.sum())
+    have &= ~blind_mask
     model = copy.deepcopy(model).cpu()
     same = offline_decisions(model, sub, present, cfg.wire_dtype, t1, t2)
     labels = torch.as_tensor(sub.labels)
