@@ -391,6 +391,7 @@ class Worker(BrokerService):
                 if esc.features.shape != self.fused_shape:
                     raise CloudError(site, esc.frame_id, f"escalation with features {esc.features.shape}, this "
                                                          f"network takes {self.fused_shape}")
+                self.check_ids(site, esc)
                 good.append(((site, entry_id), esc))
             except (MessageError, CloudError) as err:
                 letters.setdefault(site, []).append((entry_id, fields.get(b"msg", b""), str(err)))
@@ -418,6 +419,18 @@ class Worker(BrokerService):
             self.finish(site, [entry_id for entry_id, _ in done], letters.get(site, []))
         self.stats.answered += len(answered)
         self.stats.batches += 1
+
+    def check_ids(self, site: str, esc: Escalation) -> None:
+        """Refuse an escalation naming what this network has not: a camera id beyond its cameras, or a
+        class (the edge's prediction, the label) beyond its classes. The wire's own bounds are the
+        protocol's limits; these are the model's, so no such entry becomes a recorded result."""
+        cams, classes = self.model.cfg.num_cameras, self.model.cfg.num_classes
+        beyond = [c for c in esc.present if c >= cams]
+        if beyond:
+            raise CloudError(site, esc.frame_id, f"escalation naming cameras {beyond}, this network has {cams}")
+        for name, value in (("edge_prediction", esc.edge_prediction), ("label", esc.label)):
+            if value is not None and value >= classes:
+                raise CloudError(site, esc.frame_id, f"escalation with {name} {value}, this network has {classes} classes")
 
     def results_broker(self, site: str) -> MqttClient:
         """The MQTT client for `site`'s results: its own broker (--site-mqtt) or --mqtt-url's."""

@@ -93,6 +93,10 @@ def test_two_workers_and_bad_entries(stream_setup, brokers, site, redis_conn):
     ws = [worker(stream_setup, brokers, site, batch=3, wait_ms=2).start() for _ in range(2)]
     try:
         redis_conn.xadd(names.escalations_stream(site), {"frame": 1, "msg": b"not msgpack"})
+        # Valid on the wire, not for this network: a seventh camera, an eleventh class.
+        f = escs[0].features
+        xadd(redis_conn, [Escalation(site, 1, (0, 6), 1.0, f, 0.9, 1, 2), Escalation(site, 2, (0,), 1.0, f, 0.9, 10, 2),
+                          Escalation(site, 3, (0,), 1.0, f, 0.9, 1, 10)])
         xadd(redis_conn, escs)
         got = wait_results(redis_conn, site, 30)
     finally:
@@ -100,7 +104,11 @@ def test_two_workers_and_bad_entries(stream_setup, brokers, site, redis_conn):
             w.stop()
     assert sorted(d.frame_id for d in got) == [e.frame_id for e in escs]
     assert len(results(redis_conn, site)) == 30
-    assert redis_conn.xlen(names.deadletter_stream(site)) == 1
+    letters = redis_conn.xrange(names.deadletter_stream(site))
+    assert len(letters) == 4
+    reasons = sorted(fields[b"reason"].decode() for _, fields in letters)
+    assert any("naming cameras [6], this network has 6" in r for r in reasons), reasons
+    assert any("edge_prediction 10" in r for r in reasons) and any("label 10" in r for r in reasons), reasons
     assert redis_conn.xlen(names.escalations_stream(site)) == 0
 
 
