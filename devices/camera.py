@@ -67,6 +67,7 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError, MessageError
 from pipeline.layers import forward_rows
 from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, printed
+from pipeline.throttle import Throttle
 from pipeline.transport.metrics import RoleMetrics, Sample, sample
 from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
 from pipeline.transport.service import check_metrics_port, serve
@@ -220,13 +221,13 @@ class CameraFeed:
         self.clients: dict[int, MqttClient] = {}
         self.stopped_early = False  # set by run(): stopped (a signal, `stop`) before the last frame
         self.signals = SiteSignals(cfg.site, cfg.shed_lag_ms)
-        self._shed_logged = -RATE_REPORT_S
+        self._shed_log = Throttle(RATE_REPORT_S)  # at most one shedding line per report period
         self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
         self.metrics = RoleMetrics(self.metric_samples)
         self.lazy = False  # lazy upload: summaries first, features on request (set by __init__)
         self.cache = FeatureCache(cfg.feature_cache, cfg.feature_ttl_ms / 1000)
         self._last_request = time.monotonic()
-        self._miss_logged = -RATE_REPORT_S
+        self._miss_log = Throttle(RATE_REPORT_S)
 
     def metric_samples(self) -> list[Sample]:
         st, site = self.stats, self.cfg.site
@@ -301,8 +302,7 @@ class CameraFeed:
             raw = self.cache.get(k, req.frame_id)
             if raw is None:
                 self.stats.request_misses += 1
-                if time.monotonic() >= self._miss_logged + RATE_REPORT_S:
-                    self._miss_logged = time.monotonic()
+                if self._miss_log():
                     log.warning("site %r frame %d camera %d: features asked for are no longer kept (--feature-cache "
                                 "%d frames, --feature-ttl-ms %d); misses so far %d", site, req.frame_id, k,
                                 self.cfg.feature_cache, self.cfg.feature_ttl_ms, self.stats.request_misses)
@@ -343,8 +343,7 @@ class CameraFeed:
             return
         site = self.cfg.site
         self.stats.shed[reason] = self.stats.shed.get(reason, 0) + len(frame_ids)
-        if time.monotonic() >= self._shed_logged + RATE_REPORT_S:  # at most one line per report period
-            self._shed_logged = time.monotonic()
+        if self._shed_log():
             log.warning("site %r cameras %s: shedding frames (%s; now %d..%d, keeping %.0f%%); shed so far %s",
                         site, list(self.cfg.cameras), reason, frame_ids[0], frame_ids[-1], 100 * self.signals.keep,
                         self.stats.shed)

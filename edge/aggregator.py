@@ -58,6 +58,7 @@ from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import check_thresholds
 from pipeline.errors import AggregationError, EscalationError, MessageError
 from pipeline.settings import add_command, config_from_args, printed
+from pipeline.throttle import Throttle
 from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import Inbox, MqttClient
 from pipeline.transport.redis_client import Heartbeat, alive, check_alive, redis_client
@@ -181,8 +182,8 @@ class Aggregator(BrokerService):
         self.answers: MqttClient | None = None  # lazy upload: the connection feature answers come on
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
-        self._skew_logged: dict[int, float] = {}  # camera -> when its wrong clock was last named
-        self._missing_logged = -MISSING_LOG_S  # when frames decided without some features were last reported
+        self._skew_log = Throttle(SKEW_LOG_S)  # by camera: its wrong clock named at most once a period
+        self._missing_log = Throttle(MISSING_LOG_S)  # frames decided without some features: a line per period
         self._missing_frames = 0  # such frames since then
         # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
         # Redis and need no second decode (bounded; a miss just decodes again).
@@ -470,8 +471,7 @@ class Aggregator(BrokerService):
                 lags.append(lag_s * 1000)
                 continue
             self.stats.clock_skewed += 1
-            if now >= self._skew_logged.get(obs.camera, -SKEW_LOG_S) + SKEW_LOG_S:
-                self._skew_logged[obs.camera] = now
+            if self._skew_log(obs.camera):
                 log.warning("edge %s: site %r camera %d: frame %d was captured %.4g s %s the edge's clock: is the "
                             "camera's clock set (NTP)? Its delay is left out of the flow status (%d such observations "
                             "so far)", self.sid, self.cfg.site, obs.camera, obs.frame_id, abs(lag_s),
@@ -648,8 +648,7 @@ class Aggregator(BrokerService):
         if losses:
             self.stats.features_missing += len(losses)
             self._missing_frames += len({f for f, *_ in losses})
-            if time.monotonic() >= self._missing_logged + MISSING_LOG_S:  # one line per period, with its count
-                self._missing_logged = time.monotonic()
+            if self._missing_log():  # one line per period, with its count
                 log.warning("site %r: %d frames decided without the features of some cameras (asked, not answered "
                             "within %d ms) since the last such line, e.g. frame %d camera %d; %d cameras' features "
                             "missing in all", site, self._missing_frames, self.cfg.request_deadline_ms, losses[0][0],
