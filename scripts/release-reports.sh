@@ -8,6 +8,7 @@
 #   bash scripts/release-reports.sh replays    # only the replays (the latency runs included)
 #   bash scripts/release-reports.sh latency    # only the 30 fps latency replays (about 10 minutes;
 #                                               # ROUNDS=4 for four lazy/eager pairs instead of two)
+#   LATENCY=0 bash scripts/release-reports.sh replays   # the replays without the latency runs
 #
 # Every replay runs each role as a process with embedded Mosquitto and Redis (as `make replay`).
 set -euo pipefail
@@ -53,7 +54,7 @@ if [[ $what == all || $what == replays ]]; then
   run "${R[@]}" --n 0 --checkpoint models/int1/ddnn.safetensors --site eval --json reports/link/r10k_int1_ddnn.json
 fi
 
-if [[ $what == all || $what == replays || $what == latency ]]; then
+if [[ $what == latency || ( ( $what == all || $what == replays ) && ${LATENCY:-1} != 0 ) ]]; then
   # Latency: 3,000 frames at 30 fps, lazy and eager alternating, ROUNDS times (default 2; on an
   # otherwise idle machine: each run takes about 2 minutes).
   rounds=("")
