@@ -176,6 +176,7 @@ def evaluate_checkpoint(
     min_edge_accuracy: float = evaluation.DEFAULT_MIN_EDGE_ACCURACY,
     min_edge_rate: float = evaluation.DEFAULT_MIN_EDGE_RATE,
     epsilon: float = evaluation.DEFAULT_EPSILON,
+    min_exit1_rate: float = evaluation.DEFAULT_MIN_EXIT1_RATE,
     limit: int = 0,
     draws: int = 5,
     seed: int = 0,
@@ -190,7 +191,7 @@ def evaluate_checkpoint(
     model = load_checkpoint(checkpoint, device=dev)
     val, test = data.val.head(limit), data.test.head(limit)
     policy_args = dict(policy=policy, min_edge_accuracy=min_edge_accuracy, min_edge_rate=min_edge_rate,
-                       epsilon=epsilon)
+                       epsilon=epsilon, min_exit1_rate=min_exit1_rate)
 
     # The cameras run once per split; each wire dtype is the codec applied to their features.
     val_raw = evaluation.camera_pass(model, val, dev, batch_size)
@@ -296,7 +297,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.draws < 1:
         raise ValueError(f"--draws must be at least 1, got {args.draws}")
-    for name in ("min_edge_accuracy", "min_edge_rate"):
+    for name in ("min_edge_accuracy", "min_edge_rate", "min_exit1_rate"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
     set_threads(args.threads)
@@ -316,8 +317,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         wire = None if args.wire_dtype == "none" else resolve_wire_dtype(args.wire_dtype, read_config(ckpt))
         report, optimistic, run = evaluate_checkpoint(
             ckpt, data_by_val[val_size], wire_dtype=wire, policy=args.policy, min_edge_accuracy=args.min_edge_accuracy,
-            min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, limit=args.limit, draws=args.draws,
-            seed=args.seed, bytes_sample=args.bytes_sample, device=device, batch_size=args.batch_size)
+            min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, min_exit1_rate=args.min_exit1_rate,
+            limit=args.limit, draws=args.draws, seed=args.seed, bytes_sample=args.bytes_sample, device=device, batch_size=args.batch_size)
         folder = os.path.join(args.out, sub)
         write_json(os.path.join(folder, "report.json"), report, indent=1)
         write_json(os.path.join(folder, "optimistic.json"), optimistic, indent=1)
@@ -360,14 +361,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "checkpoint was trained for (int8 if none), 'none' skips the codec (env "
                         "ADA_DDNN_WIRE_DTYPE; default %(default)s)")
     p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
-                   help="threshold policy on validation: exit1-first = most frames at exit 1 with edge accuracy "
-                        ">= --min-edge-accuracy and overall accuracy >= cloud-only - --epsilon (the model "
-                        "card's); edge-accuracy = most frames at the edge with edge "
-                        "accuracy >= --min-edge-accuracy; min-edge-rate = best overall "
-                        "accuracy with >= --min-edge-rate at the edge; within-cloud = most frames at the edge "
-                        "with overall accuracy >= cloud-only - --epsilon (default %(default)s)")
+                   help="threshold policy on validation: edge-accuracy = most frames at the edge with edge accuracy "
+                        ">= --min-edge-accuracy and >= --min-exit1-rate at exit 1 (the model card's); exit1-first = "
+                        "most frames at exit 1 with edge accuracy >= --min-edge-accuracy and overall accuracy >= "
+                        "cloud-only - --epsilon; min-edge-rate = best overall accuracy with >= --min-edge-rate at "
+                        "the edge; within-cloud = most frames at the edge with overall accuracy >= cloud-only - "
+                        "--epsilon (default %(default)s)")
     p.add_argument("--min-edge-accuracy", type=float, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
-                   help="fraction, for --policy exit1-first and edge-accuracy (default %(default)s)")
+                   help="fraction, for --policy edge-accuracy and exit1-first (default %(default)s)")
+    p.add_argument("--min-exit1-rate", type=float, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
+                   help="fraction of frames at exit 1, for --policy edge-accuracy with camera classifiers; "
+                        "dropped when no threshold pair reaches it (default %(default)s)")
     p.add_argument("--min-edge-rate", type=float, default=evaluation.DEFAULT_MIN_EDGE_RATE,
                    help="fraction of frames, for --policy min-edge-rate (default %(default)s)")
     p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,

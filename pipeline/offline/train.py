@@ -51,6 +51,7 @@ from pipeline.fileio import write_json
 from pipeline.offline.evaluation import (
     DEFAULT_EPSILON,
     DEFAULT_MIN_EDGE_ACCURACY,
+    DEFAULT_MIN_EXIT1_RATE,
     DEFAULT_POLICY,
     Collected,
     choose_thresholds,
@@ -267,7 +268,8 @@ def split_report(col: Collected, thresholds: dict) -> dict[str, Any]:
 
 
 def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accuracy: float = DEFAULT_MIN_EDGE_ACCURACY,
-           epsilon: float = DEFAULT_EPSILON, command: str | None = None, write: bool = False) -> dict[str, Any]:
+           epsilon: float = DEFAULT_EPSILON, command: str | None = None, write: bool = False,
+           min_exit1_rate: float = DEFAULT_MIN_EXIT1_RATE) -> dict[str, Any]:
     """Choose a checkpoint's deployed thresholds again, on its validation split, by `policy`
     (`evaluation.select_thresholds`), without retraining: the card's thresholds and its validation
     and test reports as training would have written them with that policy. With `write`, the card
@@ -282,7 +284,8 @@ def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accu
     if len(data.val) != tc.get("val_size", len(data.val)):
         raise ValueError(f"{path} held out {tc['val_size']} validation frames; load the data with that val_size")
     metrics = card_metrics(model, data, int(tc.get("limit_eval", 0)), torch.device("cpu"),
-                           policy=policy, min_edge_accuracy=min_edge_accuracy, epsilon=epsilon)
+                           policy=policy, min_edge_accuracy=min_edge_accuracy, epsilon=epsilon,
+                           min_exit1_rate=min_exit1_rate)
     thr = metrics["thresholds"]
     previous = {"thresholds": card.get("thresholds"), "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **({"by": command} if command else {})}

@@ -92,7 +92,8 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     card = load_card(args.checkpoint)
     data = load_data(args, int((card.get("train_config") or {}).get("val_size", 5000)))
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    new = retune(args.checkpoint, data, args.policy, args.min_edge_accuracy, args.epsilon, command, write=args.write)
+    new = retune(args.checkpoint, data, args.policy, args.min_edge_accuracy, args.epsilon, command, write=args.write,
+                 min_exit1_rate=args.min_exit1_rate)
     print(json.dumps({"checkpoint": args.checkpoint, "before": card.get("thresholds"), "thresholds": new["thresholds"],
                       "validation": new["validation"], "test": new["test"], "written": args.write}, indent=2))
     return 0
@@ -111,7 +112,10 @@ def register_thresholds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
                    help="threshold policy (see ada-ddnn evaluate --help; default %(default)s)")
     p.add_argument("--min-edge-accuracy", type=float, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
-                   help="fraction, for exit1-first and edge-accuracy (default %(default)s)")
+                   help="fraction, for edge-accuracy and exit1-first (default %(default)s)")
+    p.add_argument("--min-exit1-rate", type=float, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
+                   help="fraction of frames at exit 1, for edge-accuracy with camera classifiers; dropped when "
+                        "no threshold pair reaches it (default %(default)s)")
     p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,
                    help="absolute accuracy, for exit1-first and within-cloud (default %(default)s)")
     p.add_argument("--write", action="store_true", help="rewrite the model card with the new thresholds")

@@ -106,8 +106,8 @@ def test_pareto_keeps_only_undominated_points():
                        and (q["edge_rate"], q["overall"]) != (p["edge_rate"], p["overall"]) for q in pts)
 
 
-def E(t, rate, edge_acc, overall):
-    return {"t1": t, "t2": t, "edge_rate": rate, "edge_acc": edge_acc, "overall": overall}
+def E(t, rate, edge_acc, overall, exit1=0.5):
+    return {"t1": t, "t2": t, "edge_rate": rate, "exit1_rate": exit1, "edge_acc": edge_acc, "overall": overall}
 
 
 POINTS = [E(0.0, 0.0, None, 0.85), E(0.1, 0.3, 0.97, 0.86), E(0.2, 0.6, 0.92, 0.84), E(0.3, 0.7, 0.88, 0.80),
@@ -134,7 +134,7 @@ def test_policy_exit1_first_takes_the_most_exit1_frames_that_keep_both_floors():
            X(0.4, 0.70, 0.45, 0.95, 0.865)]  # as many exit-1 frames as 0.1, fewer at the edge
     t = select_thresholds(pts, "exit1-first", min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)
     assert t["t1"] == 0.1 and "max exit-1 rate" in t["policy"]
-    assert select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90)["t1"] == 0.0
+    assert select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.0)["t1"] == 0.0
     assert select_thresholds(pts, "exit1-first", min_edge_accuracy=0.90, epsilon=0.02, cloud_only=0.865)["t1"] == 0.2
     t = select_thresholds(pts, "exit1-first", min_edge_accuracy=0.99, epsilon=0.01, cloud_only=0.865)
     assert (t["t1"], t["t2"]) == (0.0, 0.0) and "unreachable" in t["policy"]
@@ -142,6 +142,25 @@ def test_policy_exit1_first_takes_the_most_exit1_frames_that_keep_both_floors():
         select_thresholds(pts, "exit1-first")
     ddnn = [{**p, "t1": None, "exit1_rate": 0.0} for p in pts]  # no exit 1: the most frames at the edge
     assert select_thresholds(ddnn, "exit1-first", min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)["t2"] == 0.0
+
+
+def test_policy_edge_accuracy_keeps_an_exit1_floor_and_drops_it_only_when_out_of_reach():
+    pts = [X(0.0, 0.94, 0.00, 0.901, 0.874),  # the most frames at the edge, but exit 1 switched off
+           X(0.1, 0.92, 0.53, 0.905, 0.871),  # the floor's choice
+           X(0.2, 0.89, 0.53, 0.916, 0.873),  # as much exit 1, fewer frames at the edge
+           X(0.3, 0.95, 0.62, 0.880, 0.870)]  # more of both, edge accuracy under its floor
+    t = select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.45)
+    assert t["t1"] == 0.1 and t["policy"] == "max edge rate with edge accuracy >= 0.90 and exit-1 rate >= 0.45"
+    assert select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.0)["t1"] == 0.0
+    t = select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.60)
+    assert t["t1"] == 0.0 and "exit-1 floor unreachable" in t["policy"]  # the accuracy floor still holds
+    t = select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.95, min_exit1_rate=0.45)
+    assert (t["t1"], t["t2"]) == (0.0, 0.0) and "unreachable: all to cloud" in t["policy"]
+    ddnn = [{**p, "t1": None, "exit1_rate": 0.0} for p in pts]  # no exit 1, no floor to keep
+    t = select_thresholds(ddnn, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.45)
+    assert t["t2"] == 0.0 and t["policy"] == "max edge rate with edge accuracy >= 0.90"
+    with pytest.raises(ValueError, match="min_exit1_rate"):
+        select_thresholds(pts, "edge-accuracy", min_exit1_rate=1.5)
 
 
 def test_policy_min_edge_rate():
@@ -166,7 +185,7 @@ def test_choose_thresholds_default_is_the_model_cards_policy():
     c = hand_made()
     t = evaluation.choose_thresholds(c)
     assert t["chosen_on"] == "validation"
-    assert t["policy"].startswith("max exit-1 rate with edge accuracy >= 0.90 and overall accuracy >= cloud-only")
+    assert t["policy"].startswith("max edge rate with edge accuracy >= 0.90 and exit-1 rate >= 0.45")
     # within-cloud measures cloud-only on the same outputs: 0.75 here
     t = evaluation.choose_thresholds(c, policy="within-cloud", epsilon=0.0)
     assert exit_metrics(c, t["t1"], t["t2"])["accuracy"]["overall"] >= 0.75
