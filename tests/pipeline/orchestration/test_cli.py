@@ -76,6 +76,15 @@ def test_an_option_out_of_range_is_named_before_anything_starts(argv, reason, ca
     assert any(re.search(reason, r.getMessage()) for r in caplog.records), caplog.text
 
 
+@pytest.mark.parametrize("argv", [
+    ["thresholds", "--checkpoint", "models/ada.safetensors", "--min-exit1-rate", "1.5"],
+    ["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "unused/", "--min-exit1-rate", "1.5"],
+])
+def test_a_policy_floor_out_of_range_is_named_before_the_data_loads(argv, caplog, tmp_path):
+    assert main([*argv, "--data", str(tmp_path)]) == 1  # an empty data folder: only the floor check runs first
+    assert "--min-exit1-rate is a fraction in 0..1, got 1.5" in caplog.text
+
+
 def test_a_report_path_that_cannot_be_written_fails_before_the_replay(caplog):
     assert main(["replay", "--json", "/proc/no/report.json", "--n", "10"]) == 1
     assert "cannot write /proc/no/report.json" in caplog.text
