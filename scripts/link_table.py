@@ -1,14 +1,20 @@
-"""The table of reports/link/README.md, one row per replay report, from the reports themselves.
+"""The tables of reports/link/README.md, from the reports themselves.
 
     .venv/bin/python scripts/link_table.py reports/release/replay.json="ada-ddnn replay --n 0" ...
+    .venv/bin/python scripts/link_table.py --medians
 
-Each argument is REPORT=COMMAND (the command shown in the row); prints the Markdown table.
+Each argument is REPORT=COMMAND (the command shown in the row); prints the Markdown table, one row
+per replay report. --medians prints the lazy against eager latency table of the 30 fps rounds
+(`ROUNDS=N bash scripts/release-reports.sh latency`): per exit, the median over the rounds of each
+round's p50 and p99, with the range over the rounds in brackets.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import statistics
 import sys
 
 EXITS = ("exit1", "exit2", "cloud")
@@ -47,7 +53,41 @@ def row(path: str, command: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _rounds(upload: str) -> list[dict]:
+    first = "reports/release/replay_fps30.json" if upload == "lazy" else "reports/link/f30_eager.json"
+    paths = [first] + sorted(glob.glob(f"reports/link/f30_{upload}_round*.json"))
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def _stat(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def medians() -> None:
+    lazy, eager = _rounds("lazy"), _rounds("eager")
+    print(f"Medians over the {len(lazy)} lazy and {len(eager)} eager rounds (range over the rounds in brackets), ms:")
+    print()
+    print("| | lazy p50 | eager p50 | lazy - eager | lazy p99 | eager p99 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for e, name in zip(EXITS, ("exit 1", "exit 2", "cloud")):
+        lp50 = [r["latency_ms"][e]["p50"] for r in lazy]
+        ep50 = [r["latency_ms"][e]["p50"] for r in eager]
+        diff = statistics.median(lp50) - statistics.median(ep50)
+        print(f"| {name} | {_stat(lp50)} | {_stat(ep50)} | {diff:+.1f} | "
+              f"{_stat([r['latency_ms'][e]['p99'] for r in lazy])} | {_stat([r['latency_ms'][e]['p99'] for r in eager])} |")
+    waits = [r["feature_wait_ms"] for r in lazy if r.get("feature_wait_ms", {}).get("n")]
+    if waits:
+        print(f"| feature wait (lazy) | {_stat([w['p50'] for w in waits])} | | | {_stat([w['p99'] for w in waits])} | |")
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--medians"]:
+        medians()
+        return 0
     if not argv or any("=" not in a for a in argv):
         print(__doc__, file=sys.stderr)
         return 2
