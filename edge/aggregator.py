@@ -292,6 +292,9 @@ class Aggregator(BrokerService):
             try:
                 claimed = self.ingest()
                 if time.monotonic() >= next_scan:
+                    if len(self.inbox):  # what came during this turn counts before any deadline is judged
+                        self._held = self.inbox.take(self.cfg.batch, 0.0)
+                        claimed.extend(self.ingest())
                     claimed.extend(self.claim_expired())
                     next_scan = time.monotonic() + scan_s
                 if claimed:

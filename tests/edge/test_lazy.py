@@ -41,7 +41,7 @@ def test_lazy_upload_with_a_camera_that_never_answers(stream_setup, brokers, sit
     cams = mqtt_client(brokers[0], f"{site}-cams", on_connect=lambda c: c.subscribe(names.request_topic(site), qos=1),
                        on_message=answer)
     agg = Aggregator(EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path,
-                                deadline_ms=2000, request_deadline_ms=300), model.edge, t1, t2).start()
+                                deadline_ms=2000, request_deadline_ms=1000), model.edge, t1, t2).start()
     cloud = Worker(CloudConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], device="cpu", wait_ms=2),
                    model.cloud).start()
     try:
