@@ -292,10 +292,7 @@ class Aggregator(BrokerService):
             try:
                 claimed = self.ingest()
                 if time.monotonic() >= next_scan:
-                    if len(self.inbox):  # what came during this turn counts before any deadline is judged
-                        self._held = self.inbox.take(self.cfg.batch, 0.0)
-                        claimed.extend(self.ingest())
-                    claimed.extend(self.claim_expired())
+                    claimed.extend(self.sweep())
                     next_scan = time.monotonic() + scan_s
                 if claimed:
                     self.decide_and_send(claimed, stop)
@@ -539,6 +536,16 @@ class Aggregator(BrokerService):
         frame = assemble(claim.frame_id, messages, claim.kind == "reclaimed", claim.requested)
         frame.nbytes = sum(len(p) for p in claim.payloads)
         return frame
+
+    def sweep(self) -> list[Frame]:
+        """The deadline scan: first store what reached the inbox during the loop's turn (one more
+        batch, feature answers first), so that an answer or a summary already received is never
+        judged missing because the loop was busy; then claim the frames past their deadlines."""
+        frames: list[Frame] = []
+        if len(self.inbox):
+            self._held.extend(self.inbox.take(self.cfg.batch, 0.0))
+            frames = self.ingest()
+        return frames + self.claim_expired()
 
     def claim_expired(self) -> list[Frame]:
         """Claim the frames past their deadline (or second deadline), and take over the claims

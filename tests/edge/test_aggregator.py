@@ -14,10 +14,12 @@ from pipeline.offline import evaluation
 from pipeline.wire import names
 from pipeline.wire.messages import (
     EXIT_NAMES,
+    CameraFeatures,
     CameraObservation,
     Decision,
     Escalation,
     FeatureTensor,
+    summary_of,
 )
 from tests.helpers import poll, wait_results
 
@@ -306,6 +308,30 @@ def test_a_slow_owner_after_a_takeover_changes_nothing(stream_setup, brokers, si
 
 def wire_msg(topic: str, payload: bytes):
     return SimpleNamespace(topic=topic, payload=payload, qos=0, mid=0)
+
+
+@pytest.mark.services
+def test_answers_received_before_the_deadline_sweep_are_not_judged_missing(stream_setup, brokers, site):
+    path, model, data, _, t2 = stream_setup
+    obs = observations(model, data, [0])[0]
+    cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, request_deadline_ms=20)
+    agg = Aggregator(cfg, model.edge, 0.0, t2)  # T1 = 0: no exit 1, every frame's features are asked for
+    agg.connect()
+    try:
+        sums = [summary_of(CameraObservation(site, 0, o.camera, o.captured_at, o.prediction, o.entropy, o.features))
+                for o in obs]
+        (frame,) = agg.handle([wire_msg(names.obs_topic(site, s.camera), s.encode()) for s in sums])
+        assert frame.wanted == (0, 1, 2, 3, 4, 5) and not frame.requested
+        agg.request_features([frame])
+        for o in obs:  # every answer reaches the inbox while the loop is busy elsewhere ...
+            agg.inbox.put(wire_msg(names.features_topic(site, o.camera),
+                                   CameraFeatures(site, 0, o.camera, o.features).encode()), 0)
+        time.sleep(0.1)  # ... until after the second deadline (20 ms)
+        (frame,) = agg.sweep()
+        assert frame.requested and frame.present == (0, 1, 2, 3, 4, 5) and frame.missing == ()
+        assert agg.claim_expired() == [] and len(agg.inbox) == 0
+    finally:
+        agg.close()
 
 
 @pytest.mark.services
