@@ -292,6 +292,12 @@ def _first_best(points: list[dict], ok, key) -> dict | None:
     return best
 
 
+def check_fraction(name: str, value: float) -> None:
+    """ValueError naming `name` unless `value` is a fraction in 0..1 (a policy's floors and rates)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} is a fraction in 0..1, got {value}")
+
+
 def select_thresholds(
     points: list[dict],
     policy: str = DEFAULT_POLICY,
@@ -320,8 +326,7 @@ def select_thresholds(
                    ties to the higher overall (always reachable: T = 0 is cloud-only)."""
     if not points:
         raise ValueError("no sweep points to choose from")
-    if not 0.0 <= min_exit1_rate <= 1.0:
-        raise ValueError(f"min_exit1_rate is a fraction in 0..1, got {min_exit1_rate}")
+    check_fraction("min_exit1_rate", min_exit1_rate)
     has_cams = points[0]["t1"] is not None
     if policy == "exit1-first":
         if cloud_only is None:

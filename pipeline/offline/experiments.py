@@ -298,8 +298,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.draws < 1:
         raise ValueError(f"--draws must be at least 1, got {args.draws}")
     for name in ("min_edge_accuracy", "min_edge_rate", "min_exit1_rate"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
+        evaluation.check_fraction(f"--{name.replace('_', '-')}", getattr(args, name))
     set_threads(args.threads)
     device = str(resolve_device(args.device))
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else []) \
@@ -318,7 +317,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report, optimistic, run = evaluate_checkpoint(
             ckpt, data_by_val[val_size], wire_dtype=wire, policy=args.policy, min_edge_accuracy=args.min_edge_accuracy,
             min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, min_exit1_rate=args.min_exit1_rate,
-            limit=args.limit, draws=args.draws, seed=args.seed, bytes_sample=args.bytes_sample, device=device, batch_size=args.batch_size)
+            limit=args.limit, draws=args.draws, seed=args.seed, bytes_sample=args.bytes_sample, device=device,
+            batch_size=args.batch_size)
         folder = os.path.join(args.out, sub)
         write_json(os.path.join(folder, "report.json"), report, indent=1)
         write_json(os.path.join(folder, "optimistic.json"), optimistic, indent=1)

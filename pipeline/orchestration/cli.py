@@ -87,11 +87,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import load_card
+    from pipeline.offline.evaluation import check_fraction
     from pipeline.offline.train import retune
 
     for name in ("min_edge_accuracy", "min_exit1_rate"):  # before minutes of loading and inference
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} is a fraction in 0..1, got {getattr(args, name)}")
+        check_fraction(f"--{name.replace('_', '-')}", getattr(args, name))
     card = load_card(args.checkpoint)
     data = load_data(args, int((card.get("train_config") or {}).get("val_size", 5000)))
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
