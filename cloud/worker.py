@@ -35,7 +35,7 @@ import argparse
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -66,17 +66,17 @@ ALL_SITES = "*"  # --sites: every site in the registry (`names.sites_key()`)
 class CloudConfig(BrokerRoleConfig):
     """One cloud worker (site, brokers and checkpoint as in `BrokerRoleConfig`)."""
 
-    batch: int = 64  # escalations per forward pass at most
-    wait_ms: int = 10  # after the first entry of a batch, wait at most this long (ms) for more
+    batch: int = field(default=64, metadata={"min": 1})  # escalations per forward pass at most
+    wait_ms: int = field(default=10, metadata={"min": 0})  # after the first entry of a batch, wait at most this long (ms) for more
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    claim_idle_ms: int = 30_000  # an entry pending this long (ms) belongs to a dead worker and is reclaimed
-    claim_interval_s: float = 5.0  # how often (s) to look for such entries
-    decided_ttl_s: int = 3600  # result markers: how long (s) a frame refuses a second result
-    results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
+    threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
+    claim_idle_ms: int = field(default=30_000, metadata={"min": 1})  # an entry pending this long (ms) belongs to a dead worker and is reclaimed
+    claim_interval_s: float = field(default=5.0, metadata={"above": 0})  # how often (s) to look for such entries
+    decided_ttl_s: int = field(default=3600, metadata={"min": 1})  # result markers: how long (s) a frame refuses a second result
+    results_maxlen: int = field(default=1_000_000, metadata={"min": 1})  # results kept in the results stream (approximate trim)
     service_id: str = ""  # consumer name; "" = generated
     group: str = names.CLOUD_GROUP  # Redis consumer group the workers share
-    max_deliveries: int = 5  # an escalation reclaimed after this many deliveries goes to the dead letters
+    max_deliveries: int = field(default=5, metadata={"min": 1})  # an escalation reclaimed after this many deliveries goes to the dead letters
     sites: str = ""  # the sites this worker serves, comma-separated, or * for every site an edge announced (looked up again every --claim-interval-s); "" = --site alone
     site_mqtt: str = ""  # brokers of their own for some sites' results: site=mqtt://host:port,...; the others' go to --mqtt-url
 
@@ -89,13 +89,6 @@ class CloudConfig(BrokerRoleConfig):
             for one in filter(None, listed):
                 names.check_site(one)
         self.mqtt_urls()
-        for name, ok in (("batch", self.batch >= 1), ("wait_ms", self.wait_ms >= 0),
-                         ("claim_idle_ms", self.claim_idle_ms >= 1), ("max_deliveries", self.max_deliveries >= 1),
-                         ("claim_interval_s", self.claim_interval_s > 0), ("decided_ttl_s", self.decided_ttl_s >= 1),
-                         ("results_maxlen", self.results_maxlen >= 1), ("threads", self.threads >= 0)):
-            if not ok:
-                raise ValueError(f"{name} out of range, got {getattr(self, name)} (wait_ms, threads: >= 0; "
-                                 "claim_interval_s: > 0; the others: >= 1)")
 
     def site_list(self) -> list[str]:
         """The sites named by --sites (none for *), else --site."""

@@ -66,11 +66,11 @@ from pipeline.data import SPLITS, Split, load_cifar10, to_float
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CameraError, ConnectError, MessageError
 from pipeline.layers import forward_rows
-from pipeline.settings import DEFAULT_MQTT_URL, add_command, config_from_args, printed
+from pipeline.settings import DEFAULT_MQTT_URL, add_command, check_fields, config_from_args, printed
 from pipeline.throttle import Throttle
 from pipeline.transport.metrics import RoleMetrics, Sample, sample
 from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
-from pipeline.transport.service import check_metrics_port, serve
+from pipeline.transport.service import serve
 from pipeline.wire import names
 from pipeline.wire.control import MAX_SHED_IDS, ShedNotice, SiteClock
 from pipeline.wire.messages import (
@@ -104,45 +104,36 @@ class CameraConfig:
     checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this camera's part
     data: str = field(default_factory=default_data_dir)  # folder holding cifar-10-batches-py/
     split: str = field(default="test", metadata={"choices": SPLITS})  # which CIFAR-10 split the feed replays
-    start: int = 0  # first frame (index into the split)
-    stop: int = 0  # one past the last frame; 0 = the end of the split
-    fps: float = 0.0  # frames per second; 0 = as fast as possible
+    start: int = field(default=0, metadata={"min": 0})  # first frame (index into the split)
+    stop: int = field(default=0, metadata={"min": 0})  # one past the last frame; 0 = the end of the split
+    fps: float = field(default=0.0, metadata={"min": 0})  # frames per second; 0 = as fast as possible
     wire_dtype: str = field(default=MODEL_WIRE_DTYPE, metadata={"choices": (MODEL_WIRE_DTYPE, *DTYPES)})  # code of the features on the wire; model = the one the checkpoint was trained for (int8 if none)
-    batch: int = 64  # frames per forward pass at fps 0
+    batch: int = field(default=64, metadata={"min": 1})  # frames per forward pass at fps 0
     device: str = "cpu"  # cpu, cuda or auto, for the camera modules
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
     labels: bool = True  # attach the ground truth (replays score accuracy with it)
-    cameras: tuple[int, ...] = field(default=(0,), metadata={"flags": ["--cameras", "--cams"]})  # camera ids this process runs, comma-separated
-    max_lag_ms: int = 200  # at a set fps, a frame due longer ago than this (ms) is shed instead of sent late (the edge would have decided it)
-    shed_lag_ms: int = 2000  # overload: an aggregator reports observations reaching it this late (ms); 0 = never
-    metrics_port: int = 0  # serve Prometheus /metrics on this TCP port; 0 = off
+    cameras: tuple[int, ...] = field(default=(0,), metadata={"flags": ["--cameras", "--cams"], "min": 0})  # camera ids this process runs, comma-separated
+    max_lag_ms: int = field(default=200, metadata={"min": 1})  # at a set fps, a frame due longer ago than this (ms) is shed instead of sent late (the edge would have decided it)
+    shed_lag_ms: int = field(default=2000, metadata={"min": 0})  # overload: an aggregator reports observations reaching it this late (ms); 0 = never
+    metrics_port: int = field(default=0, metadata={"min": 0, "max": 65535})  # serve Prometheus /metrics on this TCP port; 0 = off
     metrics_host: str = "127.0.0.1"  # address /metrics listens on (0.0.0.0: a scraper on another host)
     overload: str = field(default="shed", metadata={"choices": ("shed", "wait")})  # under overload (and when behind schedule): shed frames, named; or wait (lossless, for replays and benchmarks)
     upload: str = field(default="auto", metadata={"choices": UPLOADS})  # lazy: a summary per frame, the features only when the edge asks; eager: the features with every observation; auto: lazy for ADA-DDNN checkpoints, eager for DDNN (no camera classifiers)
-    feature_cache: int = 4096  # lazy upload: frames whose encoded features each camera keeps for the edge's requests, at most
-    feature_ttl_ms: int = 10_000  # lazy upload: how long (ms) a camera keeps a frame's features; keep it above the edge's deadline + request deadline + its lag
-    linger_ms: int = 2000  # lazy upload: after the last frame, keep answering requests until none came for this long (ms)
-    resend_ms: int = 10_000  # after a reconnect, publish again what the broker acknowledged this long (ms) before the connection was lost: a broker that crashed lost what it had not saved (keep it above Mosquitto's autosave_interval); 0 = off
+    feature_cache: int = field(default=4096, metadata={"min": 1})  # lazy upload: frames whose encoded features each camera keeps for the edge's requests, at most
+    feature_ttl_ms: int = field(default=10_000, metadata={"min": 1})  # lazy upload: how long (ms) a camera keeps a frame's features; keep it above the edge's deadline + request deadline + its lag
+    linger_ms: int = field(default=2000, metadata={"min": 0})  # lazy upload: after the last frame, keep answering requests until none came for this long (ms)
+    resend_ms: int = field(default=10_000, metadata={"min": 0})  # after a reconnect, publish again what the broker acknowledged this long (ms) before the connection was lost: a broker that crashed lost what it had not saved (keep it above Mosquitto's autosave_interval); 0 = off
 
     def __post_init__(self) -> None:
+        check_fields(self)  # choices and ranges, as declared on the fields
         names.check_site(self.site)
-        if self.wire_dtype not in (MODEL_WIRE_DTYPE, *DTYPES):
-            raise ValueError(f"wire_dtype must be {MODEL_WIRE_DTYPE!r} or one of {tuple(DTYPES)}, got {self.wire_dtype!r}")
-        if self.fps < 0 or self.batch < 1 or self.start < 0 or (self.stop and self.stop <= self.start):
-            raise ValueError("need fps >= 0, batch >= 1 and 0 <= start < stop (stop 0 = end)")
+        if self.stop and self.stop <= self.start:
+            raise ValueError(f"stop must be above start (or 0: the end of the split), got start {self.start}, "
+                             f"stop {self.stop}")
         if not self.cameras:
             raise ValueError("no camera to run")
-        if any(k < 0 for k in self.cameras) or len(set(self.cameras)) != len(self.cameras):
+        if len(set(self.cameras)) != len(self.cameras):
             raise ValueError(f"camera ids are 0 or more, each once, got {list(self.cameras)}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
-        if self.max_lag_ms < 1 or self.shed_lag_ms < 0 or self.overload not in ("shed", "wait"):
-            raise ValueError("need max_lag_ms >= 1, shed_lag_ms >= 0 and overload 'shed' or 'wait'")
-        if self.upload not in UPLOADS:
-            raise ValueError(f"upload must be one of {UPLOADS}, got {self.upload!r}")
-        if self.feature_cache < 1 or self.feature_ttl_ms < 1 or self.linger_ms < 0 or self.resend_ms < 0:
-            raise ValueError("need feature_cache >= 1, feature_ttl_ms >= 1, linger_ms >= 0 and resend_ms >= 0")
-        check_metrics_port(self.metrics_port)
 
 
 @dataclass

@@ -95,41 +95,29 @@ class EdgeConfig(BrokerRoleConfig):
 
     t1: float | None = None  # exit 1 threshold (normalized entropy); none = the model card's
     t2: float | None = None  # exit 2 threshold (normalized entropy); none = the model card's
-    expected: int = 0  # cameras per frame; 0 = the network's num_cameras
-    admit_window: int = 256  # frames an observation may be ahead of the second most advanced camera; 0 = no check
-    deadline_ms: int = 50  # after a frame's first observation, decide it this long (ms) later with the cameras that came
-    request_deadline_ms: int = 1000  # lazy upload: after asking the cameras for a frame's features, decide it this long (ms) later with the answers that came
+    expected: int = field(default=0, metadata={"min": 0})  # cameras per frame; 0 = the network's num_cameras
+    admit_window: int = field(default=256, metadata={"min": 0})  # frames an observation may be ahead of the second most advanced camera; 0 = no check
+    deadline_ms: int = field(default=50, metadata={"min": 1})  # after a frame's first observation, decide it this long (ms) later with the cameras that came
+    request_deadline_ms: int = field(default=1000, metadata={"min": 1})  # lazy upload: after asking the cameras for a frame's features, decide it this long (ms) later with the answers that came
     early_exit1: bool = True  # lazy upload: claim a frame as soon as one summary is under T1 (off: wait for every summary or the deadline, as offline evaluation with all cameras assumes)
-    scan_ms: int = 5  # how often (ms) to look for frames past their deadline
-    frame_ttl_s: int = 60  # an unclaimed frame hash expires after this (s; every aggregator dead)
-    decided_ttl_s: int = 3600  # how long (s) a decided frame refuses late observations (and markers live)
-    claim_lease_ms: int = 10_000  # a claimed frame not decided within this (ms) is taken over by another aggregator
-    escalation_maxlen: int = 10_000  # escalations waiting for the cloud; beyond, the edge waits
-    results_maxlen: int = 1_000_000  # results kept in the results stream (approximate trim)
+    scan_ms: int = field(default=5, metadata={"min": 1})  # how often (ms) to look for frames past their deadline
+    frame_ttl_s: int = field(default=60, metadata={"min": 1})  # an unclaimed frame hash expires after this (s; every aggregator dead)
+    decided_ttl_s: int = field(default=3600, metadata={"min": 1})  # how long (s) a decided frame refuses late observations (and markers live)
+    claim_lease_ms: int = field(default=10_000, metadata={"min": 1})  # a claimed frame not decided within this (ms) is taken over by another aggregator
+    escalation_maxlen: int = field(default=10_000, metadata={"min": 1})  # escalations waiting for the cloud; beyond, the edge waits
+    results_maxlen: int = field(default=1_000_000, metadata={"min": 1})  # results kept in the results stream (approximate trim)
     escalation_dtype: str = field(default="same", metadata={"choices": ("same", *DTYPES)})  # dtype of escalated features; same = the cameras'
-    batch: int = 256  # observations stored per Redis round trip at most
-    receive_maximum: int = 1024  # unacknowledged observations the broker may send this aggregator at once (MQTT v5)
-    session_expiry_s: int = 300  # with a stable --service-id, the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; a generated id always gets a clean session
-    claim_batch: int = 64  # frames claimed per deadline scan at most
+    batch: int = field(default=256, metadata={"min": 1})  # observations stored per Redis round trip at most
+    receive_maximum: int = field(default=1024, metadata={"min": 1, "max": 65535})  # unacknowledged observations the broker may send this aggregator at once (MQTT v5)
+    session_expiry_s: int = field(default=300, metadata={"min": 0})  # with a stable --service-id, the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; a generated id always gets a clean session
+    claim_batch: int = field(default=64, metadata={"min": 1})  # frames claimed per deadline scan at most
     device: str = "cpu"  # cpu, cuda or auto, for the edge block
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
     service_id: str = ""  # this aggregator's id; "" = generated
     share_group: str = names.SHARE_GROUP  # MQTT v5 shared-subscription group the aggregators share
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.escalation_dtype != "same" and self.escalation_dtype not in DTYPES:
-            raise ValueError(f"escalation_dtype must be 'same' or one of {tuple(DTYPES)}")
-        for name in ("deadline_ms", "request_deadline_ms", "scan_ms", "escalation_maxlen", "claim_lease_ms", "batch", "receive_maximum",
-                     "claim_batch", "frame_ttl_s", "decided_ttl_s", "results_maxlen"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name, ok in (("receive_maximum", 1 <= self.receive_maximum <= 65535),
-                         ("session_expiry_s", self.session_expiry_s >= 0), ("expected", self.expected >= 0),
-                         ("admit_window", self.admit_window >= 0), ("threads", self.threads >= 0)):
-            if not ok:
-                raise ValueError(f"{name} out of range, got {getattr(self, name)} "
-                                 "(receive_maximum: 1..65535 (MQTT v5); the others: >= 0)")
+        super().__post_init__()  # every field's choices and range, as declared on it
         check_thresholds(self.t1, self.t2)
         names.check_share_group(self.share_group)
 

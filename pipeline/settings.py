@@ -5,7 +5,10 @@ Each process role has a frozen dataclass. Its fields give the flags (`--deadline
 its trailing `# comment` gives the help text. Precedence: overrides > flags > env > the command's
 own defaults > the field's default.
 Field metadata: `help` (replaces the comment), `choices` (allowed values), `flags` (flag names
-instead of the derived one), `cli` (False: env only). Part of the base: it knows no role.
+instead of the derived one), `cli` (False: env only), and the allowed range: `min` and `max`
+(inclusive) or `above` (exclusive), for a number or each item of a tuple; --help shows it and
+`check_fields` (each config's `__post_init__`) enforces it with choices, whatever built the
+instance. Part of the base: it knows no role.
 """
 
 from __future__ import annotations
@@ -85,6 +88,46 @@ def field_comments(cls: type) -> dict[str, str]:
     comments = {name: text for name, text in comments.items() if name in fields}
     comments.update({n: f.metadata["help"] for n, f in fields.items() if "help" in f.metadata})
     return comments
+
+
+def range_text(metadata: typing.Mapping[str, Any]) -> str:
+    """The range a field's metadata allows, as --help and errors say it ("" when none)."""
+    low, high, above = metadata.get("min"), metadata.get("max"), metadata.get("above")
+    if low is not None and high is not None:
+        return f"{low}..{high}"
+    parts = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
+             f"<= {high}" if high is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def _in_range(metadata: typing.Mapping[str, Any], value: Any) -> bool:
+    low, high, above = metadata.get("min"), metadata.get("max"), metadata.get("above")
+    return ((low is None or value >= low) and (high is None or value <= high)
+            and (above is None or value > above))
+
+
+def check_fields(obj: Any) -> None:
+    """Each field of the dataclass instance `obj` within its declared choices and range (metadata
+    `choices`, `min`, `max`, `above`; None passes, as does each item of a tuple that does): a
+    ValueError naming the field, the range and the value otherwise. Every config's
+    `__post_init__` calls it first, so a config built in code is held to what the flags are."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        choices = f.metadata.get("choices")
+        if choices is not None and any(v not in choices for v in items):
+            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        allowed = range_text(f.metadata)
+        if not allowed:
+            continue
+        each = "each " if isinstance(value, tuple) else ""
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise ValueError(f"{f.name} must be {each}a number {allowed}, got {value!r}")
+        if not all(_in_range(f.metadata, v) for v in items):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ValueError(f"{f.name} must be {each}{allowed}, got {shown}")
 
 
 def _parse_bool(raw: str) -> bool:
@@ -233,6 +276,8 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         default = defaults.get(name, _default(field))
         required = default is dataclasses.MISSING and env_name(name) not in os.environ
         tail = "required" if required else f"default {_shown_default(cls, name, default)}"
+        allowed = range_text(field.metadata)
+        tail = f"{allowed}; {tail}" if allowed else tail
         help_text = f"{comments.get(name, '')} (env {env_name(name)}; {tail})".lstrip().replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
         if required:

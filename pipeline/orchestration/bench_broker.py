@@ -55,6 +55,7 @@ from pipeline.orchestration.bench_stream import (
 )
 from pipeline.orchestration.loadgen import write_templates
 from pipeline.orchestration.roles import stop_all
+from pipeline.settings import check_fields
 from pipeline.transport.embedded import docker_answers, embedded_services, free_port, image_present, wait_for_port
 from pipeline.transport.redis_client import redis_client
 
@@ -83,17 +84,16 @@ class BrokerBenchConfig:
     data: str = field(default_factory=default_data_dir)  # folder holding cifar-10-batches-py/
     image: str = DEFAULT_IMAGE  # Mosquitto image (scripts/docker-engine.sh builds ada-ddnn/mosquitto:local; eclipse-mosquitto:2 works too)
     configs: tuple[str, ...] = tuple(CONFIGS)  # broker configurations to measure, in this order
-    messages: int = 10_000  # QoS 1 messages of the raw publisher -> subscriber run
-    rate: int = 300  # frames/s offered to the edge (x6 observations/s): near this machine's edge capacity
-    seconds: float = 6.0  # how long the rate is offered
-    templates: int = 256  # distinct real observations (test frames) the load generator cycles through
+    messages: int = field(default=10_000, metadata={"min": 1})  # QoS 1 messages of the raw publisher -> subscriber run
+    rate: int = field(default=300, metadata={"min": 1})  # frames/s offered to the edge (x6 observations/s): near this machine's edge capacity
+    seconds: float = field(default=6.0, metadata={"above": 0})  # how long the rate is offered
+    templates: int = field(default=256, metadata={"min": 1})  # distinct real observations (test frames) the load generator cycles through
 
     def __post_init__(self) -> None:
+        check_fields(self)  # ranges, as declared on the fields
         unknown = [c for c in self.configs if c not in CONFIGS]
         if unknown:
             raise ValueError(f"unknown broker configurations {unknown}; known: {list(CONFIGS)}")
-        if self.messages < 1 or self.rate < 1 or self.seconds <= 0 or self.templates < 1:
-            raise ValueError("messages, rate, seconds and templates must be positive")
 
 
 def _docker(*args: str, timeout: float = 60) -> str:

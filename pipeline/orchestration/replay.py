@@ -70,11 +70,10 @@ from pipeline.orchestration.replay_report import (
 )
 from pipeline.orchestration.roles import RoleProcess, start_role, stop_all, wait_alive
 from pipeline.orchestration.status import RETAINED_QUIET_S
-from pipeline.settings import add_command, config_from_args, printed
+from pipeline.settings import add_command, check_fields, config_from_args, printed
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.transport.redis_client import redis_client
-from pipeline.transport.service import check_metrics_port
 from pipeline.wire import names
 from pipeline.wire.messages import DTYPES, EXIT_NAMES
 
@@ -89,57 +88,44 @@ class ReplayConfig:
     checkpoint: str = "models/ada.safetensors"  # weights (.safetensors); its model card gives the thresholds
     data: str = field(default_factory=default_data_dir)  # folder holding cifar-10-batches-py/
     split: str = field(default="test", metadata={"choices": SPLITS})  # which CIFAR-10 split the cameras replay
-    start: int = 0  # first frame of the split
-    n: int = 1000  # frames to replay; 0 = to the end of the split
-    fps: float = 0.0  # frames per second; 0 = as fast as possible
+    start: int = field(default=0, metadata={"min": 0})  # first frame of the split
+    n: int = field(default=1000, metadata={"min": 0})  # frames to replay; 0 = to the end of the split
+    fps: float = field(default=0.0, metadata={"min": 0})  # frames per second; 0 = as fast as possible
     wire_dtype: str = field(default=MODEL_WIRE_DTYPE, metadata={"choices": (MODEL_WIRE_DTYPE, *DTYPES)})  # code of the features on the wire; model = the one the checkpoint was trained for (int8 if none)
     upload: str = field(default="auto", metadata={"choices": UPLOADS})  # the cameras' upload: lazy (summaries, features when the edge asks), eager (features always), auto (lazy for ADA-DDNN, eager for DDNN)
-    request_deadline_ms: int = 1000  # lazy upload: the edge decides a frame this long (ms) after asking for its features, with those that came
+    request_deadline_ms: int = field(default=1000, metadata={"min": 1})  # lazy upload: the edge decides a frame this long (ms) after asking for its features, with those that came
     early_exit1: bool = True  # lazy upload: the edge claims a frame at its first summary under T1 (off: waits for all summaries or the deadline)
     t1: float | None = None  # exit 1 threshold; none = the model card's
     t2: float | None = None  # exit 2 threshold; none = the model card's
-    deadline_ms: int = 50  # edge deadline (ms) after a frame's first observation
-    aggregators: int = 1  # edge aggregators
-    workers: int = 1  # cloud workers
+    deadline_ms: int = field(default=50, metadata={"min": 1})  # edge deadline (ms) after a frame's first observation
+    aggregators: int = field(default=1, metadata={"min": 1})  # edge aggregators
+    workers: int = field(default=1, metadata={"min": 1})  # cloud workers
     mqtt_url: str | None = None  # Mosquitto, mqtt://host:port; none = start an embedded one
     redis_url: str | None = None  # Redis, redis://host:port/db, or a Redis Cluster, redis+cluster://host:port,host:port; none = start an embedded one
     site: str = ""  # site id; "" = a fresh replay-xxxxxxxx
-    window: int = 128  # frames in flight at most (cameras wait for results beyond it)
-    camera_batch: int = 64  # frames per camera forward pass
-    cloud_batch: int = 64  # escalations per cloud forward pass at most
-    cloud_wait_ms: int = 10  # the cloud waits at most this long (ms) to fill a batch
+    window: int = field(default=128, metadata={"min": 1})  # frames in flight at most (cameras wait for results beyond it)
+    camera_batch: int = field(default=64, metadata={"min": 1})  # frames per camera forward pass
+    cloud_batch: int = field(default=64, metadata={"min": 1})  # escalations per cloud forward pass at most
+    cloud_wait_ms: int = field(default=10, metadata={"min": 0})  # the cloud waits at most this long (ms) to fill a batch
     cloud_device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
-    silent: tuple[int, ...] = ()  # cameras that never publish (a dead camera), comma-separated
+    silent: tuple[int, ...] = field(default=(), metadata={"min": 0})  # cameras that never publish (a dead camera), comma-separated
     compare: bool = True  # also run offline evaluation of the same frames and compare
     progress: bool = True  # show a live progress bar
-    drain_timeout_s: float = 60.0  # after the cameras finish, wait this long (s) for the last results
+    drain_timeout_s: float = field(default=60.0, metadata={"min": 0})  # after the cameras finish, wait this long (s) for the last results
     keep_keys: bool = False  # leave the site's Redis keys for inspection
     processes: bool = True  # run cameras, aggregators and workers as separate processes (as deployed); no = threads of this process
-    overload_lag_ms: int = 300  # processes: the cameras hold back while an aggregator reports observations reaching it this late (ms)
-    threads: int = 1  # torch CPU threads; 1 because the roles already run in parallel threads (several OpenMP pools spinning against each other ran 50x slower on 2 cores)
-    sites: int = 1  # sites side by side, each with its own cameras, aggregators and (embedded) Mosquitto; the cloud workers serve them all
-    metrics_port: int = 0  # first of consecutive ports the roles serve Prometheus /metrics on (cloud workers, then aggregators, then cameras); 0 = off
+    overload_lag_ms: int = field(default=300, metadata={"min": 1})  # processes: the cameras hold back while an aggregator reports observations reaching it this late (ms)
+    threads: int = field(default=1, metadata={"min": 0})  # torch CPU threads; 1 because the roles already run in parallel threads (several OpenMP pools spinning against each other ran 50x slower on 2 cores)
+    sites: int = field(default=1, metadata={"min": 1})  # sites side by side, each with its own cameras, aggregators and (embedded) Mosquitto; the cloud workers serve them all
+    metrics_port: int = field(default=0, metadata={"min": 0, "max": 65535})  # first of consecutive ports the roles serve Prometheus /metrics on (cloud workers, then aggregators, then cameras); 0 = off
 
     def __post_init__(self) -> None:
-        if self.wire_dtype not in (MODEL_WIRE_DTYPE, *DTYPES):
-            raise ValueError(f"wire_dtype must be {MODEL_WIRE_DTYPE!r} or one of {tuple(DTYPES)}")
-        if self.aggregators < 1 or self.workers < 1 or self.window < 1 or self.n < 0 or self.sites < 1:
-            raise ValueError("need at least one aggregator, one worker, one site, window >= 1 and n >= 0")
-        if self.overload_lag_ms < 1:
-            raise ValueError("overload_lag_ms must be positive")
-        if self.fps < 0 or self.start < 0 or self.camera_batch < 1 or self.cloud_batch < 1 or self.deadline_ms < 1:
-            raise ValueError("need fps >= 0, start >= 0, camera_batch and cloud_batch >= 1, deadline_ms >= 1")
-        if self.upload not in UPLOADS or self.request_deadline_ms < 1:
-            raise ValueError(f"need upload in {UPLOADS} and request_deadline_ms >= 1")
+        check_fields(self)  # choices and ranges, as declared on the fields
         if self.site:
             names.check_site(self.site)
         check_thresholds(self.t1, self.t2)
-        if any(k < 0 for k in self.silent) or len(set(self.silent)) != len(self.silent):
+        if len(set(self.silent)) != len(self.silent):
             raise ValueError(f"silent: camera ids, 0 or more, each once, got {list(self.silent)}")
-        if not self.drain_timeout_s >= 0 or self.threads < 0:
-            raise ValueError(f"need drain_timeout_s >= 0 and threads >= 0, got {self.drain_timeout_s} and "
-                             f"{self.threads}")
-        check_metrics_port(self.metrics_port)
 
 
 def run_replay(cfg: ReplayConfig, data: Cifar10 | None = None, model: AdaDDNN | None = None) -> dict:

@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 import redis
 
 from pipeline.errors import ConnectError, MessageError
-from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, config_from_args, printed
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, check_fields, config_from_args, printed
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.transport.redis_client import alive, redis_client
 from pipeline.wire import names
@@ -49,13 +49,12 @@ class StatusConfig:
     site: str = "site0"  # site id: prefix of every topic and key
     mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
     redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://host:port/db or redis+cluster://host:port,...
-    window_s: float = 60.0  # decisions over this many seconds back give the rate and the exit mix
+    window_s: float = field(default=60.0, metadata={"above": 0})  # decisions over this many seconds back give the rate and the exit mix
     cloud_group: str = names.CLOUD_GROUP  # the cloud workers' consumer group
 
     def __post_init__(self) -> None:
+        check_fields(self)  # ranges, as declared on the fields
         names.check_site(self.site)
-        if not self.window_s > 0:
-            raise ValueError(f"window_s must be positive, got {self.window_s}")
 
 
 @dataclass

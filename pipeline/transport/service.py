@@ -14,13 +14,13 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from pipeline.errors import Terminated
-from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL
+from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, check_fields
 from pipeline.transport.metrics import RoleMetrics, Sample
 from pipeline.transport.mqtt_client import BACKOFF_MAX_S, BACKOFF_MIN_S, MqttClient
 from pipeline.transport.redis_client import Heartbeat
@@ -46,20 +46,13 @@ class BrokerRoleConfig:
     redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS); a Redis Cluster: redis+cluster://[user:password@]host:port,host:port (rediss+cluster:// for TLS)
     checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this role's part
 
-    heartbeat_s: float = 2.0  # seconds between heartbeats; three missed and the service counts as dead
-    metrics_port: int = 0  # serve Prometheus /metrics on this TCP port; 0 = off
+    heartbeat_s: float = field(default=2.0, metadata={"above": 0})  # seconds between heartbeats; three missed and the service counts as dead
+    metrics_port: int = field(default=0, metadata={"min": 0, "max": 65535})  # serve Prometheus /metrics on this TCP port; 0 = off
     metrics_host: str = "127.0.0.1"  # address /metrics listens on (0.0.0.0: a scraper on another host)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # ranges, as declared on the fields
         names.check_site(self.site)
-        if not self.heartbeat_s > 0:
-            raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
-        check_metrics_port(self.metrics_port)
-
-
-def check_metrics_port(port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"metrics_port must be 0 (off) or a TCP port, got {port}")
 
 
 def stop_on_signals(stop: threading.Event) -> dict[str, int | None]:

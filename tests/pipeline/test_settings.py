@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -15,6 +16,7 @@ from pipeline import settings
 from pipeline.settings import (
     SettingsError,
     add_config_args,
+    check_fields,
     config_dict,
     config_from_args,
     config_from_env,
@@ -61,6 +63,21 @@ class Required:
     run_id: str  # id of the run
 
 
+@dataclass(frozen=True)
+class Bounded:
+    """A config whose fields declare their ranges, checked by `check_fields` in __post_init__."""
+
+    deadline_ms: int = field(default=50, metadata={"min": 1})  # deadline
+    port: int = field(default=0, metadata={"min": 0, "max": 65535})  # a TCP port; 0 = off
+    heartbeat_s: float = field(default=2.0, metadata={"above": 0})  # seconds between beats
+    cameras: tuple[int, ...] = field(default=(0, 1), metadata={"min": 0})  # camera ids
+    t: float | None = field(default=None, metadata={"min": 0, "max": 1})  # none = the card's
+    mode: str = field(default="a", metadata={"choices": ("a", "b")})  # a or b
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 def _parser(cls: type = EdgeConfig, **kwargs) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t")
     add_config_args(parser, cls, **kwargs)
@@ -74,7 +91,7 @@ def _from_flags(argv: list[str], cls: type = EdgeConfig, **kwargs) -> object:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     """No ADA_DDNN_* variable of the test configs leaks in from the machine's environment."""
-    for cls in (EdgeConfig, Odd, Required):
+    for cls in (EdgeConfig, Odd, Required, Bounded):
         for f in dataclasses.fields(cls):
             monkeypatch.delenv(env_name(f.name), raising=False)
 
@@ -341,3 +358,40 @@ def test_config_dict_is_json_ready():
 def test_default_urls():
     assert settings.DEFAULT_MQTT_URL == "mqtt://127.0.0.1:1883"
     assert settings.DEFAULT_REDIS_URL == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"deadline_ms": 0}, "deadline_ms must be >= 1, got 0"),
+    ({"port": 70000}, "port must be 0..65535, got 70000"),
+    ({"port": -1}, "port must be 0..65535, got -1"),
+    ({"heartbeat_s": 0.0}, "heartbeat_s must be > 0, got 0.0"),
+    ({"heartbeat_s": float("nan")}, "heartbeat_s must be > 0, got nan"),
+    ({"cameras": (0, -2)}, "cameras must be each >= 0, got 0,-2"),
+    ({"t": 1.5}, "t must be 0..1, got 1.5"),
+    ({"mode": "c"}, "mode must be one of 'a', 'b', got 'c'"),
+    ({"deadline_ms": "50"}, "deadline_ms must be a number >= 1, got '50'"),  # a str where a number belongs
+])
+def test_check_fields_names_the_field_its_range_and_the_value(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Bounded(**changes)
+
+
+def test_check_fields_accepts_the_bounds_and_none():
+    Bounded(deadline_ms=1, port=65535, heartbeat_s=1e-9, cameras=(), t=None)
+    Bounded(port=0, t=0.0, mode="b")
+
+
+def test_a_value_out_of_range_from_env_or_flags_fails_alike(monkeypatch):
+    monkeypatch.setenv("ADA_DDNN_PORT", "99999")
+    with pytest.raises(ValueError, match="port must be 0..65535, got 99999"):
+        config_from_env(Bounded)
+    monkeypatch.delenv("ADA_DDNN_PORT")
+    with pytest.raises(ValueError, match="deadline_ms must be >= 1, got 0"):
+        _from_flags(["--deadline-ms", "0"], Bounded)
+
+
+def test_help_text_shows_the_range():
+    text = " ".join(_parser(Bounded).format_help().split())
+    assert "(env ADA_DDNN_PORT; 0..65535; default 0)" in text
+    assert "(env ADA_DDNN_DEADLINE_MS; >= 1; default 50)" in text
+    assert "(env ADA_DDNN_HEARTBEAT_S; > 0; default 2.0)" in text
