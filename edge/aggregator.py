@@ -87,6 +87,7 @@ FLOW_INTERVAL_S = 0.1  # how often the aggregator tells the cameras its lag
 CLOCK_AHEAD_S = 5.0  # an observation captured further ahead of the edge's clock than this has a wrong capture time
 SKEW_LOG_S = 60.0  # name a camera whose clock is wrong at most this often
 MISSING_LOG_S = 5.0  # report frames decided without some cameras' features at most this often
+SHED_LOG_S = 1.0  # log a shed notice at most this often (each is counted and listed in the losses)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ class Aggregator(BrokerService):
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
         self._skew_log = Throttle(SKEW_LOG_S)  # by camera: its wrong clock named at most once a period
         self._missing_log = Throttle(MISSING_LOG_S)  # frames decided without some features: a line per period
+        self._shed_log = Throttle(SHED_LOG_S)  # shed notices: a line per period
         self._missing_frames = 0  # such frames since then
         # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
         # Redis and need no second decode (bounded; a miss just decodes again).
@@ -441,9 +443,15 @@ class Aggregator(BrokerService):
         if notice.site != self.cfg.site or msg.topic != names.shed_topic(notice.site, notice.camera):
             raise AggregationError(self.cfg.site, None, f"shed notice of site {notice.site!r} on topic {msg.topic}",
                                    camera=notice.camera)
-        log.warning("site %r camera %d shed %d frames (%s), %d..%d", notice.site, notice.camera,
-                    len(notice.frame_ids), notice.reason, min(notice.frame_ids), max(notice.frame_ids))
-        return [(f, notice.camera, "camera", notice.reason) for f in notice.frame_ids]
+        if notice.camera >= self.net.num_cameras:
+            raise AggregationError(self.cfg.site, notice.frame_ids[0], "shed notice of a camera beyond the network's "
+                                   f"{self.net.num_cameras} cameras", camera=notice.camera)
+        frame_ids = sorted(set(notice.frame_ids))  # each frame once: a repeated id is one loss, not many
+        if self._shed_log():
+            log.warning("site %r camera %d shed %d frames (%s), %d..%d; %d camera views shed so far (one such line "
+                        "a second at most)", notice.site, notice.camera, len(frame_ids), notice.reason, frame_ids[0],
+                        frame_ids[-1], self.stats.shed + len(frame_ids))
+        return [(f, notice.camera, "camera", notice.reason) for f in frame_ids]
 
     def _plausible_lags(self, observations: list[CameraObservation | CameraSummary], now: float) -> list[float]:
         """Capture -> stored delays (ms) of `observations` for the flow status, without those whose

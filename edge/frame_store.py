@@ -106,21 +106,19 @@ end
 # Bytes stored are counted in observation_bytes or summary_bytes, and those of a late one in late_bytes;
 # a summary after its frame left at exit 1 on a confident summary (claim marker "<owner> exit1") is
 # expected, not late: it counts in summary_bytes, camera_bytes_exit1 and summaries_after_exit1.
-# Admission: each camera's front (the highest frame id it sent) is kept in a hash; an observation
-# whose id is more than the window beyond the second most advanced camera's front (the only
-# one's, while a single camera has reported) is refused as 'ahead', so that no camera alone can
-# claim, and so decide, frames that the others have not captured yet.
+# Admission: each camera's front (the highest frame id it sent and the edge admitted) is kept in a
+# hash; an observation whose id is more than the window beyond the second most advanced camera's
+# front, counting its own (the only one's, while a single camera has reported), is refused as
+# 'ahead', so that no camera alone can claim, and so decide, frames that the others have not
+# captured yet. A refused id does not move its camera's front (else two forged ids, on two
+# cameras, would move the window for good).
 ADD_OBSERVATION = """
 local window = tonumber(ARGV[10])
 if window > 0 then
   local id = tonumber(ARGV[6])
-  local mine = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '-1')
-  if id > mine then
-    redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
-  end
-  local first, second, n = -1, -1, 0
-  for _, v in ipairs(redis.call('HVALS', KEYS[7])) do
-    local x = tonumber(v)
+  local fronts = redis.call('HGETALL', KEYS[7])
+  local mine, first, second, n = -1, -1, -1, 0
+  local function rank(x)
     n = n + 1
     if x > first then
       second = first
@@ -129,6 +127,14 @@ if window > 0 then
       second = x
     end
   end
+  for i = 1, #fronts, 2 do
+    if fronts[i] == ARGV[1] then
+      mine = tonumber(fronts[i + 1])
+    else
+      rank(tonumber(fronts[i + 1]))
+    end
+  end
+  rank(math.max(mine, id))
   local base = first
   if n >= 2 then
     base = second
@@ -136,6 +142,9 @@ if window > 0 then
   if id > base + window then
     redis.call('HINCRBY', KEYS[4], 'ahead', 1)
     return {'ahead'}
+  end
+  if id > mine then
+    redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
   end
 end
 local claim = redis.call('GET', KEYS[2])

@@ -357,20 +357,43 @@ def test_no_camera_alone_can_run_ahead_of_the_others(stream_setup, brokers, site
 
 
 @pytest.mark.services
+def test_refused_ids_do_not_move_the_admission_window(stream_setup, brokers, site, redis_conn):
+    # Two forged far-ahead ids on two cameras: each is refused, and neither becomes its camera's
+    # front (else the second, with the first as "second most advanced", would be admitted).
+    _, model, data, _, _ = stream_setup
+    obs = observations(model, data, [0])[0]
+    agg = make(stream_setup, brokers, site, admit_window=100, deadline_ms=60_000)
+    try:
+        agg.handle([msg(obs[0], site), msg(obs[1], site)])  # cameras 0 and 1 reached frame 0
+        far = 1 << 62
+        for k in (2, 3, 2, 3):
+            o = obs[k]
+            forged = CameraObservation(site, far, k, 1.0, o.prediction, o.entropy, o.features, o.label)
+            assert agg.handle([wire_msg(names.obs_topic(site, k), forged.encode())]) == []
+        assert agg.stats.ahead == 4 and not redis_conn.exists(names.frame_key(site, far))
+        assert sorted(redis_conn.hkeys(names.front_key(site))) == [b"0", b"1"]
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
 def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_conn):
     from pipeline.wire.control import ShedNotice
 
     agg = make(stream_setup, brokers, site)
     try:
-        notice = ShedNotice(site, 3, (10, 11, 12), "overload", 1.0)
+        notice = ShedNotice(site, 3, (10, 12, 11, 12, 12), "overload", 1.0)  # a repeated id is one loss
         forged = ShedNotice(site, 4, (13,), "overload", 1.0)  # camera 4's notice on camera 3's topic
+        beyond = ShedNotice(site, 9, (14,), "overload", 1.0)  # a camera the six-camera network does not have
         agg.handle([wire_msg(names.shed_topic(site, 3), notice.encode()),
-                    wire_msg(names.shed_topic(site, 3), forged.encode())])
+                    wire_msg(names.shed_topic(site, 3), forged.encode()),
+                    wire_msg(names.shed_topic(site, 9), beyond.encode())])
         losses = [(int(f[b"frame"]), int(f[b"camera"]), f[b"why"]) for _, f in
                   redis_conn.xrange(names.losses_stream(site))]
         assert losses == [(10, 3, b"overload"), (11, 3, b"overload"), (12, 3, b"overload")]
         assert int(redis_conn.hget(names.counters_key(site), "shed")) == 3
-        assert redis_conn.xlen(names.deadletter_stream(site)) == 1  # the forged notice
+        letters = [f[b"reason"] for _, f in redis_conn.xrange(names.deadletter_stream(site))]
+        assert len(letters) == 2 and b"beyond the network's 6 cameras" in letters[1]
     finally:
         agg.close()
 
