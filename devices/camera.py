@@ -89,6 +89,7 @@ RATE_REPORT_S = 5.0  # how often a paced camera process reports its achieved rat
 OVERLOAD_POLL_S = 0.01  # how often a camera held back by an overloaded edge looks again
 CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announcing one
 CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera can join in time
+CLOCK_AHEAD_MAX_S = 5.0  # a retained site clock starting further ahead than this is not joined (a camera's clock is wrong)
 PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
 MAX_BACKLOG = 4096  # at full speed, observations in flight (unacknowledged) before the feed waits for the broker
 UPLOADS = ("auto", "lazy", "eager")
@@ -232,6 +233,7 @@ class CameraFeed:
                        site=site),
                sample("ada_camera_request_misses", st.request_misses, site=site)]
         out.append(sample("ada_camera_resent", sum(c.resent for c in self.clients.values()), site=site))
+        out.append(sample("ada_camera_control_ignored", self.signals.refused, site=site))
         out += [sample("ada_frames_shed", n, site=site,
                         reason=r) for r, n in dict(st.shed).items()]
         clients = list(self.clients.values())
@@ -319,6 +321,12 @@ class CameraFeed:
         cfg = self.cfg
         self.signals.clock_seen.wait(CLOCK_WAIT_S)  # a retained clock arrives right after subscribing
         c = self.signals.clock
+        if c is not None and c.epoch > time.time() + CLOCK_AHEAD_MAX_S:
+            log.warning("site %r cameras %s: the site clock retained on %s starts %.4g s ahead of this camera's clock; "
+                        "not joining it (is the clock of the camera that announced it, or of this one, set?): "
+                        "announcing a new one", cfg.site, list(cfg.cameras), names.clock_topic(cfg.site),
+                        c.epoch - time.time())
+            c = None
         if c is not None and c.fps == cfg.fps and cfg.start < c.stop and c.at(self.stop_at) > time.time():
             return c  # a run this camera's frames belong to, still going: join it (frames missed are shed)
         mine = SiteClock(cfg.site, time.time() + CLOCK_LEAD_S, cfg.fps, cfg.start, self.stop_at)
@@ -509,6 +517,9 @@ class CameraFeed:
         cfg = self.cfg
         clock = self.site_clock()
         i = cfg.start
+        if (wait_s := clock.at(i) - time.time()) > 1.0:
+            log.info("site %r cameras %s: frame %d is due in %.1f s on the site clock (%.4g fps from frame %d); waiting",
+                     cfg.site, list(cfg.cameras), i, wait_s, clock.fps, clock.start)
         report_at, report_frames = time.monotonic() + RATE_REPORT_S, 0
         while i < self.stop_at and not stop.is_set():
             now = time.time()

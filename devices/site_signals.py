@@ -11,12 +11,16 @@ import time
 import paho.mqtt.client as mqtt
 
 from pipeline.errors import MessageError
+from pipeline.throttle import Throttle
 from pipeline.wire import names
 from pipeline.wire.control import FlowStatus, SiteClock
 
 log = logging.getLogger(__name__)
 
 FLOW_STALE_S = 3.0  # an aggregator's flow status older than this is ignored (it stopped saying)
+FLOW_AHEAD_S = 5.0  # a flow status dated further ahead of this camera's clock is refused (a wrong clock would keep it fresh for ever)
+MAX_FLOW_SOURCES = 256  # aggregators whose flow statuses a camera keeps at most (a flood of ids must not grow the table)
+WARN_S = 10.0  # a refused control message is logged at most this often per kind (each one is counted)
 MIN_KEEP = 0.02  # under overload a camera still sends at least this share of its frames (so the edge's lag is measured)
 CUT, RAISE = 0.7, 1.15  # the kept share's factors at each flow status over the limit / under half of it
 
@@ -31,7 +35,9 @@ class SiteSignals:
         self.clock: SiteClock | None = None
         self.clock_seen = threading.Event()
         self.keep = 1.0  # share of frames sent under overload
+        self.refused = 0  # control messages ignored: malformed, dated ahead, or beyond MAX_FLOW_SOURCES
         self._credit, self._flow_seen, self._holding = 0.0, 0.0, False
+        self._warn = Throttle(WARN_S)
 
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
         if not msg.payload:  # a cleared retained message: that aggregator stopped
@@ -42,10 +48,30 @@ class SiteSignals:
                 self.clock = SiteClock.decode(msg.payload)
                 self.clock_seen.set()
             else:
-                status = FlowStatus.decode(msg.payload)
-                self.flow[status.by] = status
+                self._flow(FlowStatus.decode(msg.payload), msg.topic)
         except MessageError as err:
-            log.warning("site %r: ignoring a bad control message on %s: %s", self.site, msg.topic, err)
+            self._refuse("bad", f"ignoring a bad control message on {msg.topic}: {err}")
+
+    def _refuse(self, kind: str, why: str) -> None:
+        self.refused += 1
+        if self._warn(kind):
+            log.warning("site %r: %s (%d control messages ignored so far; one such line per %.0f s)", self.site, why,
+                        self.refused, WARN_S)
+
+    def _flow(self, status: FlowStatus, topic: str) -> None:
+        ahead = status.at - time.time()
+        if ahead > FLOW_AHEAD_S:
+            self._refuse("ahead", f"ignoring the flow status of {status.by!r} on {topic}: dated {ahead:.4g} s ahead "
+                         "of this camera's clock (is that aggregator's or this camera's clock set?)")
+            return
+        if status.by not in self.flow and len(self.flow) >= MAX_FLOW_SOURCES:
+            stale = time.time() - FLOW_STALE_S
+            self.flow = {by: f for by, f in list(self.flow.items()) if f.at > stale}
+            if len(self.flow) >= MAX_FLOW_SOURCES:
+                self._refuse("full", f"ignoring the flow status of {status.by!r} on {topic}: {len(self.flow)} "
+                             "aggregators report already")
+                return
+        self.flow[status.by] = status
 
     def _fresh(self) -> list[FlowStatus]:
         return [f for f in list(self.flow.values()) if f.at > time.time() - FLOW_STALE_S]

@@ -103,6 +103,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_backlog": ("gauge", "messages or frames waiting"),
     "ada_backpressure_waits": ("counter", "waits for room in the escalation stream"),
     "ada_camera_bytes": ("counter", "encoded observation bytes published"),
+    "ada_camera_control_ignored": ("counter", "site clock and flow messages ignored: malformed, dated ahead, too many"),
     "ada_camera_feature_bytes": ("counter", "lazy upload: encoded feature answers published"),
     "ada_camera_feature_requests": ("counter", "lazy upload: feature requests naming these cameras"),
     "ada_camera_frames": ("counter", "frames captured (published or shed)"),

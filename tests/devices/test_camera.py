@@ -1,3 +1,4 @@
+import logging
 import threading
 import time
 
@@ -202,6 +203,33 @@ def test_a_camera_whose_range_follows_the_retained_run_starts_its_own(stream_set
     joining.signals.clock = SiteClock("s", now - 1.0, 2.0, 0, 4)
     joining.signals.clock_seen.set()
     assert joining.site_clock() == joining.signals.clock  # a camera of the running run joins it
+
+
+def test_a_retained_clock_dated_far_ahead_is_not_joined(stream_setup, caplog):
+    """A site clock starting ten days ahead (a camera whose clock was wrong announced it) would hold
+    every camera that joins it for ten days, silently: it is named and replaced."""
+    from pipeline.wire.control import SiteClock
+
+    _, model, data, _, _ = stream_setup
+    feed = CameraFeed(CameraConfig(site="s", cameras=(0,), start=0, stop=8, fps=2.0), {0: model.cameras[0]},
+                      data.test)
+    published = []
+
+    class Client:
+        def publish(self, topic, raw, qos=1, retain=False):
+            published.append(SiteClock.decode(raw))
+            feed.signals.clock = published[-1]
+            feed.signals.clock_seen.set()
+            return True
+
+    feed.clients = {0: Client()}
+    now = time.time()
+    feed.signals.clock = SiteClock("s", now + 10 * 86400, 2.0, 0, 8)
+    feed.signals.clock_seen.set()
+    with caplog.at_level(logging.WARNING, logger="devices.camera"):
+        clock = feed.site_clock()
+    assert published and clock == published[-1] and clock.epoch < now + 5
+    assert "starts 8.64e+05 s ahead of this camera's clock; not joining it" in caplog.text
 
 
 def test_upload_follows_the_network_and_ddnn_cannot_be_lazy():

@@ -1,13 +1,13 @@
 import time
 from types import SimpleNamespace
 
-from devices.site_signals import MIN_KEEP, SiteSignals
+from devices.site_signals import MAX_FLOW_SOURCES, MIN_KEEP, SiteSignals
 from pipeline.wire import names
 from pipeline.wire.control import FlowStatus
 
 
-def flow(signals: SiteSignals, lag_ms: float, by: str = "e1") -> None:
-    status = FlowStatus(signals.site, by, lag_ms, 0, time.time())
+def flow(signals: SiteSignals, lag_ms: float, by: str = "e1", at: float | None = None) -> None:
+    status = FlowStatus(signals.site, by, lag_ms, 0, time.time() if at is None else at)
     signals.on_message(SimpleNamespace(topic=names.flow_topic(signals.site, by), payload=status.encode()))
 
 
@@ -52,3 +52,27 @@ def test_a_bad_control_message_is_ignored():
     s = SiteSignals("s", shed_lag_ms=1000)
     s.on_message(SimpleNamespace(topic=names.clock_topic("s"), payload=b"\x93junk"))
     assert s.clock is None and not s.clock_seen.is_set()
+
+
+def test_a_flow_status_dated_ahead_is_ignored_and_counted():
+    # A retained status dated ten days ahead would stay "fresh" for ten days and keep the cameras
+    # shedding, whatever the real aggregators say.
+    s = SiteSignals("s", shed_lag_ms=1000)
+    flow(s, 5000, by="liar", at=time.time() + 10 * 86400)
+    assert s.flow == {} and s.refused == 1 and not s.overloaded()
+    flow(s, 5000, by="e1", at=time.time() + 1.0)  # a clock a second off is tolerated
+    assert "e1" in s.flow and s.refused == 1
+
+
+def test_the_flow_table_is_bounded():
+    s = SiteSignals("s", shed_lag_ms=1000)
+    for i in range(MAX_FLOW_SOURCES):
+        flow(s, 10, by=f"e{i}")
+    flow(s, 10, by="one-too-many")
+    assert len(s.flow) == MAX_FLOW_SOURCES and "one-too-many" not in s.flow and s.refused == 1
+    flow(s, 20, by="e0")  # a known aggregator still updates its status
+    assert s.flow["e0"].lag_ms == 20
+    for by in list(s.flow)[:10]:  # ten went stale: room for a new one
+        flow(s, 10, by=by, at=time.time() - 60)
+    flow(s, 10, by="newcomer")
+    assert "newcomer" in s.flow and len(s.flow) == MAX_FLOW_SOURCES - 9
