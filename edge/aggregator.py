@@ -49,10 +49,12 @@ import paho.mqtt.client as mqtt
 import torch
 from redis.exceptions import NoPermissionError
 
+from edge import sessions
 from edge.decisions import REFUSED, REQUEST, Frame, assemble, decide_frames
 from edge.edge_net import EdgeModule, load_edge
 from edge.exits import under
 from edge.frame_store import Claim, FrameStore, StoreTimes
+from edge.sessions import Reaped, SessionReaper
 from pipeline.checkpoint import thresholds
 from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import check_thresholds
@@ -110,7 +112,7 @@ class EdgeConfig(BrokerRoleConfig):
     escalation_dtype: str = field(default="same", metadata={"choices": ("same", *DTYPES)})  # dtype of escalated features; same = the cameras'
     batch: int = field(default=256, metadata={"min": 1})  # observations stored per Redis round trip at most
     receive_maximum: int = field(default=1024, metadata={"min": 1, "max": 65535})  # unacknowledged observations the broker may send this aggregator at once (MQTT v5)
-    session_expiry_s: int = field(default=300, metadata={"min": 0})  # with a stable --service-id, the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; a generated id always gets a clean session
+    session_expiry_s: int = field(default=300, metadata={"min": 0})  # with a stable --service-id, the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; a generated id always gets a clean session; if it dies, a live aggregator of the site takes the session over (edge.sessions)
     claim_batch: int = field(default=64, metadata={"min": 1})  # frames claimed per deadline scan at most
     device: str = "cpu"  # cpu, cuda or auto, for the edge block
     threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
@@ -169,6 +171,7 @@ class Aggregator(BrokerService):
                            urgent=lambda m: m.topic.endswith("/feat"))
         self.store: FrameStore | None = None
         self.answers: MqttClient | None = None  # lazy upload: the connection feature answers come on
+        self.reaper: SessionReaper | None = None  # takes over the MQTT sessions of dead aggregators (edge.sessions)
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
         self._skew_log = Throttle(SKEW_LOG_S)  # by camera: its wrong clock named at most once a period
@@ -199,6 +202,7 @@ class Aggregator(BrokerService):
                sample("ada_features_missing", st.features_missing, site=site),
                sample("ada_edge_block_runs", st.edge_runs, site=site),
                sample("ada_clock_skewed", st.clock_skewed, site=site),
+               sample("ada_sessions_taken_over", self.reaper.taken if self.reaper else 0, site=site),
                sample("ada_backlog", len(self.inbox) + len(self._held), site=site,
                      queue="inbox")]
         out += [sample("ada_frames_decided", n, site=site, exit=e)
@@ -258,6 +262,10 @@ class Aggregator(BrokerService):
                                   on_message=lambda m: self.inbox.put(m, self.answers.generation if self.answers else 0),
                                   manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
         self.answers.connect()
+        if expiry:
+            sessions.register(self.redis, cfg.site, self.sid, expiry)
+        self.reaper = SessionReaper(self.redis, cfg.mqtt_url, cfg.site, self.sid, cfg.share_group, self.inbox.put,
+                                    cfg.receive_maximum, cfg.heartbeat_s)
         self.start_watchdog()
         log.info("edge %s: site %r, subscribed %s, t1=%s t2=%s, deadline %d ms (features %d ms), %d cameras expected",
                  self.sid, cfg.site, sub, self.t1, self.t2, cfg.deadline_ms, cfg.request_deadline_ms, self.expected)
@@ -281,6 +289,8 @@ class Aggregator(BrokerService):
                 self._held = self.inbox.take(self.cfg.batch, max(0.0, next_scan - time.monotonic()))
             try:
                 claimed = self.ingest()
+                if self.reaper is not None:
+                    self.reaper.tick()
                 if time.monotonic() >= next_scan:
                     claimed.extend(self.sweep())
                     next_scan = time.monotonic() + scan_s
@@ -334,6 +344,14 @@ class Aggregator(BrokerService):
                 log.warning("edge %s: stopping with Redis down (%s); %d observations unacknowledged stay with the "
                             "broker", self.sid, err, len(self._held) + len(self.inbox))
             self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), b"", qos=1, retain=True)  # clears it
+            if not keep and self.cfg.service_id and self.cfg.session_expiry_s > 0:
+                try:
+                    sessions.unregister(self.redis, self.cfg.site, self.sid)  # unsubscribed: nothing to take over
+                except REDIS_DOWN:
+                    pass  # left registered: another aggregator finds the session empty and ends it
+        if self.reaper is not None:
+            self.reaper.close()
+            self.reaper = None
         if self.answers is not None:
             self.answers.close()
             self.answers = None
@@ -402,7 +420,11 @@ class Aggregator(BrokerService):
         self._lags.extend(self._plausible_lags([obs for _, obs in good], now))
         self._stored_at = time.monotonic()
         for gen, msg in self._held:
-            if msg.topic.endswith("/feat") and self.answers is not None:
+            if isinstance(gen, Reaped):  # it came on a dead aggregator's session this one took over
+                gen.client.ack(msg, gen.generation)
+                if self.reaper is not None:
+                    self.reaper.acknowledged()
+            elif msg.topic.endswith("/feat") and self.answers is not None:
                 self.answers.ack(msg, gen)
             else:
                 self.mqtt.ack(msg, gen)

@@ -111,6 +111,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_camera_refused": ("counter", "observations dropped: too many waited for the broker"),
     "ada_camera_request_misses": ("counter", "lazy upload: features asked for and no longer kept"),
     "ada_camera_resent": ("counter", "messages the broker had acknowledged, published again after a reconnect"),
+    "ada_sessions_taken_over": ("counter", "MQTT sessions of dead aggregators taken over and ended, their messages stored"),
     "ada_clock_skewed": ("counter", "observations whose capture time the edge's clock rules out (left out of its lag)"),
     "ada_cloud_batches": ("counter", "forward passes"),
     "ada_dead_letters": ("counter", "messages and frames sent to the dead letters"),

@@ -121,7 +121,7 @@ class MqttClient:
     def __init__(self, url: str, client_id: str, *, on_connect: Callable[[mqtt.Client], None] | None = None,
                  on_message: Callable[[mqtt.MQTTMessage], None] | None = None, will: tuple[str, bytes] | None = None,
                  manual_ack: bool = False, receive_maximum: int | None = None, session_expiry_s: int = 0,
-                 resend_s: float = 0.0) -> None:
+                 resend_s: float = 0.0, reconnect: bool = True) -> None:
         self.url, self.client_id = parse_mqtt_url(url), client_id
         self._on_connect, self._on_message = on_connect, on_message
         self.session_expiry_s, self.receive_maximum = session_expiry_s, receive_maximum
@@ -140,7 +140,8 @@ class MqttClient:
         # (monotonic time, topic, payload, qos, info) of the publishes kept for a resend, oldest first
         self._sent: collections.deque[tuple[float, str, bytes, int, mqtt.MQTTMessageInfo]] = collections.deque()
         self._lost_at: float | None = None  # monotonic time the connection was lost (None: connected)
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                        reconnect_on_failure=reconnect)  # False: a lost connection stays lost
         c.reconnect_delay_set(min_delay=1, max_delay=int(BACKOFF_MAX_S))
         c.max_queued_messages_set(MAX_QUEUED)
         c.max_inflight_messages_set(MAX_INFLIGHT)
@@ -265,11 +266,12 @@ class MqttClient:
                 raise ConnectError(f"MQTT broker {where} accepted TCP but no MQTT session for {self.client_id}{reason}")
         return self
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Wait up to `timeout_s` for unacknowledged publishes, then disconnect."""
+    def close(self, timeout_s: float = 5.0, properties: Properties | None = None) -> None:
+        """Wait up to `timeout_s` for unacknowledged publishes, then disconnect (with the DISCONNECT
+        `properties`, e.g. a session expiry of 0 that ends a persistent session)."""
         if self.connected.is_set():
             self.wait_confirmed(timeout_s)
-        self.client.disconnect()
+        self.client.disconnect(properties=properties)
         self.client.loop_stop()
 
     # -- traffic --

@@ -18,6 +18,8 @@
                                                   ada:{site}:counters          hash of counters
                                                   ada:{site}:feature_wait      hash: feature waits (lazy)
                                                   ada:{site}:heartbeat:{role}:{id}  liveness, TTL
+                                                  ada:{site}:edge_sessions     hash: persistent MQTT sessions of aggregators
+                                                  ada:{site}:reap:{id}         lock: taking over a dead one's session
                                                   ada:sites                    set: sites edges announced
 
 In a Redis key the braces are there literally: site `s0`'s frame 7 is `ada:{s0}:frame:7`. The
@@ -223,6 +225,19 @@ def feature_wait_key(site: str) -> str:
 def front_key(site: str) -> str:
     """Hash camera -> highest frame id it sent: the edge admits frame ids near what two cameras reached."""
     return f"{_site_prefix(site)}front"
+
+
+def edge_sessions_key(site: str) -> str:
+    """Hash service id -> session expiry (s) of the aggregators with a persistent MQTT session, so
+    that a live one takes over the session of one that died (`edge.sessions`)."""
+    return f"{_site_prefix(site)}edge_sessions"
+
+
+def edge_reap_lock_key(site: str, service_id: str) -> str:
+    """Lock held by the aggregator taking over dead aggregator `service_id`'s session."""
+    if not SERVICE_RE.match(service_id):
+        raise ValueError(f"bad service id {service_id!r}")
+    return f"{_site_prefix(site)}reap:{service_id}"
 
 
 def counters_key(site: str) -> str:

@@ -1,0 +1,109 @@
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge import sessions
+from edge.aggregator import Aggregator, EdgeConfig
+from pipeline.transport.mqtt_client import parse_mqtt_url
+from pipeline.wire import names
+from tests.edge.test_aggregator import observations
+from tests.helpers import poll, wait_results
+
+
+def _session(url: str, client_id: str, expiry_s: int) -> tuple[mqtt.Client, bool]:
+    """A paho client connected under `client_id` with a persistent session; (client, session present)."""
+    u = parse_mqtt_url(url)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if u.username:
+        c.username_pw_set(u.username, u.password)
+    done, present = threading.Event(), []
+    c.on_connect = lambda cl, ud, flags, rc, props: (present.append(flags.session_present), done.set())
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = expiry_s
+    c.connect(u.host, u.port, clean_start=False, properties=props)
+    c.loop_start()
+    assert done.wait(5)
+    return c, present[0]
+
+
+@pytest.mark.services
+def test_a_dead_aggregators_session_is_taken_over_and_what_it_queued_is_decided(stream_setup, brokers, site,
+                                                                                redis_conn):
+    """An aggregator with a persistent session dies (no DISCONNECT) and never comes back. The
+    broker keeps its session, subscribed to the site's share, for --session-expiry-s: without a
+    take-over, what was queued there, and its share of what comes next, would wait for minutes
+    and be dropped at the expiry with nobody to name it."""
+    path, model, data, t1, _ = stream_setup
+    n = 12
+    dead = f"dead-{site}"[:100]
+    ghost, _ = _session(brokers[0], dead, 300)
+    subscribed = threading.Event()
+    ghost.on_subscribe = lambda *a: subscribed.set()
+    ghost.subscribe([(names.shared_obs_filter(site, names.SHARE_GROUP), 1),
+                     (names.shared_shed_filter(site, names.SHARE_GROUP), 1)])
+    assert subscribed.wait(5)
+    ghost.loop_stop()
+    ghost.socket().close()  # the process died: the broker keeps the session and goes on queueing for it
+    sessions.register(redis_conn, site, dead, 300)
+
+    obs = observations(model, data, list(range(n)))
+    u = parse_mqtt_url(brokers[0])
+    cams = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"cams-{site}"[:100], protocol=mqtt.MQTTv5)
+    if u.username:
+        cams.username_pw_set(u.username, u.password)
+    cams.connect(u.host, u.port)
+    cams.loop_start()
+    try:
+        for f in range(n):  # no live aggregator yet: every observation is queued in the dead session
+            for o in obs[f]:
+                o = type(o)(site, o.frame_id, o.camera, o.captured_at, o.prediction, o.entropy, o.features, o.label)
+                cams.publish(names.obs_topic(site, o.camera), o.encode(), qos=1).wait_for_publish(5)
+        cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, deadline_ms=200,
+                         service_id=f"live-{site}"[:100])
+        live = Aggregator(cfg, model.edge, t1, 1.0).start()  # T2 = 1: every frame ends at the edge
+        try:
+            assert poll(lambda: redis_conn.xlen(names.results_stream(site)) >= n, 30)
+            got = wait_results(redis_conn, site, n, timeout_s=1)
+            assert sorted(d.frame_id for d in got) == list(range(n))
+            assert all(d.present == (0, 1, 2, 3, 4, 5) for d in got)  # all six from the dead session
+            assert poll(lambda: live.reaper.taken == 1, 10) and live.reaper.messages == 6 * n
+        finally:
+            live.stop()
+    finally:
+        cams.loop_stop()
+        cams.disconnect()
+    assert not redis_conn.hexists(names.edge_sessions_key(site), dead)
+    assert not redis_conn.exists(names.edge_reap_lock_key(site, dead))
+    again, present = _session(brokers[0], dead, 0)  # the broker ended the dead session
+    again.loop_stop()
+    again.disconnect()
+    assert present is False
+
+
+@pytest.mark.services
+def test_an_aggregator_with_a_persistent_session_registers_it_and_unregisters_when_others_take_its_share(
+        stream_setup, brokers, site, redis_conn):
+    path, model, _, t1, t2 = stream_setup
+
+    def edge(sid: str) -> Aggregator:
+        cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, service_id=sid)
+        agg = Aggregator(cfg, model.edge, t1, t2)
+        agg.connect()
+        return agg
+
+    a, b = edge(f"a-{site}"[:100]), edge(f"b-{site}"[:100])
+    try:
+        assert redis_conn.hgetall(names.edge_sessions_key(site)) == {a.sid.encode(): b"300", b.sid.encode(): b"300"}
+        a.close()  # b is alive: a unsubscribes, nothing of it to take over
+        assert redis_conn.hkeys(names.edge_sessions_key(site)) == [b.sid.encode()]
+    finally:
+        b.close()  # the last one keeps its session (and its entry) for whoever comes next
+    assert redis_conn.hkeys(names.edge_sessions_key(site)) == [b.sid.encode()]
+    for cid in sessions.client_ids(b.sid):  # end the sessions b kept
+        c, present = _session(brokers[0], cid, 0)
+        c.loop_stop()
+        c.disconnect()
+        assert present
