@@ -89,6 +89,7 @@ RATE_REPORT_S = 5.0  # how often a paced camera process reports its achieved rat
 OVERLOAD_POLL_S = 0.01  # how often a camera held back by an overloaded edge looks again
 CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announcing one
 CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera can join in time
+RESEND_WAIT_S = 10.0  # after a reconnect, resend once an aggregator's live flow status shows it is back, or after this
 CLOCK_AHEAD_MAX_S = 5.0  # a retained site clock starting further ahead than this is not joined (a camera's clock is wrong)
 PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
 MAX_BACKLOG = 4096  # at full speed, observations in flight (unacknowledged) before the feed waits for the broker
@@ -212,7 +213,7 @@ class CameraFeed:
         self.stats = CameraStats()
         self.clients: dict[int, MqttClient] = {}
         self.stopped_early = False  # set by run(): stopped (a signal, `stop`) before the last frame
-        self.signals = SiteSignals(cfg.site, cfg.shed_lag_ms)
+        self.signals = SiteSignals(cfg.site, cfg.shed_lag_ms, on_live_flow=self._aggregator_back)
         self._shed_log = Throttle(RATE_REPORT_S)  # at most one shedding line per report period
         self._refused: dict[int, list[int]] = {}  # camera -> frame ids dropped while the broker was away
         self.metrics = RoleMetrics(self.metric_samples)
@@ -263,7 +264,13 @@ class CameraFeed:
             self.clients[k] = mqtt_client(self.cfg.mqtt_url, f"{site}-cam{k}-{id(self):x}", on_connect=on_connect,
                                           on_message=self.on_control if control else None,
                                           will=(names.status_topic(site, k), offline),
-                                          resend_s=self.cfg.resend_ms / 1000)
+                                          resend_s=self.cfg.resend_ms / 1000, resend_after=RESEND_WAIT_S)
+
+    def _aggregator_back(self) -> None:
+        """A flow status published now (not a retained one): an aggregator is connected and
+        subscribed, so a resend held since a reconnect reaches it (paho's network thread)."""
+        for client in list(self.clients.values()):
+            client.release_resend()
 
     def on_control(self, msg: mqtt.MQTTMessage) -> None:
         """The site's control topics (paho's network thread): feature requests, else the clock and

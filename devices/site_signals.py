@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 
@@ -29,8 +30,9 @@ class SiteSignals:
     """The latest site clock and flow statuses one camera process has heard, kept by the MQTT
     network thread (`on_message` only stores them) and read by the feed's loop."""
 
-    def __init__(self, site: str, shed_lag_ms: int) -> None:
+    def __init__(self, site: str, shed_lag_ms: int, on_live_flow: Callable[[], None] | None = None) -> None:
         self.site, self.shed_lag_ms = site, shed_lag_ms
+        self.on_live_flow = on_live_flow  # called for each flow status an aggregator publishes now (not retained)
         self.flow: dict[str, FlowStatus] = {}  # aggregator (digest of its id) -> its latest flow status
         self.clock: SiteClock | None = None
         self.clock_seen = threading.Event()
@@ -48,7 +50,7 @@ class SiteSignals:
                 self.clock = SiteClock.decode(msg.payload)
                 self.clock_seen.set()
             else:
-                self._flow(FlowStatus.decode(msg.payload), msg.topic)
+                self._flow(FlowStatus.decode(msg.payload), msg.topic, bool(getattr(msg, "retain", False)))
         except MessageError as err:
             self._refuse("bad", f"ignoring a bad control message on {msg.topic}: {err}")
 
@@ -58,7 +60,7 @@ class SiteSignals:
             log.warning("site %r: %s (%d control messages ignored so far; one such line per %.0f s)", self.site, why,
                         self.refused, WARN_S)
 
-    def _flow(self, status: FlowStatus, topic: str) -> None:
+    def _flow(self, status: FlowStatus, topic: str, retained: bool) -> None:
         ahead = status.at - time.time()
         if ahead > FLOW_AHEAD_S:
             self._refuse("ahead", f"ignoring the flow status of {status.by!r} on {topic}: dated {ahead:.4g} s ahead "
@@ -72,6 +74,8 @@ class SiteSignals:
                              "aggregators report already")
                 return
         self.flow[status.by] = status
+        if not retained and self.on_live_flow is not None:
+            self.on_live_flow()
 
     def _fresh(self) -> list[FlowStatus]:
         return [f for f in list(self.flow.values()) if f.at > time.time() - FLOW_STALE_S]

@@ -19,7 +19,11 @@ keeps what it published (QoS 1, not retained) for that long, and after a reconne
 again those the broker had acknowledged in the last `resend_s` before the connection was lost
 (paho itself resends the unacknowledged ones). Receivers must drop duplicates (the edge does:
 a frame's observation is stored once, and one for a decided frame is counted late). Cameras use
-it, so that a broker crash loses no observation the broker had not yet saved.
+it, so that a broker crash loses no observation the broker had not yet saved. A broker that
+restarted without the receivers' sessions drops whatever comes before they subscribe again, the
+resend included: with `resend_after` > 0 the resend waits for `release_resend()` (the caller's
+sign that a receiver is back; at most `resend_after` seconds) and then also covers what was
+published since the reconnect.
 
 A refused login or a TLS mismatch fails the first connect at once with a clear error: those
 never heal by retrying.
@@ -121,7 +125,7 @@ class MqttClient:
     def __init__(self, url: str, client_id: str, *, on_connect: Callable[[mqtt.Client], None] | None = None,
                  on_message: Callable[[mqtt.MQTTMessage], None] | None = None, will: tuple[str, bytes] | None = None,
                  manual_ack: bool = False, receive_maximum: int | None = None, session_expiry_s: int = 0,
-                 resend_s: float = 0.0, reconnect: bool = True) -> None:
+                 resend_s: float = 0.0, reconnect: bool = True, resend_after: float = 0.0) -> None:
         self.url, self.client_id = parse_mqtt_url(url), client_id
         self._on_connect, self._on_message = on_connect, on_message
         self.session_expiry_s, self.receive_maximum = session_expiry_s, receive_maximum
@@ -140,6 +144,8 @@ class MqttClient:
         # (monotonic time, topic, payload, qos, info) of the publishes kept for a resend, oldest first
         self._sent: collections.deque[tuple[float, str, bytes, int, mqtt.MQTTMessageInfo]] = collections.deque()
         self._lost_at: float | None = None  # monotonic time the connection was lost (None: connected)
+        self.resend_after = resend_after
+        self._resend_since: float | None = None  # a resend held for `release_resend`: from this monotonic time on
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                         reconnect_on_failure=reconnect)  # False: a lost connection stays lost
         c.reconnect_delay_set(min_delay=1, max_delay=int(BACKOFF_MAX_S))
@@ -177,16 +183,38 @@ class MqttClient:
         except Exception:  # noqa: BLE001 - a callback error must be logged, never swallowed silently
             log.exception("MQTT %s: on_connect failed", self.client_id)
         if self.resend_s > 0 and self._lost_at is not None:
-            self._resend()
+            since = self._lost_at - self.resend_s
+            if self.resend_after > 0:
+                with self._lock:
+                    held = self._resend_since
+                    self._resend_since = since if held is None else min(held, since)
+                log.info("MQTT %s: holding the resend until a receiver is back (at most %.0f s): a broker that lost "
+                         "the receivers' sessions drops what comes before they subscribe again", self.client_id,
+                         self.resend_after)
+                timer = threading.Timer(self.resend_after, self.release_resend)
+                timer.daemon = True
+                timer.start()
+            else:
+                self._resend(since)
         self._lost_at = None
         self.connected.set()
 
-    def _resend(self) -> None:
-        """After a reconnect: publish again what the broker acknowledged in the last `resend_s`
-        before the connection was lost (it may have died with them unsaved). The unacknowledged
-        ones stay kept as they are: paho resends those itself."""
-        assert self._lost_at is not None
-        since = self._lost_at - self.resend_s
+    def release_resend(self) -> None:
+        """A receiver is back (or `resend_after` is over): make the resend held since the last
+        reconnect, if any, now (any thread)."""
+        with self._lock:
+            since, self._resend_since = self._resend_since, None
+        if since is not None and self.connected.is_set():
+            self._resend(since)
+        elif since is not None:  # lost again meanwhile: the next reconnect holds it again
+            with self._lock:
+                self._resend_since = since if self._resend_since is None else min(self._resend_since, since)
+
+    def _resend(self, since: float) -> None:
+        """After a reconnect: publish again what the broker acknowledged from `since` on (the last
+        `resend_s` before the connection was lost, and with `resend_after` what came after the
+        reconnect; the broker may have died with them unsaved, or dropped them for want of a
+        subscriber). The unacknowledged ones stay kept as they are: paho resends those itself."""
         with self._lock:
             kept = [e for e in self._sent if e[0] >= since]
             self._sent.clear()
@@ -300,6 +328,8 @@ class MqttClient:
         self._sent.append((now, topic, payload, qos, info))
         lost = self._lost_at
         horizon = (now if lost is None else lost) - self.resend_s
+        if self._resend_since is not None:  # a resend is held: keep all it covers
+            horizon = min(horizon, self._resend_since)
         while self._sent and (self._sent[0][0] < horizon or len(self._sent) > MAX_RESEND):
             self._sent.popleft()
 

@@ -175,3 +175,45 @@ def test_acknowledged_publishes_a_killed_broker_lost_are_sent_again(tmp_path, re
         sub.close()
     finally:
         broker.terminate()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "at-once"])
+def test_a_held_resend_reaches_a_receiver_whose_session_the_broker_lost(tmp_path, hold):
+    # The receiver's session and the 20 messages queued for it die with a SIGKILLed broker (nothing
+    # saved). The publisher reconnects first; the receiver, with a new session, subscribes later.
+    # A resend made at the reconnect goes nowhere, and so do the 5 messages published before the
+    # receiver is back; a held one, released when the receiver is back, brings all 25.
+    from tests.faults.harness import Mosquitto, wait_until
+
+    broker = Mosquitto(tmp_path / "mosquitto", autosave_interval_s=3600).start()
+    got: list[bytes] = []
+
+    def receiver() -> MqttClient:
+        return MqttClient(broker.url, "held-sub", on_message=lambda m: got.append(m.payload),
+                          on_connect=lambda c: c.subscribe("t/held", qos=1), session_expiry_s=600).connect()
+
+    try:
+        receiver().close()  # its session waits in the broker's memory
+        pub = MqttClient(broker.url, "held-pub", resend_s=10.0, resend_after=30.0 if hold else 0.0).connect()
+        for i in range(20):
+            assert pub.publish("t/held", str(i).encode(), qos=1)
+        assert pub.wait_confirmed(10)
+        broker.restart(down_s=0.2)  # SIGKILL: the session and its 20 messages are gone
+        wait_until(lambda: pub.connected.is_set() and pub.reconnects == 1, 30, "the publisher's reconnect")
+        for i in range(20, 25):
+            assert pub.publish("t/held", str(i).encode(), qos=1)
+        assert pub.wait_confirmed(10)  # acknowledged, and dropped: nobody subscribes yet
+        sub = receiver()
+        pub.release_resend()  # the caller's sign that a receiver is back
+        if hold:
+            wait_until(lambda: len(set(got)) == 25, 10, "the 25 messages")
+            assert sorted(set(got), key=int) == [str(i).encode() for i in range(25)] and pub.resent == 25
+        else:
+            assert pub.publish("t/held", b"marker", qos=1)
+            wait_until(lambda: b"marker" in got, 10, "the marker")
+            assert got == [b"marker"]  # the resend at the reconnect found no subscriber
+        pub.close()
+        sub.close()
+    finally:
+        broker.terminate()
