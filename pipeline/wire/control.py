@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pipeline.errors import MessageError
-from pipeline.wire.messages import MAX_CAMERAS, MAX_FRAME_ID, _float, _int, _Message, _set, _site, _text
+from pipeline.wire.messages import MAX_CAMERAS, MAX_FRAME_ID, MAX_TIME_S, _float, _int, _Message, _set, _site, _text
 
 MAX_SHED_IDS = 4096  # frame ids one ShedNotice names at most (a camera sends several when it sheds more)
 SHED_REASONS = ("behind", "overload", "outage")  # behind schedule; the edge asked; the broker was away
@@ -34,7 +34,7 @@ class SiteClock(_Message):
 
     def __post_init__(self) -> None:
         _site(self.site)
-        _set(self, "epoch", _float("epoch", self.epoch, 0.0))
+        _set(self, "epoch", _float("epoch", self.epoch, 0.0, MAX_TIME_S))
         _set(self, "fps", _float("fps", self.fps, 1e-3, 1e6))
         _set(self, "start", _int("start", self.start, 0, MAX_FRAME_ID))
         _set(self, "stop", _int("stop", self.stop, self.start + 1, MAX_FRAME_ID))
@@ -62,7 +62,7 @@ class FlowStatus(_Message):
         _text("by", self.by)
         _set(self, "lag_ms", _float("lag_ms", self.lag_ms, 0.0))
         _set(self, "backlog", _int("backlog", self.backlog, 0, MAX_FRAME_ID))
-        _set(self, "at", _float("at", self.at, 0.0))
+        _set(self, "at", _float("at", self.at, 0.0, MAX_TIME_S))
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class ShedNotice(_Message):
         _set(self, "frame_ids", tuple(_int("frame_ids[]", f, 0, MAX_FRAME_ID) for f in self.frame_ids))
         if self.reason not in SHED_REASONS:
             raise MessageError(f"reason must be one of {SHED_REASONS}, got {self.reason!r}")
-        _set(self, "at", _float("at", self.at, 0.0))
+        _set(self, "at", _float("at", self.at, 0.0, MAX_TIME_S))
 
 
 __all__ = ["SiteClock", "FlowStatus", "ShedNotice", "SHED_REASONS", "MAX_SHED_IDS"]

@@ -47,6 +47,7 @@ MAX_DIMS = 4  # feature tensors are channel-first, at most K x S x S (plus one s
 MAX_CAMERAS = 256  # camera ids are 0..255
 MAX_CLASSES = 1 << 16  # class ids are 0..65535
 MAX_FRAME_ID = (1 << 63) - 1
+MAX_TIME_S = 4_102_444_800.0  # 2100-01-01 in seconds since the Unix epoch: a time past it is garbage, not a clock
 MAX_TEXT = 256  # characters of a free-text field (service ids, reasons)
 # Largest feature magnitude on the wire: float16's largest finite value. Camera features are
 # batch-normalised (|x| in the tens); anything near float32's range overflows the edge block into
@@ -208,7 +209,7 @@ def _float(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise MessageError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
+    v = float(value) + 0.0  # + 0.0: -0.0 becomes 0.0 (an entropy of -0.0 read as a sign of something)
     if not math.isfinite(v) or not lo <= v <= hi:
         raise MessageError(f"{name} must be finite and in [{lo}, {hi}], got {value}")
     return v
@@ -510,7 +511,7 @@ class CameraObservation(_Message):
 
     def __post_init__(self) -> None:
         _camera_frame(self)
-        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
+        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0, MAX_TIME_S))
         _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1, optional=True))
         _set(self, "entropy", _float32(_float("entropy", self.entropy, 0.0, 1.0, optional=True)))
         if (self.prediction is None) != (self.entropy is None):
@@ -539,7 +540,7 @@ class CameraSummary(_Message):
 
     def __post_init__(self) -> None:
         _camera_frame(self)
-        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
+        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0, MAX_TIME_S))
         _set(self, "prediction", _int("prediction", self.prediction, 0, MAX_CLASSES - 1))
         _set(self, "entropy", _float32(_float("entropy", self.entropy, 0.0, 1.0)))
         _set(self, "label", _int("label", self.label, 0, MAX_CLASSES - 1, optional=True))
@@ -627,7 +628,7 @@ class CameraStatus(_Message):
         _set(self, "camera", _int("camera", self.camera, 0, MAX_CAMERAS - 1))
         if self.state not in self.STATES:
             raise MessageError(f"state must be one of {self.STATES}, got {self.state!r}")
-        _set(self, "at", _float("at", self.at, 0.0))
+        _set(self, "at", _float("at", self.at, 0.0, MAX_TIME_S))
 
 
 @dataclass(frozen=True)
@@ -651,7 +652,7 @@ class Escalation(_Message):
         _site(self.site)
         _set(self, "frame_id", _int("frame_id", self.frame_id, 0, MAX_FRAME_ID))
         _set(self, "present", _cameras("present", self.present))
-        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
+        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0, MAX_TIME_S))
         if not isinstance(self.features, FeatureTensor):
             raise MessageError("features must be a FeatureTensor")
         _set(self, "edge_entropy", _float("edge_entropy", self.edge_entropy, 0.0, 1.0))
@@ -690,8 +691,8 @@ class Decision(_Message):
         if (self.camera is not None) != (self.exit == "exit1"):
             raise MessageError("camera is set exactly when the frame left at exit 1")
         _set(self, "present", _cameras("present", self.present))
-        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0))
-        _set(self, "decided_at", _float("decided_at", self.decided_at, 0.0))
+        _set(self, "captured_at", _float("captured_at", self.captured_at, 0.0, MAX_TIME_S))
+        _set(self, "decided_at", _float("decided_at", self.decided_at, 0.0, MAX_TIME_S))
         _text("by", self.by)
         _set(self, "label", _int("label", self.label, 0, MAX_CLASSES - 1, optional=True))
 

@@ -341,3 +341,17 @@ def test_a_camera_entropy_travels_as_float32_exactly():
     assert CameraSummary("s1", 7, 2, 1.7e9, 3, 0.1).entropy == float(torch.tensor(0.1, dtype=torch.float32))
     o = obs(FeatureTensor.quantize(torch.randn(12, 8, 8), "int2"))
     assert CameraObservation.decode(o.encode()) == o
+
+
+@pytest.mark.parametrize("captured_at", [1e300, 4.2e9, -1.0])
+def test_a_capture_time_no_clock_gives_is_refused(captured_at):
+    # 1e300 as a frame's capture time put latencies of -1e300 s into the metrics; a real clock,
+    # even a wrong one, stays between 1970 and 2100.
+    with pytest.raises(MessageError, match="captured_at must be finite and in"):
+        obs(captured_at=captured_at)
+    assert obs(captured_at=0.0).captured_at == 0.0 and obs(captured_at=4.1e9).captured_at == 4.1e9
+
+
+def test_a_negative_zero_entropy_is_zero():
+    back = CameraObservation.decode(obs(entropy=-0.0).encode())
+    assert math.copysign(1.0, back.entropy) == 1.0
