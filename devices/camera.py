@@ -89,6 +89,7 @@ RATE_REPORT_S = 5.0  # how often a paced camera process reports its achieved rat
 OVERLOAD_POLL_S = 0.01  # how often a camera held back by an overloaded edge looks again
 CLOCK_WAIT_S = 0.5  # wait this long for the site's retained clock before announcing one
 CLOCK_LEAD_S = 0.5  # a new clock starts this far in the future, so every camera can join in time
+BAD_REQUEST_LOG_S = 10.0  # a bad feature request is logged at most this often (each one is counted)
 RESEND_WAIT_S = 10.0  # after a reconnect, resend once an aggregator's live flow status shows it is back, or after this
 CLOCK_AHEAD_MAX_S = 5.0  # a retained site clock starting further ahead than this is not joined (a camera's clock is wrong)
 PUBLISH_TIMEOUT_S = 30.0  # at the end, wait this long for the broker to acknowledge what is still in flight
@@ -221,6 +222,7 @@ class CameraFeed:
         self.cache = FeatureCache(cfg.feature_cache, cfg.feature_ttl_ms / 1000)
         self._last_request = time.monotonic()
         self._miss_log = Throttle(RATE_REPORT_S)
+        self._bad_request_log = Throttle(BAD_REQUEST_LOG_S)
 
     def metric_samples(self) -> list[Sample]:
         st, site = self.stats, self.cfg.site
@@ -291,7 +293,9 @@ class CameraFeed:
                 raise MessageError(f"a request of site {req.site!r}")
         except MessageError as err:
             self.stats.bad_requests += 1
-            log.warning("site %r cameras %s: ignoring a bad feature request: %s", site, list(self.cfg.cameras), err)
+            if self._bad_request_log():
+                log.warning("site %r cameras %s: ignoring a bad feature request: %s (%d so far; one such line per "
+                            "%.0f s)", site, list(self.cfg.cameras), err, self.stats.bad_requests, BAD_REQUEST_LOG_S)
             return
         self._last_request = time.monotonic()
         for k in req.cameras:
