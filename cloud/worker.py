@@ -67,13 +67,13 @@ class CloudConfig(BrokerRoleConfig):
     """One cloud worker (site, brokers and checkpoint as in `BrokerRoleConfig`)."""
 
     batch: int = field(default=64, metadata={"min": 1})  # escalations per forward pass at most
-    wait_ms: int = field(default=10, metadata={"min": 0})  # after the first entry of a batch, wait at most this long (ms) for more
+    wait_ms: int = field(default=10, metadata={"min": 0, "max": 60_000})  # after the first entry of a batch, wait at most this long (ms) for more
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
     threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
-    claim_idle_ms: int = field(default=30_000, metadata={"min": 1})  # an entry pending this long (ms) belongs to a dead worker and is reclaimed
-    claim_interval_s: float = field(default=5.0, metadata={"above": 0})  # how often (s) to look for such entries
-    decided_ttl_s: int = field(default=3600, metadata={"min": 1})  # result markers: how long (s) a frame refuses a second result
-    results_maxlen: int = field(default=1_000_000, metadata={"min": 1})  # results kept in the results stream (approximate trim)
+    claim_idle_ms: int = field(default=30_000, metadata={"min": 1, "max": 86400000})  # an entry pending this long (ms) belongs to a dead worker and is reclaimed
+    claim_interval_s: float = field(default=5.0, metadata={"above": 0, "max": 3600})  # how often (s) to look for such entries
+    decided_ttl_s: int = field(default=3600, metadata={"min": 1, "max": 31536000})  # result markers: how long (s) a frame refuses a second result
+    results_maxlen: int = field(default=1_000_000, metadata={"min": 1, "max": 1_000_000_000})  # results kept in the results stream (approximate trim)
     service_id: str = ""  # consumer name; "" = generated
     group: str = names.CLOUD_GROUP  # Redis consumer group the workers share
     max_deliveries: int = field(default=5, metadata={"min": 1})  # an escalation reclaimed after this many deliveries goes to the dead letters

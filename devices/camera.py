@@ -116,16 +116,16 @@ class CameraConfig:
     threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
     labels: bool = True  # attach the ground truth (replays score accuracy with it)
     cameras: tuple[int, ...] = field(default=(0,), metadata={"flags": ["--cameras", "--cams"], "min": 0})  # camera ids this process runs, comma-separated
-    max_lag_ms: int = field(default=200, metadata={"min": 1})  # at a set fps, a frame due longer ago than this (ms) is shed instead of sent late (the edge would have decided it)
-    shed_lag_ms: int = field(default=2000, metadata={"min": 0})  # overload: an aggregator reports observations reaching it this late (ms); 0 = never
+    max_lag_ms: int = field(default=200, metadata={"min": 1, "max": 86400000})  # at a set fps, a frame due longer ago than this (ms) is shed instead of sent late (the edge would have decided it)
+    shed_lag_ms: int = field(default=2000, metadata={"min": 0, "max": 86400000})  # overload: an aggregator reports observations reaching it this late (ms); 0 = never
     metrics_port: int = field(default=0, metadata={"min": 0, "max": 65535})  # serve Prometheus /metrics on this TCP port; 0 = off
     metrics_host: str = "127.0.0.1"  # address /metrics listens on (0.0.0.0: a scraper on another host)
     overload: str = field(default="shed", metadata={"choices": ("shed", "wait")})  # under overload (and when behind schedule): shed frames, named; or wait (lossless, for replays and benchmarks)
     upload: str = field(default="auto", metadata={"choices": UPLOADS})  # lazy: a summary per frame, the features only when the edge asks; eager: the features with every observation; auto: lazy for ADA-DDNN checkpoints, eager for DDNN (no camera classifiers)
     feature_cache: int = field(default=4096, metadata={"min": 1})  # lazy upload: frames whose encoded features each camera keeps for the edge's requests, at most
-    feature_ttl_ms: int = field(default=10_000, metadata={"min": 1})  # lazy upload: how long (ms) a camera keeps a frame's features; keep it above the edge's deadline + request deadline + its lag
-    linger_ms: int = field(default=2000, metadata={"min": 0})  # lazy upload: after the last frame, keep answering requests until none came for this long (ms)
-    resend_ms: int = field(default=10_000, metadata={"min": 0})  # after a reconnect, publish again what the broker acknowledged this long (ms) before the connection was lost: a broker that crashed lost what it had not saved (keep it above Mosquitto's autosave_interval); 0 = off
+    feature_ttl_ms: int = field(default=10_000, metadata={"min": 1, "max": 86400000})  # lazy upload: how long (ms) a camera keeps a frame's features; keep it above the edge's deadline + request deadline + its lag
+    linger_ms: int = field(default=2000, metadata={"min": 0, "max": 86400000})  # lazy upload: after the last frame, keep answering requests until none came for this long (ms)
+    resend_ms: int = field(default=10_000, metadata={"min": 0, "max": 86400000})  # after a reconnect, publish again what the broker acknowledged this long (ms) before the connection was lost: a broker that crashed lost what it had not saved (keep it above Mosquitto's autosave_interval); 0 = off
 
     def __post_init__(self) -> None:
         check_fields(self)  # choices and ranges, as declared on the fields

@@ -100,20 +100,20 @@ class EdgeConfig(BrokerRoleConfig):
     t2: float | None = None  # exit 2 threshold (normalized entropy); none = the model card's
     expected: int = field(default=0, metadata={"min": 0})  # cameras per frame; 0 = the network's num_cameras
     admit_window: int = field(default=256, metadata={"min": 0})  # frames an observation may be ahead of the second most advanced camera; 0 = no check
-    deadline_ms: int = field(default=50, metadata={"min": 1})  # after a frame's first observation, decide it this long (ms) later with the cameras that came
-    request_deadline_ms: int = field(default=1000, metadata={"min": 1})  # lazy upload: after asking the cameras for a frame's features, decide it this long (ms) later with the answers that came
+    deadline_ms: int = field(default=50, metadata={"min": 1, "max": 86400000})  # after a frame's first observation, decide it this long (ms) later with the cameras that came
+    request_deadline_ms: int = field(default=1000, metadata={"min": 1, "max": 86400000})  # lazy upload: after asking the cameras for a frame's features, decide it this long (ms) later with the answers that came
     early_exit1: bool = True  # lazy upload: claim a frame as soon as one summary is under T1 (off: wait for every summary or the deadline, as offline evaluation with all cameras assumes)
-    scan_ms: int = field(default=5, metadata={"min": 1})  # how often (ms) to look for frames past their deadline
-    frame_ttl_s: int = field(default=60, metadata={"min": 1})  # an unclaimed frame hash expires after this (s; every aggregator dead)
-    decided_ttl_s: int = field(default=3600, metadata={"min": 1})  # how long (s) a decided frame refuses late observations (and markers live)
-    claim_lease_ms: int = field(default=10_000, metadata={"min": 1})  # a claimed frame not decided within this (ms) is taken over by another aggregator
-    escalation_maxlen: int = field(default=10_000, metadata={"min": 1})  # escalations waiting for the cloud; beyond, the edge waits
-    results_maxlen: int = field(default=1_000_000, metadata={"min": 1})  # results kept in the results stream (approximate trim)
+    scan_ms: int = field(default=5, metadata={"min": 1, "max": 60_000})  # how often (ms) to look for frames past their deadline
+    frame_ttl_s: int = field(default=60, metadata={"min": 1, "max": 31536000})  # an unclaimed frame hash expires after this (s; every aggregator dead)
+    decided_ttl_s: int = field(default=3600, metadata={"min": 1, "max": 31536000})  # how long (s) a decided frame refuses late observations (and markers live)
+    claim_lease_ms: int = field(default=10_000, metadata={"min": 1, "max": 86400000})  # a claimed frame not decided within this (ms) is taken over by another aggregator
+    escalation_maxlen: int = field(default=10_000, metadata={"min": 1, "max": 1_000_000_000})  # escalations waiting for the cloud; beyond, the edge waits
+    results_maxlen: int = field(default=1_000_000, metadata={"min": 1, "max": 1_000_000_000})  # results kept in the results stream (approximate trim)
     escalation_dtype: str = field(default="same", metadata={"choices": ("same", *DTYPES)})  # dtype of escalated features; same = the cameras'
-    batch: int = field(default=256, metadata={"min": 1})  # observations stored per Redis round trip at most
+    batch: int = field(default=256, metadata={"min": 1, "max": 100_000})  # observations stored per Redis round trip at most
     receive_maximum: int = field(default=1024, metadata={"min": 1, "max": 65535})  # unacknowledged observations the broker may send this aggregator at once (MQTT v5)
-    session_expiry_s: int = field(default=300, metadata={"min": 0})  # with a stable --service-id, the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; a generated id always gets a clean session; if it dies, a live aggregator of the site takes the session over (edge.sessions)
-    claim_batch: int = field(default=64, metadata={"min": 1})  # frames claimed per deadline scan at most
+    session_expiry_s: int = field(default=300, metadata={"min": 0, "max": 4_294_967_295})  # with a stable --service-id, the broker keeps this aggregator's session and its queued observations this long (s) after a disconnect; a generated id always gets a clean session; if it dies, a live aggregator of the site takes the session over (edge.sessions)
+    claim_batch: int = field(default=64, metadata={"min": 1, "max": 100_000})  # frames claimed per deadline scan at most
     device: str = "cpu"  # cpu, cuda or auto, for the edge block
     threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
     service_id: str = ""  # this aggregator's id; "" = generated

@@ -158,8 +158,14 @@ def load_card(path: str) -> dict[str, Any]:
     cp = card_path(path)
     if not os.path.isfile(cp):
         return {}
-    with open(cp) as f:
-        return json.load(f)
+    try:
+        with open(cp) as f:
+            card = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{cp}: the model card does not read as JSON ({err})") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{cp}: the model card is a JSON {type(card).__name__}, not an object")
+    return card
 
 
 def thresholds(path: str, cfg: ModelConfig, t1: float | None = None,
@@ -168,6 +174,14 @@ def thresholds(path: str, cfg: ModelConfig, t1: float | None = None,
     without camera classifiers (DDNN has no exit 1) whatever is given."""
     if t1 is None or t2 is None:
         card = load_card(path).get("thresholds") or {}
+        if not isinstance(card, dict):
+            raise CheckpointError(f"{card_path(path)}: 'thresholds' is not an object")
+        for name, given in (("t1", t1), ("t2", t2)):
+            value = card.get(name)
+            if given is None and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                        or not 0.0 <= value <= 1.0):
+                raise CheckpointError(f"{card_path(path)}: thresholds.{name} must be a normalized entropy in [0, 1], "
+                                      f"got {value!r}")
         t1 = card.get("t1") if t1 is None else t1
         t2 = card.get("t2") if t2 is None else t2
     if t2 is None:

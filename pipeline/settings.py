@@ -130,6 +130,36 @@ def check_fields(obj: Any) -> None:
             raise ValueError(f"{f.name} must be {each}{allowed}, got {shown}")
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type` for a plain flag: an int >= `low`, else an error naming the bound."""
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def env_int(field_name: str, default: int, low: int = 0) -> int:
+    """The int in env var ADA_DDNN_<FIELD_NAME> (>= `low`), else `default`; bad text raises
+    SettingsError naming the variable (read when a command runs, never while parsers are built)."""
+    raw = os.environ.get(env_name(field_name))
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{env_name(field_name)}={raw!r}: must be an int") from None
+    if value < low:
+        raise SettingsError(f"{env_name(field_name)}={raw!r}: must be >= {low}")
+    return value
+
+
 def _parse_bool(raw: str) -> bool:
     text = raw.strip().lower()
     if text not in _TRUE + _FALSE:

@@ -327,6 +327,7 @@ def select_thresholds(
     if not points:
         raise ValueError("no sweep points to choose from")
     check_fraction("min_exit1_rate", min_exit1_rate)
+    check_fraction("epsilon", epsilon)
     has_cams = points[0]["t1"] is not None
     if policy == "exit1-first":
         if cloud_only is None:

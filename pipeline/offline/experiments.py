@@ -48,10 +48,11 @@ from pipeline.checkpoint import git_commit, load_card, read_config
 from pipeline.compute import resolve_device, set_threads
 from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import Cifar10, Split, to_float
-from pipeline.fileio import write_json
+from pipeline.fileio import check_writable, write_json
 from pipeline.offline import evaluation, link
 from pipeline.offline.evaluation import CameraPass, Collected
 from pipeline.offline.network import AdaDDNN, load_checkpoint
+from pipeline.settings import at_least, env_int
 from pipeline.wire.messages import DTYPES
 
 log = logging.getLogger(__name__)
@@ -297,12 +298,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.draws < 1:
         raise ValueError(f"--draws must be at least 1, got {args.draws}")
-    for name in ("min_edge_accuracy", "min_edge_rate", "min_exit1_rate"):
+    for name in ("min_edge_accuracy", "min_edge_rate", "min_exit1_rate", "epsilon"):
         evaluation.check_fraction(f"--{name.replace('_', '-')}", getattr(args, name))
-    set_threads(args.threads)
+    set_threads(env_int("threads", 0) if args.threads is None else args.threads)
     device = str(resolve_device(args.device))
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else []) \
         + [(f"also{i}", ckpt) for i, ckpt in enumerate(args.also)]
+    if not args.from_reports:  # every checkpoint readable and the report folder writable, before the first minutes
+        for _, ckpt in runs:
+            read_config(ckpt)
+        check_writable(os.path.join(args.out, "report.json"))
+        if args.results:
+            check_writable(args.results)
     entries = []
     data_by_val: dict[int, Cifar10] = {}
     for sub, ckpt in runs:
@@ -352,9 +359,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder, e.g. reports/release/")
     p.add_argument("--data", default=default_data_dir(),
                    help="folder holding cifar-10-batches-py/ (env ADA_DDNN_DATA; default %(default)s)")
-    p.add_argument("--val-size", type=int, default=5000,
+    p.add_argument("--val-size", type=at_least(1), default=5000,
                    help="validation frames when the model card does not record them (default %(default)s)")
-    p.add_argument("--limit", type=int, default=0, help="first N validation and N test frames only (0 = all)")
+    p.add_argument("--limit", type=at_least(0), default=0, help="first N validation and N test frames only (0 = all)")
     p.add_argument("--wire-dtype", choices=(MODEL_WIRE_DTYPE, *DTYPES, "none"),
                    default=os.environ.get("ADA_DDNN_WIRE_DTYPE", MODEL_WIRE_DTYPE),
                    help="codec the camera features go through before fusion, as deployed; 'model' is the one each "
@@ -376,9 +383,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="fraction of frames, for --policy min-edge-rate (default %(default)s)")
     p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,
                    help="absolute accuracy, for --policy exit1-first and within-cloud (default %(default)s)")
-    p.add_argument("--draws", type=int, default=5, help="random camera sets per n for missing_n (default %(default)s)")
+    p.add_argument("--draws", type=at_least(1), default=5, help="random camera sets per n for missing_n (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the missing_n draws")
-    p.add_argument("--bytes-sample", type=int, default=500,
+    p.add_argument("--bytes-sample", type=at_least(0), default=500,
                    help="test frames whose messages are encoded for bytes_per_frame (0 = all; default %(default)s)")
     p.add_argument("--also", nargs="+", default=[], metavar="CHECKPOINT",
                    help="more checkpoints, e.g. the same recipe with --fusion max: evaluated the same way, rows "
@@ -393,8 +400,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "OUT/RESULTS.md)")
     p.add_argument("--device", default=os.environ.get("ADA_DDNN_DEVICE", "auto"),
                    help="auto, cpu, cuda (env ADA_DDNN_DEVICE; default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=500, help="frames per forward pass")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("ADA_DDNN_THREADS", "0")),
-                   help="torch CPU threads, 0 = torch's default (env ADA_DDNN_THREADS; default %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=500, help="frames per forward pass")
+    p.add_argument("--threads", type=at_least(0), default=None,
+                   help="torch CPU threads, 0 = torch's default (env ADA_DDNN_THREADS; default 0)")
     p.set_defaults(func=cmd_evaluate)
     return p

@@ -32,6 +32,8 @@ from cloud.cloud_net import load_cloud
 from cloud.worker import CloudConfig, Worker
 from edge.frame_store import FrameStore, StoreTimes
 from pipeline.compute import set_threads
+from pipeline.fileio import check_writable
+from pipeline.settings import at_least
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.redis_client import is_cluster_url, make_client, redis_client
 from pipeline.transport.results_sink import RECORD_RESULT, record_results
@@ -117,19 +119,35 @@ def bench_cloud(redis_url: str, sites: list[str], checkpoint: str, n: int, batch
             "frames_per_s": round(worker.stats.answered / wall, 1), "batches": worker.stats.batches}
 
 
+def fraction(raw: str) -> float:
+    """An argparse `type`: a number in 0..1."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {raw}")
+    return value
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m pipeline.orchestration.bench_scale") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis-url", default=None, help="redis:// or redis+cluster://; none = a private redis-server")
-    p.add_argument("--sites", type=int, default=4)
-    p.add_argument("--frames", type=int, default=20_000, help="frames per site for the Redis part")
-    p.add_argument("--cloud-share", type=float, default=0.1, help="share of frames escalated (release model: ~0.11)")
-    p.add_argument("--escalations", type=int, default=5_000, help="escalations for the cloud worker part (0 = skip)")
-    p.add_argument("--cloud-batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud worker")
-    p.add_argument("--checkpoint", default="models/ada.safetensors")
-    p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--sites", type=at_least(1), default=4, help="sites side by side (default %(default)s)")
+    p.add_argument("--frames", type=at_least(1), default=20_000, help="frames per site for the Redis part")
+    p.add_argument("--cloud-share", type=fraction, default=0.1, help="share of frames escalated (release model: ~0.11)")
+    p.add_argument("--escalations", type=at_least(0), default=5_000,
+                   help="escalations for the cloud worker part (0 = skip)")
+    p.add_argument("--cloud-batch", type=at_least(1), default=64, help="escalations per cloud forward pass")
+    p.add_argument("--threads", type=at_least(0), default=1, help="torch threads of the cloud worker")
+    p.add_argument("--checkpoint", default="models/ada.safetensors", help="the network of the cloud part")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the report here")
     args = p.parse_args(argv)
+    if args.json_out:
+        check_writable(args.json_out)  # before minutes of measuring
+    if args.escalations and not os.path.isfile(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file")
     set_threads(args.threads)
     tag = uuid.uuid4().hex[:6]
     sites = [f"bench-{tag}-{i}" for i in range(args.sites)]

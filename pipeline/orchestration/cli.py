@@ -21,6 +21,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -28,6 +29,7 @@ from typing import Callable, Sequence
 
 from pipeline.config import ModelConfig, TrainConfig, default_data_dir
 from pipeline.errors import Terminated
+from pipeline.fileio import check_writable
 from pipeline.settings import add_config_args, config_from_args
 
 log = logging.getLogger("ada_ddnn")
@@ -76,8 +78,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.offline.train import train
 
     cfg, tc = config_from_args(ModelConfig, args), config_from_args(TrainConfig, args)
-    data = load_data(args, tc.val_size)
+    if args.resume and args.init:
+        raise ValueError("--resume continues a run from its saved state, weights included; --init starts a new run "
+                         "from a checkpoint's weights: give one of them")
     out = args.out or f"runs/{cfg.mode}.safetensors"
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise ValueError(f"--out {out}: the checkpoint's file name, not a folder (e.g. {os.path.join(out, cfg.mode)}"
+                         ".safetensors)")
+    check_writable(out)  # before hours of training
+    data = load_data(args, tc.val_size)
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     _, _, card = train(cfg, tc, data, out_path=out, progress=not args.no_progress, command=command,
                        resume=args.resume, init=args.init)
@@ -90,7 +99,7 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     from pipeline.offline.evaluation import check_fraction
     from pipeline.offline.train import retune
 
-    for name in ("min_edge_accuracy", "min_exit1_rate"):  # before minutes of loading and inference
+    for name in ("min_edge_accuracy", "min_exit1_rate", "epsilon"):  # before minutes of loading and inference
         check_fraction(f"--{name.replace('_', '-')}", getattr(args, name))
     card = load_card(args.checkpoint)
     data = load_data(args, int((card.get("train_config") or {}).get("val_size", 5000)))
@@ -289,11 +298,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    if argv[:2] == ["bench", "scale"]:
+    lead = 0
+    while argv[lead:lead + 1] in (["-v"], ["--verbose"]):
+        lead += 1
+    if argv[lead:lead + 2] == ["bench", "scale"]:  # a parser of its own (also `python -m ...bench_scale`)
         from pipeline.orchestration import bench_scale
 
-        _setup_logging(False)
-        return bench_scale.main(argv[2:], prog="ada-ddnn bench scale")
+        _setup_logging(lead > 0)
+        try:
+            return bench_scale.main(argv[lead + 2:], prog="ada-ddnn bench scale")
+        except (ValueError, RuntimeError, OSError) as err:
+            log.error("%s: %s", type(err).__name__, err)
+            if lead:
+                raise
+            return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -93,11 +93,11 @@ class ReplayConfig:
     fps: float = field(default=0.0, metadata={"min": 0})  # frames per second; 0 = as fast as possible
     wire_dtype: str = field(default=MODEL_WIRE_DTYPE, metadata={"choices": (MODEL_WIRE_DTYPE, *DTYPES)})  # code of the features on the wire; model = the one the checkpoint was trained for (int8 if none)
     upload: str = field(default="auto", metadata={"choices": UPLOADS})  # the cameras' upload: lazy (summaries, features when the edge asks), eager (features always), auto (lazy for ADA-DDNN, eager for DDNN)
-    request_deadline_ms: int = field(default=1000, metadata={"min": 1})  # lazy upload: the edge decides a frame this long (ms) after asking for its features, with those that came
+    request_deadline_ms: int = field(default=1000, metadata={"min": 1, "max": 86400000})  # lazy upload: the edge decides a frame this long (ms) after asking for its features, with those that came
     early_exit1: bool = True  # lazy upload: the edge claims a frame at its first summary under T1 (off: waits for all summaries or the deadline)
     t1: float | None = None  # exit 1 threshold; none = the model card's
     t2: float | None = None  # exit 2 threshold; none = the model card's
-    deadline_ms: int = field(default=50, metadata={"min": 1})  # edge deadline (ms) after a frame's first observation
+    deadline_ms: int = field(default=50, metadata={"min": 1, "max": 86400000})  # edge deadline (ms) after a frame's first observation
     aggregators: int = field(default=1, metadata={"min": 1})  # edge aggregators
     workers: int = field(default=1, metadata={"min": 1})  # cloud workers
     mqtt_url: str | None = None  # Mosquitto, mqtt://host:port; none = start an embedded one
@@ -106,12 +106,12 @@ class ReplayConfig:
     window: int = field(default=128, metadata={"min": 1})  # frames in flight at most (cameras wait for results beyond it)
     camera_batch: int = field(default=64, metadata={"min": 1})  # frames per camera forward pass
     cloud_batch: int = field(default=64, metadata={"min": 1})  # escalations per cloud forward pass at most
-    cloud_wait_ms: int = field(default=10, metadata={"min": 0})  # the cloud waits at most this long (ms) to fill a batch
+    cloud_wait_ms: int = field(default=10, metadata={"min": 0, "max": 60_000})  # the cloud waits at most this long (ms) to fill a batch
     cloud_device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
     silent: tuple[int, ...] = field(default=(), metadata={"min": 0})  # cameras that never publish (a dead camera), comma-separated
     compare: bool = True  # also run offline evaluation of the same frames and compare
     progress: bool = True  # show a live progress bar
-    drain_timeout_s: float = field(default=60.0, metadata={"min": 0})  # after the cameras finish, wait this long (s) for the last results
+    drain_timeout_s: float = field(default=60.0, metadata={"min": 0, "max": 31536000})  # after the cameras finish, wait this long (s) for the last results
     keep_keys: bool = False  # leave the site's Redis keys for inspection
     processes: bool = True  # run cameras, aggregators and workers as separate processes (as deployed); no = threads of this process
     overload_lag_ms: int = field(default=300, metadata={"min": 1})  # processes: the cameras hold back while an aggregator reports observations reaching it this late (ms)
@@ -352,6 +352,10 @@ def metrics_ports(first: int, workers: int, aggregators: int, cameras: int) -> d
     """The /metrics port of every role process from `first` on (none where first is 0), logged."""
     if not first:
         return {"cloud": [], "edge": [], "cameras": []}
+    last = first + workers + aggregators + cameras - 1
+    if last > 65535:
+        raise ValueError(f"metrics_port {first}: the {workers + aggregators + cameras} role processes need ports "
+                         f"{first}..{last}, beyond 65535")
     ports = {"cloud": list(range(first, first + workers)),
              "edge": list(range(first + workers, first + workers + aggregators)),
              "cameras": list(range(first + workers + aggregators, first + workers + aggregators + cameras))}

@@ -49,7 +49,7 @@ class StatusConfig:
     site: str = "site0"  # site id: prefix of every topic and key
     mqtt_url: str = DEFAULT_MQTT_URL  # Mosquitto, mqtt://host:port
     redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://host:port/db or redis+cluster://host:port,...
-    window_s: float = field(default=60.0, metadata={"above": 0})  # decisions over this many seconds back give the rate and the exit mix
+    window_s: float = field(default=60.0, metadata={"above": 0, "max": 31536000})  # decisions over this many seconds back give the rate and the exit mix
     cloud_group: str = names.CLOUD_GROUP  # the cloud workers' consumer group
 
     def __post_init__(self) -> None:
@@ -179,8 +179,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(StatusConfig, args)
     if printed(cfg, args):
         return 0
-    if not args.watch >= 0:
-        raise ValueError(f"--watch: seconds between looks, 0 (once) or more, got {args.watch}")
+    if not 0 <= args.watch <= 86_400:
+        raise ValueError(f"--watch: seconds between looks, 0 (once) to 86400, got {args.watch}")
     while True:
         st = site_status(cfg)
         print(json.dumps(asdict(st), indent=2) if args.json else table(st), flush=True)
@@ -197,4 +197,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(subparsers, "status", StatusConfig, main, help="one table of a live site: cameras, services, "
                     "backlog, exit mix", description=__doc__)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--watch", type=float, default=0.0, metavar="S", help="print again every S seconds")
+    p.add_argument("--watch", type=float, default=0.0, metavar="S", help="print again every S seconds (0: once; default 0)")

@@ -46,7 +46,7 @@ class BrokerRoleConfig:
     redis_url: str = DEFAULT_REDIS_URL  # Redis, redis://[user:password@]host:port/db (rediss:// for TLS); a Redis Cluster: redis+cluster://[user:password@]host:port,host:port (rediss+cluster:// for TLS)
     checkpoint: str = "models/ada.safetensors"  # weights (.safetensors): the full checkpoint or this role's part
 
-    heartbeat_s: float = field(default=2.0, metadata={"above": 0})  # seconds between heartbeats; three missed and the service counts as dead
+    heartbeat_s: float = field(default=2.0, metadata={"above": 0, "max": 3600})  # seconds between heartbeats; three missed and the service counts as dead
     metrics_port: int = field(default=0, metadata={"min": 0, "max": 65535})  # serve Prometheus /metrics on this TCP port; 0 = off
     metrics_host: str = "127.0.0.1"  # address /metrics listens on (0.0.0.0: a scraper on another host)
 

@@ -61,17 +61,17 @@ def test_bench_train_json(capsys):
     (["edge", "--admit-window", "-1"], "admit_window must be >= 0, got -1"),
     (["edge", "--threads", "-2"], "threads must be >= 0, got -2"),
     (["edge", "--receive-maximum", "70000"], "receive_maximum must be 1..65535, got 70000"),
-    (["edge", "--heartbeat-s", "0"], "heartbeat_s must be > 0, got 0"),
+    (["edge", "--heartbeat-s", "0"], "heartbeat_s must be > 0 and <= 3600, got 0"),
     (["cameras", "--cameras", "0,-1"], "cameras must be each >= 0, got 0,-1"),
     (["cameras", "--fps", "-1"], "fps must be >= 0, got -1"),
     (["cameras", "--start", "5", "--stop", "5"], "stop must be above start"),
     (["cameras", "--cameras", "0,0"], "each once"),
     (["cloud", "--sites", ","], "a comma-separated list of site ids"),
     (["cloud", "--max-deliveries", "0"], "max_deliveries must be >= 1, got 0"),
-    (["cloud", "--claim-interval-s", "0"], "claim_interval_s must be > 0, got 0"),
+    (["cloud", "--claim-interval-s", "0"], "claim_interval_s must be > 0 and <= 3600, got 0"),
     (["replay", "--t1", "1.5"], "t1 is a normalized entropy threshold"),
     (["replay", "--silent", "1,1"], "each once"),
-    (["replay", "--drain-timeout-s", "-1"], "drain_timeout_s must be >= 0, got -1"),
+    (["replay", "--drain-timeout-s", "-1"], "drain_timeout_s must be 0..31536000, got -1"),
     (["replay", "--metrics-port", "70000"], "metrics_port must be 0..65535, got 70000"),
     (["replay", "--aggregators", "0"], "aggregators must be >= 1, got 0"),
     (["status", "--watch", "-1"], "--watch: seconds between looks"),
@@ -119,3 +119,50 @@ def test_sigterm_while_a_role_loads_ends_it_with_one_line_and_143():
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out
     assert "stopped by SIGTERM" in out and "Traceback" not in out
+
+
+def test_a_bad_threads_variable_stops_only_the_commands_that_read_it(monkeypatch, capsys):
+    monkeypatch.setenv("ADA_DDNN_THREADS", "abc")
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])  # the parsers are built without reading it
+    assert done.value.code == 0 and "evaluate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["train", "--resume", "--init", "models/ada.safetensors", "--out", "x.safetensors"], "give one of them"),
+    (["train", "--out", "models/"], "the checkpoint's file name, not a folder"),
+    (["train", "--out", "/proc/no/x.safetensors"], "cannot write /proc/no/x.safetensors"),
+    (["train", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["train", "--camera-dropout", "1.5"], "camera_dropout must be 0..1, got 1.5"),
+    (["train", "--momentum", "5"], "momentum must be 0..1, got 5.0"),
+    (["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "/proc/no/report", "--limit", "5"],
+     "cannot write /proc/no/report/report.json"),
+    (["evaluate", "--checkpoint", "models/ada.safetensors", "--also", "no/such.safetensors", "--out", "unused/"],
+     "no/such.safetensors"),
+    (["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "unused/", "--device", "bogus"],
+     "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+])
+def test_offline_commands_name_a_bad_option_before_the_data_loads(argv, reason, caplog, tmp_path):
+    assert main([*argv, "--data", str(tmp_path)]) == 1  # an empty data folder: nothing gets that far
+    assert reason in caplog.text and "no CIFAR-10" not in caplog.text
+
+
+def test_a_model_card_that_is_not_an_object_or_has_thresholds_out_of_range_is_named(tmp_path):
+    import shutil
+
+    from pipeline.checkpoint import card_path, load_card, read_config, thresholds
+    from pipeline.errors import CheckpointError
+
+    ckpt = str(tmp_path / "m.safetensors")
+    shutil.copy("models/ada.safetensors", ckpt)
+    cfg = read_config(ckpt)
+    for text, reason in (("[1, 2]", "the model card is a JSON list, not an object"),
+                         ("{not json", "the model card does not read as JSON"),
+                         ('{"thresholds": {"t1": 5, "t2": 0.4}}', "thresholds.t1 must be a normalized entropy in [0, 1]"),
+                         ('{"thresholds": {"t1": 0.1, "t2": "abc"}}', "thresholds.t2 must be a normalized entropy")):
+        with open(card_path(ckpt), "w") as f:
+            f.write(text)
+        with pytest.raises(CheckpointError, match=re.escape(reason)):
+            load_card(ckpt)
+            thresholds(ckpt, cfg)
+    assert thresholds(ckpt, cfg, 0.5, 0.5) == (0.5, 0.5)  # both given: the card is not read
