@@ -52,6 +52,7 @@ from pipeline.offline.network import AdaDDNN, load_checkpoint, prepare_views
 from pipeline.orchestration.loadgen import write_templates
 from pipeline.orchestration.replay import ReplayConfig, run_replay
 from pipeline.orchestration.roles import RoleProcess, start_role, stop_all, wait_alive
+from pipeline.settings import check_fields
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.redis_client import redis_client
 from pipeline.wire import names
@@ -66,7 +67,7 @@ class StreamBenchConfig:
 
     checkpoint: str = "models/ada.safetensors"  # the network whose observations and decisions are streamed
     data: str = field(default_factory=default_data_dir)  # folder holding cifar-10-batches-py/
-    templates: int = 512  # distinct real observations (test frames) the load generator cycles through
+    templates: int = field(default=512, metadata={"min": 1, "max": 10_000})  # distinct real observations (test frames) the load generator cycles through
     step_s: float = 6.0  # seconds each offered rate lasts
     edge_rates: tuple[int, ...] = (200, 400, 600, 800, 1000, 1300, 1600, 2000)  # frames/s offered to the edge, stepped up until it stops holding
     replay_fps: tuple[int, ...] = (60, 100, 140, 180, 220, 260)  # end-to-end rates tried, stepped up until one is not sustained
@@ -76,6 +77,9 @@ class StreamBenchConfig:
     scaling_frames: int = 1500  # frames each scaling replay streams
     soak_frames: int = 0  # frames of the memory run (0 = skip it; the release figure used 100,000)
     soak_fps: int = 0  # its offered rate; 0 = 80% of the edge's measured capacity
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges, as declared on the fields
 
 
 # --- compute ceiling -----------------------------------------------------------------------

@@ -242,6 +242,8 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import export_parts
 
+    if not args.parts.strip():
+        raise ValueError("--parts: the folder for the part files, got ''")
     written = export_parts(args.checkpoint, args.parts)
     print(json.dumps({"checkpoint": args.checkpoint, "parts": written}, indent=2))
     return 0
