@@ -108,7 +108,7 @@ class SessionReaper:
         keys = self.redis.hkeys(names.edge_sessions_key(self.site))
         registered = {k.decode(errors="replace") if isinstance(k, bytes) else k for k in keys}
         registered = {k for k in registered if names.SERVICE_RE.match(k)}  # what an aggregator can have written
-        silent = registered - {self.sid} - set(alive(self.redis, self.site, "edge"))
+        silent = {o for o in registered - {self.sid} if not alive(self.redis, self.site, "edge", o)}  # EXISTS each
         self._dead_since = {o: self._dead_since.get(o, now) for o in silent}
         for owner in sorted(o for o, since in self._dead_since.items() if now - since >= self.grace_s):
             if self.redis.set(names.edge_reap_lock_key(self.site, owner), self.sid, nx=True, px=LOCK_MS):
