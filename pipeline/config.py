@@ -102,7 +102,7 @@ class TrainConfig:
 
     epochs: int = field(default=30, metadata={"min": 1})  # passes over the 45,000 training images; the paper uses 180
     batch_size: int = field(default=200, metadata={"min": 1})  # frames per step (the paper's value)
-    lr: float = field(default=0.1, metadata={"above": 0})  # peak SGD learning rate (the paper's value)
+    lr: float = field(default=0.1, metadata={"min": 0})  # peak SGD learning rate (the paper's value); 0 moves only the batch-norm statistics
     momentum: float = field(default=0.9, metadata={"min": 0, "max": 1})  # SGD momentum (the paper's value)
     nesterov: bool = True  # Nesterov momentum
     weight_decay: float = field(default=5e-4, metadata={"min": 0})  # L2 on conv/linear weights, not on BN or biases
