@@ -89,6 +89,7 @@ class CloudConfig(BrokerRoleConfig):
             for one in filter(None, listed):
                 names.check_site(one)
         self.mqtt_urls()
+        names.check_group(self.group)
 
     def site_list(self) -> list[str]:
         """The sites named by --sites (none for *), else --site."""

@@ -736,6 +736,9 @@ def main(args: argparse.Namespace) -> int:
         return check_alive(cfg.redis_url, cfg.site, "edge", cfg.service_id or None)
     set_threads(cfg.threads)
     edge = load_edge(cfg.checkpoint)
+    if cfg.t1 is not None and not edge.cfg.has_camera_classifiers:
+        log.warning("edge: --t1 %s is ignored: %s is a %s network, without camera classifiers and so without exit 1",
+                    cfg.t1, cfg.checkpoint, edge.cfg.mode)
     t1, t2 = thresholds(cfg.checkpoint, edge.cfg, cfg.t1, cfg.t2)
     serve(Aggregator(cfg, edge, t1, t2))
     return 0

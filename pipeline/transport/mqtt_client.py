@@ -89,6 +89,8 @@ def parse_mqtt_url(url: str) -> MqttUrl:
         raise ServiceError(f"MQTT URL {_hide(url)!r}: scheme must be mqtt://, tcp:// or mqtts://")
     if not u.hostname:
         raise ServiceError(f"MQTT URL {_hide(url)!r}: no host")
+    if u.path not in ("", "/") or u.params or u.fragment:
+        raise ServiceError(f"MQTT URL {_hide(url)!r}: an MQTT broker is host and port only, without a path")
     tls = u.scheme in ("mqtts", "ssl")
     try:
         port = u.port or (8883 if tls else 1883)

@@ -48,6 +48,11 @@ def _level(value: object, what: str) -> str:
     return value
 
 
+def check_group(group: object) -> str:
+    """A Redis consumer group name (the cloud workers'), spelled like a site id."""
+    return _level(group, "consumer group")
+
+
 def check_site(site: object) -> str:
     return _level(site, "site id")
 

@@ -68,6 +68,7 @@ def test_bench_train_json(capsys):
     (["cameras", "--cameras", "0,0"], "each once"),
     (["cloud", "--sites", ","], "a comma-separated list of site ids"),
     (["cloud", "--max-deliveries", "0"], "max_deliveries must be >= 1, got 0"),
+    (["cloud", "--group", ""], "consumer group must match"),
     (["cloud", "--claim-interval-s", "0"], "claim_interval_s must be > 0 and <= 3600, got 0"),
     (["replay", "--t1", "1.5"], "t1 is a normalized entropy threshold"),
     (["replay", "--silent", "1,1"], "each once"),
@@ -166,3 +167,11 @@ def test_a_model_card_that_is_not_an_object_or_has_thresholds_out_of_range_is_na
             load_card(ckpt)
             thresholds(ckpt, cfg)
     assert thresholds(ckpt, cfg, 0.5, 0.5) == (0.5, 0.5)  # both given: the card is not read
+
+
+def test_edge_says_t1_is_ignored_for_a_network_without_exit_1(caplog):
+    # DDNN has no camera classifiers: a --t1 given to its edge used to vanish without a word.
+    rc = main(["edge", "--checkpoint", "models/ddnn.safetensors", "--t1", "0.5", "--site", "t1-ignored",
+               "--mqtt-url", "mqtt://127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert rc == 1  # no broker at port 1: it stops there, after the warning
+    assert "--t1 0.5 is ignored: models/ddnn.safetensors is a ddnn network" in caplog.text

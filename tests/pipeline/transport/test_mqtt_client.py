@@ -15,8 +15,9 @@ def test_parse_mqtt_url_plain_and_tls():
     assert (u.host, u.port, u.tls, u.username, u.password) == ("broker", 8883, True, "cam 3", "p@ss")
     assert (u.ca, u.cert, u.key) == ("/etc/ca.pem", "/c.pem", "/k.pem")
     assert u.safe() == "mqtts://cam 3@broker:8883" and "p@ss" not in u.safe()
+    assert parse_mqtt_url("mqtt://broker:1884/").port == 1884  # a trailing slash is no path
     for bad in ("http://broker:1883", "mqtt://", "mqtt://broker:notaport", "mqtt://broker?ca=/x",
-                "mqtts://broker?colour=red"):
+                "mqtts://broker?colour=red", "mqtt://127.0.0.1:1883/extra/path"):
         with pytest.raises(ServiceError):
             parse_mqtt_url(bad)
 
@@ -188,10 +189,17 @@ def test_a_held_resend_reaches_a_receiver_whose_session_the_broker_lost(tmp_path
 
     broker = Mosquitto(tmp_path / "mosquitto", autosave_interval_s=3600).start()
     got: list[bytes] = []
+    ready = threading.Event()
 
-    def receiver() -> MqttClient:
-        return MqttClient(broker.url, "held-sub", on_message=lambda m: got.append(m.payload),
-                          on_connect=lambda c: c.subscribe("t/held", qos=1), session_expiry_s=600).connect()
+    def receiver() -> MqttClient:  # both topics in one SUBSCRIBE: a message on t/ready means t/held is on too
+        return MqttClient(broker.url, "held-sub",
+                          on_message=lambda m: ready.set() if m.topic == "t/ready" else got.append(m.payload),
+                          on_connect=lambda c: c.subscribe([("t/held", 1), ("t/ready", 1)]),
+                          session_expiry_s=600).connect()
+
+    def subscribed(pinger: MqttClient) -> bool:
+        pinger.publish("t/ready", b"", qos=1)
+        return ready.wait(0.1)
 
     try:
         receiver().close()  # its session waits in the broker's memory
@@ -205,6 +213,9 @@ def test_a_held_resend_reaches_a_receiver_whose_session_the_broker_lost(tmp_path
             assert pub.publish("t/held", str(i).encode(), qos=1)
         assert pub.wait_confirmed(10)  # acknowledged, and dropped: nobody subscribes yet
         sub = receiver()
+        pinger = MqttClient(broker.url, "held-ping").connect()  # of its own: what pub sends counts as resent
+        wait_until(lambda: subscribed(pinger), 10, "the receiver's subscription")
+        pinger.close()
         pub.release_resend()  # the caller's sign that a receiver is back
         if hold:
             wait_until(lambda: len(set(got)) == 25, 10, "the 25 messages")
