@@ -145,6 +145,17 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def fraction(raw: str) -> float:
+    """An argparse `type` for a plain flag: a number in 0..1."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {raw}")
+    return value
+
+
 def env_int(field_name: str, default: int, low: int = 0) -> int:
     """The int in env var ADA_DDNN_<FIELD_NAME> (>= `low`), else `default`; bad text raises
     SettingsError naming the variable (read when a command runs, never while parsers are built)."""

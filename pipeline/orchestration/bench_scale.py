@@ -33,7 +33,7 @@ from cloud.worker import CloudConfig, Worker
 from edge.frame_store import FrameStore, StoreTimes
 from pipeline.compute import set_threads
 from pipeline.fileio import check_writable
-from pipeline.settings import at_least
+from pipeline.settings import at_least, fraction
 from pipeline.transport.embedded import embedded_services
 from pipeline.transport.redis_client import is_cluster_url, make_client, redis_client
 from pipeline.transport.results_sink import RECORD_RESULT, record_results
@@ -117,17 +117,6 @@ def bench_cloud(redis_url: str, sites: list[str], checkpoint: str, n: int, batch
         worker.stop()
     return {"escalations": worker.stats.answered, "batch": batch, "threads": torch.get_num_threads(),
             "frames_per_s": round(worker.stats.answered / wall, 1), "batches": worker.stats.batches}
-
-
-def fraction(raw: str) -> float:
-    """An argparse `type`: a number in 0..1."""
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in 0..1, got {raw}")
-    return value
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipeline.orchestration.bench_scale") -> int:

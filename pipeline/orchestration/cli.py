@@ -18,6 +18,7 @@ module's `register(subparsers)`; `COMMANDS` lists them in the order of `--help`.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -306,23 +307,19 @@ def _main(argv: list[str]) -> int:
     if argv[lead:lead + 2] == ["bench", "scale"]:  # a parser of its own (also `python -m ...bench_scale`)
         from pipeline.orchestration import bench_scale
 
-        _setup_logging(lead > 0)
-        try:
-            return bench_scale.main(argv[lead + 2:], prog="ada-ddnn bench scale")
-        except (ValueError, RuntimeError, OSError) as err:
-            log.error("%s: %s", type(err).__name__, err)
-            if lead:
-                raise
-            return 1
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+        verbose = lead > 0
+        run: Callable[[], int] = functools.partial(bench_scale.main, argv[lead + 2:], prog="ada-ddnn bench scale")
+    else:
+        args = build_parser().parse_args(argv)
+        verbose = args.verbose
+        run = functools.partial(args.func, args)
+    _setup_logging(verbose)
     try:
-        return args.func(args)
+        return run()
     except (ValueError, RuntimeError, OSError) as err:
         # Named errors from the package (DataError, CheckpointError, ...) end here with one line.
         log.error("%s: %s", type(err).__name__, err)
-        if args.verbose:
+        if verbose:
             raise
         return 1
 

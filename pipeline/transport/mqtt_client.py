@@ -187,9 +187,7 @@ class MqttClient:
         if self.resend_s > 0 and self._lost_at is not None:
             since = self._lost_at - self.resend_s
             if self.resend_after > 0:
-                with self._lock:
-                    held = self._resend_since
-                    self._resend_since = since if held is None else min(held, since)
+                self._hold(since)
                 log.info("MQTT %s: holding the resend until a receiver is back (at most %.0f s): a broker that lost "
                          "the receivers' sessions drops what comes before they subscribe again", self.client_id,
                          self.resend_after)
@@ -209,8 +207,12 @@ class MqttClient:
         if since is not None and self.connected.is_set():
             self._resend(since)
         elif since is not None:  # lost again meanwhile: the next reconnect holds it again
-            with self._lock:
-                self._resend_since = since if self._resend_since is None else min(self._resend_since, since)
+            self._hold(since)
+
+    def _hold(self, since: float) -> None:
+        """Hold a resend from `since` on (merged with one held already: the earlier start)."""
+        with self._lock:
+            self._resend_since = since if self._resend_since is None else min(self._resend_since, since)
 
     def _resend(self, since: float) -> None:
         """After a reconnect: publish again what the broker acknowledged from `since` on (the last

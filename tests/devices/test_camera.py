@@ -174,14 +174,12 @@ def test_cameras_shed_and_name_frames_while_the_edge_is_overloaded(stream_setup,
     assert abs(stats.frames - 14) <= 1
 
 
-def test_a_camera_whose_range_follows_the_retained_run_starts_its_own(stream_setup):
-    """The retained clock scheduled frames 0..4 and is still running; a camera replaying 4..8
-    must not inherit those overdue slots (it would shed its first frames as behind)."""
+def clock_announcing_feed(model, data, cfg: CameraConfig) -> tuple[CameraFeed, list]:
+    """A feed of camera 0 whose client, instead of a broker, hands each site clock it publishes
+    straight back as the retained one; (feed, the clocks it published)."""
     from pipeline.wire.control import SiteClock
 
-    _, model, data, _, _ = stream_setup
-    feed = CameraFeed(CameraConfig(site="s", cameras=(0,), start=4, stop=8, fps=2.0), {0: model.cameras[0]},
-                      data.test)
+    feed = CameraFeed(cfg, {0: model.cameras[0]}, data.test)
     published = []
 
     class Client:
@@ -192,6 +190,16 @@ def test_a_camera_whose_range_follows_the_retained_run_starts_its_own(stream_set
             return True
 
     feed.clients = {0: Client()}
+    return feed, published
+
+
+def test_a_camera_whose_range_follows_the_retained_run_starts_its_own(stream_setup):
+    """The retained clock scheduled frames 0..4 and is still running; a camera replaying 4..8
+    must not inherit those overdue slots (it would shed its first frames as behind)."""
+    from pipeline.wire.control import SiteClock
+
+    _, model, data, _, _ = stream_setup
+    feed, published = clock_announcing_feed(model, data, CameraConfig(site="s", cameras=(0,), start=4, stop=8, fps=2.0))
     now = time.time()
     feed.signals.clock = SiteClock("s", now - 1.9, 2.0, 0, 4)  # frame 4's slot would be in 0.1 s, frame 7's later
     feed.signals.clock_seen.set()
@@ -211,18 +219,7 @@ def test_a_retained_clock_dated_far_ahead_is_not_joined(stream_setup, caplog):
     from pipeline.wire.control import SiteClock
 
     _, model, data, _, _ = stream_setup
-    feed = CameraFeed(CameraConfig(site="s", cameras=(0,), start=0, stop=8, fps=2.0), {0: model.cameras[0]},
-                      data.test)
-    published = []
-
-    class Client:
-        def publish(self, topic, raw, qos=1, retain=False):
-            published.append(SiteClock.decode(raw))
-            feed.signals.clock = published[-1]
-            feed.signals.clock_seen.set()
-            return True
-
-    feed.clients = {0: Client()}
+    feed, published = clock_announcing_feed(model, data, CameraConfig(site="s", cameras=(0,), start=0, stop=8, fps=2.0))
     now = time.time()
     feed.signals.clock = SiteClock("s", now + 10 * 86400, 2.0, 0, 8)
     feed.signals.clock_seen.set()
