@@ -14,6 +14,7 @@ import time
 from pipeline.fileio import atomic_write_text
 from pipeline.offline.figures import NAMES, label
 from pipeline.offline.link import at_accuracy, pareto_front
+from pipeline.offline.train import epochs_total
 
 # The ADA-DDNN paper's CIFAR-10 table: accuracy (%) at the edge and at the cloud, per mode.
 PAPER = {
@@ -172,10 +173,19 @@ def render(entries: list[dict], figures: dict[str, str], page_dir: str) -> str:
     lines += ["## Provenance", "", "| | checkpoint | epochs | trained on | training wall time | report |", "|---|---|---:|---|---:|---|"]
     for e in entries:
         card = e.get("card") or {}
-        lines.append(f"| {label(e, entries)} | `{e['report']['checkpoint']}` | {card.get('epochs', '-')} | "
+        lines.append(f"| {label(e, entries)} | `{e['report']['checkpoint']}` | {_epochs(card)} | "
                      f"{card.get('device', '-')} | {card.get('wall_time_s', '-')} s | {e['report']['n']} test frames |")
     lines += ["", f"The paper's recipe: {PAPER_RECIPE}.", ""]
     return "\n".join(lines)
+
+
+def _epochs(card: dict) -> str:
+    """A card's epochs; for a run started from another checkpoint, the whole budget and its parts
+    ("42 (30 + 12)")."""
+    own, total = card.get("epochs"), epochs_total(card)
+    if own is None:
+        return "-"
+    return f"{total} ({total - own} + {own})" if total is not None and total != own else str(own)
 
 
 def _b(x: float | None) -> str:

@@ -201,6 +201,16 @@ def test_init_starts_from_a_checkpoint_for_other_codes(tmp_path):
     weights = [k for k in tuned if k.endswith(".weight") and tuned[k].ndim > 1]
     assert weights and all(torch.equal(tuned[k], theirs[k]) for k in weights)
     assert card["initialized_from"]["sha256"] == record["sha256"] and load_card(out)["config"]["wire_dtype"] == "int1"
+    assert card["epochs_total"] == 2  # its epoch and the one behind the checkpoint it started from
 
     with pytest.raises(CheckpointError, match="camera_channels"):
         initial_weights(AdaDDNN(tiny_config(camera_channels=12)), base)
+
+
+def test_epochs_total_adds_up_a_chain_of_starts():
+    from pipeline.offline.train import epochs_total
+
+    assert epochs_total({"epochs": 30}) == 30
+    assert epochs_total({"epochs": 12, "initialized_from": {"epochs": 30}}) == 42
+    assert epochs_total({"epochs": 3, "initialized_from": {"epochs": 12, "epochs_total": 42}}) == 45
+    assert epochs_total({"epochs": 3, "initialized_from": {"epochs": None}}) is None
