@@ -59,6 +59,8 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 # What a cluster without a serving node for a slot looks like (a master died and no replica has
 # taken over yet; no start-up node answers): an outage, retried like a connection error.
 CLUSTER_DOWN = (ClusterDownError, ClusterError, RedisClusterException)
+# redis-py's words when a start-up node answers as a server without cluster mode.
+NOT_A_CLUSTER = "Cluster mode is not enabled"
 
 
 def is_cluster_url(url: str) -> bool:
@@ -123,6 +125,9 @@ def redis_client(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
         except redis.AuthenticationError as err:
             raise ConnectError(f"Redis {safe_url(url)} refused the login: {err}") from err
         except CLUSTER_DOWN as err:  # no start-up node answers, or the cluster is not ok (yet)
+            if NOT_A_CLUSTER in str(err):  # a plain Redis answered: that never heals by waiting
+                raise ConnectError(f"Redis {safe_url(url)} is not a cluster ({err}); use redis:// for one "
+                                   "server") from err
             if time.monotonic() + delay > deadline:
                 raise ConnectError(f"Redis Cluster {safe_url(url)} unavailable for {timeout_s:.0f}s: {err}") from err
             log.warning("Redis Cluster %s unavailable (%s); retrying in %.1fs", safe_url(url), err, delay)

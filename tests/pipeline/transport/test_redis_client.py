@@ -35,3 +35,12 @@ def test_a_cluster_nobody_answers_fails_after_its_timeout():
 def test_a_url_redis_py_would_take_silently_is_refused(bad, reason):
     with pytest.raises(ConnectError, match=reason):
         redis_client(bad, timeout_s=0.5)
+
+
+def test_a_cluster_url_to_a_plain_redis_fails_at_once(brokers):
+    # A server without cluster mode never becomes a cluster by waiting: named, not retried for timeout_s.
+    from urllib.parse import urlsplit
+
+    u = urlsplit(brokers[1])
+    with pytest.raises(ConnectError, match="not a cluster.*use redis://"):
+        redis_client(f"redis+cluster://{u.hostname}:{u.port or 6379}", timeout_s=30)
