@@ -52,7 +52,7 @@ from pipeline.fileio import check_writable, write_json
 from pipeline.offline import evaluation, link
 from pipeline.offline.evaluation import CameraPass, Collected
 from pipeline.offline.network import AdaDDNN, load_checkpoint
-from pipeline.settings import at_least, env_int
+from pipeline.settings import at_least, env_int, fraction
 from pipeline.wire.messages import DTYPES
 
 log = logging.getLogger(__name__)
@@ -296,10 +296,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.offline.figures import write_figures
     from pipeline.offline.results_page import write_results
 
-    if args.draws < 1:
-        raise ValueError(f"--draws must be at least 1, got {args.draws}")
-    for name in ("min_edge_accuracy", "min_edge_rate", "min_exit1_rate", "epsilon"):
-        evaluation.check_fraction(f"--{name.replace('_', '-')}", getattr(args, name))
     set_threads(env_int("threads", 0) if args.threads is None else args.threads)
     device = str(resolve_device(args.device))
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else []) \
@@ -374,14 +370,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "cloud-only - --epsilon; min-edge-rate = best overall accuracy with >= --min-edge-rate at "
                         "the edge; within-cloud = most frames at the edge with overall accuracy >= cloud-only - "
                         "--epsilon (default %(default)s)")
-    p.add_argument("--min-edge-accuracy", type=float, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
+    p.add_argument("--min-edge-accuracy", type=fraction, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
                    help="fraction, for --policy edge-accuracy and exit1-first (default %(default)s)")
-    p.add_argument("--min-exit1-rate", type=float, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
+    p.add_argument("--min-exit1-rate", type=fraction, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
                    help="fraction of frames at exit 1, for --policy edge-accuracy with camera classifiers; "
                         "dropped when no threshold pair reaches it (default %(default)s)")
-    p.add_argument("--min-edge-rate", type=float, default=evaluation.DEFAULT_MIN_EDGE_RATE,
+    p.add_argument("--min-edge-rate", type=fraction, default=evaluation.DEFAULT_MIN_EDGE_RATE,
                    help="fraction of frames, for --policy min-edge-rate (default %(default)s)")
-    p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,
+    p.add_argument("--epsilon", type=fraction, default=evaluation.DEFAULT_EPSILON,
                    help="absolute accuracy, for --policy exit1-first and within-cloud (default %(default)s)")
     p.add_argument("--draws", type=at_least(1), default=5, help="random camera sets per n for missing_n (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the missing_n draws")

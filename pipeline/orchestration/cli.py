@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 from pipeline.config import ModelConfig, TrainConfig, default_data_dir
 from pipeline.errors import Terminated
 from pipeline.fileio import check_writable
-from pipeline.settings import add_config_args, config_from_args
+from pipeline.settings import add_config_args, config_from_args, fraction
 
 log = logging.getLogger("ada_ddnn")
 
@@ -97,11 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import load_card
-    from pipeline.offline.evaluation import check_fraction
     from pipeline.offline.train import retune
 
-    for name in ("min_edge_accuracy", "min_exit1_rate", "epsilon"):  # before minutes of loading and inference
-        check_fraction(f"--{name.replace('_', '-')}", getattr(args, name))
     card = load_card(args.checkpoint)
     data = load_data(args, int((card.get("train_config") or {}).get("val_size", 5000)))
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -124,12 +121,12 @@ def register_thresholds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors) with its model card beside it")
     p.add_argument("--policy", choices=evaluation.POLICIES, default=evaluation.DEFAULT_POLICY,
                    help="threshold policy (see ada-ddnn evaluate --help; default %(default)s)")
-    p.add_argument("--min-edge-accuracy", type=float, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
+    p.add_argument("--min-edge-accuracy", type=fraction, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
                    help="fraction, for edge-accuracy and exit1-first (default %(default)s)")
-    p.add_argument("--min-exit1-rate", type=float, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
+    p.add_argument("--min-exit1-rate", type=fraction, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
                    help="fraction of frames at exit 1, for edge-accuracy with camera classifiers; dropped when "
                         "no threshold pair reaches it (default %(default)s)")
-    p.add_argument("--epsilon", type=float, default=evaluation.DEFAULT_EPSILON,
+    p.add_argument("--epsilon", type=fraction, default=evaluation.DEFAULT_EPSILON,
                    help="absolute accuracy, for exit1-first and within-cloud (default %(default)s)")
     p.add_argument("--write", action="store_true", help="rewrite the model card with the new thresholds")
     p.set_defaults(func=cmd_thresholds)

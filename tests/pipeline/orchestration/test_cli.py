@@ -88,9 +88,11 @@ def test_an_option_out_of_range_is_named_before_anything_starts(argv, reason, ca
     ["thresholds", "--checkpoint", "models/ada.safetensors", "--min-exit1-rate", "1.5"],
     ["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "unused/", "--min-exit1-rate", "1.5"],
 ])
-def test_a_policy_floor_out_of_range_is_named_before_the_data_loads(argv, caplog, tmp_path):
-    assert main([*argv, "--data", str(tmp_path)]) == 1  # an empty data folder: only the floor check runs first
-    assert "--min-exit1-rate is a fraction in 0..1, got 1.5" in caplog.text
+def test_a_policy_floor_out_of_range_is_named_before_the_data_loads(argv, capsys, tmp_path):
+    with pytest.raises(SystemExit) as done:  # refused as the command line is parsed: no data, no checkpoint read
+        main([*argv, "--data", str(tmp_path)])
+    assert done.value.code == 2
+    assert "argument --min-exit1-rate: must be in 0..1, got 1.5" in capsys.readouterr().err
 
 
 def test_a_report_path_that_cannot_be_written_fails_before_the_replay(caplog):
