@@ -79,3 +79,4 @@ def test_the_level_table_prices_each_accuracy_for_both_modes():
     # 30% or more; 85.5 (176 against 160) does not
     assert "| 86.0% | int2, T2 0.000 | 86.80 / 86.70 | 256 | int2, T1 0.025, T2 0.000 | 86.05 / 85.95 | 176 | 31.2% |" in page
     assert "saves -10.0% to +37.5%, at least 30% at 4 of the 5 levels" in page
+    assert "| 87.0% |" not in page  # neither mode reaches it: no row
