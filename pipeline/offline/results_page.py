@@ -171,7 +171,7 @@ def render(entries: list[dict], figures: dict[str, str], page_dir: str) -> str:
     for name, path in figures.items():
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(page_dir))
         lines += [f"**{FIGURE_CAPTIONS.get(name, name)}**", "", f"![{name}]({rel})", ""]
-    lines += ["## Provenance", "", "| | checkpoint | epochs | trained on | training wall time | report |", "|---|---|---:|---|---:|---|"]
+    lines += ["## Provenance", "", "| | checkpoint | epochs | trained on | training wall time (this run) | report |", "|---|---|---:|---|---:|---|"]
     for e in entries:
         card = e.get("card") or {}
         lines.append(f"| {label(e, entries)} | `{e['report']['checkpoint']}` | {_epochs(card)} | "
