@@ -254,11 +254,12 @@ class Aggregator(BrokerService):
         expiry = cfg.session_expiry_s if cfg.service_id else 0
         if cfg.session_expiry_s and not cfg.service_id:
             log.info("edge %s: no --service-id, so a clean MQTT session (a restart cannot resume it)", self.sid)
-        self.mqtt = MqttClient(cfg.mqtt_url, sessions.client_ids(self.sid)[0], on_connect=on_connect, on_message=self.inbox.put,
+        main_id, answers_id = sessions.client_ids(self.sid)  # the ids a reaper resumes if this aggregator dies
+        self.mqtt = MqttClient(cfg.mqtt_url, main_id, on_connect=on_connect, on_message=self.inbox.put,
                                manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
         self.mqtt.connect()
         feat = names.shared_features_filter(cfg.site, cfg.share_group)
-        self.answers = MqttClient(cfg.mqtt_url, sessions.client_ids(self.sid)[1], on_connect=lambda c: c.subscribe(feat, qos=1),
+        self.answers = MqttClient(cfg.mqtt_url, answers_id, on_connect=lambda c: c.subscribe(feat, qos=1),
                                   on_message=lambda m: self.inbox.put(m, self.answers.generation if self.answers else 0),
                                   manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
         self.answers.connect()

@@ -168,6 +168,17 @@ def load_card(path: str) -> dict[str, Any]:
     return card
 
 
+def epochs_total(card: dict[str, Any]) -> int | None:
+    """Epochs of training behind a checkpoint: its run's, plus those of the checkpoint it started
+    from (`--init`), and so on back; None when a card does not say."""
+    own = card.get("epochs")
+    parent = card.get("initialized_from")
+    if own is None or not parent:
+        return own
+    before = parent.get("epochs_total", parent.get("epochs"))
+    return None if before is None else own + before
+
+
 def thresholds(path: str, cfg: ModelConfig, t1: float | None = None,
                t2: float | None = None) -> tuple[float | None, float]:
     """The deployed (T1, T2): the given values, else the model card's. T1 is None for a network

@@ -11,10 +11,10 @@ import os
 import shlex
 import time
 
+from pipeline.checkpoint import epochs_total
 from pipeline.fileio import atomic_write_text
 from pipeline.offline.figures import NAMES, label
 from pipeline.offline.link import at_accuracy, pareto_front
-from pipeline.offline.train import epochs_total
 
 # The ADA-DDNN paper's CIFAR-10 table: accuracy (%) at the edge and at the cloud, per mode.
 PAPER = {

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import (
     card_path,
     config_diff,
+    epochs_total,
     git_commit,
     load_card,
     load_into,
@@ -257,17 +258,6 @@ def initial_weights(model: AdaDDNN, path: str) -> dict[str, Any]:
     return {"checkpoint": path, "sha256": digest, "wire_dtype": theirs.wire_dtype, "command": card.get("command"),
             "epochs": card.get("epochs"), "wall_time_s": card.get("wall_time_s"), "git_commit": card.get("git_commit"),
             "epochs_total": epochs_total(card)}
-
-
-def epochs_total(card: dict[str, Any]) -> int | None:
-    """Epochs of training behind a checkpoint: its run's, plus those of the checkpoint it started
-    from (`--init`), and so on back; None when a card does not say."""
-    own = card.get("epochs")
-    parent = card.get("initialized_from")
-    if own is None or not parent:
-        return own
-    before = parent.get("epochs_total", parent.get("epochs"))
-    return None if before is None else own + before
 
 
 def _write_history(out_path: str, history: list[EpochStats]) -> None:

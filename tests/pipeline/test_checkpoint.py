@@ -12,7 +12,7 @@ from devices.camera import CameraConfig, load_feed
 from devices.camera_net import load_camera
 from edge.edge_net import load_edge
 from pipeline import checkpoint
-from pipeline.checkpoint import card_path, load_card, read_config
+from pipeline.checkpoint import card_path, epochs_total, load_card, read_config
 from pipeline.errors import CheckpointError
 from pipeline.offline.network import AdaDDNN, load_checkpoint, save_checkpoint
 from pipeline.orchestration.cli import main
@@ -247,3 +247,10 @@ def test_export_refuses_a_part_file(exported, tmp_path):
 
 def test_part_files_are_readable_by_others(exported):
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in exported.glob("*.safetensors"))
+
+
+def test_epochs_total_adds_up_a_chain_of_starts():
+    assert epochs_total({"epochs": 30}) == 30
+    assert epochs_total({"epochs": 12, "initialized_from": {"epochs": 30}}) == 42
+    assert epochs_total({"epochs": 3, "initialized_from": {"epochs": 12, "epochs_total": 42}}) == 45
+    assert epochs_total({"epochs": 3, "initialized_from": {"epochs": None}}) is None

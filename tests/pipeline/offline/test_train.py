@@ -205,12 +205,3 @@ def test_init_starts_from_a_checkpoint_for_other_codes(tmp_path):
 
     with pytest.raises(CheckpointError, match="camera_channels"):
         initial_weights(AdaDDNN(tiny_config(camera_channels=12)), base)
-
-
-def test_epochs_total_adds_up_a_chain_of_starts():
-    from pipeline.offline.train import epochs_total
-
-    assert epochs_total({"epochs": 30}) == 30
-    assert epochs_total({"epochs": 12, "initialized_from": {"epochs": 30}}) == 42
-    assert epochs_total({"epochs": 3, "initialized_from": {"epochs": 12, "epochs_total": 42}}) == 45
-    assert epochs_total({"epochs": 3, "initialized_from": {"epochs": None}}) is None
