@@ -156,6 +156,14 @@ def fraction(raw: str) -> float:
     return value
 
 
+def confidence_level(raw: str) -> float:
+    """An argparse `type` for a confidence level: 0 (no bound, the estimate itself) or 0.5..1, 1 excluded."""
+    value = fraction(raw)
+    if value != 0 and not 0.5 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be 0 or in 0.5..1 (1 excluded), got {raw}")
+    return value
+
+
 def env_int(field_name: str, default: int, low: int = 0) -> int:
     """The int in env var ADA_DDNN_<FIELD_NAME> (>= `low`), else `default`; bad text raises
     SettingsError naming the variable (read when a command runs, never while parsers are built)."""

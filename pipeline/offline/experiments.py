@@ -52,7 +52,7 @@ from pipeline.fileio import check_writable, write_json
 from pipeline.offline import evaluation, link
 from pipeline.offline.evaluation import CameraPass, Collected
 from pipeline.offline.network import AdaDDNN, load_checkpoint
-from pipeline.settings import at_least, env_int, fraction
+from pipeline.settings import at_least, confidence_level, env_int, fraction
 from pipeline.wire.messages import DTYPES
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ def evaluate_checkpoint(
     min_edge_rate: float = evaluation.DEFAULT_MIN_EDGE_RATE,
     epsilon: float = evaluation.DEFAULT_EPSILON,
     min_exit1_rate: float = evaluation.DEFAULT_MIN_EXIT1_RATE,
+    confidence: float = evaluation.DEFAULT_CONFIDENCE,
     limit: int = 0,
     draws: int = 5,
     seed: int = 0,
@@ -192,7 +193,7 @@ def evaluate_checkpoint(
     model = load_checkpoint(checkpoint, device=dev)
     val, test = data.val.head(limit), data.test.head(limit)
     policy_args = dict(policy=policy, min_edge_accuracy=min_edge_accuracy, min_edge_rate=min_edge_rate,
-                       epsilon=epsilon, min_exit1_rate=min_exit1_rate)
+                       epsilon=epsilon, min_exit1_rate=min_exit1_rate, confidence=confidence)
 
     # The cameras run once per split; each wire dtype is the codec applied to their features.
     val_raw = evaluation.camera_pass(model, val, dev, batch_size)
@@ -320,7 +321,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report, optimistic, run = evaluate_checkpoint(
             ckpt, data_by_val[val_size], wire_dtype=wire, policy=args.policy, min_edge_accuracy=args.min_edge_accuracy,
             min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, min_exit1_rate=args.min_exit1_rate,
-            limit=args.limit, draws=args.draws, seed=args.seed, bytes_sample=args.bytes_sample, device=device,
+            confidence=args.confidence, limit=args.limit, draws=args.draws, seed=args.seed, bytes_sample=args.bytes_sample, device=device,
             batch_size=args.batch_size)
         folder = os.path.join(args.out, sub)
         write_json(os.path.join(folder, "report.json"), report, indent=1)
@@ -372,6 +373,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "--epsilon (default %(default)s)")
     p.add_argument("--min-edge-accuracy", type=fraction, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
                    help="fraction, for --policy edge-accuracy and exit1-first (default %(default)s)")
+    p.add_argument("--confidence", type=confidence_level, default=evaluation.DEFAULT_CONFIDENCE,
+                   help="the edge accuracy floor of edge-accuracy and exit1-first must hold for the one-sided "
+                        "lower confidence bound (Wilson) of the validation edge accuracy at this level; 0 = for "
+                        "the validation estimate itself (default %(default)s)")
     p.add_argument("--min-exit1-rate", type=fraction, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
                    help="fraction of frames at exit 1, for --policy edge-accuracy with camera classifiers; "
                         "dropped when no threshold pair reaches it (default %(default)s)")

@@ -50,6 +50,7 @@ from pipeline.data import Cifar10, augment
 from pipeline.errors import CheckpointError
 from pipeline.fileio import write_json
 from pipeline.offline.evaluation import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_EPSILON,
     DEFAULT_MIN_EDGE_ACCURACY,
     DEFAULT_MIN_EXIT1_RATE,
@@ -272,7 +273,7 @@ def split_report(col: Collected, thresholds: dict) -> dict[str, Any]:
 
 def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accuracy: float = DEFAULT_MIN_EDGE_ACCURACY,
            epsilon: float = DEFAULT_EPSILON, command: str | None = None, write: bool = False,
-           min_exit1_rate: float = DEFAULT_MIN_EXIT1_RATE) -> dict[str, Any]:
+           min_exit1_rate: float = DEFAULT_MIN_EXIT1_RATE, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
     """Choose a checkpoint's deployed thresholds again, on its validation split, by `policy`
     (`evaluation.select_thresholds`), without retraining: the card's thresholds and its validation
     and test reports as training would have written them with that policy. With `write`, the card
@@ -288,7 +289,7 @@ def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accu
         raise ValueError(f"{path} held out {tc['val_size']} validation frames; load the data with that val_size")
     metrics = card_metrics(model, data, int(tc.get("limit_eval", 0)), torch.device("cpu"),
                            policy=policy, min_edge_accuracy=min_edge_accuracy, epsilon=epsilon,
-                           min_exit1_rate=min_exit1_rate)
+                           min_exit1_rate=min_exit1_rate, confidence=confidence)
     thr = metrics["thresholds"]
     previous = {"thresholds": card.get("thresholds"), "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **({"by": command} if command else {})}

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 from pipeline.config import ModelConfig, TrainConfig, default_data_dir
 from pipeline.errors import Terminated
 from pipeline.fileio import check_writable
-from pipeline.settings import add_config_args, config_from_args, fraction
+from pipeline.settings import add_config_args, confidence_level, config_from_args, fraction
 
 log = logging.getLogger("ada_ddnn")
 
@@ -103,7 +103,7 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     data = load_data(args, int((card.get("train_config") or {}).get("val_size", 5000)))
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     new = retune(args.checkpoint, data, args.policy, args.min_edge_accuracy, args.epsilon, command, write=args.write,
-                 min_exit1_rate=args.min_exit1_rate)
+                 min_exit1_rate=args.min_exit1_rate, confidence=args.confidence)
     print(json.dumps({"checkpoint": args.checkpoint, "before": card.get("thresholds"), "thresholds": new["thresholds"],
                       "validation": new["validation"], "test": new["test"], "written": args.write}, indent=2))
     return 0
@@ -123,6 +123,10 @@ def register_thresholds(sub: argparse._SubParsersAction) -> None:
                    help="threshold policy (see ada-ddnn evaluate --help; default %(default)s)")
     p.add_argument("--min-edge-accuracy", type=fraction, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
                    help="fraction, for edge-accuracy and exit1-first (default %(default)s)")
+    p.add_argument("--confidence", type=confidence_level, default=evaluation.DEFAULT_CONFIDENCE,
+                   help="the edge accuracy floor of edge-accuracy and exit1-first must hold for the one-sided "
+                        "lower confidence bound (Wilson) of the validation edge accuracy at this level; 0 = for "
+                        "the validation estimate itself (default %(default)s)")
     p.add_argument("--min-exit1-rate", type=fraction, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
                    help="fraction of frames at exit 1, for edge-accuracy with camera classifiers; dropped when "
                         "no threshold pair reaches it (default %(default)s)")

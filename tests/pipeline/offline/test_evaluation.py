@@ -88,6 +88,7 @@ def test_sweep_counts_agree_with_exit_metrics_on_random_frames():
     for p in evaluation.sweep(c, grid):
         m = exit_metrics(c, p["t1"], p["t2"])
         assert p["edge_rate"] == pytest.approx(m["edge_rate"])
+        assert p["edge_n"] == round(m["edge_rate"] * n)
         assert p["overall"] == pytest.approx(m["accuracy"]["overall"])
         assert p["edge_acc"] == (None if m["accuracy"]["edge"] is None else pytest.approx(m["accuracy"]["edge"]))
 
@@ -115,10 +116,10 @@ POINTS = [E(0.0, 0.0, None, 0.85), E(0.1, 0.3, 0.97, 0.86), E(0.2, 0.6, 0.92, 0.
 
 
 def test_policy_edge_accuracy():
-    t = select_thresholds(POINTS, "edge-accuracy", min_edge_accuracy=0.90)
+    t = select_thresholds(POINTS, "edge-accuracy", confidence=0, min_edge_accuracy=0.90)
     assert (t["t1"], t["t2"], t["chosen_on"]) == (0.2, 0.2, "validation")
     assert "edge accuracy >= 0.90" in t["policy"]
-    t = select_thresholds(POINTS, "edge-accuracy", min_edge_accuracy=0.99)
+    t = select_thresholds(POINTS, "edge-accuracy", confidence=0, min_edge_accuracy=0.99)
     assert (t["t1"], t["t2"]) == (0.0, 0.0) and "unreachable" in t["policy"]
 
 
@@ -132,16 +133,16 @@ def test_policy_exit1_first_takes_the_most_exit1_frames_that_keep_both_floors():
            X(0.2, 0.86, 0.55, 0.90, 0.852),  # more exit 1, but overall under cloud-only - epsilon
            X(0.3, 0.80, 0.60, 0.89, 0.860),  # edge accuracy under the floor
            X(0.4, 0.70, 0.45, 0.95, 0.865)]  # as many exit-1 frames as 0.1, fewer at the edge
-    t = select_thresholds(pts, "exit1-first", min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)
+    t = select_thresholds(pts, "exit1-first", confidence=0, min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)
     assert t["t1"] == 0.1 and "max exit-1 rate" in t["policy"]
-    assert select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.0)["t1"] == 0.0
-    assert select_thresholds(pts, "exit1-first", min_edge_accuracy=0.90, epsilon=0.02, cloud_only=0.865)["t1"] == 0.2
-    t = select_thresholds(pts, "exit1-first", min_edge_accuracy=0.99, epsilon=0.01, cloud_only=0.865)
+    assert select_thresholds(pts, "edge-accuracy", confidence=0, min_edge_accuracy=0.90, min_exit1_rate=0.0)["t1"] == 0.0
+    assert select_thresholds(pts, "exit1-first", confidence=0, min_edge_accuracy=0.90, epsilon=0.02, cloud_only=0.865)["t1"] == 0.2
+    t = select_thresholds(pts, "exit1-first", confidence=0, min_edge_accuracy=0.99, epsilon=0.01, cloud_only=0.865)
     assert (t["t1"], t["t2"]) == (0.0, 0.0) and "unreachable" in t["policy"]
     with pytest.raises(ValueError, match="cloud-only"):
-        select_thresholds(pts, "exit1-first")
+        select_thresholds(pts, "exit1-first", confidence=0)
     ddnn = [{**p, "t1": None, "exit1_rate": 0.0} for p in pts]  # no exit 1: the most frames at the edge
-    assert select_thresholds(ddnn, "exit1-first", min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)["t2"] == 0.0
+    assert select_thresholds(ddnn, "exit1-first", confidence=0, min_edge_accuracy=0.90, epsilon=0.01, cloud_only=0.865)["t2"] == 0.0
 
 
 def test_policy_edge_accuracy_keeps_an_exit1_floor_and_drops_it_only_when_out_of_reach():
@@ -149,43 +150,80 @@ def test_policy_edge_accuracy_keeps_an_exit1_floor_and_drops_it_only_when_out_of
            X(0.1, 0.92, 0.53, 0.905, 0.871),  # the floor's choice
            X(0.2, 0.89, 0.53, 0.916, 0.873),  # as much exit 1, fewer frames at the edge
            X(0.3, 0.95, 0.62, 0.880, 0.870)]  # more of both, edge accuracy under its floor
-    t = select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.45)
+    t = select_thresholds(pts, "edge-accuracy", confidence=0, min_edge_accuracy=0.90, min_exit1_rate=0.45)
     assert t["t1"] == 0.1 and t["policy"] == "max edge rate with edge accuracy >= 0.90 and exit-1 rate >= 0.45"
-    assert select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.0)["t1"] == 0.0
-    t = select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.60)
+    assert select_thresholds(pts, "edge-accuracy", confidence=0, min_edge_accuracy=0.90, min_exit1_rate=0.0)["t1"] == 0.0
+    t = select_thresholds(pts, "edge-accuracy", confidence=0, min_edge_accuracy=0.90, min_exit1_rate=0.60)
     assert t["t1"] == 0.0 and "exit-1 floor unreachable" in t["policy"]  # the accuracy floor still holds
-    t = select_thresholds(pts, "edge-accuracy", min_edge_accuracy=0.95, min_exit1_rate=0.45)
+    t = select_thresholds(pts, "edge-accuracy", confidence=0, min_edge_accuracy=0.95, min_exit1_rate=0.45)
     assert (t["t1"], t["t2"]) == (0.0, 0.0) and "unreachable: all to cloud" in t["policy"]
     ddnn = [{**p, "t1": None, "exit1_rate": 0.0} for p in pts]  # no exit 1, no floor to keep
-    t = select_thresholds(ddnn, "edge-accuracy", min_edge_accuracy=0.90, min_exit1_rate=0.45)
+    t = select_thresholds(ddnn, "edge-accuracy", confidence=0, min_edge_accuracy=0.90, min_exit1_rate=0.45)
     assert t["t2"] == 0.0 and t["policy"] == "max edge rate with edge accuracy >= 0.90"
     with pytest.raises(ValueError, match="min_exit1_rate"):
-        select_thresholds(pts, "edge-accuracy", min_exit1_rate=1.5)
+        select_thresholds(pts, "edge-accuracy", confidence=0, min_exit1_rate=1.5)
+
+
+def test_wilson_lower_is_the_proportion_z_standard_errors_above_it():
+    from statistics import NormalDist
+
+    for acc, n, conf in [(0.9, 100, 0.95), (0.9016, 4735, 0.95), (0.5, 7, 0.99), (1.0, 50, 0.95), (0.0, 50, 0.95)]:
+        lo = evaluation.wilson_lower(acc, n, conf)
+        z = NormalDist().inv_cdf(conf)
+        assert 0.0 <= lo <= acc
+        if acc > 0:  # the score test's boundary: (acc - p0) / sqrt(p0 (1 - p0) / n) = z
+            assert (acc - lo) / (lo * (1 - lo) / n) ** 0.5 == pytest.approx(z, rel=1e-9)
+    assert evaluation.wilson_lower(0.9, 100, 0.0) == 0.9
+    assert evaluation.wilson_lower(0.9, 10_000, 0.95) > evaluation.wilson_lower(0.9, 100, 0.95)
+    assert evaluation.wilson_lower(0.9, 1000, 0.99) < evaluation.wilson_lower(0.9, 1000, 0.95)
+    for bad in (0.3, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence"):
+            evaluation.wilson_lower(0.9, 100, bad)
+    with pytest.raises(ValueError, match="trials"):
+        evaluation.wilson_lower(0.9, 0, 0.95)
+
+
+def test_policy_edge_accuracy_floor_holds_for_the_lower_bound_by_default():
+    # both points estimate 91% edge accuracy; the bound passes 0.90 only where many frames back it
+    pts = [{**X(0.1, 0.95, 0.60, 0.91, 0.86), "edge_n": 400},  # 95% bound ~0.884
+           {**X(0.2, 0.92, 0.50, 0.91, 0.87), "edge_n": 9200}]  # 95% bound ~0.905
+    t = select_thresholds(pts, "edge-accuracy")
+    assert t["t1"] == 0.2 and t["policy"] == ("max edge rate with edge accuracy >= 0.90 (95% lower bound) "
+                                              "and exit-1 rate >= 0.45")
+    assert select_thresholds(pts, "edge-accuracy", confidence=0)["t1"] == 0.1  # the estimate alone
+    assert select_thresholds(pts, "edge-accuracy", confidence=0.9999)["t2"] == 0.0  # nothing: all to cloud
+    t = select_thresholds(pts, "exit1-first", cloud_only=0.87, epsilon=0.02)
+    assert t["t1"] == 0.2 and "(95% lower bound)" in t["policy"]
+    with pytest.raises(ValueError, match="edge_n"):
+        select_thresholds([E(0.1, 0.3, 0.97, 0.86)], "edge-accuracy")
+    with pytest.raises(ValueError, match="confidence"):
+        select_thresholds(pts, "edge-accuracy", confidence=0.2)
 
 
 def test_policy_min_edge_rate():
-    assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.5)["t1"] == 0.2  # best overall at >= 50%
-    assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.0)["t1"] == 0.1
-    assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.95)["t1"] == 1.0
+    assert select_thresholds(POINTS, "min-edge-rate", confidence=0, min_edge_rate=0.5)["t1"] == 0.2  # best overall at >= 50%
+    assert select_thresholds(POINTS, "min-edge-rate", confidence=0, min_edge_rate=0.0)["t1"] == 0.1
+    assert select_thresholds(POINTS, "min-edge-rate", confidence=0, min_edge_rate=0.95)["t1"] == 1.0
 
 
 def test_policy_within_cloud():
-    t = select_thresholds(POINTS, "within-cloud", epsilon=0.01, cloud_only=0.85)
+    t = select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.01, cloud_only=0.85)
     assert t["t1"] == 0.2  # 0.84 >= 0.85 - 0.01, and the most frames at the edge
-    assert select_thresholds(POINTS, "within-cloud", epsilon=0.0, cloud_only=0.85)["t1"] == 0.1
-    assert select_thresholds(POINTS, "within-cloud", epsilon=0.06, cloud_only=0.85)["t1"] == 0.3
-    assert select_thresholds(POINTS, "within-cloud", epsilon=0.10, cloud_only=0.85)["t1"] == 0.4
+    assert select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.0, cloud_only=0.85)["t1"] == 0.1
+    assert select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.06, cloud_only=0.85)["t1"] == 0.3
+    assert select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.10, cloud_only=0.85)["t1"] == 0.4
     with pytest.raises(ValueError):
-        select_thresholds(POINTS, "within-cloud")
+        select_thresholds(POINTS, "within-cloud", confidence=0)
     with pytest.raises(ValueError, match="unknown policy"):
-        select_thresholds(POINTS, "best-guess")
+        select_thresholds(POINTS, "best-guess", confidence=0)
 
 
 def test_choose_thresholds_default_is_the_model_cards_policy():
     c = hand_made()
     t = evaluation.choose_thresholds(c)
     assert t["chosen_on"] == "validation"
-    assert t["policy"].startswith("max edge rate with edge accuracy >= 0.90 and exit-1 rate >= 0.45")
+    assert t["policy"].startswith("max edge rate with edge accuracy >= 0.90 (95% lower bound) and exit-1 rate >= 0.45")
+    assert t["policy"].endswith("(unreachable: all to cloud)")  # four frames bound no accuracy to 90%
     # within-cloud measures cloud-only on the same outputs: 0.75 here
     t = evaluation.choose_thresholds(c, policy="within-cloud", epsilon=0.0)
     assert exit_metrics(c, t["t1"], t["t2"])["accuracy"]["overall"] >= 0.75

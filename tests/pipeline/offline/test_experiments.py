@@ -24,7 +24,7 @@ ACCURACY_KEYS = {"edge", "cloud", "overall", "edge_all", "cloud_all", "cameras_a
 BYTES_KEYS = {"camera_to_edge", "edge_to_cloud", "raw_views"}
 MISSING_ONE_KEYS = {"camera", "edge", "cloud", "overall", "exit_rate"}
 MISSING_N_KEYS = {"n", "overall_mean", "overall_std", "edge_mean", "cloud_mean"}
-POINT_KEYS = {"t1", "t2", "edge_rate", "exit1_rate", "edge_acc", "overall"}
+POINT_KEYS = {"t1", "t2", "edge_rate", "exit1_rate", "edge_n", "edge_acc", "overall"}
 FIGURES = {"loss", "accuracy_epochs", "missing_one", "missing_n", "tradeoff", "bytes_pareto"}
 
 

@@ -84,15 +84,17 @@ def test_an_option_out_of_range_is_named_before_anything_starts(argv, reason, ca
     assert any(re.search(reason, r.getMessage()) for r in caplog.records), caplog.text
 
 
-@pytest.mark.parametrize("argv", [
-    ["thresholds", "--checkpoint", "models/ada.safetensors", "--min-exit1-rate", "1.5"],
-    ["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "unused/", "--min-exit1-rate", "1.5"],
+@pytest.mark.parametrize("command", [["thresholds"], ["evaluate", "--out", "unused/"]])
+@pytest.mark.parametrize("flag, reason", [
+    (["--min-exit1-rate", "1.5"], "argument --min-exit1-rate: must be in 0..1, got 1.5"),
+    (["--confidence", "0.3"], "argument --confidence: must be 0 or in 0.5..1 (1 excluded), got 0.3"),
+    (["--confidence", "1"], "argument --confidence: must be 0 or in 0.5..1 (1 excluded), got 1"),
 ])
-def test_a_policy_floor_out_of_range_is_named_before_the_data_loads(argv, capsys, tmp_path):
+def test_a_policy_floor_out_of_range_is_named_before_the_data_loads(command, flag, reason, capsys, tmp_path):
     with pytest.raises(SystemExit) as done:  # refused as the command line is parsed: no data, no checkpoint read
-        main([*argv, "--data", str(tmp_path)])
+        main([*command, "--checkpoint", "models/ada.safetensors", *flag, "--data", str(tmp_path)])
     assert done.value.code == 2
-    assert "argument --min-exit1-rate: must be in 0..1, got 1.5" in capsys.readouterr().err
+    assert reason in capsys.readouterr().err
 
 
 def test_a_report_path_that_cannot_be_written_fails_before_the_replay(caplog):
