@@ -252,11 +252,15 @@ class Heartbeat:
 
 
 def alive(client: redis.Redis, site: str, role: str, sid: str | None = None) -> list[str]:
-    """Ids of the services of `role` at `site` whose heartbeat has not expired (just `sid` if given)."""
+    """Ids of the services of `role` at `site` whose heartbeat has not expired (just `sid` if given).
+    A key under the heartbeat prefix whose rest is no service id (`names.SERVICE_RE`) was not
+    written by a service, and does not count."""
     if sid:
         return [sid] if client.exists(names.heartbeat_key(site, role, sid)) else []
     prefix = names.heartbeat_prefix(site, role)
-    return sorted(k.decode()[len(prefix):] for k in client.scan_iter(match=names.heartbeat_pattern(site, role)))
+    ids = (k.decode(errors="replace")[len(prefix):] if isinstance(k, bytes) else k[len(prefix):]
+           for k in client.scan_iter(match=names.heartbeat_pattern(site, role)))
+    return sorted(i for i in ids if names.SERVICE_RE.match(i))
 
 
 def check_alive(redis_url: str, site: str, role: str, sid: str | None = None) -> int:

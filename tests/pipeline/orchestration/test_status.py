@@ -46,3 +46,32 @@ def test_status_json_of_an_empty_site_and_no_broker(brokers, site, capsys):
     # Redis not there: a clear error in the table and exit status 1
     assert main(["status", "--site", site, "--mqtt-url", brokers[0], "--redis-url", "redis://127.0.0.1:1/0"]) == 1
     assert "error" in capsys.readouterr().out
+
+
+def test_forged_camera_statuses_and_heartbeat_keys_are_not_counted(brokers, site, redis_conn):
+    """A status on another camera's topic (or of another site) is an error, not a camera; a key
+    under the heartbeat prefix that no service could have written is not an aggregator."""
+    import paho.mqtt.publish as publish
+
+    from pipeline.transport.mqtt_client import parse_mqtt_url
+    from pipeline.wire import names
+    from pipeline.wire.messages import CameraStatus
+
+    u = parse_mqtt_url(brokers[0])
+    msgs = [(names.status_topic(site, 1), CameraStatus(site, 1, "online", 1.0).encode()),  # genuine
+            (names.status_topic(site, 2), CameraStatus(site, 200, "online", 1.0).encode()),  # camera 200 on 2's
+            (names.status_topic(site, 3), CameraStatus("elsewhere", 3, "online", 1.0).encode())]  # another site's
+    publish.multiple([{"topic": t, "payload": p, "qos": 1, "retain": True} for t, p in msgs], hostname=u.host,
+                     port=u.port)
+    prefix = names.heartbeat_prefix(site, "edge")
+    redis_conn.set(names.heartbeat_key(site, "edge", "agg-1"), b"{}", ex=60)
+    redis_conn.set(prefix + "not a service id!", b"{}", ex=60)
+    redis_conn.set(prefix + "x" * 200, b"{}", ex=60)
+    try:
+        st = site_status(StatusConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1]))
+        assert st.cameras == {1: "online"}
+        assert len(st.errors) == 2 and all("on another's topic" in e for e in st.errors), st.errors
+        assert st.aggregators == ["agg-1"]
+    finally:
+        publish.multiple([{"topic": t, "payload": b"", "qos": 1, "retain": True} for t, _ in msgs], hostname=u.host,
+                         port=u.port)
