@@ -413,7 +413,13 @@ class Aggregator(BrokerService):
         statuses = self.store.add([(obs, raw) for (_, obs), raw in zip(good, payloads)])
         answer_payloads = [bytes(msg.payload) for msg, _ in answers]
         completed = self.store.add_features([(f, raw) for (_, f), raw in zip(answers, answer_payloads)])
-        for (_, obs), raw in zip((*good, *answers), (*payloads, *answer_payloads)):
+        # Kept for the claim only where one is to come: not for a late, duplicate or refused message
+        # (with early exit 1 most summaries arrive after their frame left: they would fill the cache).
+        kept = [(obs, raw) for ((_, obs), raw), (status, _) in zip(zip(good, payloads), statuses)
+                if status in ("added", "claimed")]
+        kept += [(f, raw) for ((_, f), raw), c in zip(zip(answers, answer_payloads), completed)
+                 if isinstance(c, Claim) or c == "added"]
+        for obs, raw in kept:
             self._decoded[raw] = obs
         while len(self._decoded) > DECODED_CACHE:
             self._decoded.popitem(last=False)

@@ -105,6 +105,26 @@ def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redi
         assert not redis_conn.exists(names.frame_key(site, 0), names.frame_key(site, 1))
         assert redis_conn.zcard(names.claimed_key(site)) == 2  # claimed, not decided: leased, observations kept
         assert redis_conn.hlen(names.claimed_frame_key(site, 1)) == 4
+        assert not agg._decoded  # nothing decoded is kept for a claim that will never come
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
+def test_summaries_after_an_early_exit1_are_not_kept(stream_setup, brokers, site):
+    path, model, data, _, t2 = stream_setup
+    obs = observations(model, data, [0])[0]
+    cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path)
+    agg = Aggregator(cfg, model.edge, 1.0, t2)  # T1 = 1: the first summary takes its frame out at exit 1
+    agg.connect()
+    try:
+        sums = [summary_of(CameraObservation(site, 0, o.camera, o.captured_at, o.prediction, o.entropy, o.features))
+                for o in obs]
+        (frame,) = agg.handle([wire_msg(names.obs_topic(site, sums[0].camera), sums[0].encode())])
+        assert frame.frame_id == 0 and frame.present == (0,)
+        for s in sums[1:]:  # the other cameras' summaries come after the frame left
+            assert agg.handle([wire_msg(names.obs_topic(site, s.camera), s.encode())]) == []
+        assert not agg._decoded  # none of them waits in the decode cache for a claim
     finally:
         agg.close()
 
