@@ -254,9 +254,10 @@ class Worker(BrokerService):
             return []
         return [(site, entry_id, fields) for _, entries in resp or [] for entry_id, fields in entries]
 
-    def _read_all(self, sites: list[str], count: int, block: int) -> list[tuple[str, bytes, dict]] | None:
-        """Idle with several sites on one Redis: one XREADGROUP blocking on every site's stream at
-        once (a round of per-site reads with 1 ms blocks spent most of a core with a hundred
+    def _read_all(self, sites: list[str], count: int, block: int | None) -> list[tuple[str, bytes, dict]] | None:
+        """Several sites on one Redis: one XREADGROUP over every site's stream at once, up to
+        `count` entries each, blocking for `block` ms while idle (None: not at all). A round of
+        per-site reads cost a round trip a site (with 1 ms blocks, most of a core with a hundred
         sites). None where that cannot be done: a Redis Cluster (the sites' streams live in
         different slots) or a site whose group is missing (the per-site read recreates it)."""
         assert self.redis is not None
@@ -273,10 +274,10 @@ class Worker(BrokerService):
 
     def read_batch(self) -> list[tuple[str, bytes, dict]]:
         """Up to `batch` new (site, entry id, fields): rounds over the sites, each taking at most
-        its share of the batch per round; when a round finds nothing, block: while idle on every
-        site at once for at most 200 ms (one read, on one Redis; with more sites than `batch`, a
-        burst may bring one entry a site), then on one site at a time for at most `wait_ms` for
-        the rest of a batch."""
+        its share of the batch per round (one read for all of them on one Redis, one a site on a
+        cluster); when a round finds nothing, block: while idle on every site at once for at most
+        200 ms (one read, on one Redis; with more sites than `batch`, a burst may bring one entry a
+        site), then on one site at a time for at most `wait_ms` for the rest of a batch."""
         cfg, sites = self.cfg, list(self.sites)
         share = max(1, -(-cfg.batch // len(sites)))
         out: list[tuple[str, bytes, dict]] = []
@@ -286,12 +287,17 @@ class Worker(BrokerService):
             order = sites[self._turn:] + sites[:self._turn]
             got = 0
             if len(sites) > 1:
-                for site in order:
-                    if len(out) >= cfg.batch:
-                        break
-                    entries = self._read(site, min(share, cfg.batch - len(out)), None)
-                    got += len(entries)
-                    out.extend(entries)
+                room = cfg.batch - len(out)
+                chosen = order[:room]  # more sites than room: one entry each from the next `room` sites
+                entries = self._read_all(chosen, min(share, max(1, room // len(chosen))), None)
+                if entries is None:  # a Redis Cluster, or a group to make again: site by site
+                    entries = []
+                    for site in order:
+                        if len(entries) >= room:
+                            break
+                        entries += self._read(site, min(share, room - len(entries)), None)
+                got = len(entries)
+                out.extend(entries)
             if got:
                 if first_at is None:
                     first_at = time.monotonic()

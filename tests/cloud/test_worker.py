@@ -138,7 +138,12 @@ def test_one_worker_serves_many_sites_fairly(stream_setup, brokers, three_sites,
         xadd(redis_conn, escalations(model, b, 60))  # b's backlog
         xadd(redis_conn, escalations(model, a, 3) + escalations(model, c, 3))
         redis_conn.xadd(names.escalations_stream(c), {"frame": 1, "msg": b"not msgpack"})
+        reads = []
+        xreadgroup = w.redis.xreadgroup
+        w.redis.xreadgroup = lambda *args, **kw: reads.append(args[2]) or xreadgroup(*args, **kw)
         first = w.read_batch()
+        assert len(reads) == 1 and len(reads[0]) == 3  # one read for the three sites, not a round trip each
+        del w.redis.xreadgroup
         assert {s for s, _, _ in first} == {a, b, c} and len(first) == 9
         assert sum(s == b for s, _, _ in first) <= 3
         w.process(first)
