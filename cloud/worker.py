@@ -272,6 +272,27 @@ class Worker(BrokerService):
         return [(by_stream[_text(stream)], entry_id, fields)
                 for stream, entries in resp or [] for entry_id, fields in entries]
 
+    def _read_round(self, order: list[str], share: int, room: int) -> list[tuple[str, bytes, dict]]:
+        """One round over the sites in `order`: at most `share` entries a site and `room` in all,
+        without blocking. On one Redis a read covers as many sites as `room` has an entry for
+        (the next ones only where those sites had less than that); on a cluster, or where a
+        group must be made again, one read a site."""
+        out: list[tuple[str, bytes, dict]] = []
+        i = 0
+        while i < len(order) and len(out) < room:
+            left = room - len(out)
+            chunk = order[i:i + left]
+            entries = self._read_all(chunk, min(share, max(1, left // len(chunk))), None)
+            if entries is None:
+                for site in order[i:]:
+                    if len(out) >= room:
+                        break
+                    out += self._read(site, min(share, room - len(out)), None)
+                return out
+            out += entries
+            i += len(chunk)
+        return out
+
     def read_batch(self) -> list[tuple[str, bytes, dict]]:
         """Up to `batch` new (site, entry id, fields): rounds over the sites, each taking at most
         its share of the batch per round (one read for all of them on one Redis, one a site on a
@@ -287,15 +308,7 @@ class Worker(BrokerService):
             order = sites[self._turn:] + sites[:self._turn]
             got = 0
             if len(sites) > 1:
-                room = cfg.batch - len(out)
-                chosen = order[:room]  # more sites than room: one entry each from the next `room` sites
-                entries = self._read_all(chosen, min(share, max(1, room // len(chosen))), None)
-                if entries is None:  # a Redis Cluster, or a group to make again: site by site
-                    entries = []
-                    for site in order:
-                        if len(entries) >= room:
-                            break
-                        entries += self._read(site, min(share, room - len(entries)), None)
+                entries = self._read_round(order, share, cfg.batch - len(out))
                 got = len(entries)
                 out.extend(entries)
             if got:
