@@ -241,7 +241,7 @@ DEFAULT_MIN_EDGE_RATE = 0.50  # min-edge-rate: fraction of frames that must leav
 DEFAULT_EPSILON = 0.01  # within-cloud: overall accuracy may trail cloud-only by this much (absolute)
 # edge-accuracy, exit1-first: the edge accuracy floor must hold for the one-sided lower confidence
 # bound (Wilson score) of the validation edge accuracy at this level, not for the point estimate:
-# a floor met on about 4,700 validation frames at the edge only just (as the 42-epoch release's
+# a floor met only just on about 4,600 validation frames at the edge (as the 42-epoch release's
 # 90.16% was) fell to 89.09% on test. 0 = the point estimate (the rule before 2026-11-29).
 DEFAULT_CONFIDENCE = 0.95
 
@@ -250,13 +250,18 @@ def wilson_lower(accuracy: float, n: int, confidence: float) -> float:
     """One-sided lower confidence bound of a proportion (`accuracy` of `n` trials; Wilson score
     interval): the p0 below which `accuracy` would sit z standard errors, z the normal quantile of
     `confidence` (0.5 up to, not including, 1); `confidence` 0 returns `accuracy` itself."""
+    check_confidence(confidence)
     if confidence == 0:
         return accuracy
-    if not 0.5 <= confidence < 1.0:
-        raise ValueError(f"confidence is 0 (the point estimate) or in 0.5..1 (1 excluded), got {confidence}")
     if n <= 0:
         raise ValueError(f"a proportion of {n} trials has no confidence bound")
     return _wilson(accuracy, n, NormalDist().inv_cdf(confidence))
+
+
+def check_confidence(confidence: float) -> None:
+    """ValueError unless `confidence` is 0 (no bound: the estimate) or a level in 0.5..1, 1 excluded."""
+    if confidence != 0 and not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence is 0 (the point estimate) or in 0.5..1 (1 excluded), got {confidence}")
 
 
 def _wilson(p: float, n: int, z: float) -> float:
@@ -269,9 +274,10 @@ def _wilson(p: float, n: int, z: float) -> float:
 def sweep(c: Collected, grid: tuple[float, ...] = THRESHOLD_GRID) -> list[dict]:
     """Exit metrics over the T1 x T2 grid (T2 only when there are no camera classifiers), T1 outer.
 
-    Each point: {"t1", "t2", "edge_rate", "exit1_rate", "edge_n", "edge_acc", "overall"}; edge_n counts the
-    frames leaving at the edge, edge_acc is None when there is none. The same rule as `exit_metrics`
-    (edge.exits' `under` and `exit1_choice`), counted for the whole grid at once with 0/1 matrix products instead of one `decide` per point."""
+    Each point: {"t1", "t2", "edge_rate", "exit1_rate", "edge_n", "edge_acc", "overall"}; edge_n
+    counts the frames leaving at the edge, edge_acc is None when there is none. The same rule as
+    `exit_metrics` (edge.exits' `under` and `exit1_choice`), counted for the whole grid at once
+    with 0/1 matrix products instead of one `decide` per point."""
     n = len(c)
     y = c.labels
     fire2 = np.stack([under(c.edge_entropy.float(), t).numpy() for t in grid]).astype(np.int64)  # G2 x N
@@ -361,8 +367,7 @@ def select_thresholds(
         raise ValueError("no sweep points to choose from")
     check_fraction("min_exit1_rate", min_exit1_rate)
     check_fraction("epsilon", epsilon)
-    if confidence != 0:
-        wilson_lower(0.5, 1, confidence)  # the level's ValueError before any point is looked at
+    check_confidence(confidence)
     has_cams = points[0]["t1"] is not None
     floor_text = f"edge accuracy >= {min_edge_accuracy:.2f}" + (
         f" ({100 * confidence:g}% lower bound)" if confidence else "")
