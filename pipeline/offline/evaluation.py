@@ -428,8 +428,15 @@ def choose_thresholds(
     """The deployed (T1, T2) by `policy` (see `select_thresholds`; default 'edge-accuracy': the
     most frames at the edge while the edge accuracy's 95% lower bound stays >= min_edge_accuracy
     and at least min_exit1_rate of the frames leave at exit 1). Call it on the validation split only."""
-    return select_thresholds(sweep(c, grid), policy, min_edge_accuracy, min_edge_rate, epsilon, cloud_only_accuracy(c),
-                             chosen_on="validation", min_exit1_rate=min_exit1_rate, confidence=confidence)
+    chosen = select_thresholds(sweep(c, grid), policy, min_edge_accuracy, min_edge_rate, epsilon,
+                               cloud_only_accuracy(c), chosen_on="validation", min_exit1_rate=min_exit1_rate,
+                               confidence=confidence)
+    if chosen["policy"].endswith("(unreachable: all to cloud)"):
+        hint = (f"; on few frames the {100 * confidence:g}% lower bound lies far under the estimate (confidence 0 "
+                "compares the estimate)" if confidence and policy in ("edge-accuracy", "exit1-first") else "")
+        log.warning("no thresholds on these %d validation frames meet the policy (%s): every frame goes to the "
+                    "cloud%s", len(c), chosen["policy"], hint)
+    return chosen
 
 
 def cloud_only_accuracy(c: Collected) -> float:

@@ -218,9 +218,10 @@ def test_policy_within_cloud():
         select_thresholds(POINTS, "best-guess", confidence=0)
 
 
-def test_choose_thresholds_default_is_the_model_cards_policy():
+def test_choose_thresholds_default_is_the_model_cards_policy(caplog):
     c = hand_made()
     t = evaluation.choose_thresholds(c)
+    assert "every frame goes to the cloud; on few frames the 95% lower bound" in caplog.text  # said, not silent
     assert t["chosen_on"] == "validation"
     assert t["policy"].startswith("max edge rate with edge accuracy >= 0.90 (95% lower bound) and exit-1 rate >= 0.45")
     assert t["policy"].endswith("(unreachable: all to cloud)")  # four frames bound no accuracy to 90%
