@@ -321,8 +321,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report, optimistic, run = evaluate_checkpoint(
             ckpt, data_by_val[val_size], wire_dtype=wire, policy=args.policy, min_edge_accuracy=args.min_edge_accuracy,
             min_edge_rate=args.min_edge_rate, epsilon=args.epsilon, min_exit1_rate=args.min_exit1_rate,
-            confidence=args.confidence, limit=args.limit, draws=args.draws, seed=args.seed, bytes_sample=args.bytes_sample, device=device,
-            batch_size=args.batch_size)
+            confidence=args.confidence, limit=args.limit, draws=args.draws, seed=args.seed,
+            bytes_sample=args.bytes_sample, device=device, batch_size=args.batch_size)
         folder = os.path.join(args.out, sub)
         write_json(os.path.join(folder, "report.json"), report, indent=1)
         write_json(os.path.join(folder, "optimistic.json"), optimistic, indent=1)

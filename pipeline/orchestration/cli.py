@@ -124,9 +124,8 @@ def register_thresholds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-edge-accuracy", type=fraction, default=evaluation.DEFAULT_MIN_EDGE_ACCURACY,
                    help="fraction, for edge-accuracy and exit1-first (default %(default)s)")
     p.add_argument("--confidence", type=confidence_level, default=evaluation.DEFAULT_CONFIDENCE,
-                   help="the edge accuracy floor of edge-accuracy and exit1-first must hold for the one-sided "
-                        "lower confidence bound (Wilson) of the validation edge accuracy at this level; 0 = for "
-                        "the validation estimate itself (default %(default)s)")
+                   help="level of the lower confidence bound the edge accuracy floor holds for; 0 = the estimate "
+                        "itself (see ada-ddnn evaluate --help; default %(default)s)")
     p.add_argument("--min-exit1-rate", type=fraction, default=evaluation.DEFAULT_MIN_EXIT1_RATE,
                    help="fraction of frames at exit 1, for edge-accuracy with camera classifiers; dropped when "
                         "no threshold pair reaches it (default %(default)s)")

@@ -83,7 +83,8 @@ def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S
             if msg.topic.endswith("/status"):
                 s = CameraStatus.decode(msg.payload)
                 if s.site != cfg.site or msg.topic != names.status_topic(cfg.site, s.camera):  # its own topic only
-                    raise MessageError(f"the status of camera {s.camera} (site {s.site!r}) on another's topic")
+                    raise MessageError(f"a status of site {s.site!r} camera {s.camera} on {msg.topic}: a camera "
+                                       "speaks on its own topic only")
                 st.cameras[s.camera] = s.state
             else:
                 f = FlowStatus.decode(msg.payload)
