@@ -244,6 +244,7 @@ DEFAULT_EPSILON = 0.01  # within-cloud: overall accuracy may trail cloud-only by
 # a floor met only just on about 4,600 validation frames at the edge (as the 42-epoch release's
 # 90.16% was) fell to 89.09% on test. 0 = the point estimate (the rule before 2026-11-29).
 DEFAULT_CONFIDENCE = 0.95
+ALL_TO_CLOUD = " (unreachable: all to cloud)"  # the end of a policy text when no point meets the policy
 
 
 def wilson_lower(accuracy: float, n: int, confidence: float) -> float:
@@ -411,7 +412,7 @@ def select_thresholds(
         raise ValueError(f"unknown policy {policy!r}; use one of {POLICIES}")
     if best is None:  # nothing reaches the bar: send everything to the cloud
         return {"t1": 0.0 if has_cams else None, "t2": 0.0, "chosen_on": chosen_on,
-                "policy": f"{text} (unreachable: all to cloud)"}
+                "policy": text + ALL_TO_CLOUD}
     return {"t1": best["t1"], "t2": best["t2"], "chosen_on": chosen_on, "policy": text}
 
 
@@ -431,7 +432,7 @@ def choose_thresholds(
     chosen = select_thresholds(sweep(c, grid), policy, min_edge_accuracy, min_edge_rate, epsilon,
                                cloud_only_accuracy(c), chosen_on="validation", min_exit1_rate=min_exit1_rate,
                                confidence=confidence)
-    if chosen["policy"].endswith("(unreachable: all to cloud)"):
+    if chosen["policy"].endswith(ALL_TO_CLOUD):
         hint = (f"; on few frames the {100 * confidence:g}% lower bound lies far under the estimate (confidence 0 "
                 "compares the estimate)" if confidence and policy in ("edge-accuracy", "exit1-first") else "")
         log.warning("no thresholds on these %d validation frames meet the policy (%s): every frame goes to the "

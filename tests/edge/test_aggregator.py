@@ -68,16 +68,24 @@ def msg(o: CameraObservation, site: str):
     return SimpleNamespace(topic=names.obs_topic(site, o.camera), payload=o.encode(), qos=0, mid=0)
 
 
-def aggregator(stream_setup, brokers, site, **kw):
-    path, model, _, t1, t2 = stream_setup
+def aggregator(stream_setup, brokers, site, t1=None, **kw):
+    """An aggregator of the tiny network with its thresholds (T1 overridden when given)."""
+    path, model, _, card_t1, t2 = stream_setup
     cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, **kw)
-    return Aggregator(cfg, model.edge, t1, t2)
+    return Aggregator(cfg, model.edge, card_t1 if t1 is None else t1, t2)
 
 
 def make(stream_setup, brokers, site, **kw):
     agg = aggregator(stream_setup, brokers, site, **kw)
     agg.connect()
     return agg
+
+
+def summary_msgs(obs, site):
+    """Lazy upload: each camera's summary of its observation in `obs` (one frame), as received."""
+    sums = [summary_of(CameraObservation(site, o.frame_id, o.camera, o.captured_at, o.prediction, o.entropy,
+                                         o.features)) for o in obs]
+    return [wire_msg(names.obs_topic(site, s.camera), s.encode()) for s in sums]
 
 
 @pytest.mark.services
@@ -112,18 +120,14 @@ def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redi
 
 @pytest.mark.services
 def test_summaries_after_an_early_exit1_are_not_kept(stream_setup, brokers, site):
-    path, model, data, _, t2 = stream_setup
-    obs = observations(model, data, [0])[0]
-    cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path)
-    agg = Aggregator(cfg, model.edge, 1.0, t2)  # T1 = 1: the first summary takes its frame out at exit 1
-    agg.connect()
+    _, model, data, _, _ = stream_setup
+    first, *rest = summary_msgs(observations(model, data, [0])[0], site)
+    agg = make(stream_setup, brokers, site, t1=1.0)  # T1 = 1: the first summary takes its frame out at exit 1
     try:
-        sums = [summary_of(CameraObservation(site, 0, o.camera, o.captured_at, o.prediction, o.entropy, o.features))
-                for o in obs]
-        (frame,) = agg.handle([wire_msg(names.obs_topic(site, sums[0].camera), sums[0].encode())])
+        (frame,) = agg.handle([first])
         assert frame.frame_id == 0 and frame.present == (0,)
-        for s in sums[1:]:  # the other cameras' summaries come after the frame left
-            assert agg.handle([wire_msg(names.obs_topic(site, s.camera), s.encode())]) == []
+        for m in rest:  # the other cameras' summaries come after the frame left
+            assert agg.handle([m]) == []
         assert not agg._decoded  # none of them waits in the decode cache for a claim
     finally:
         agg.close()
@@ -332,15 +336,12 @@ def wire_msg(topic: str, payload: bytes):
 
 @pytest.mark.services
 def test_answers_received_before_the_deadline_sweep_are_not_judged_missing(stream_setup, brokers, site):
-    path, model, data, _, t2 = stream_setup
+    _, model, data, _, _ = stream_setup
     obs = observations(model, data, [0])[0]
-    cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, request_deadline_ms=20)
-    agg = Aggregator(cfg, model.edge, 0.0, t2)  # T1 = 0: no exit 1, every frame's features are asked for
-    agg.connect()
+    # T1 = 0: no exit 1, every frame's features are asked for
+    agg = make(stream_setup, brokers, site, t1=0.0, request_deadline_ms=20)
     try:
-        sums = [summary_of(CameraObservation(site, 0, o.camera, o.captured_at, o.prediction, o.entropy, o.features))
-                for o in obs]
-        (frame,) = agg.handle([wire_msg(names.obs_topic(site, s.camera), s.encode()) for s in sums])
+        (frame,) = agg.handle(summary_msgs(obs, site))
         assert frame.wanted == (0, 1, 2, 3, 4, 5) and not frame.requested
         agg.request_features([frame])
         for o in obs:  # every answer reaches the inbox while the loop is busy elsewhere ...

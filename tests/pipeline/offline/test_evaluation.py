@@ -201,21 +201,21 @@ def test_policy_edge_accuracy_floor_holds_for_the_lower_bound_by_default():
 
 
 def test_policy_min_edge_rate():
-    assert select_thresholds(POINTS, "min-edge-rate", confidence=0, min_edge_rate=0.5)["t1"] == 0.2  # best overall at >= 50%
-    assert select_thresholds(POINTS, "min-edge-rate", confidence=0, min_edge_rate=0.0)["t1"] == 0.1
-    assert select_thresholds(POINTS, "min-edge-rate", confidence=0, min_edge_rate=0.95)["t1"] == 1.0
+    assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.5)["t1"] == 0.2  # best overall at >= 50%
+    assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.0)["t1"] == 0.1
+    assert select_thresholds(POINTS, "min-edge-rate", min_edge_rate=0.95)["t1"] == 1.0
 
 
 def test_policy_within_cloud():
-    t = select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.01, cloud_only=0.85)
+    t = select_thresholds(POINTS, "within-cloud", epsilon=0.01, cloud_only=0.85)
     assert t["t1"] == 0.2  # 0.84 >= 0.85 - 0.01, and the most frames at the edge
-    assert select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.0, cloud_only=0.85)["t1"] == 0.1
-    assert select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.06, cloud_only=0.85)["t1"] == 0.3
-    assert select_thresholds(POINTS, "within-cloud", confidence=0, epsilon=0.10, cloud_only=0.85)["t1"] == 0.4
+    assert select_thresholds(POINTS, "within-cloud", epsilon=0.0, cloud_only=0.85)["t1"] == 0.1
+    assert select_thresholds(POINTS, "within-cloud", epsilon=0.06, cloud_only=0.85)["t1"] == 0.3
+    assert select_thresholds(POINTS, "within-cloud", epsilon=0.10, cloud_only=0.85)["t1"] == 0.4
     with pytest.raises(ValueError):
-        select_thresholds(POINTS, "within-cloud", confidence=0)
+        select_thresholds(POINTS, "within-cloud")
     with pytest.raises(ValueError, match="unknown policy"):
-        select_thresholds(POINTS, "best-guess", confidence=0)
+        select_thresholds(POINTS, "best-guess")
 
 
 def test_choose_thresholds_default_is_the_model_cards_policy(caplog):
