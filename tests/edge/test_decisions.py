@@ -1,10 +1,13 @@
 """The edge's decisions (`edge.decisions.decide_frames`) equal offline evaluation's, frame for
 frame, for each fusion: concat, and max, the element-wise max pooling of the DDNN paper."""
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from edge.decisions import Frame, decide_frames
+from edge.decisions import REQUEST, Frame, _decide_tensors, decide_frames, decide_on_verdicts
 from edge.exits import decide
 from edge.fusion import fuse
 from pipeline.offline import evaluation
@@ -78,3 +81,34 @@ def test_a_camera_with_a_wrong_clock_does_not_move_its_frames_capture_time():
     sums = [CameraSummary("s", 9, k, 1.0 if k == 2 else 1_700_000_000.0, 0, 0.5) for k in range(6)]
     assert Frame(9, [], summaries=sums).captured_at == 1_700_000_000.0  # camera 2 booted at 1970
     assert Frame(9, [], summaries=sums[1:3]).captured_at == 1.0  # of two, the lower
+
+
+# Entropies as the wire carries them (float32 values), few distinct ones so that ties and values
+# equal to T1 come up; T1 among them, beside them, None and >= 1 (0.7 rounds down to float32:
+# 0.69999999 < 0.7 in double precision, not in float32).
+_entropy = st.sampled_from([0.0, 0.01, 0.025, 0.1, 0.4250000238418579, 0.5, 0.7, 0.9, 1.0]).map(lambda e: float(np.float32(e)))
+_frame_summaries = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 9), _entropy), min_size=1, max_size=6,
+                            unique_by=lambda x: x[0])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(_frame_summaries, min_size=1, max_size=5),
+       t1=st.one_of(st.none(), _entropy, st.sampled_from([0.025, 0.0999999, 0.425, 0.7, 1.0, 1.5])))
+@example(frames=[[(2, 4, float(np.float32(0.7))), (1, 3, float(np.float32(0.7)))]], t1=0.7)  # a tie at T1
+def test_the_summary_only_path_decides_as_the_tensor_path(stream_setup, frames, t1):
+    # Lazy upload's first look at a frame (summaries only) skips the tensors; its answers must be
+    # the tensor path's, ties (the lowest camera) and entropies equal to T1 included.
+    _, model, _, _, t2 = stream_setup
+    batch = [Frame(i, [], summaries=[CameraSummary("s", i, k, 1.0, p, e) for k, p, e in sorted(sums)])
+             for i, sums in enumerate(frames)]
+    fast, fused, edge_entropy, edge_pred = decide_on_verdicts(model.edge, batch, t1)
+    slow, slow_fused, slow_entropy, slow_pred = _decide_tensors(model.edge, batch, t1, t2, torch.device("cpu"))
+    assert [o[0] for o in fast] == [o[0] for o in slow]
+    for a, b in zip(fast, slow):
+        if a[0] == REQUEST:  # its entropy is NaN in both
+            assert a[1] == b[1] == -1 and a[3] is None and b[3] is None
+        else:
+            assert a == b
+    assert fused.shape == slow_fused.shape and torch.equal(edge_pred, slow_pred)
+    assert torch.isnan(edge_entropy).all() and torch.isnan(slow_entropy).all()
+    assert decide_frames(model.edge, batch, t1, t2)[0][0][0] == fast[0][0]  # the dispatcher takes this path
