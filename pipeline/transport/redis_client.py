@@ -211,8 +211,17 @@ class Heartbeat:
 
     def beat(self) -> None:
         body = {"role": self.role, "id": self.sid, "at": time.time(), "pid": os.getpid(), **(self.info() if self.info else {})}
-        for key in list(self.keys):  # one SET each: on a cluster every site's key is in a slot of its own
-            self.client.set(key, json.dumps(body), px=self.ttl_ms)
+        raw = json.dumps(body)
+        if len(self.keys) == 1:
+            self.client.set(self.key, raw, px=self.ttl_ms)
+            return
+        # Many sites (a cloud worker with --sites): one round trip, not one a site (on a cluster,
+        # one a node: every site's key is in a slot of its own, and a non-transactional pipeline
+        # may span them).
+        with self.client.pipeline(transaction=False) as p:
+            for key in list(self.keys):
+                p.set(key, raw, px=self.ttl_ms)
+            p.execute()
 
     def add_site(self, site: str) -> None:
         """Beat at `site` too, from now on."""

@@ -5,7 +5,8 @@ import pytest
 
 from pipeline.errors import ConnectError
 from pipeline.transport.embedded import free_port
-from pipeline.transport.redis_client import cluster_nodes, is_cluster_url, redis_client, safe_url
+from pipeline.transport.redis_client import Heartbeat, cluster_nodes, is_cluster_url, redis_client, safe_url
+from pipeline.wire import names
 
 
 def test_cluster_urls_name_their_start_up_nodes():
@@ -44,3 +45,29 @@ def test_a_cluster_url_to_a_plain_redis_fails_at_once(brokers):
     u = urlsplit(brokers[1])
     with pytest.raises(ConnectError, match="not a cluster.*use redis://"):
         redis_client(f"redis+cluster://{u.hostname}:{u.port or 6379}", timeout_s=30)
+
+
+@pytest.mark.services
+def test_a_heartbeat_at_many_sites_sets_every_key_in_one_round_trip(redis_conn):
+    import json
+    import uuid
+
+    sites = [f"hb-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
+    hb = Heartbeat(redis_conn, sites[0], "cloud", "cloud-x", interval_s=2.0, info=lambda: {"answered": 7})
+    for site in sites[1:]:
+        hb.add_site(site)
+    keys = [names.heartbeat_key(site, "cloud", "cloud-x") for site in sites]
+    redis_conn.delete(*keys)
+    calls = []
+    execute = redis_conn.execute_command
+    redis_conn.execute_command = lambda *a, **kw: calls.append(a) or execute(*a, **kw)
+    try:
+        hb.beat()
+    finally:
+        del redis_conn.execute_command
+    assert calls == []  # the three SETs went in one pipeline, not a command each
+    for key in keys:
+        body = json.loads(redis_conn.get(key))
+        assert body["id"] == "cloud-x" and body["answered"] == 7
+        assert 0 < redis_conn.pttl(key) <= 6000
+    redis_conn.delete(*keys)
