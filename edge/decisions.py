@@ -108,7 +108,8 @@ def decide_frames(edge: EdgeModule, frames: list[Frame], t1: float | None, t2: f
     those marked REQUEST and dead-letters those marked REFUSED (non-finite numbers). The edge
     block runs only on the frames that need it (not those leaving at exit 1, nor those waiting
     for features): their edge entropy is NaN and prediction -1. Numbers match offline
-    evaluation: same camera order, same fusion, batches never of one row."""
+    evaluation: same camera order, same fusion, batches never of one row. A batch of lazy
+    frames at their first look (summaries only) takes `decide_on_verdicts`, without tensors."""
     if edge.cfg.has_camera_classifiers and all(_verdicts_only(fr) for fr in frames):
         return decide_on_verdicts(edge, frames, t1)
     return _decide_tensors(edge, frames, t1, t2, device)
