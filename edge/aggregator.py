@@ -405,7 +405,7 @@ class Aggregator(BrokerService):
                 bad.append((msg, f"unexpected {type(err).__name__}: {err}"))
         if bad:
             self.dead_letter([(msg.topic, msg.payload, reason) for msg, reason in bad])
-        self.store.record_losses(losses)
+        losses = self.store.record_shed(losses)  # a frame claimed already names its cameras in its decision
         self.stats.shed += len(losses)
         for *_, reason in losses:
             self.stats.shed_reasons[reason] = self.stats.shed_reasons.get(reason, 0) + 1

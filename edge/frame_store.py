@@ -415,6 +415,22 @@ end
 return first
 """
 
+# KEYS: decided marker, losses stream, counters; ARGV: frame id, camera, where, why, losses maxlen
+# A camera's notice that it shed its view of a frame is named in the losses stream (counted in
+# `shed`) unless the frame was claimed already: its decision names the cameras it had in its
+# `present`, and a camera process restarted on a running clock sheds frames an earlier process
+# did send, so a loss now could contradict the decision. Counted in `shed_after_claim`, not named.
+RECORD_SHED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'frame', ARGV[1], 'camera', ARGV[2], 'where', ARGV[3],
+           'why', ARGV[4])
+redis.call('HINCRBY', KEYS[3], 'shed', 1)
+return 1
+"""
+
 
 def wait_percentiles(hist: Mapping[bytes | str, bytes | str | int]) -> dict:
     """p50 / p95 / p99 (ms, each the middle of its bin), mean and count of a feature-wait
@@ -470,8 +486,9 @@ class FrameStore:
         self._request = client.register_script(REQUEST_FEATURES)
         self._feature = client.register_script(ADD_FEATURE)
         self._awaited = client.register_script(CLAIM_AWAITING)
+        self._shed = client.register_script(RECORD_SHED)
         self._scripts = (self._add, self._due, self._claim, self._reclaim, self._escalate, self._record,
-                         self._confident, self._request, self._feature, self._awaited)
+                         self._confident, self._request, self._feature, self._awaited, self._shed)
         for script in self._scripts:
             client.script_load(script.script)  # loaded now, so that a NOSCRIPT later means Redis restarted
 
@@ -626,6 +643,14 @@ class FrameStore:
                 p.delete(names.claimed_frame_key(self.site, fid))
             p.execute()
 
+    def record_shed(self, losses: list[tuple[int, int, str, str]]) -> list[tuple[int, int, str, str]]:
+        """Name the views cameras shed, (frame id, camera, where, why), in one round trip: those of
+        frames not claimed yet (RECORD_SHED), which it returns; the others count in `shed_after_claim`."""
+        named = self._pipelined(self._shed, [
+            ([names.decided_key(self.site, fid), names.losses_stream(self.site), names.counters_key(self.site)],
+             [fid, camera, where, why, LOSSES_MAXLEN]) for fid, camera, where, why in losses])
+        return [loss for loss, ok in zip(losses, named) if ok]
+
     def record_losses(self, losses: list[tuple[int, int, str, str]], counter: str = "shed") -> None:
         """Name observations that never came: (frame id, camera, where, why), counted in `counter`."""
         if not losses:
@@ -653,4 +678,4 @@ class FrameStore:
 
 __all__ = ["FrameStore", "StoreTimes", "Claim", "ADD_OBSERVATION", "DUE_FRAMES", "CLAIM_DUE", "RECLAIM_LEASE",
            "CLAIM_CONFIDENT", "REQUEST_FEATURES", "ADD_FEATURE", "CLAIM_AWAITING", "ESCALATE", "RECORD_AND_RELEASE",
-           "REDIS_NOW"]
+           "RECORD_SHED", "REDIS_NOW"]

@@ -398,6 +398,27 @@ def test_refused_ids_do_not_move_the_admission_window(stream_setup, brokers, sit
 
 
 @pytest.mark.services
+def test_a_shed_notice_for_a_claimed_frame_names_no_loss(stream_setup, brokers, site, redis_conn):
+    # A camera process restarted on a running clock sheds the frames due before it started, some
+    # of which its predecessor sent: a frame claimed already keeps its decision's `present` as the
+    # only word on its cameras; the frames not claimed yet are named.
+    from pipeline.wire.control import ShedNotice
+
+    _, model, data, _, _ = stream_setup
+    agg = make(stream_setup, brokers, site, deadline_ms=60_000)
+    try:
+        claimed = agg.handle([msg(o, site) for o in observations(model, data, [0])[0]])  # all six: claimed
+        assert [fr.frame_id for fr in claimed] == [0]
+        agg.handle([wire_msg(names.shed_topic(site, 3), ShedNotice(site, 3, (0, 1), "behind", 1.0).encode())])
+        losses = [(int(f[b"frame"]), int(f[b"camera"])) for _, f in redis_conn.xrange(names.losses_stream(site))]
+        counters = redis_conn.hgetall(names.counters_key(site))
+        assert losses == [(1, 3)] and agg.stats.shed == 1
+        assert int(counters[b"shed"]) == 1 and int(counters[b"shed_after_claim"]) == 1
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
 def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_conn):
     from pipeline.wire.control import ShedNotice
 
