@@ -106,6 +106,7 @@ class EdgeConfig(BrokerRoleConfig):
     scan_ms: int = field(default=5, metadata={"min": 1, "max": 60_000})  # how often (ms) to look for frames past their deadline
     frame_ttl_s: int = field(default=60, metadata={"min": 1, "max": 31536000})  # an unclaimed frame hash expires after this (s; every aggregator dead)
     decided_ttl_s: int = field(default=3600, metadata={"min": 1, "max": 31536000})  # how long (s) a decided frame refuses late observations (and markers live)
+    gap_grace_s: float = field(default=20.0, metadata={"min": 0, "max": 86400})  # a frame id that every camera skipped (its observations dropped on the way, e.g. by a broker past its queue limit) is named lost this long (s) after a later frame came, unless one of its observations comes by then; 0 = never named (needs --admit-window)
     claim_lease_ms: int = field(default=10_000, metadata={"min": 1, "max": 86400000})  # a claimed frame not decided within this (ms) is taken over by another aggregator
     escalation_maxlen: int = field(default=10_000, metadata={"min": 1, "max": 1_000_000_000})  # escalations waiting for the cloud; beyond, the edge waits
     results_maxlen: int = field(default=1_000_000, metadata={"min": 1, "max": 1_000_000_000})  # results kept in the results stream (approximate trim)
@@ -126,7 +127,8 @@ class EdgeConfig(BrokerRoleConfig):
 
     def store_times(self, expected: int) -> StoreTimes:
         return StoreTimes(expected, self.admit_window, self.deadline_ms, self.frame_ttl_s * 1000, self.decided_ttl_s * 1000,
-                          self.claim_lease_ms, self.claim_batch, self.escalation_maxlen, self.results_maxlen)
+                          self.claim_lease_ms, self.claim_batch, self.escalation_maxlen, self.results_maxlen,
+                          round(self.gap_grace_s * 1000))
 
 
 @dataclass
@@ -146,6 +148,7 @@ class EdgeStats:
     shed: int = 0  # observations cameras named as shed (never sent)
     shed_reasons: dict[str, int] = field(default_factory=dict)  # the same, by the cameras' reason
     batches: int = 0  # Redis round trips that stored observations
+    never_received: int = 0  # frame ids every camera skipped, named lost after --gap-grace-s (edge.frame_store.NAME_GAP)
     requests: int = 0  # lazy upload: feature requests published (one per frame that did not leave at exit 1)
     features: int = 0  # lazy upload: feature answers taken in
     features_missing: int = 0  # lazy upload: cameras asked whose features had not come by the second deadline
@@ -200,6 +203,7 @@ class Aggregator(BrokerService):
                        site=site),
                sample("ada_feature_requests", st.requests, site=site),
                sample("ada_features_missing", st.features_missing, site=site),
+               sample("ada_frames_never_received", st.never_received, site=site),
                sample("ada_edge_block_runs", st.edge_runs, site=site),
                sample("ada_clock_skewed", st.clock_skewed, site=site),
                sample("ada_sessions_taken_over", self.reaper.taken if self.reaper else 0, site=site),
@@ -577,8 +581,11 @@ class Aggregator(BrokerService):
         whose lease expired."""
         assert self.store is not None
         site, cfg = self.cfg.site, self.cfg
-        frames, owners = [], []
+        frames, owners, never = [], [], []
         for claim in self.store.claim_expired():
+            if claim.kind == "never":
+                never.append(claim.frame_id)
+                continue
             if claim.kind == "lost":
                 log.error("edge %s: site %r frame %d: its claim expired with its observations (no aggregator for "
                           "%d s); the frame has no result", self.sid, site, claim.frame_id, cfg.decided_ttl_s)
@@ -588,6 +595,11 @@ class Aggregator(BrokerService):
                 log.debug("edge %s: site %r frame %d: lease of %s expired, re-claimed", self.sid, site, claim.frame_id,
                           claim.prev)
             frames.append(self._frame(claim))
+        if never:
+            self.stats.never_received += len(never)
+            log.error("edge %s: site %r: no observation of %d frames (%s) came within %.0f s of a later frame's: named "
+                      "lost in %s (why 'never received'; a broker past its queue limit drops them unseen)", self.sid,
+                      site, len(never), _ids(never), cfg.gap_grace_s, names.losses_stream(site))
         if owners:
             self.stats.reclaimed += len(owners)
             log.warning("edge %s: site %r: re-claimed %d frames whose lease (%d ms) expired, claimed by %s", self.sid,
@@ -731,6 +743,18 @@ class Aggregator(BrokerService):
                                           "for room in the escalation stream (their leases expire and another "
                                           "aggregator takes them over)")
         return added_frames
+
+
+def _ids(frame_ids: list[int], most: int = 4) -> str:
+    """Frame ids as runs, "208..251, 300", the first `most` runs and how many more."""
+    runs: list[list[int]] = []
+    for f in sorted(frame_ids):
+        if runs and f == runs[-1][1] + 1:
+            runs[-1][1] = f
+        else:
+            runs.append([f, f])
+    text = ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs[:most])
+    return text + (f" and {len(runs) - most} more runs" if len(runs) > most else "")
 
 
 # --- CLI ----------------------------------------------------------------------------------

@@ -100,9 +100,11 @@ local function count_wait(frame, hist, t)
 end
 """
 
-# KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash, admission front
+# KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash, admission front,
+#       gaps zset
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
-#       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary)
+#       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary),
+#       gap grace ms (0 = gaps not tracked)
 # Bytes stored are counted in observation_bytes or summary_bytes, and those of a late one in late_bytes;
 # a summary after its frame left at exit 1 on a confident summary (claim marker "<owner> exit1") is
 # expected, not late: it counts in summary_bytes, camera_bytes_exit1 and summaries_after_exit1.
@@ -112,6 +114,10 @@ end
 # 'ahead', so that no camera alone can claim, and so decide, frames that the others have not
 # captured yet. A refused id does not move its camera's front (else two forged ids, on two
 # cameras, would move the window for good).
+# Gaps: an admitted id more than one beyond every camera's front skips ids no observation has
+# reached (at most the window); they go into the gaps zset (NX), due the grace later, when
+# NAME_GAP names those still without one lost (a broker that dropped a whole stretch of
+# observations, e.g. past its queue limit for an aggregator that was down, leaves no other trace).
 ADD_OBSERVATION = """
 local window = tonumber(ARGV[10])
 if window > 0 then
@@ -142,6 +148,21 @@ if window > 0 then
   if id > base + window then
     redis.call('HINCRBY', KEYS[4], 'ahead', 1)
     return {'ahead'}
+  end
+  local top = mine
+  for i = 2, #fronts, 2 do
+    top = math.max(top, tonumber(fronts[i]))
+  end
+  local grace = tonumber(ARGV[12])
+  if grace > 0 and top >= 0 and id > top + 1 then
+    local gt = redis.call('TIME')
+    local due = tonumber(gt[1]) * 1000 + math.floor(tonumber(gt[2]) / 1000) + grace
+    local args = {}
+    for g = top + 1, id - 1 do
+      args[#args + 1] = due
+      args[#args + 1] = g
+    end
+    redis.call('ZADD', KEYS[8], 'NX', unpack(args))
   end
   if id > mine then
     redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
@@ -191,16 +212,44 @@ redis.call('ZADD', KEYS[5], now + tonumber(ARGV[9]), ARGV[6])
 return {'claimed', redis.call('HVALS', KEYS[6])}
 """
 
-# KEYS: pending zset, claimed zset, awaiting zset; ARGV: max frames of each
+# KEYS: pending zset, claimed zset, awaiting zset, gaps zset; ARGV: max frames of each
 # Returns {frames past their deadline, frames whose lease expired, frames past their second
-# deadline}, by the Redis clock. The sweep then runs CLAIM_DUE, RECLAIM_LEASE or CLAIM_AWAITING on
+# deadline, gaps past their grace}, by the Redis clock. The sweep then runs CLAIM_DUE, RECLAIM_LEASE or CLAIM_AWAITING on
 # each (one pipelined round trip a kind), each frame's keys in KEYS: a script never builds a key,
 # so each runs in the site's slot of a Redis Cluster.
 DUE_FRAMES = REDIS_NOW + """
 local limit = tonumber(ARGV[1])
 return {redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit),
         redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit),
-        redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit)}
+        redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, limit),
+        redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, limit)}
+"""
+
+# KEYS: gaps zset, frame hash, decided marker, claimed frame hash, result marker, escalated marker, shed
+#       marker, losses stream, counters
+# ARGV: frame id, claim marker ("<owner> lost"), decided ttl ms, losses maxlen, cameras expected
+# A gap past its grace (DUE_FRAMES' fourth list): taken out of the zset (one aggregator goes on);
+# if no observation of the frame has come and no camera named it shed (no frame hash, claim or
+# marker), it is named lost, one
+# entry a camera (where 'edge', why 'never received'), counted in `never_received`, and marked
+# decided ("<owner> lost"), so that an observation arriving after all is late, not a second
+# outcome. 1 when named, else 0.
+NAME_GAP = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+for i = 2, 7 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    return 0
+  end
+end
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+for k = 0, tonumber(ARGV[5]) - 1 do
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[4], '*', 'frame', ARGV[1], 'camera', k, 'where', 'edge',
+             'why', 'never received')
+end
+redis.call('HINCRBY', KEYS[9], 'never_received', 1)
+return 1
 """
 
 # KEYS: pending zset, frame hash, decided marker, claimed zset, claimed frame hash, counters
@@ -415,16 +464,19 @@ end
 return first
 """
 
-# KEYS: decided marker, losses stream, counters; ARGV: frame id, camera, where, why, losses maxlen
+# KEYS: decided marker, losses stream, counters, shed marker
+# ARGV: frame id, camera, where, why, losses maxlen, shed marker ttl ms
 # A camera's notice that it shed its view of a frame is named in the losses stream (counted in
 # `shed`) unless the frame was claimed already: its decision names the cameras it had in its
 # `present`, and a camera process restarted on a running clock sheds frames an earlier process
 # did send, so a loss now could contradict the decision. Counted in `shed_after_claim`, not named.
+# A named one sets the frame's shed marker: NAME_GAP leaves a frame a camera named alone.
 RECORD_SHED = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
   return 0
 end
+redis.call('SET', KEYS[4], 1, 'PX', ARGV[6])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'frame', ARGV[1], 'camera', ARGV[2], 'where', ARGV[3],
            'why', ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'shed', 1)
@@ -459,6 +511,7 @@ class StoreTimes:
     claim_batch: int  # frames claimed per scan at most
     escalation_maxlen: int  # escalations waiting for the cloud; beyond, `escalate` answers 0
     results_maxlen: int  # results kept in the results stream (approximate trim)
+    gap_grace_ms: int = 0  # frame ids skipped by every camera are named lost this long after a later one came (0 = never; needs admit_window)
 
 
 class Claim(NamedTuple):
@@ -466,7 +519,7 @@ class Claim(NamedTuple):
 
     frame_id: int
     payloads: list[bytes]  # the frame's stored messages: observations, summaries, features
-    kind: str  # "claimed" | "reclaimed" (lease taken over) | "lost" (its observations expired with its claim)
+    kind: str  # "claimed" | "reclaimed" (lease taken over) | "lost" (its observations expired with its claim) | "never" (a gap named lost: no observation came)
     prev: str = ""  # the previous owner of a reclaimed lease
     requested: bool = False  # lazy upload: its features were asked for; decide it with those that came
 
@@ -487,8 +540,9 @@ class FrameStore:
         self._feature = client.register_script(ADD_FEATURE)
         self._awaited = client.register_script(CLAIM_AWAITING)
         self._shed = client.register_script(RECORD_SHED)
+        self._gap = client.register_script(NAME_GAP)
         self._scripts = (self._add, self._due, self._claim, self._reclaim, self._escalate, self._record,
-                         self._confident, self._request, self._feature, self._awaited, self._shed)
+                         self._confident, self._request, self._feature, self._awaited, self._shed, self._gap)
         for script in self._scripts:
             client.script_load(script.script)  # loaded now, so that a NOSCRIPT later means Redis restarted
 
@@ -499,9 +553,10 @@ class FrameStore:
         replies = self._pipelined(self._add, [
             ([names.frame_key(site, obs.frame_id), names.decided_key(site, obs.frame_id), names.pending_key(site),
               names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, obs.frame_id),
-              names.front_key(site)],
+              names.front_key(site), names.gaps_key(site)],
              [obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, obs.frame_id, self.owner,
-              t.decided_ttl_ms, t.lease_ms, t.admit_window, "sum" if isinstance(obs, CameraSummary) else "obs"])
+              t.decided_ttl_ms, t.lease_ms, t.admit_window, "sum" if isinstance(obs, CameraSummary) else "obs",
+              t.gap_grace_ms])
             for obs, payload in items])
         out = []
         for res in replies:
@@ -549,20 +604,32 @@ class FrameStore:
 
     def claim_expired(self) -> list[Claim]:
         """Frames past their deadline ("claimed"), leases taken over ("reclaimed"), claims whose
-        observations expired ("lost") and frames past their second deadline (claimed with the
-        features that came, requested): the due frames in one round trip, then one script per
-        frame, pipelined (a round trip per kind)."""
-        past_deadline, leases_expired, awaited = self.due()
-        return self.claim(past_deadline) + self.reclaim(leases_expired) + self.claim_awaited(awaited)
+        observations expired ("lost"), frames past their second deadline (claimed with the
+        features that came, requested) and gaps this call named lost ("never": no payloads): the
+        due frames in one round trip, then one script per frame, pipelined (a round trip per kind)."""
+        past_deadline, leases_expired, awaited, gaps = self.due()
+        return (self.claim(past_deadline) + self.reclaim(leases_expired) + self.claim_awaited(awaited)
+                + [Claim(fid, [], "never") for fid in self.name_gaps(gaps)])
 
-    def due(self) -> tuple[list[int], list[int], list[int]]:
-        """Ids of the frames past their deadline, of those whose lease expired and of those past
-        their second deadline (`claim_batch` at most of each), by the Redis clock. Another
-        aggregator may take any of them first."""
+    def due(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Ids of the frames past their deadline, of those whose lease expired, of those past
+        their second deadline and of the gaps past their grace (`claim_batch` at most of each), by
+        the Redis clock. Another aggregator may take any of them first."""
         site = self.site
-        pending, leases, awaited = self._pipelined(self._due, [(
-            [names.pending_key(site), names.claimed_key(site), names.awaiting_key(site)], [self.times.claim_batch])])[0]
-        return [int(x) for x in pending], [int(x) for x in leases], [int(x) for x in awaited]
+        pending, leases, awaited, gaps = self._pipelined(self._due, [(
+            [names.pending_key(site), names.claimed_key(site), names.awaiting_key(site), names.gaps_key(site)],
+            [self.times.claim_batch])])[0]
+        return [int(x) for x in pending], [int(x) for x in leases], [int(x) for x in awaited], [int(x) for x in gaps]
+
+    def name_gaps(self, frame_ids: list[int]) -> list[int]:
+        """Name lost (NAME_GAP) those of the due gaps `frame_ids` that no observation reached; their ids."""
+        site, t = self.site, self.times
+        named = self._pipelined(self._gap, [
+            ([names.gaps_key(site), names.frame_key(site, fid), names.decided_key(site, fid),
+              names.claimed_frame_key(site, fid), names.result_key(site, fid), names.escalated_key(site, fid),
+              names.shed_key(site, fid), names.losses_stream(site), names.counters_key(site)],
+             [fid, f"{self.owner} lost", t.decided_ttl_ms, LOSSES_MAXLEN, t.expected]) for fid in frame_ids])
+        return [fid for fid, ok in zip(frame_ids, named) if ok]
 
     def claim(self, frame_ids: list[int]) -> list[Claim]:
         """Claim those of `frame_ids` still past their deadline and unclaimed."""
@@ -647,8 +714,9 @@ class FrameStore:
         """Name the views cameras shed, (frame id, camera, where, why), in one round trip: those of
         frames not claimed yet (RECORD_SHED), which it returns; the others count in `shed_after_claim`."""
         named = self._pipelined(self._shed, [
-            ([names.decided_key(self.site, fid), names.losses_stream(self.site), names.counters_key(self.site)],
-             [fid, camera, where, why, LOSSES_MAXLEN]) for fid, camera, where, why in losses])
+            ([names.decided_key(self.site, fid), names.losses_stream(self.site), names.counters_key(self.site),
+              names.shed_key(self.site, fid)],
+             [fid, camera, where, why, LOSSES_MAXLEN, self.times.frame_ttl_ms]) for fid, camera, where, why in losses])
         return [loss for loss, ok in zip(losses, named) if ok]
 
     def record_losses(self, losses: list[tuple[int, int, str, str]], counter: str = "shed") -> None:
@@ -678,4 +746,4 @@ class FrameStore:
 
 __all__ = ["FrameStore", "StoreTimes", "Claim", "ADD_OBSERVATION", "DUE_FRAMES", "CLAIM_DUE", "RECLAIM_LEASE",
            "CLAIM_CONFIDENT", "REQUEST_FEATURES", "ADD_FEATURE", "CLAIM_AWAITING", "ESCALATE", "RECORD_AND_RELEASE",
-           "RECORD_SHED", "REDIS_NOW"]
+           "RECORD_SHED", "NAME_GAP", "REDIS_NOW"]

@@ -14,7 +14,9 @@
                                                   ada:{site}:claimed:{id}      a claimed frame's hash, TTL
                                                   ada:{site}:escalated:{id}    escalation marker, TTL
                                                   ada:{site}:result:{id}       result marker, TTL
+                                                  ada:{site}:shed:{id}         a camera shed it, TTL
                                                   ada:{site}:pending           open frames by deadline
+                                                  ada:{site}:gaps              frames no observation reached
                                                   ada:{site}:counters          hash of counters
                                                   ada:{site}:feature_wait      hash: feature waits (lazy)
                                                   ada:{site}:heartbeat:{role}:{id}  liveness, TTL
@@ -145,8 +147,8 @@ def request_topic(site: str) -> str:
 # Every key of a site starts with `_site_prefix(site)`, `ada:{site}:`, the site as hash tag.
 # Scripts get each key they touch from these functions, in KEYS: no script builds a key.
 
-FRAME, DECIDED, CLAIMED, ESCALATED, RESULT = "frame", "decided", "claimed", "escalated", "result"
-FRAME_KINDS = (FRAME, DECIDED, CLAIMED, ESCALATED, RESULT)
+FRAME, DECIDED, CLAIMED, ESCALATED, RESULT, SHED = "frame", "decided", "claimed", "escalated", "result", "shed"
+FRAME_KINDS = (FRAME, DECIDED, CLAIMED, ESCALATED, RESULT, SHED)
 SITES_KEY = "ada:sites"
 
 
@@ -192,6 +194,12 @@ def result_key(site: str, frame_id: int) -> str:
     return per_frame_key(site, RESULT, frame_id)
 
 
+def shed_key(site: str, frame_id: int) -> str:
+    """Marker of a frame a camera named shed (a loss already), so that the gap it leaves in the
+    frame ids is not named again; TTL."""
+    return per_frame_key(site, SHED, frame_id)
+
+
 def awaiting_key(site: str) -> str:
     """Lazy upload: sorted set of frames whose features were requested, scored by the second
     deadline (ms since the epoch), when they are decided with the features that came."""
@@ -225,6 +233,13 @@ def feature_wait_key(site: str) -> str:
     request to the claim by the last answer or at the second deadline (bin -> frames; bins of
     0.1 ms below 100 ms, of 1 ms above, named in tenths of a ms: `edge.frame_store.wait_percentiles`)."""
     return f"{_site_prefix(site)}feature_wait"
+
+
+def gaps_key(site: str) -> str:
+    """Sorted set of frame ids that no camera's observation had reached when one of a later frame
+    came (a gap in the site's frame ids), scored by when they are named lost if none comes (ms
+    since the epoch)."""
+    return f"{_site_prefix(site)}gaps"
 
 
 def front_key(site: str) -> str:

@@ -9,6 +9,7 @@ import pytest
 from edge.frame_store import FrameStore, StoreTimes, wait_percentiles
 from pipeline.wire import names
 from pipeline.wire.messages import CameraObservation, FeatureTensor
+from tests.helpers import poll
 
 pytestmark = pytest.mark.services
 
@@ -30,7 +31,7 @@ def test_a_frame_another_sweep_claimed_in_between_is_not_claimed_again(redis_con
     a, b = store(redis_conn, site, "a"), store(redis_conn, site, "b")
     a.add([obs(site, f, 0) for f in range(5)])
     time.sleep(0.01)  # past the 1 ms deadline
-    due, _, _ = a.due()
+    due, _, _, _ = a.due()
     assert due == list(range(5))
     taken = b.claim_expired()
     assert sorted(c.frame_id for c in taken if c.kind == "claimed") == due
@@ -45,15 +46,53 @@ def test_a_lease_is_taken_over_once_and_only_while_expired(redis_conn, site):
     a.add([obs(site, 7, 0)])
     time.sleep(0.01)
     assert [(c.frame_id, c.kind) for c in a.claim_expired()] == [(7, "claimed")]
-    assert b.due() == ([], [], [])  # the lease runs
+    assert b.due() == ([], [], [], [])  # the lease runs
     time.sleep(0.08)
-    _, expired, _ = c.due()
+    _, expired, _, _ = c.due()
     assert expired == [7]
     took = b.claim_expired()
     assert [(c.frame_id, len(c.payloads), c.kind, c.prev, c.requested) for c in took] == [(7, 1, "reclaimed", "a", False)]
     assert c.reclaim(expired) == []  # b renewed the lease since c read it
     assert redis_conn.get(names.decided_key(site, 7)) == b"b"
     assert int(redis_conn.hget(names.counters_key(site), "reclaimed")) == 1
+
+
+def test_frame_ids_no_camera_sent_are_named_lost_after_the_grace(redis_conn, site):
+    # A broker past its queue limit for an aggregator that was down drops a stretch of every
+    # camera's observations: the ids a later frame skipped are named lost once the grace has
+    # passed, unless an observation of theirs came meanwhile; one arriving afterwards is late.
+    times = StoreTimes(expected=6, admit_window=256, deadline_ms=60_000, frame_ttl_ms=60_000, decided_ttl_ms=60_000,
+                       lease_ms=10_000, claim_batch=64, escalation_maxlen=100, results_maxlen=1000, gap_grace_ms=30)
+    a, b = FrameStore(redis_conn, site, "a", times), FrameStore(redis_conn, site, "b", times)
+    a.add([obs(site, 0, 0), obs(site, 0, 1)])
+    assert a.add([obs(site, 5, 0)]) == [("added", [])]  # skips 1..4
+    assert a.add([obs(site, 3, 1)]) == [("added", [])]  # 3 came after all, behind 5
+    assert a.add([obs(site, 4, 2)])[0][0] == "added" and a.add([obs(site, 6, 1)])[0][0] == "added"  # 6: no gap
+    assert a.due()[3] == []  # within the grace
+    named = poll(lambda: sorted(c.frame_id for c in a.claim_expired() if c.kind == "never"))
+    assert named == [1, 2]
+    assert b.name_gaps([1, 2, 3]) == []  # each gap is looked at once
+    losses = [(int(f[b"frame"]), int(f[b"camera"]), f[b"why"]) for _, f in redis_conn.xrange(names.losses_stream(site))]
+    assert losses == [(f, k, b"never received") for f in (1, 2) for k in range(6)]
+    assert int(redis_conn.hget(names.counters_key(site), "never_received")) == 2
+    assert a.add([obs(site, 2, 3)]) == [("late", [])]  # named lost: an observation now is late, not a second outcome
+    assert not redis_conn.exists(names.frame_key(site, 2)) and redis_conn.exists(names.frame_key(site, 3))
+
+
+def test_a_frame_a_camera_named_shed_is_not_named_again_as_a_gap(redis_conn, site):
+    times = StoreTimes(expected=6, admit_window=256, deadline_ms=60_000, frame_ttl_ms=60_000, decided_ttl_ms=60_000,
+                       lease_ms=10_000, claim_batch=64, escalation_maxlen=100, results_maxlen=1000, gap_grace_ms=1)
+    a = FrameStore(redis_conn, site, "a", times)
+    assert a.record_shed([(1, 0, "camera", "overload")]) == [(1, 0, "camera", "overload")]
+    a.add([obs(site, 0, 0), obs(site, 0, 1), obs(site, 3, 0)])  # skips 1 and 2
+    assert poll(lambda: [c.frame_id for c in a.claim_expired() if c.kind == "never"]) == [2]
+    assert [int(f[b"frame"]) for _, f in redis_conn.xrange(names.losses_stream(site))] == [1] + [2] * 6
+
+
+def test_without_a_grace_gaps_are_not_tracked(redis_conn, site):
+    a = store(redis_conn, site, "a")  # admit_window 0, gap_grace_ms 0
+    a.add([obs(site, 0, 0), obs(site, 9, 0)])
+    assert not redis_conn.exists(names.gaps_key(site))
 
 
 def summary(site, frame_id, cam, entropy=0.9):

@@ -217,7 +217,8 @@ def test_every_key_of_a_site_is_in_the_site_s_cluster_slot():
 
     keys = [names.per_frame_key("site-7", kind, 123) for kind in names.FRAME_KINDS] + [
         f("site-7") for f in (names.claimed_key, names.pending_key, names.escalations_stream, names.results_stream,
-                              names.deadletter_stream, names.losses_stream, names.front_key, names.counters_key)]
+                              names.deadletter_stream, names.losses_stream, names.front_key, names.counters_key,
+                              names.gaps_key)]
     keys.append(names.heartbeat_key("site-7", "edge", "edge-1"))
     assert {key_slot(k.encode()) for k in keys} == {key_slot(b"site-7")}
     assert all(k.startswith("ada:{site-7}:") for k in keys)
