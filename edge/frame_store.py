@@ -101,7 +101,7 @@ end
 """
 
 # KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash, admission front,
-#       gaps zset
+#       gaps zset, ahead marks
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
 #       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary),
 #       gap grace ms (0 = gaps not tracked)
@@ -113,11 +113,17 @@ end
 # front, counting its own (the only one's, while a single camera has reported), is refused as
 # 'ahead', so that no camera alone can claim, and so decide, frames that the others have not
 # captured yet. A refused id does not move its camera's front (else two forged ids, on two
-# cameras, would move the window for good).
+# cameras, would move the window for good); it is kept in the camera's ahead mark (for a frame
+# ttl), and an id within the window of the majority's (more than half of the expected cameras,
+# each at the higher of its front and its mark) is admitted: all the cameras ahead together is the
+# site moving on (an edge back from an outage longer than the window, a broker that dropped its
+# queue), which would otherwise be refused for good. A few devices forging ids cannot do that.
 # Gaps: an admitted id more than one beyond every camera's front skips ids no observation has
-# reached (at most the window); they go into the gaps zset (NX), due the grace later, when
-# NAME_GAP names those still without one lost (a broker that dropped a whole stretch of
-# observations, e.g. past its queue limit for an aggregator that was down, leaves no other trace).
+# reached; up to the window of them go into the gaps zset (NX), due the grace later, when NAME_GAP
+# names those still without one lost (a broker that dropped a whole stretch of observations, e.g.
+# past its queue limit for an aggregator that was down, leaves no other trace). A longer jump (the
+# majority moved on) is not named: the ids may never have been captured (a clock restarted
+# further on); they are counted in `ids_jumped`.
 ADD_OBSERVATION = """
 local window = tonumber(ARGV[10])
 if window > 0 then
@@ -146,15 +152,42 @@ if window > 0 then
     base = second
   end
   if id > base + window then
-    redis.call('HINCRBY', KEYS[4], 'ahead', 1)
-    return {'ahead'}
+    local mark = redis.call('HGET', KEYS[9], ARGV[1])
+    if not mark or tonumber(mark) < id then
+      redis.call('HSET', KEYS[9], ARGV[1], ARGV[6])
+    end
+    redis.call('PEXPIRE', KEYS[9], ARGV[5])
+    local best = {}
+    for i = 1, #fronts, 2 do
+      best[fronts[i]] = tonumber(fronts[i + 1])
+    end
+    local marks = redis.call('HGETALL', KEYS[9])
+    for i = 1, #marks, 2 do
+      local v = tonumber(marks[i + 1])
+      if not best[marks[i]] or v > best[marks[i]] then
+        best[marks[i]] = v
+      end
+    end
+    local levels = {}
+    for _, v in pairs(best) do
+      levels[#levels + 1] = v
+    end
+    table.sort(levels, function(a, b) return a > b end)
+    local need = math.floor(tonumber(ARGV[3]) / 2) + 1
+    if #levels < need or id > levels[need] + window then
+      redis.call('HINCRBY', KEYS[4], 'ahead', 1)
+      return {'ahead'}
+    end
+    redis.call('HINCRBY', KEYS[4], 'ahead_admitted', 1)
   end
   local top = mine
   for i = 2, #fronts, 2 do
     top = math.max(top, tonumber(fronts[i]))
   end
   local grace = tonumber(ARGV[12])
-  if grace > 0 and top >= 0 and id > top + 1 then
+  if grace > 0 and top >= 0 and id > top + 1 + window then
+    redis.call('HINCRBY', KEYS[4], 'ids_jumped', math.min(id - top - 1, 1000000000000))
+  elseif grace > 0 and top >= 0 and id > top + 1 then
     local gt = redis.call('TIME')
     local due = tonumber(gt[1]) * 1000 + math.floor(tonumber(gt[2]) / 1000) + grace
     local args = {}
@@ -553,7 +586,7 @@ class FrameStore:
         replies = self._pipelined(self._add, [
             ([names.frame_key(site, obs.frame_id), names.decided_key(site, obs.frame_id), names.pending_key(site),
               names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, obs.frame_id),
-              names.front_key(site), names.gaps_key(site)],
+              names.front_key(site), names.gaps_key(site), names.ahead_key(site)],
              [obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, obs.frame_id, self.owner,
               t.decided_ttl_ms, t.lease_ms, t.admit_window, "sum" if isinstance(obs, CameraSummary) else "obs",
               t.gap_grace_ms])

@@ -17,6 +17,7 @@
                                                   ada:{site}:shed:{id}         a camera shed it, TTL
                                                   ada:{site}:pending           open frames by deadline
                                                   ada:{site}:gaps              frames no observation reached
+                                                  ada:{site}:ahead             ids refused as ahead, TTL
                                                   ada:{site}:counters          hash of counters
                                                   ada:{site}:feature_wait      hash: feature waits (lazy)
                                                   ada:{site}:heartbeat:{role}:{id}  liveness, TTL
@@ -233,6 +234,12 @@ def feature_wait_key(site: str) -> str:
     request to the claim by the last answer or at the second deadline (bin -> frames; bins of
     0.1 ms below 100 ms, of 1 ms above, named in tenths of a ms: `edge.frame_store.wait_percentiles`)."""
     return f"{_site_prefix(site)}feature_wait"
+
+
+def ahead_key(site: str) -> str:
+    """Hash camera -> highest frame id refused as ahead of the admission window, TTL: a majority of
+    the cameras ahead together is the site moving on (after a long outage), and is admitted."""
+    return f"{_site_prefix(site)}ahead"
 
 
 def gaps_key(site: str) -> str:

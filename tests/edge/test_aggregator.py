@@ -419,6 +419,32 @@ def test_a_shed_notice_for_a_claimed_frame_names_no_loss(stream_setup, brokers, 
 
 
 @pytest.mark.services
+def test_the_cameras_moving_on_together_are_admitted(stream_setup, brokers, site, redis_conn):
+    # An edge back from an outage longer than the admission window (or a broker that dropped its
+    # queue) finds every camera far beyond the fronts it knows: refused ids are marked, and once a
+    # majority of the cameras (4 of 6) is there, the site moves on instead of stalling for good.
+    _, model, data, _, _ = stream_setup
+    agg = make(stream_setup, brokers, site, admit_window=100, deadline_ms=60_000)
+    try:
+        agg.handle([msg(o, site) for o in observations(model, data, [0])[0]])  # every camera reached frame 0
+        far = 1000
+        jumped = [msg(CameraObservation(site, far, o.camera, o.captured_at, o.prediction, o.entropy, o.features,
+                                        o.label), site) for o in observations(model, data, [1])[1]]
+        for m in jumped[:3]:
+            assert agg.handle([m]) == []
+        assert agg.stats.ahead == 3 and not redis_conn.exists(names.frame_key(site, far))
+        for m in jumped[3:]:
+            assert agg.handle([m]) == []
+        # the fourth is admitted by the majority, and moves its front: the last two are within the window
+        assert agg.stats.ahead == 3 and redis_conn.hlen(names.frame_key(site, far)) == 3
+        assert int(redis_conn.hget(names.counters_key(site), "ahead_admitted")) == 1
+        assert int(redis_conn.hget(names.counters_key(site), "ids_jumped")) == far - 1  # beyond the window: not named
+        assert not redis_conn.exists(names.gaps_key(site))
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
 def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_conn):
     from pipeline.wire.control import ShedNotice
 
