@@ -176,7 +176,7 @@ class Aggregator(BrokerService):
         self.answers: MqttClient | None = None  # lazy upload: the connection feature answers come on
         self.reaper: SessionReaper | None = None  # takes over the MQTT sessions of dead aggregators (edge.sessions)
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
-        self._lags: list[float] = []  # capture -> stored delays (ms) since the last flow status
+        self._lags: list[tuple[int, float]] = []  # (camera, capture -> stored delay in ms) since the last flow status
         self._skew_log = Throttle(SKEW_LOG_S)  # by camera: its wrong clock named at most once a period
         self._missing_log = Throttle(MISSING_LOG_S)  # frames decided without some features: a line per period
         self._shed_log = Throttle(SHED_LOG_S)  # shed notices: a line per period
@@ -428,7 +428,8 @@ class Aggregator(BrokerService):
         while len(self._decoded) > DECODED_CACHE:
             self._decoded.popitem(last=False)
         now = time.time()
-        self._lags.extend(self._plausible_lags([obs for _, obs in good], now))
+        self._lags.extend(self._plausible_lags([obs for (_, obs), (status, _) in zip(good, statuses)
+                                                if status in ("added", "claimed", "late")], now))
         self._stored_at = time.monotonic()
         for gen, msg in self._held:
             if isinstance(gen, Reaped):  # it came on a dead aggregator's session this one took over
@@ -486,7 +487,8 @@ class Aggregator(BrokerService):
                         frame_ids[-1], self.stats.shed + len(frame_ids))
         return [(f, notice.camera, "camera", notice.reason) for f in frame_ids]
 
-    def _plausible_lags(self, observations: list[CameraObservation | CameraSummary], now: float) -> list[float]:
+    def _plausible_lags(self, observations: list[CameraObservation | CameraSummary],
+                        now: float) -> list[tuple[int, float]]:
         """Capture -> stored delays (ms) of `observations` for the flow status, without those whose
         capture time the edge's clock rules out: more than CLOCK_AHEAD_S ahead, or older than
         --decided-ttl-s (a device that booted without its clock, a local time taken for UTC). One
@@ -497,7 +499,7 @@ class Aggregator(BrokerService):
         for obs in observations:
             lag_s = now - obs.captured_at
             if -CLOCK_AHEAD_S <= lag_s <= self.cfg.decided_ttl_s:
-                lags.append(lag_s * 1000)
+                lags.append((obs.camera, lag_s * 1000))
                 continue
             self.stats.clock_skewed += 1
             if self._skew_log(obs.camera):
@@ -514,7 +516,7 @@ class Aggregator(BrokerService):
         lags, self._lags = self._lags, []
         backlog = len(self.inbox) + len(self._held)
         if lags:
-            lag = statistics.median(lags)
+            lag = site_lag(lags)
         else:  # nothing stored lately: with observations waiting, the loop is held up (the cloud is behind)
             lag = (time.monotonic() - self._stored_at) * 1000 if backlog else 0.0
         status = FlowStatus(self.cfg.site, self.flow_id, max(0.0, lag), backlog, time.time())
@@ -743,6 +745,16 @@ class Aggregator(BrokerService):
                                           "for room in the escalation stream (their leases expire and another "
                                           "aggregator takes them over)")
         return added_frames
+
+
+def site_lag(lags: list[tuple[int, float]]) -> float:
+    """The delay (ms) a flow status reports from (camera, delay) pairs: the median over the cameras
+    of each camera's median, so that one camera sending many messages (a flood of stale ones, a
+    burst after a reconnect) weighs as one camera."""
+    by_camera: dict[int, list[float]] = {}
+    for camera, ms in lags:
+        by_camera.setdefault(camera, []).append(ms)
+    return statistics.median(statistics.median(v) for v in by_camera.values())
 
 
 def _ids(frame_ids: list[int], most: int = 4) -> str:
