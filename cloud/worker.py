@@ -118,6 +118,7 @@ class CloudStats:
     isolated: int = 0  # batches that failed whole and were answered entry by entry
     redis_outages: int = 0  # loop turns that met Redis down (each retried after a backoff)
     groups_recreated: int = 0  # the consumer group was gone (Redis restarted without persistence)
+    redis_errors: int = 0  # loop turns Redis refused otherwise (a key of ours overwritten: WRONGTYPE), retried
 
 
 class Worker(BrokerService):
@@ -231,17 +232,24 @@ class Worker(BrokerService):
                 log.warning("cloud %s: Redis unavailable (%s); retrying in %.1f s", self.sid, err, delay)
                 stop.wait(delay)
             except redis.ResponseError as err:  # NOGROUP where no read expected it: every group checked
+                if not group_gone(err):  # e.g. WRONGTYPE: a key of ours overwritten; an operator's to mend
+                    self.stats.redis_errors += 1
+                    delay = backoff.next()
+                    log.error("cloud %s: Redis refused a command: %s; retrying in %.1f s", self.sid, err, delay)
+                    stop.wait(delay)
+                    continue
                 for site in self.sites:
                     self._nogroup(site, err)
 
     def _nogroup(self, site: str, err: redis.ResponseError) -> None:
-        """A consumer group that vanished (Redis restarted without persistence) is made again."""
-        if "NOGROUP" not in str(err):
+        """A consumer group that vanished (Redis restarted without persistence, the stream deleted
+        under a blocked read) is made again."""
+        if not group_gone(err):
             raise err
         self.stats.groups_recreated += 1
-        log.error("cloud %s: the consumer group %r of %s is gone (Redis restarted without persistence?); creating it "
-                  "again: escalations that were in the stream are lost with it", self.sid, self.cfg.group,
-                  names.escalations_stream(site))
+        log.error("cloud %s: the consumer group %r of %s is gone (%s: Redis restarted without persistence, or the "
+                  "stream deleted?); creating it again: escalations that were in the stream are lost with it",
+                  self.sid, self.cfg.group, names.escalations_stream(site), str(err).split(" ")[0])
         self.ensure_group(site)
 
     def _read(self, site: str, count: int, block: int | None) -> list[tuple[str, bytes, dict]]:
@@ -517,6 +525,12 @@ def main(args: argparse.Namespace) -> int:
     set_threads(cfg.threads)
     serve(Worker(cfg, load_cloud(cfg.checkpoint)))
     return 0
+
+
+def group_gone(err: redis.ResponseError) -> bool:
+    """The consumer group is gone: NOGROUP, or UNBLOCKED (the stream was deleted while a read was
+    blocked on it)."""
+    return str(err).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 def _text(entry_id: bytes | str) -> str:

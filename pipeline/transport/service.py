@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 
 # What a Redis outage looks like to a running loop: retried with backoff, never fatal. (Redis's
 # own client retries a few times first; see `redis_client`.) On a Redis Cluster also the time
-# between a master's death and its replica's promotion: CLUSTERDOWN, a slot no node serves.
+# between a master's death and its replica's promotion: CLUSTERDOWN, a slot no node serves. And a
+# Redis out of memory (OOM: maxmemory reached under noeviction), which refuses writes until
+# something is freed or the limit raised: every write the loops make is safe to make again.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
               redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError, redis.exceptions.ClusterDownError,
-              redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError)
+              redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError, redis.exceptions.OutOfMemoryError)
 WATCHDOG_EXIT = 70  # exit status of a process the watchdog found stuck (EX_SOFTWARE)
 
 

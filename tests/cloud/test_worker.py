@@ -8,7 +8,7 @@ from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.transport.redis_client import alive
 from pipeline.wire import names
 from pipeline.wire.messages import Decision, Escalation, FeatureTensor
-from tests.helpers import wait_results
+from tests.helpers import poll, wait_results
 
 
 def escalations(model, site, n, dtype="int8"):
@@ -84,6 +84,25 @@ def test_entries_of_a_dead_worker_are_reclaimed_once(stream_setup, brokers, site
     assert sorted(d.frame_id for d in got) == list(range(100, 105))
     assert w.stats.reclaimed == 5
     assert redis_conn.xpending(stream, "cloud")["pending"] == 0
+
+
+@pytest.mark.services
+def test_a_stream_deleted_under_the_workers_read_is_made_again(stream_setup, brokers, site, redis_conn):
+    # Deleting the escalation stream while the idle worker blocks on it answers the read with
+    # UNBLOCKED (NOGROUP at the next one): the group is made again and the worker goes on.
+    _, model, _, _, _ = stream_setup
+    stream = names.escalations_stream(site)
+    w = worker(stream_setup, brokers, site).start()
+    try:
+        assert poll(lambda: redis_conn.exists(stream))
+        redis_conn.delete(stream)
+        assert poll(lambda: w.stats.groups_recreated >= 1)
+        xadd(redis_conn, escalations(model, site, 3))
+        got = wait_results(redis_conn, site, 3)
+        assert w._thread.is_alive()
+    finally:
+        w.stop()
+    assert sorted(d.frame_id for d in got) == [100, 101, 102]
 
 
 @pytest.mark.services
