@@ -44,6 +44,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import paho.mqtt.client as mqtt
 import torch
@@ -454,14 +455,14 @@ class Aggregator(BrokerService):
                 ahead.append((msg.topic, msg.payload, f"site {obs.site!r} frame {obs.frame_id} camera {obs.camera}: "
                               f"more than {self.cfg.admit_window} frames ahead of the other cameras; refused"))
             elif status == "claimed":
-                frames.append(self._frame(Claim(obs.frame_id, stored, "claimed")))
+                frames.extend(self._frames([Claim(obs.frame_id, stored, "claimed")]))
             elif isinstance(obs, CameraSummary) and self.cfg.early_exit1 and self.t1 is not None \
                     and bool(under(torch.tensor([obs.entropy]), self.t1)[0]):
                 confident.add(obs.frame_id)  # status "added": claim it after the batch's other summaries
         confident -= {fr.frame_id for fr in frames}
         if confident:
-            frames.extend(self._frame(c) for c in self.store.claim_confident(sorted(confident)))
-        frames.extend(self._frame(c) for c in completed if isinstance(c, Claim))
+            frames.extend(self._frames(self.store.claim_confident(sorted(confident))))
+        frames.extend(self._frames(c for c in completed if isinstance(c, Claim)))
         if ahead:
             self.stats.ahead += len(ahead)
             self.dead_letter(ahead)
@@ -558,8 +559,24 @@ class Aggregator(BrokerService):
         self._check_source(feat, topic, names.features_topic(feat.site, feat.camera), "features")
         self._check_shape(feat)
 
+    def _frames(self, claims: Iterable[Claim]) -> list[Frame]:
+        """The claimed frames of their stored payloads (decoded at ingest, else now). A frame with a
+        stored payload that does not decode (written by something else, or by an older wire
+        version before an upgrade) goes to the dead letters and its claim is released: decoding it
+        again after a restart would fail the same way, for every aggregator that took it over."""
+        frames, bad = [], []
+        for claim in claims:
+            try:
+                frames.append(self._frame(claim))
+            except MessageError as err:
+                bad.append((claim.frame_id, str(err)))
+        if bad:
+            self.dead_letter([(f"frame {fid}", b"", f"site {self.cfg.site!r} frame {fid}: a stored message does not "
+                               f"decode: {reason}") for fid, reason in bad])
+            self.store.release([fid for fid, _ in bad])
+        return frames
+
     def _frame(self, claim: Claim) -> Frame:
-        """The claimed frame of its stored payloads (decoded at ingest, else now)."""
         decoded = [self._decoded.pop(p, None) for p in claim.payloads]
         messages = [m if m is not None else decode_one_of(p, CameraObservation, CameraSummary, CameraFeatures)
                     for m, p in zip(decoded, claim.payloads)]
@@ -583,7 +600,7 @@ class Aggregator(BrokerService):
         whose lease expired."""
         assert self.store is not None
         site, cfg = self.cfg.site, self.cfg
-        frames, owners, never = [], [], []
+        claims, owners, never = [], [], []
         for claim in self.store.claim_expired():
             if claim.kind == "never":
                 never.append(claim.frame_id)
@@ -596,7 +613,8 @@ class Aggregator(BrokerService):
                 owners.append(claim.prev or "?")
                 log.debug("edge %s: site %r frame %d: lease of %s expired, re-claimed", self.sid, site, claim.frame_id,
                           claim.prev)
-            frames.append(self._frame(claim))
+            claims.append(claim)
+        frames = self._frames(claims)
         if never:
             self.stats.never_received += len(never)
             log.error("edge %s: site %r: no observation of %d frames (%s) came within %.0f s of a later frame's: named "

@@ -445,6 +445,27 @@ def test_the_cameras_moving_on_together_are_admitted(stream_setup, brokers, site
 
 
 @pytest.mark.services
+def test_a_stored_message_that_does_not_decode_dead_letters_its_frame(stream_setup, brokers, site, redis_conn):
+    # Something else wrote into a frame's hash (or an older wire version did, before an upgrade):
+    # the sweep that claims it dead-letters that frame alone and releases it, instead of failing
+    # on it, and failing again in every aggregator that takes its lease over.
+    _, model, data, _, _ = stream_setup
+    agg = make(stream_setup, brokers, site, deadline_ms=1)
+    try:
+        redis_conn.hset(names.frame_key(site, 5), "1", b"\x93garbage")
+        redis_conn.zadd(names.pending_key(site), {5: 0})
+        agg.handle([msg(o, site) for o in observations(model, data, [0])[0][:2]])  # frame 0: two cameras
+        frames = poll(lambda: agg.sweep())
+        assert [fr.frame_id for fr in frames] == [0]
+        (letter,) = [f[b"reason"] for _, f in redis_conn.xrange(names.deadletter_stream(site))]
+        assert b"frame 5: a stored message does not decode" in letter
+        assert not redis_conn.exists(names.claimed_frame_key(site, 5))
+        assert redis_conn.zscore(names.claimed_key(site), 5) is None
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
 def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_conn):
     from pipeline.wire.control import ShedNotice
 
