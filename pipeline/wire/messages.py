@@ -70,6 +70,7 @@ MID_TREAD_LEVELS = {"int8": INT8_LEVELS, "int4": 7}
 # MSE-optimal step of a 4-level uniform quantizer.
 MID_RISE_STEP = {"int2": 1.25, "int1": 2.0}
 EXIT_NAMES = ("exit1", "exit2", "cloud")  # every exit a frame can leave by, in the order of the tiers
+SCALE_ROUNDING = 1 + 2 ** -10  # a scale rounds to its wire dtype (float16: 11 bits), so the bound on scales allows that
 _TINY = float(torch.finfo(torch.float32).tiny)
 _TINY16 = float(torch.finfo(torch.float16).tiny)  # smallest normal float16, 6.1e-5
 _SCALE = {"int8": np.dtype("<f4"), "int4": np.dtype("<f2"), "int2": np.dtype("<f2"), "int1": np.dtype("<f2")}
@@ -111,7 +112,8 @@ def _int_codes(x: torch.Tensor, dtype: str, channel_dim: int) -> tuple[torch.Ten
     scale would not be a normal float (all zero, or max|x| / L subnormal or 0) gets scale 1 and
     codes 0: an error below 1e-36 (int4: 1e-4), and no scale a receiver must refuse. Mid-rise
     (int2, int1): step = c x mean|x|, codes = floor(x / step) clamped to the 2^b codes; a step
-    below the smallest normal float16 becomes that (a zero channel decodes to +-3e-5). Below 8 bits
+    below the smallest normal float16 becomes that (a zero channel decodes to +-3e-5), and one
+    above MAX_FEATURE_ABS / 1.5 (int2) that, so every value decodes within the bound. Below 8 bits
     the scale is rounded to float16 first, as it travels. Only element-wise ops and exact
     reductions, so a frame's codes do not depend on its batch."""
     x = x.float()
@@ -128,7 +130,7 @@ def _int_codes(x: torch.Tensor, dtype: str, channel_dim: int) -> tuple[torch.Ten
     else:
         half = 1 << (DTYPES[dtype] - 1)
         scale = _mean_abs(flat) * MID_RISE_STEP[dtype]
-        scale = scale.clamp(_TINY16, MAX_FEATURE_ABS).half().float()
+        scale = scale.clamp(_TINY16, MAX_FEATURE_ABS / max(1.0, _max_level(dtype))).half().float()
         codes = torch.floor(x / scale.reshape(*lead, *tail)).clamp_(-half, half - 1)
     return codes.to(torch.int8), scale
 
@@ -286,8 +288,8 @@ class FeatureTensor:
                 raise MessageError(f"{self.dtype} scale has {len(self.scale)} bytes, {shape[0]} channels need "
                                    f"{width * shape[0]}")
             s = np.frombuffer(self.scale, dtype=_SCALE[self.dtype]).astype(np.float64)
-            top = MAX_FEATURE_ABS / _max_level(self.dtype) if self.dtype in MID_TREAD_LEVELS else MAX_FEATURE_ABS
-            if not (np.isfinite(s).all() and (s > 0).all() and (s <= top).all()):
+            top = MAX_FEATURE_ABS / max(1.0, _max_level(self.dtype))  # so that every value decodes within the bound
+            if not (np.isfinite(s).all() and (s > 0).all() and (s <= top * SCALE_ROUNDING).all()):
                 raise MessageError(f"{self.dtype} scales must be positive and at most {top:g}")
             codes = self._codes()
             if self.dtype in MID_TREAD_LEVELS and (np.abs(codes.astype(np.int16)) > MID_TREAD_LEVELS[self.dtype]).any():

@@ -259,6 +259,29 @@ def test_features_beyond_float16_range_are_refused_at_the_door():
         FeatureTensor.quantize(torch.full((12, 8, 8), 1e6), "float32")
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int2", "int1"])
+def test_every_int_code_decodes_within_the_feature_bound(dtype):
+    # Features at the bound encode to scales a receiver accepts and decode within the bound (up to
+    # the scale's rounding); a larger scale is refused: int2's codes reach 1.5 steps, so a scale of
+    # 65,504 would decode to 98,256, past what float16 holds.
+    import numpy as np
+
+    from pipeline.wire.messages import _SCALE, MAX_FEATURE_ABS, SCALE_ROUNDING
+
+    x = torch.full((12, 8, 8), MAX_FEATURE_ABS)
+    x[:, 0] = -MAX_FEATURE_ABS
+    ft = FeatureTensor.quantize(x, dtype)
+    assert float(ft.to_tensor().abs().max()) <= MAX_FEATURE_ABS * SCALE_ROUNDING
+    levels = {"int8": 127, "int4": 7, "int2": 1.5, "int1": 1}[dtype]
+    over = np.full(12, min(65504.0, 1.01 * MAX_FEATURE_ABS / levels), dtype=_SCALE[dtype])
+    if float(over[0]) * levels > MAX_FEATURE_ABS * SCALE_ROUNDING:
+        with pytest.raises(MessageError, match="scales"):
+            FeatureTensor(ft.data, dtype, ft.shape, over.tobytes())
+    if dtype == "int2":
+        with pytest.raises(MessageError, match="scales"):
+            FeatureTensor(ft.data, dtype, ft.shape, np.full(12, 65504, dtype="<f2").tobytes())
+
+
 @pytest.mark.parametrize("dtype", [["int8"], {"x": 1}, 8, None])
 def test_a_features_dtype_of_the_wrong_type_is_a_message_error(dtype):
     m = wire(obs())
