@@ -234,11 +234,8 @@ class Aggregator(BrokerService):
         cfg = self.cfg
         self.redis = redis_client(cfg.redis_url)
         self.store = FrameStore(self.redis, cfg.site, self.sid, cfg.store_times(self.expected))
-        try:  # announce the site to the cloud workers that serve every site (`--sites '*'`)
-            self.redis.sadd(names.sites_key(), cfg.site)
-        except NoPermissionError as err:
-            log.warning("edge %s: site %r not announced in %s (%s): a cloud worker with --sites '*' does not see it",
-                        self.sid, cfg.site, names.sites_key(), err)
+        self.store.on_reload = self._announce_again
+        self._announce()
         if cfg.service_id and alive(self.redis, cfg.site, "edge", self.sid):
             log.warning("edge %s: site %r: an aggregator with this --service-id is alive (its heartbeat): unless it is "
                         "this one's previous run, stopped moments ago, two processes share the id and will keep "
@@ -247,8 +244,6 @@ class Aggregator(BrokerService):
             log.warning("edge %s: --request-deadline-ms %d is shorter than a feature request's round trip (a few ms "
                         "on one host): frames will be decided without the features they ask for", self.sid,
                         cfg.request_deadline_ms)
-        self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info,
-                                   self.healthy).start()
         sub = names.shared_obs_filter(cfg.site, cfg.share_group)
 
         def on_connect(c: mqtt.Client) -> None:
@@ -270,11 +265,36 @@ class Aggregator(BrokerService):
         self.answers.connect()
         if expiry:
             sessions.register(self.redis, cfg.site, self.sid, expiry)
+        # Beating from here on: while a broker was still being waited for, the loop was not turning.
+        self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info,
+                                   self.healthy).start()
         self.reaper = SessionReaper(self.redis, cfg.mqtt_url, cfg.site, self.sid, cfg.share_group, self.inbox.put,
                                     cfg.receive_maximum, cfg.heartbeat_s)
         self.start_watchdog()
         log.info("edge %s: site %r, subscribed %s, t1=%s t2=%s, deadline %d ms (features %d ms), %d cameras expected",
                  self.sid, cfg.site, sub, self.t1, self.t2, cfg.deadline_ms, cfg.request_deadline_ms, self.expected)
+
+    def _announce(self) -> bool:
+        """Announce the site to the cloud workers that serve every site (`--sites '*'`); True if
+        the registry did not have it."""
+        try:
+            return bool(self.redis.sadd(names.sites_key(), self.cfg.site))
+        except NoPermissionError as err:
+            log.warning("edge %s: site %r not announced in %s (%s): a cloud worker with --sites '*' does not see it",
+                        self.sid, self.cfg.site, names.sites_key(), err)
+            return False
+
+    def _announce_again(self) -> None:
+        """Redis forgot the scripts: it restarted. If it lost its data too (the site's entry in the
+        registry is gone), say so, and announce the site and this aggregator's session again."""
+        cfg = self.cfg
+        if self._announce():
+            log.error("edge %s: Redis restarted without its data (site %r was no longer in %s): the frames that were "
+                      "assembling, claimed or waiting for features there, and the counters, are lost with it; "
+                      "announcing the site%s again", self.sid, cfg.site, names.sites_key(),
+                      " and this aggregator's session" if cfg.service_id and cfg.session_expiry_s else "")
+        if cfg.service_id and cfg.session_expiry_s:
+            sessions.register(self.redis, cfg.site, self.sid, cfg.session_expiry_s)
 
     def _beat_info(self) -> dict:
         return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late,

@@ -48,7 +48,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import redis
 from redis.commands.core import Script
@@ -562,6 +562,7 @@ class FrameStore:
 
     def __init__(self, client: redis.Redis, site: str, owner: str, times: StoreTimes) -> None:
         self.redis, self.site, self.owner, self.times = client, site, owner, times
+        self.on_reload: Callable[[], None] | None = None  # called when Redis forgot the scripts (it restarted)
         self._add = client.register_script(ADD_OBSERVATION)
         self._due = client.register_script(DUE_FRAMES)
         self._claim = client.register_script(CLAIM_DUE)
@@ -733,7 +734,7 @@ class FrameStore:
     def _pipelined(self, script: Script, calls: list[tuple[list[str], list]]) -> list:
         """`run_script_batch` with every script of the store reloaded after a Redis restart (each
         is safe to run twice: markers and HSETNX make the second run a no-op)."""
-        return run_script_batch(self.redis, script, calls, self._scripts)
+        return run_script_batch(self.redis, script, calls, self._scripts, self.on_reload)
 
     def release(self, frame_ids: list[int]) -> None:
         """Drop the claim leases of frames that reached an end other than a result (the dead letters)."""

@@ -148,12 +148,13 @@ def redis_client(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
 
 
 def run_script_batch(client: redis.Redis, script: Script, calls: list[tuple[list[str], list]],
-                     reload: tuple[Script, ...] = ()) -> list:
+                     reload: tuple[Script, ...] = (), on_reload: Callable[[], None] | None = None) -> list:
     """Run `script` once per (keys, args) in one pipelined round trip (EVALSHA, with no SCRIPT
     EXISTS round trip first). When Redis has forgotten the script (NOSCRIPT: it restarted, or a
     replica took over), `script` and `reload` are loaded again and the batch is run once more, so
-    every script run this way must be safe to run twice. On a cluster every key of a batch must
-    be in one slot (one site's keys): the batch goes to the node that serves it."""
+    every script run this way must be safe to run twice; `on_reload` is then called (before the
+    second run), for what else a restarted Redis may have lost. On a cluster every key of a batch
+    must be in one slot (one site's keys): the batch goes to the node that serves it."""
     if not calls:
         return []
     for attempt in (1, 2):
@@ -168,6 +169,8 @@ def run_script_batch(client: redis.Redis, script: Script, calls: list[tuple[list
                 log.warning("Redis forgot our Lua scripts (restarted, or a replica took over?); loading them again")
                 for known in (script, *reload):
                     client.script_load(known.script)
+                if on_reload is not None:
+                    on_reload()
             except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, MovedError, AskError,
                     TryAgainError) as err:
                 if isinstance(client, RedisCluster):  # the node is gone or no longer serves the slot: learn again

@@ -466,6 +466,30 @@ def test_a_stored_message_that_does_not_decode_dead_letters_its_frame(stream_set
 
 
 @pytest.mark.services
+def test_after_redis_lost_its_data_the_site_and_session_are_announced_again(stream_setup, brokers, site, redis_conn,
+                                                                            caplog):
+    # Redis restarted without persistence: the scripts are gone (NOSCRIPT), and so are the site's
+    # entry in the registry (cloud --sites '*') and the aggregator's session (take-over).
+    _, model, data, _, _ = stream_setup
+    agg = make(stream_setup, brokers, site, service_id=f"{site}-e", session_expiry_s=60)
+    try:
+        assert redis_conn.sismember(names.sites_key(), site)
+        assert redis_conn.hexists(names.edge_sessions_key(site), f"{site}-e")
+        redis_conn.script_flush()
+        redis_conn.srem(names.sites_key(), site)
+        redis_conn.delete(names.edge_sessions_key(site))
+        with caplog.at_level("ERROR", logger="edge.aggregator"):
+            agg.handle([msg(o, site) for o in observations(model, data, [0])[0][:2]])
+        assert redis_conn.hlen(names.frame_key(site, 0)) == 2  # stored, once the scripts were loaded again
+        assert redis_conn.sismember(names.sites_key(), site)
+        assert redis_conn.hexists(names.edge_sessions_key(site), f"{site}-e")
+        assert any("Redis restarted without its data" in r.getMessage() for r in caplog.records)
+    finally:
+        agg.close()
+        redis_conn.srem(names.sites_key(), site)
+
+
+@pytest.mark.services
 def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_conn):
     from pipeline.wire.control import ShedNotice
 
