@@ -205,6 +205,7 @@ class Aggregator(BrokerService):
                sample("ada_feature_requests", st.requests, site=site),
                sample("ada_features_missing", st.features_missing, site=site),
                sample("ada_frames_never_received", st.never_received, site=site),
+               sample("ada_qos0_dropped", self.inbox.dropped_qos0, site=site),
                sample("ada_edge_block_runs", st.edge_runs, site=site),
                sample("ada_clock_skewed", st.clock_skewed, site=site),
                sample("ada_sessions_taken_over", self.reaper.taken if self.reaper else 0, site=site),

@@ -368,23 +368,40 @@ class MqttClient:
         return True
 
 
+QOS0_BACKLOG = 10_000  # an Inbox takes no QoS 0 message while this many wait (the broker's flow control skips them)
+QOS0_LOG_S = 10.0  # a line about QoS 0 messages dropped at most this often
+
+
 class Inbox:
     """Received messages handed from paho's network thread to a role's loop. `put` never blocks
     (the network thread must never wait on the loop: that deadlocked the edge once); with
     manual acknowledgement the broker sends at most `receive_maximum` unacknowledged messages,
-    which bounds it. Messages `urgent` says yes to are taken before the others (the edge's
-    feature answers, which frames already claimed wait for)."""
+    which bounds it. That flow control covers QoS 1 and 2 only: a QoS 0 message (at most once, by
+    its sender's choice; our cameras send QoS 1) is dropped while `qos0_backlog` messages wait,
+    counted in `dropped_qos0`, so a flood of them cannot fill the memory while the loop is held
+    up. Messages `urgent` says yes to are taken before the others (the edge's feature answers,
+    which frames already claimed wait for)."""
 
     def __init__(self, client_generation: Callable[[], int],
-                 urgent: Callable[[mqtt.MQTTMessage], bool] | None = None) -> None:
+                 urgent: Callable[[mqtt.MQTTMessage], bool] | None = None, qos0_backlog: int = QOS0_BACKLOG) -> None:
         self._items: collections.deque[tuple[int, mqtt.MQTTMessage]] = collections.deque()
         self._urgent: collections.deque[tuple[int, mqtt.MQTTMessage]] = collections.deque()
         self._ready = threading.Event()
         self._generation = client_generation
         self._is_urgent = urgent
+        self.qos0_backlog = qos0_backlog
+        self.dropped_qos0 = 0
+        self._dropped_log = 0.0
 
     def put(self, msg: mqtt.MQTTMessage, generation: int | None = None) -> None:
         """Queue a message; `generation`: the connection it came on, when not the default client's."""
+        if getattr(msg, "qos", 1) == 0 and len(self) >= self.qos0_backlog:
+            self.dropped_qos0 += 1
+            if time.monotonic() >= self._dropped_log:
+                self._dropped_log = time.monotonic() + QOS0_LOG_S
+                log.warning("inbox: %d messages wait; dropping QoS 0 ones (at most once, by their sender's choice) "
+                            "until fewer do: %d so far, the last on %s", len(self), self.dropped_qos0, msg.topic)
+            return
         queue = self._urgent if self._is_urgent is not None and self._is_urgent(msg) else self._items
         queue.append((self._generation() if generation is None else generation, msg))
         self._ready.set()

@@ -55,6 +55,20 @@ def test_urgent_messages_come_first_and_never_take_the_others_place():
     assert [g for g, _ in got] == [7, 7, 7, 1, 1, 1, 1] and len(inbox) == 1
 
 
+def test_qos0_messages_are_dropped_while_the_inbox_is_backed_up():
+    # The broker's flow control (receive maximum) holds back QoS 1 messages, not QoS 0 ones: a
+    # flood of those while the loop is held up must not fill the memory.
+    from types import SimpleNamespace
+
+    box = Inbox(lambda: 0, qos0_backlog=3)
+    for i in range(5):
+        box.put(SimpleNamespace(topic=f"q0/{i}", qos=0))
+    box.put(SimpleNamespace(topic="q1", qos=1))  # QoS 1 is bounded by the broker: always taken
+    assert [m.topic for _, m in box.take(10, 0)] == ["q0/0", "q0/1", "q0/2", "q1"] and box.dropped_qos0 == 2
+    box.put(SimpleNamespace(topic="q0/again", qos=0))
+    assert len(box) == 1
+
+
 def test_inbox_take_wakes_on_put():
     box = Inbox(lambda: 0)
     threading.Timer(0.05, box.put, args=("x",)).start()
