@@ -431,7 +431,16 @@ class Aggregator(BrokerService):
                 bad.append((msg, f"unexpected {type(err).__name__}: {err}"))
         if bad:
             self.dead_letter([(msg.topic, msg.payload, reason) for msg, reason in bad])
-        losses = self.store.record_shed(losses)  # a frame claimed already names its cameras in its decision
+        losses, beyond = self.store.record_shed(losses)  # a frame claimed already names its cameras in its decision
+        if beyond:
+            first = {}
+            for fid, camera, _, _ in beyond:
+                first.setdefault(camera, fid)
+            self.dead_letter([(names.shed_topic(self.cfg.site, camera), b"",
+                               f"site {self.cfg.site!r} camera {camera}: shed notice of frame {fid} (and "
+                               f"{sum(c == camera for _, c, _, _ in beyond) - 1} more), more than "
+                               f"{self.cfg.admit_window} frames ahead of the other cameras; refused")
+                              for camera, fid in first.items()])
         self.stats.shed += len(losses)
         for *_, reason in losses:
             self.stats.shed_reasons[reason] = self.stats.shed_reasons.get(reason, 0) + 1

@@ -497,14 +497,38 @@ end
 return first
 """
 
-# KEYS: decided marker, losses stream, counters, shed marker
-# ARGV: frame id, camera, where, why, losses maxlen, shed marker ttl ms
+# KEYS: decided marker, losses stream, counters, shed marker, admission front
+# ARGV: frame id, camera, where, why, losses maxlen, shed marker ttl ms, admission window (0 = none)
 # A camera's notice that it shed its view of a frame is named in the losses stream (counted in
 # `shed`) unless the frame was claimed already: its decision names the cameras it had in its
 # `present`, and a camera process restarted on a running clock sheds frames an earlier process
 # did send, so a loss now could contradict the decision. Counted in `shed_after_claim`, not named.
-# A named one sets the frame's shed marker: NAME_GAP leaves a frame a camera named alone.
+# A named one sets the frame's shed marker: NAME_GAP leaves a frame a camera named alone. An id
+# beyond the admission window of the second most advanced camera's front (as ADD_OBSERVATION) is
+# refused (-1, counted in `shed_ahead`): no device names frames the site has not reached.
 RECORD_SHED = """
+local window = tonumber(ARGV[7])
+if window > 0 then
+  local fronts = redis.call('HVALS', KEYS[5])
+  local first, second = -1, -1
+  for _, v in ipairs(fronts) do
+    local x = tonumber(v)
+    if x > first then
+      second = first
+      first = x
+    elseif x > second then
+      second = x
+    end
+  end
+  local base = first
+  if #fronts >= 2 then
+    base = second
+  end
+  if #fronts > 0 and tonumber(ARGV[1]) > base + window then
+    redis.call('HINCRBY', KEYS[3], 'shed_ahead', 1)
+    return -1
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
   return 0
@@ -744,14 +768,18 @@ class FrameStore:
                 p.delete(names.claimed_frame_key(self.site, fid))
             p.execute()
 
-    def record_shed(self, losses: list[tuple[int, int, str, str]]) -> list[tuple[int, int, str, str]]:
-        """Name the views cameras shed, (frame id, camera, where, why), in one round trip: those of
-        frames not claimed yet (RECORD_SHED), which it returns; the others count in `shed_after_claim`."""
-        named = self._pipelined(self._shed, [
+    def record_shed(self, losses: list[tuple[int, int, str, str]]
+                    ) -> tuple[list[tuple[int, int, str, str]], list[tuple[int, int, str, str]]]:
+        """Name the views cameras shed, (frame id, camera, where, why), in one round trip
+        (RECORD_SHED): (those named: frames not claimed yet, those refused: ids beyond the
+        admission window); the others count in `shed_after_claim`."""
+        t = self.times
+        out = self._pipelined(self._shed, [
             ([names.decided_key(self.site, fid), names.losses_stream(self.site), names.counters_key(self.site),
-              names.shed_key(self.site, fid)],
-             [fid, camera, where, why, LOSSES_MAXLEN, self.times.frame_ttl_ms]) for fid, camera, where, why in losses])
-        return [loss for loss, ok in zip(losses, named) if ok]
+              names.shed_key(self.site, fid), names.front_key(self.site)],
+             [fid, camera, where, why, LOSSES_MAXLEN, t.frame_ttl_ms, t.admit_window])
+            for fid, camera, where, why in losses])
+        return [loss for loss, r in zip(losses, out) if r == 1], [loss for loss, r in zip(losses, out) if r == -1]
 
     def record_losses(self, losses: list[tuple[int, int, str, str]], counter: str = "shed") -> None:
         """Name observations that never came: (frame id, camera, where, why), counted in `counter`."""

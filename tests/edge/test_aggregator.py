@@ -493,6 +493,7 @@ def test_after_redis_lost_its_data_the_site_and_session_are_announced_again(stre
 def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_conn):
     from pipeline.wire.control import ShedNotice
 
+    _, model, data, _, _ = stream_setup
     agg = make(stream_setup, brokers, site)
     try:
         notice = ShedNotice(site, 3, (10, 12, 11, 12, 12), "overload", 1.0)  # a repeated id is one loss
@@ -507,6 +508,14 @@ def test_shed_notices_become_named_losses(stream_setup, brokers, site, redis_con
         assert int(redis_conn.hget(names.counters_key(site), "shed")) == 3
         letters = [f[b"reason"] for _, f in redis_conn.xrange(names.deadletter_stream(site))]
         assert len(letters) == 2 and b"beyond the network's 6 cameras" in letters[1]
+        # ids far beyond what the cameras reached are refused, not named: no device fills the losses
+        agg.handle([msg(o, site) for o in observations(model, data, [0])[0][:2]])  # two cameras at frame 0
+        far = ShedNotice(site, 2, tuple(range(2**63 - 4096, 2**63)), "overload", 1.0)
+        agg.handle([wire_msg(names.shed_topic(site, 2), far.encode())])
+        assert redis_conn.xlen(names.losses_stream(site)) == 3
+        assert int(redis_conn.hget(names.counters_key(site), "shed_ahead")) == 4096
+        letters = [f[b"reason"] for _, f in redis_conn.xrange(names.deadletter_stream(site))]
+        assert len(letters) == 3 and b"and 4095 more), more than 256 frames ahead" in letters[2]
     finally:
         agg.close()
 

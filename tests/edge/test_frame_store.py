@@ -83,7 +83,7 @@ def test_a_frame_a_camera_named_shed_is_not_named_again_as_a_gap(redis_conn, sit
     times = StoreTimes(expected=6, admit_window=256, deadline_ms=60_000, frame_ttl_ms=60_000, decided_ttl_ms=60_000,
                        lease_ms=10_000, claim_batch=64, escalation_maxlen=100, results_maxlen=1000, gap_grace_ms=1)
     a = FrameStore(redis_conn, site, "a", times)
-    assert a.record_shed([(1, 0, "camera", "overload")]) == [(1, 0, "camera", "overload")]
+    assert a.record_shed([(1, 0, "camera", "overload")]) == ([(1, 0, "camera", "overload")], [])
     a.add([obs(site, 0, 0), obs(site, 0, 1), obs(site, 3, 0)])  # skips 1 and 2
     assert poll(lambda: [c.frame_id for c in a.claim_expired() if c.kind == "never"]) == [2]
     assert [int(f[b"frame"]) for _, f in redis_conn.xrange(names.losses_stream(site))] == [1] + [2] * 6
