@@ -432,14 +432,30 @@ class Worker(BrokerService):
             decisions = [(dec, dec.encode()) for _, dec in done]
             firsts = record_results(self.redis, self._record, decisions, self.cfg.decided_ttl_s * 1000,
                                     self.cfg.results_maxlen)
+            again = self._ours_already(decisions, firsts) if reclaimed else set()
             for (dec, raw), first in zip(decisions, firsts):
-                if first or reclaimed:  # a reclaimed entry's result may have been recorded but never published
+                if first or dec.frame_id in again:  # a reclaimed entry's result may have been recorded, never published
                     self.results_broker(site).publish(names.results_topic(dec.site), raw)
                 if first:
                     self.metrics.observe(site, dec.exit, dec.decided_at - dec.captured_at)
             self.finish(site, [entry_id for entry_id, _ in done], letters.get(site, []))
         self.stats.answered += len(answered)
         self.stats.batches += 1
+
+    def _ours_already(self, decisions: list[tuple[Decision, bytes]], firsts: list[bool]) -> set[int]:
+        """Frames of reclaimed entries whose result was recorded before, by the cloud: those the
+        edge escalated (it never records a result for a frame it escalated), so the recorded
+        result is this same computation, which a worker that died may never have published. A
+        frame without the escalation marker got its result elsewhere: publishing ours would
+        contradict it."""
+        refused = [dec for (dec, _), first in zip(decisions, firsts) if not first]
+        if not refused:
+            return set()
+        with self.redis.pipeline(transaction=False) as p:
+            for dec in refused:
+                p.exists(names.escalated_key(dec.site, dec.frame_id))
+            marked = p.execute()
+        return {dec.frame_id for dec, m in zip(refused, marked) if m}
 
     def check_ids(self, site: str, esc: Escalation) -> None:
         """Refuse an escalation naming what this network has not: a camera id beyond its cameras, or a

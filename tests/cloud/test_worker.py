@@ -106,6 +106,40 @@ def test_a_stream_deleted_under_the_workers_read_is_made_again(stream_setup, bro
 
 
 @pytest.mark.services
+def test_a_reclaimed_entry_republishes_only_a_result_the_cloud_recorded(stream_setup, brokers, site, redis_conn):
+    # A dead worker left two entries: frame 101's result was recorded by the cloud (the edge
+    # escalated it: its marker is there) and maybe never published, so it is published again;
+    # frame 100 has a result from elsewhere (no escalation marker): the cloud's must not go out
+    # (it would have been published before 101's, on the same connection and topic).
+    _, model, _, _, _ = stream_setup
+    stream = names.escalations_stream(site)
+    redis_conn.xgroup_create(stream, "cloud", id="0", mkstream=True)
+    escs = escalations(model, site, 2)
+    xadd(redis_conn, escs)
+    redis_conn.xreadgroup("cloud", "dead-worker", {stream: ">"}, count=2)
+    redis_conn.set(names.escalated_key(site, 101), "edge-x")
+    for e in escs:
+        redis_conn.set(names.result_key(site, e.frame_id), "someone")
+    seen: list[int] = []
+    got = threading.Event()
+
+    def on_message(msg):
+        seen.append(Decision.decode(msg.payload).frame_id)
+        got.set()
+
+    sub = mqtt_client(brokers[0], f"{site}-sub", on_connect=lambda c: c.subscribe(names.results_topic(site), qos=1),
+                      on_message=on_message)
+    w = worker(stream_setup, brokers, site, claim_idle_ms=1).start()
+    try:
+        assert poll(lambda: redis_conn.xpending(stream, "cloud")["pending"] == 0)
+        assert got.wait(10)
+    finally:
+        w.stop()
+        close_mqtt(sub)
+    assert seen == [101] and redis_conn.xlen(names.results_stream(site)) == 0
+
+
+@pytest.mark.services
 def test_two_workers_and_bad_entries(stream_setup, brokers, site, redis_conn):
     _, model, _, _, _ = stream_setup
     escs = escalations(model, site, 30, dtype="float16")
