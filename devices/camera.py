@@ -340,6 +340,12 @@ class CameraFeed:
             c = None
         if c is not None and c.fps == cfg.fps and cfg.start < c.stop and c.at(self.stop_at) > time.time():
             return c  # a run this camera's frames belong to, still going: join it (frames missed are shed)
+        if c is not None and c.fps != cfg.fps and c.at(min(c.stop, self.stop_at)) > time.time():
+            log.warning("site %r cameras %s: the site clock retained on %s runs at %.4g fps, this camera at %.4g: "
+                        "announcing a clock of its own, which the cameras of the running one do not follow (their "
+                        "frames and this camera's will not line up into the same frames); start every camera of a "
+                        "site with the same --fps", cfg.site, list(cfg.cameras), names.clock_topic(cfg.site), c.fps,
+                        cfg.fps)
         mine = SiteClock(cfg.site, time.time() + CLOCK_LEAD_S, cfg.fps, cfg.start, self.stop_at)
         self.signals.clock_seen.clear()
         self.clients[cfg.cameras[0]].publish(names.clock_topic(cfg.site), mine.encode(), qos=1, retain=True)
