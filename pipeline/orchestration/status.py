@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 RETAINED_WAIT_S = 1.0  # retained messages arrive right after subscribing; wait this long for the last
 RETAINED_QUIET_S = 0.3  # ... or until none came for this long, once a camera's status is in
 CONNECT_TIMEOUT_S = 3.0  # an interactive look: a broker that does not answer by then is reported, not awaited
+FLOW_STALE_S = 10.0  # a flow status older than this is shown as stale (an aggregator killed leaves its last one retained)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class SiteStatus:
     site: str
     at: float
     cameras: dict[int, str] = field(default_factory=dict)  # camera -> online | done | offline
-    flow: dict[str, float] = field(default_factory=dict)  # aggregator -> lag of observations (ms)
+    flow: dict[str, float] = field(default_factory=dict)  # aggregator (service id) -> lag of observations (ms)
+    flow_age_s: dict[str, float] = field(default_factory=dict)  # aggregator -> age of its flow status (s)
     aggregators: list[str] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)
     backlog: dict[str, int] = field(default_factory=dict)
@@ -70,7 +72,8 @@ class SiteStatus:
     decided: int = 0  # decisions in the window
     exits: dict[str, int] = field(default_factory=dict)
     rate_fps: float = 0.0
-    errors: list[str] = field(default_factory=list)  # what could not be read, and why
+    errors: list[str] = field(default_factory=list)  # what could not be read (a broker), and why: exit status 1
+    warnings: list[str] = field(default_factory=list)  # what was read but is malformed or forged (retained messages, results)
 
 
 def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S) -> None:
@@ -88,9 +91,11 @@ def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S
                 st.cameras[s.camera] = s.state
             else:
                 f = FlowStatus.decode(msg.payload)
-                st.flow[msg.topic.rsplit("/", 1)[-1]] = round(float(f.lag_ms), 1)
+                who = f.by or msg.topic.rsplit("/", 1)[-1]
+                st.flow[who] = round(float(f.lag_ms), 1)
+                st.flow_age_s[who] = round(st.at - float(f.at), 1)
         except (MessageError, AttributeError, ValueError) as err:
-            st.errors.append(f"bad retained message on {msg.topic}: {err}")
+            st.warnings.append(f"bad retained message on {msg.topic}: {err}")
 
     def on_connect(c: mqtt.Client) -> None:
         c.subscribe([(names.status_filter(cfg.site), 1), (names.flow_filter(cfg.site), 1)])
@@ -138,9 +143,11 @@ def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:
             page = r.xrange(names.results_stream(site), min=last_id, max="+", count=1000)
             for entry_id, fields in page:
                 try:
+                    if b"msg" not in fields:
+                        raise MessageError(f"no 'msg' field (fields: {sorted(fields)[:8]})")
                     exits[Decision.decode(fields[b"msg"]).exit] += 1
-                except (MessageError, KeyError, msgpack.UnpackException, ValueError) as err:
-                    st.errors.append(f"bad result entry {entry_id!r}: {err}")
+                except (MessageError, msgpack.UnpackException, ValueError) as err:
+                    st.warnings.append(f"bad result entry {entry_id!r}: {err}")
             if len(page) < 1000:
                 break
             last_id = "(" + page[-1][0].decode()
@@ -169,13 +176,23 @@ def table(st: SiteStatus) -> str:
              (" ".join(f"{k}:{s}" for k, s in sorted(st.cameras.items())) or "(none announced)")),
             ("edge aggregators alive", f"{len(st.aggregators)} {' '.join(st.aggregators)}".strip()),
             ("cloud workers alive", f"{len(st.workers)} {' '.join(st.workers)}".strip()),
-            ("observation lag (ms)", " ".join(f"{a}:{lag:g}" for a, lag in sorted(st.flow.items())) or "-")]
+            ("observation lag (ms)", " ".join(_flow(a, lag, st.flow_age_s.get(a)) for a, lag in sorted(st.flow.items()))
+             or "-")]
     rows += [(f"backlog: {k.replace('_', ' ')}", str(v)) for k, v in st.backlog.items()]
     mix = " ".join(f"{e} {100 * n / st.decided:.1f}%" for e, n in st.exits.items()) if st.decided else "-"
     rows += [(f"decided, last {st.window_s:g} s", f"{st.decided} ({st.rate_fps:g} frames/s)"), ("exit mix", mix)]
     rows += [("error", e) for e in st.errors[:5]]
+    rows += [("warning", w) for w in st.warnings[:5]]
+    if len(st.warnings) > 5:
+        rows.append(("warning", f"... and {len(st.warnings) - 5} more"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _flow(aggregator: str, lag_ms: float, age_s: float | None) -> str:
+    stale = f" (stale: {age_s:.0f} s old; its aggregator stopped without clearing it?)" \
+        if age_s is not None and age_s > FLOW_STALE_S else ""
+    return f"{aggregator}:{lag_ms:g}{stale}"
 
 
 def main(args: argparse.Namespace) -> int:
