@@ -121,6 +121,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_escalations_reclaimed": ("counter", "entries reclaimed from a dead worker"),
     "ada_feature_requests": ("counter", "lazy upload: feature requests published"),
     "ada_features_missing": ("counter", "lazy upload: cameras asked whose features did not come in time"),
+    "ada_frames_never_received": ("counter", "frame ids every camera's observations skipped, named lost after the grace"),
+    "ada_qos0_dropped": ("counter", "QoS 0 messages dropped while the edge's inbox was backed up"),
     "ada_frames_decided": ("counter", "frames decided here (cloud: handed to the cloud)"),
     "ada_frames_reclaimed": ("counter", "frames taken over from an aggregator whose lease expired"),
     "ada_frames_shed": ("counter", "frames cameras named as not sent (ShedNotices), by reason"),
