@@ -89,6 +89,18 @@ def test_a_frame_a_camera_named_shed_is_not_named_again_as_a_gap(redis_conn, sit
     assert [int(f[b"frame"]) for _, f in redis_conn.xrange(names.losses_stream(site))] == [1] + [2] * 6
 
 
+def test_no_gaps_are_counted_among_ids_lua_cannot_tell_apart(redis_conn, site):
+    # From 2^53 on, id + 1 == id in Lua's numbers: counting the ids of a gap there never ended
+    # (Redis then answers every client BUSY).
+    times = StoreTimes(expected=6, admit_window=256, deadline_ms=60_000, frame_ttl_ms=60_000, decided_ttl_ms=60_000,
+                       lease_ms=10_000, claim_batch=64, escalation_maxlen=100, results_maxlen=1000, gap_grace_ms=1)
+    a = FrameStore(redis_conn, site, "a", times)
+    big = 0x0123456700000051
+    a.add([obs(site, big, 0), obs(site, big, 1)])
+    assert [status for status, _ in a.add([obs(site, big + 40, 0)])] == ["added"]
+    assert not redis_conn.exists(names.gaps_key(site))
+
+
 def test_without_a_grace_gaps_are_not_tracked(redis_conn, site):
     a = store(redis_conn, site, "a")  # admit_window 0, gap_grace_ms 0
     a.add([obs(site, 0, 0), obs(site, 9, 0)])
