@@ -58,13 +58,21 @@ def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, path: str, card
                part: str | None = None) -> None:
     """Write tensors `state` of a network with config `cfg` to `path` (.safetensors) and its model
     card beside it, each atomically. `part` marks a file that holds one part only."""
+    if card_path(path) == os.fspath(path):
+        raise CheckpointError(f"{path}: a checkpoint's weights need a name of their own (.safetensors): the model card "
+                              "goes beside them as <name>.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "config": cfg.to_json(), **({"part": part} if part else {})}
     tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; a part file is meant to be shipped and read by a service user
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # safetensors writes 0600; a part file is meant to be shipped and read by a service user
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     full_card = {"format": FORMAT, "config": cfg.to_dict(), "mode": cfg.mode, **(card or {})}
     if part:
         full_card["part"] = part
@@ -166,6 +174,18 @@ def load_card(path: str) -> dict[str, Any]:
     if not isinstance(card, dict):
         raise CheckpointError(f"{cp}: the model card is a JSON {type(card).__name__}, not an object")
     return card
+
+
+def card_section(card: dict[str, Any], name: str, path: str) -> dict[str, Any]:
+    """The object `name` of the model card of the checkpoint at `path` ({} when absent);
+    CheckpointError naming the card and the field when it is something else (a hand-edited card)."""
+    section = card.get(name)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{card_path(path)}: the model card's {name!r} is a JSON {type(section).__name__}, not "
+                              "an object")
+    return section
 
 
 def epochs_total(card: dict[str, Any]) -> int | None:

@@ -44,7 +44,7 @@ import torch
 
 from edge.exits import CLOUD, decide
 from edge.fusion import fuse
-from pipeline.checkpoint import git_commit, load_card, read_config
+from pipeline.checkpoint import card_section, git_commit, load_card, read_config
 from pipeline.compute import resolve_device, set_threads
 from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import Cifar10, Split, to_float
@@ -297,6 +297,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.offline.figures import write_figures
     from pipeline.offline.results_page import write_results
 
+    if not args.out.strip():
+        raise ValueError("--out: the report folder, got ''")
+    if args.wire_dtype not in (MODEL_WIRE_DTYPE, *DTYPES, "none"):  # argparse checks a flag, not an env default
+        raise ValueError(f"ADA_DDNN_WIRE_DTYPE={args.wire_dtype!r}: one of {(MODEL_WIRE_DTYPE, *DTYPES, 'none')}")
     set_threads(env_int("threads", 0) if args.threads is None else args.threads)
     device = str(resolve_device(args.device))
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else []) \
@@ -314,7 +318,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             entries.append(saved_entry(os.path.join(args.out, sub), ckpt))
             continue
         # The validation split must be the one training held out: its size comes from the model card.
-        val_size = int(load_card(ckpt).get("train_config", {}).get("val_size", args.val_size))
+        val_size = int(card_section(load_card(ckpt), "train_config", ckpt).get("val_size", args.val_size))
         if val_size not in data_by_val:
             data_by_val[val_size] = load_cifar10(args.data, val_size=val_size)
         wire = None if args.wire_dtype == "none" else resolve_wire_dtype(args.wire_dtype, read_config(ckpt))

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import (
     card_path,
+    card_section,
     config_diff,
     epochs_total,
     git_commit,
@@ -281,8 +282,8 @@ def retune(path: str, data: Cifar10, policy: str = DEFAULT_POLICY, min_edge_accu
     new card. `data` must hold the validation split the run held out (its `val_size`)."""
     model = load_checkpoint(path)
     card = load_card(path)
-    tc = card.get("train_config") or {}
-    if card.get("data", {}).get("digest_sha256") not in (None, data.digest):
+    tc = card_section(card, "train_config", path)
+    if card_section(card, "data", path).get("digest_sha256") not in (None, data.digest):
         raise ValueError(f"{path} was trained on CIFAR-10 with digest {card['data']['digest_sha256']}, this copy is "
                          f"{data.digest}")
     if len(data.val) != tc.get("val_size", len(data.val)):

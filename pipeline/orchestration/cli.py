@@ -82,7 +82,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.init:
         raise ValueError("--resume continues a run from its saved state, weights included; --init starts a new run "
                          "from a checkpoint's weights: give one of them")
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out: the checkpoint's path (.safetensors), got ''")
     out = args.out or f"runs/{cfg.mode}.safetensors"
+    if not out.endswith(os.sep) and not os.path.isdir(out) and not out.endswith(".safetensors"):
+        raise ValueError(f"--out {out}: the checkpoint's path must end in .safetensors (the model card goes beside it, "
+                         f"as {os.path.splitext(out)[0]}.json)")
     if out.endswith(os.sep) or os.path.isdir(out):
         raise ValueError(f"--out {out}: the checkpoint's file name, not a folder (e.g. {os.path.join(out, cfg.mode)}"
                          ".safetensors)")
@@ -96,11 +101,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_thresholds(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint import load_card
+    from pipeline.checkpoint import card_section, load_card
     from pipeline.offline.train import retune
 
     card = load_card(args.checkpoint)
-    data = load_data(args, int((card.get("train_config") or {}).get("val_size", 5000)))
+    data = load_data(args, int(card_section(card, "train_config", args.checkpoint).get("val_size", 5000)))
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     new = retune(args.checkpoint, data, args.policy, args.min_edge_accuracy, args.epsilon, command, write=args.write,
                  min_exit1_rate=args.min_exit1_rate, confidence=args.confidence)
@@ -242,9 +247,13 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import export_parts
+    from pipeline.offline.network import load_checkpoint
 
     if not args.parts.strip():
         raise ValueError("--parts: the folder for the part files, got ''")
+    if os.path.exists(args.parts) and not os.path.isdir(args.parts):
+        raise ValueError(f"--parts {args.parts}: is a file, not a folder")
+    load_checkpoint(args.checkpoint)  # every weight the config asks for, of the right shape: no part written short
     written = export_parts(args.checkpoint, args.parts)
     print(json.dumps({"checkpoint": args.checkpoint, "parts": written}, indent=2))
     return 0

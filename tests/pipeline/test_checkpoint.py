@@ -72,6 +72,15 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path / "missing.safetensors"))
 
 
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "m.safetensors").mkdir()  # a folder where the checkpoint goes: the rename fails
+    with pytest.raises(OSError):
+        save_checkpoint(AdaDDNN(tiny_config()), str(tmp_path / "m.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    with pytest.raises(CheckpointError, match="need a name of their own"):
+        save_checkpoint(AdaDDNN(tiny_config()), str(tmp_path / "w.json"))
+
+
 def test_card_path():
     assert card_path("models/ada.safetensors") == "models/ada.json"
 

@@ -146,6 +146,9 @@ def test_a_bad_threads_variable_stops_only_the_commands_that_read_it(monkeypatch
      "no/such.safetensors"),
     (["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "unused/", "--device", "bogus"],
      "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["evaluate", "--checkpoint", "models/ada.safetensors", "--out", " "], "--out: the report folder, got ''"),
+    (["train", "--out", "w.json"], "must end in .safetensors (the model card goes beside it, as w.json)"),
+    (["train", "--out", ""], "--out: the checkpoint's path (.safetensors), got ''"),
 ])
 def test_offline_commands_name_a_bad_option_before_the_data_loads(argv, reason, caplog, tmp_path):
     assert main([*argv, "--data", str(tmp_path)]) == 1  # an empty data folder: nothing gets that far
@@ -171,6 +174,39 @@ def test_a_model_card_that_is_not_an_object_or_has_thresholds_out_of_range_is_na
             load_card(ckpt)
             thresholds(ckpt, cfg)
     assert thresholds(ckpt, cfg, 0.5, 0.5) == (0.5, 0.5)  # both given: the card is not read
+
+
+def test_a_model_card_section_of_the_wrong_type_is_named(tmp_path, caplog):
+    import shutil
+
+    from pipeline.checkpoint import card_path
+
+    ckpt = str(tmp_path / "m.safetensors")
+    shutil.copy("models/ada.safetensors", ckpt)
+    with open(card_path(ckpt), "w") as f:
+        f.write('{"train_config": null, "data": "x"}')  # null is as good as absent
+    assert main(["thresholds", "--checkpoint", ckpt, "--data", str(tmp_path)]) == 1
+    assert "no CIFAR-10" in caplog.text  # got past the card
+    with open(card_path(ckpt), "w") as f:
+        f.write('{"train_config": "x"}')
+    caplog.clear()
+    assert main(["evaluate", "--checkpoint", ckpt, "--out", str(tmp_path / "ev"), "--data", str(tmp_path)]) == 1
+    assert "the model card's 'train_config' is a JSON str, not an object" in caplog.text
+
+
+def test_export_refuses_a_checkpoint_short_of_weights_and_leaves_no_part(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from pipeline.checkpoint import read_meta
+
+    bad = str(tmp_path / "short.safetensors")
+    save_file({"x": __import__("torch").zeros(1)}, bad, metadata=read_meta("models/ada.safetensors"))
+    assert main(["export", "--checkpoint", bad, "--parts", str(tmp_path / "parts")]) == 1
+    assert "do not match" in caplog.text and not (tmp_path / "parts").exists()
+    (tmp_path / "file").write_text("")
+    caplog.clear()
+    assert main(["export", "--checkpoint", "models/ada.safetensors", "--parts", str(tmp_path / "file")]) == 1
+    assert "is a file, not a folder" in caplog.text
 
 
 def test_edge_says_t1_is_ignored_for_a_network_without_exit_1(caplog):
