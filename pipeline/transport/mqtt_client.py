@@ -157,8 +157,14 @@ class MqttClient:
         if self.url.username:
             c.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
-            c.tls_set(ca_certs=self.url.ca, certfile=self.url.cert, keyfile=self.url.key,
-                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                c.tls_set(ca_certs=self.url.ca, certfile=self.url.cert, keyfile=self.url.key,
+                          cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError) as err:
+                files = ", ".join(f"{k}={v}" for k, v in (("ca", self.url.ca), ("cert", self.url.cert),
+                                                           ("key", self.url.key)) if v) or "the system's CA store"
+                raise ServiceError(f"MQTT URL {self.url.safe()}: cannot set up TLS from {files}: "
+                                   f"{getattr(err, 'strerror', None) or err}") from None
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect, c.on_disconnect, c.on_publish = self._connected, self._disconnected, self._published

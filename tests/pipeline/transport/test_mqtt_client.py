@@ -22,6 +22,13 @@ def test_parse_mqtt_url_plain_and_tls():
             parse_mqtt_url(bad)
 
 
+def test_tls_files_that_cannot_be_read_are_named(tmp_path):
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    for ca, why in ((tmp_path / "none.pem", "No such file"), (tmp_path / "junk.pem", "")):
+        with pytest.raises(ServiceError, match=f"cannot set up TLS from ca={ca}: {why}"):
+            MqttClient(f"mqtts://user:s3cret@127.0.0.1:8883?ca={ca}", "tls-test")
+
+
 def test_a_bad_url_never_echoes_its_password():
     with pytest.raises(ServiceError) as err:
         parse_mqtt_url("http://user:s3cret@broker")
