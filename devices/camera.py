@@ -72,7 +72,7 @@ from pipeline.transport.metrics import RoleMetrics, Sample, sample
 from pipeline.transport.mqtt_client import MqttClient, close_mqtt, mqtt_client
 from pipeline.transport.service import serve
 from pipeline.wire import names
-from pipeline.wire.control import MAX_SHED_IDS, ShedNotice, SiteClock
+from pipeline.wire.control import MAX_SHED_IDS, ShedNotice, SiteClock, check_fps
 from pipeline.wire.messages import (
     DTYPES,
     CameraFeatures,
@@ -133,6 +133,7 @@ class CameraConfig:
         if self.stop and self.stop <= self.start:
             raise ValueError(f"stop must be above start (or 0: the end of the split), got start {self.start}, "
                              f"stop {self.stop}")
+        check_fps(self.fps)
         if not self.cameras:
             raise ValueError("no camera to run")
         if len(set(self.cameras)) != len(self.cameras):
@@ -636,6 +637,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.check:
         return check_online(cfg)
+    if cfg.fps == 0 and len(cfg.cameras) < 6:
+        log.warning("site %r cameras %s: --fps 0 runs as fast as possible, on no site clock: cameras started as "
+                    "separate processes will not capture the same frames at the same time, and the edge decides "
+                    "most frames without some of them; give every camera of the site the same --fps",
+                    cfg.site, list(cfg.cameras))
     set_threads(cfg.threads)
     stats = serve(load_feed(cfg))
     return 0 if stats.unacknowledged == 0 else 1

@@ -121,7 +121,7 @@ class TrainConfig:
     camera_dropout: float = field(default=0.1, metadata={"min": 0, "max": 1})  # probability that each camera is absent from a training frame
     augment: bool = True  # random crop (pad 4) and horizontal flip of the scene before the views
     val_size: int = field(default=5000, metadata={"min": 1})  # the last N training images form the validation split
-    seed: int = 0  # seed of the weights, the data order, augmentation and camera dropout
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})  # seed of the weights, the data order, augmentation and camera dropout (torch takes 0..2^32-1)
     threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 keeps torch's default
     limit_train: int = field(default=0, metadata={"min": 0})  # use only the first N training images (0 = all); for smoke runs
     limit_eval: int = field(default=0, metadata={"min": 0})  # evaluate on the first N validation/test images (0 = all)

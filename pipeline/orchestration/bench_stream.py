@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import pstats
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,18 +69,21 @@ class StreamBenchConfig:
     checkpoint: str = "models/ada.safetensors"  # the network whose observations and decisions are streamed
     data: str = field(default_factory=default_data_dir)  # folder holding cifar-10-batches-py/
     templates: int = field(default=512, metadata={"min": 1, "max": 10_000})  # distinct real observations (test frames) the load generator cycles through
-    step_s: float = 6.0  # seconds each offered rate lasts
-    edge_rates: tuple[int, ...] = (200, 400, 600, 800, 1000, 1300, 1600, 2000)  # frames/s offered to the edge, stepped up until it stops holding
-    replay_fps: tuple[int, ...] = (60, 100, 140, 180, 220, 260)  # end-to-end rates tried, stepped up until one is not sustained
-    broker_messages: int = 20_000  # messages the broker-ceiling run sends
-    aggregators: tuple[int, ...] = (1, 2, 4)  # aggregator counts of the scaling runs (each with every worker count)
-    workers: tuple[int, ...] = (1, 2)  # cloud worker counts of the scaling runs
-    scaling_frames: int = 1500  # frames each scaling replay streams
-    soak_frames: int = 0  # frames of the memory run (0 = skip it; the release figure used 100,000)
-    soak_fps: int = 0  # its offered rate; 0 = 80% of the edge's measured capacity
+    step_s: float = field(default=6.0, metadata={"above": 0, "max": 3600})  # seconds each offered rate lasts
+    edge_rates: tuple[int, ...] = field(default=(200, 400, 600, 800, 1000, 1300, 1600, 2000), metadata={"min": 1, "max": 1_000_000})  # frames/s offered to the edge, stepped up until it stops holding
+    replay_fps: tuple[int, ...] = field(default=(60, 100, 140, 180, 220, 260), metadata={"min": 1, "max": 1_000_000})  # end-to-end rates tried, stepped up until one is not sustained
+    broker_messages: int = field(default=20_000, metadata={"min": 1, "max": 100_000_000})  # messages the broker-ceiling run sends
+    aggregators: tuple[int, ...] = field(default=(1, 2, 4), metadata={"min": 1, "max": 64})  # aggregator counts of the scaling runs (each with every worker count)
+    workers: tuple[int, ...] = field(default=(1, 2), metadata={"min": 1, "max": 64})  # cloud worker counts of the scaling runs
+    scaling_frames: int = field(default=1500, metadata={"min": 1, "max": 10_000})  # frames each scaling replay streams (the test split has 10,000)
+    soak_frames: int = field(default=0, metadata={"min": 0, "max": 100_000_000})  # frames of the memory run (0 = skip it; the release figure used 100,000)
+    soak_fps: int = field(default=0, metadata={"min": 0, "max": 1_000_000})  # its offered rate; 0 = 80% of the edge's measured capacity
 
     def __post_init__(self) -> None:
         check_fields(self)  # ranges, as declared on the fields
+        for name in ("edge_rates", "replay_fps", "aggregators", "workers"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: at least one value")
 
 
 # --- compute ceiling -----------------------------------------------------------------------
@@ -357,6 +361,18 @@ def bench_stream(cfg: StreamBenchConfig) -> dict:
     compute = compute_ceiling(model, scenes, t1, t2)
     set_threads(1)
     log_dir = tempfile.mkdtemp(prefix="ada-bench-")
+    try:
+        out = _measure(cfg, model, t1, t2, data, scenes, compute, log_dir)
+    except BaseException:
+        log.error("bench stream: the roles' logs are kept in %s", log_dir)
+        raise
+    shutil.rmtree(log_dir, ignore_errors=True)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _measure(cfg: StreamBenchConfig, model: AdaDDNN, t1: float | None, t2: float, data, scenes: torch.Tensor,
+             compute: dict, log_dir: str) -> dict:
     templates_path = os.path.join(log_dir, "observations.msgpack")
     observations = _observations(model, scenes, data.test.labels[:cfg.templates])
     write_templates(templates_path, observations)
@@ -382,8 +398,7 @@ def bench_stream(cfg: StreamBenchConfig) -> dict:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__},
             "compute": compute, "broker": broker, "edge": edge, "edge_profile": profile, "end_to_end": e2e,
-            "scaling": scale, "memory": memory, "targets": targets(compute, broker, edge, e2e),
-            "seconds": round(time.time() - t0, 1)}
+            "scaling": scale, "memory": memory, "targets": targets(compute, broker, edge, e2e)}
 
 
 @torch.no_grad()

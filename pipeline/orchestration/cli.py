@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 from pipeline.config import ModelConfig, TrainConfig, default_data_dir
 from pipeline.errors import Terminated
 from pipeline.fileio import check_writable
-from pipeline.settings import add_config_args, confidence_level, config_from_args, fraction
+from pipeline.settings import add_config_args, at_least, confidence_level, config_from_args, fraction
 
 log = logging.getLogger("ada_ddnn")
 
@@ -173,8 +173,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bsub.add_parser("train", help="training samples/s and seconds per epoch on this device")
     add_model_train_args(b)
-    b.add_argument("--steps", type=int, default=10, help="timed steps")
-    b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    b.add_argument("--steps", type=at_least(1), default=10, help="timed steps")
+    b.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     from pipeline.orchestration.bench_stream import StreamBenchConfig
@@ -212,7 +212,11 @@ def cmd_bench_broker(args: argparse.Namespace) -> int:
     )
 
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = bench_broker(config_from_args(BrokerBenchConfig, args))
+    cfg = config_from_args(BrokerBenchConfig, args)
+    for path in (args.json_out, args.doc):
+        if path:
+            check_writable(path)  # before the measuring, not after it
+    result = bench_broker(cfg)
     result["command"] = command
     write_json(args.json_out, result)
     if args.doc:
@@ -234,7 +238,11 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
     from pipeline.orchestration.bench_stream import StreamBenchConfig, bench_stream
 
     command = "ada-ddnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = bench_stream(config_from_args(StreamBenchConfig, args))
+    cfg = config_from_args(StreamBenchConfig, args)
+    for path in (args.json_out, args.png, args.doc):
+        if path:
+            check_writable(path)  # before the measuring, not after it
+    result = bench_stream(cfg)
     result["command"] = command
     write_json(args.json_out, result)
     if args.png:

@@ -53,7 +53,7 @@ from cloud.worker import CloudConfig, Worker
 from devices.camera import UPLOADS, CameraConfig, CameraFeed, resolve_upload
 from edge.aggregator import Aggregator, EdgeConfig
 from pipeline.checkpoint import thresholds
-from pipeline.compute import set_threads
+from pipeline.compute import resolve_device, set_threads
 from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import SPLITS, Cifar10
 from pipeline.entropy import check_thresholds
@@ -75,6 +75,7 @@ from pipeline.transport.embedded import embedded_services
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.transport.redis_client import redis_client
 from pipeline.wire import names
+from pipeline.wire.control import check_fps
 from pipeline.wire.messages import DTYPES, EXIT_NAMES
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class ReplayConfig:
         if self.site:
             names.check_site(self.site)
         check_thresholds(self.t1, self.t2)
+        check_fps(self.fps)
         if len(set(self.silent)) != len(self.silent):
             raise ValueError(f"silent: camera ids, 0 or more, each once, got {list(self.silent)}")
 
@@ -496,6 +498,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.json_out:
         check_writable(args.json_out)
+    resolve_device(cfg.cloud_device)  # now, not in the cloud worker's process once the brokers are up
     out = run_replay(cfg)
     print(summary_table(out) if "sites" not in out else sites_table(out))
     if args.json_out:

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from pipeline.errors import Terminated
+from pipeline.fileio import check_writable
 from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, check_fields
 from pipeline.transport.metrics import RoleMetrics, Sample
 from pipeline.transport.mqtt_client import BACKOFF_MAX_S, BACKOFF_MIN_S, MqttClient
@@ -164,10 +165,12 @@ def serve(service: Any) -> Any:
         service.exit_on_stuck = True  # its own process: a stuck loop exits for the supervisor to restart
     cfg = getattr(service, "cfg", None)
     metrics: RoleMetrics | None = getattr(service, "metrics", None)
+    profile_path = os.environ.get("ADA_DDNN_PROFILE")  # a cProfile dump of the loop (the benchmarks use it)
+    if profile_path:
+        check_writable(profile_path)  # now, not when the run ends and the whole profile is lost
     if metrics is not None and getattr(cfg, "metrics_port", 0):
         metrics.serve(cfg.metrics_port, cfg.metrics_host)
     service.connect()
-    profile_path = os.environ.get("ADA_DDNN_PROFILE")
     profiler = cProfile.Profile() if profile_path else None
     try:
         if profiler is None:

@@ -18,6 +18,16 @@ MAX_SHED_IDS = 4096  # frame ids one ShedNotice names at most (a camera sends se
 SHED_REASONS = ("behind", "overload", "outage")  # behind schedule; the edge asked; the broker was away
 
 
+MIN_FPS, MAX_FPS = 1e-3, 1e6  # the rates a site clock may run at (frames per second)
+
+
+def check_fps(fps: float) -> float:
+    """A camera's or a replay's --fps: 0 (as fast as possible) or a rate a site clock can run at."""
+    if fps != 0 and not MIN_FPS <= fps <= MAX_FPS:
+        raise ValueError(f"fps must be 0 (as fast as possible) or {MIN_FPS:g}..{MAX_FPS:g} frames per second, got {fps:g}")
+    return fps
+
+
 @dataclass(frozen=True)
 class SiteClock(_Message):
     """The capture schedule a site's cameras share, so that separately started cameras capture
@@ -35,7 +45,7 @@ class SiteClock(_Message):
     def __post_init__(self) -> None:
         _site(self.site)
         _set(self, "epoch", _float("epoch", self.epoch, 0.0, MAX_TIME_S))
-        _set(self, "fps", _float("fps", self.fps, 1e-3, 1e6))
+        _set(self, "fps", _float("fps", self.fps, MIN_FPS, MAX_FPS))
         _set(self, "start", _int("start", self.start, 0, MAX_FRAME_ID))
         _set(self, "stop", _int("stop", self.stop, self.start + 1, MAX_FRAME_ID))
 
@@ -89,4 +99,4 @@ class ShedNotice(_Message):
         _set(self, "at", _float("at", self.at, 0.0, MAX_TIME_S))
 
 
-__all__ = ["SiteClock", "FlowStatus", "ShedNotice", "SHED_REASONS", "MAX_SHED_IDS"]
+__all__ = ["SiteClock", "FlowStatus", "ShedNotice", "SHED_REASONS", "MAX_SHED_IDS", "MIN_FPS", "MAX_FPS", "check_fps"]
