@@ -216,7 +216,8 @@ def thresholds(path: str, cfg: ModelConfig, t1: float | None = None,
         t1 = card.get("t1") if t1 is None else t1
         t2 = card.get("t2") if t2 is None else t2
     if t2 is None:
-        raise CheckpointError(f"{path}: no thresholds in its model card; pass --t1/--t2")
+        where = "in its model card" if os.path.isfile(card_path(path)) else f"(no model card {card_path(path)} beside it)"
+        raise CheckpointError(f"{path}: no thresholds {where}; pass --t1/--t2")
     if not cfg.has_camera_classifiers:
         return None, float(t2)
     return (0.0 if t1 is None else float(t1)), float(t2)

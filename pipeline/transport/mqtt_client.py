@@ -82,6 +82,8 @@ class MqttUrl:
 
 def parse_mqtt_url(url: str) -> MqttUrl:
     """`mqtt://[user:pass@]host[:port]` (or `tcp://`, or a bare `host:port`), `mqtts://...?ca=&cert=&key=`."""
+    if not url.strip():
+        raise ServiceError("MQTT URL '': empty (mqtt://host:port)")
     if "://" not in url:
         url = "mqtt://" + url
     u = urlparse(url)
