@@ -61,6 +61,7 @@ from pipeline.wire.messages import CameraFeatures, CameraObservation, CameraSumm
 log = logging.getLogger(__name__)
 
 LOSSES_MAXLEN = 1_000_000  # named losses kept (approximate trim)
+MAX_GAP = 36_000  # ids of one gap in the frame ids named lost at most (an hour of a site at 10 fps)
 
 # Lua: `now` in ms from the Redis server's clock, so every aggregator shares one clock.
 REDIS_NOW = """
@@ -104,7 +105,7 @@ end
 #       gaps zset, ahead marks
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
 #       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary),
-#       gap grace ms (0 = gaps not tracked)
+#       gap grace ms (0 = gaps not tracked), most ids of one gap
 # Bytes stored are counted in observation_bytes or summary_bytes, and those of a late one in late_bytes;
 # a summary after its frame left at exit 1 on a confident summary (claim marker "<owner> exit1") is
 # expected, not late: it counts in summary_bytes, camera_bytes_exit1 and summaries_after_exit1.
@@ -119,11 +120,11 @@ end
 # site moving on (an edge back from an outage longer than the window, a broker that dropped its
 # queue), which would otherwise be refused for good. A few devices forging ids cannot do that.
 # Gaps: an admitted id more than one beyond every camera's front skips ids no observation has
-# reached; up to the window of them go into the gaps zset (NX), due the grace later, when NAME_GAP
-# names those still without one lost (a broker that dropped a whole stretch of observations, e.g.
-# past its queue limit for an aggregator that was down, leaves no other trace). A longer jump (the
-# majority moved on) is not named: the ids may never have been captured (a clock restarted
-# further on); they are counted in `ids_jumped`.
+# reached; they go into the gaps zset (NX), due the grace later, when NAME_GAP names those still
+# without one lost (a broker that dropped a whole stretch of observations, e.g. past its queue
+# limit for an aggregator that was down, leaves no other trace). Beyond MAX_GAP ids of one jump
+# they are only counted (`ids_jumped`): a jump that long is more likely a clock restarted further
+# on, whose ids were never captured.
 ADD_OBSERVATION = """
 local window = tonumber(ARGV[10])
 if window > 0 then
@@ -188,17 +189,23 @@ if window > 0 then
   if id >= 9007199254740992 then
     grace = 0  -- ids from 2^53 on are not exact in Lua's numbers: no gaps counted among them
   end
-  if grace > 0 and top >= 0 and id > top + 1 + window then
-    redis.call('HINCRBY', KEYS[4], 'ids_jumped', math.min(id - top - 1, 1000000000000))
-  elseif grace > 0 and top >= 0 and id > top + 1 then
+  if grace > 0 and top >= 0 and id > top + 1 then
     local gt = redis.call('TIME')
     local due = tonumber(gt[1]) * 1000 + math.floor(tonumber(gt[2]) / 1000) + grace
-    local args = {}
-    for g = top + 1, id - 1 do
-      args[#args + 1] = due
-      args[#args + 1] = g
+    local last = math.min(id - 1, top + tonumber(ARGV[13]))
+    if last < id - 1 then
+      redis.call('HINCRBY', KEYS[4], 'ids_jumped', math.min(id - 1 - last, 1000000000000))
     end
-    redis.call('ZADD', KEYS[8], 'NX', unpack(args))
+    local g = top + 1
+    while g <= last do
+      local args = {}
+      while g <= last and #args < 2000 do
+        args[#args + 1] = due
+        args[#args + 1] = g
+        g = g + 1
+      end
+      redis.call('ZADD', KEYS[8], 'NX', unpack(args))
+    end
   end
   if id > mine then
     redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
@@ -617,7 +624,7 @@ class FrameStore:
               names.front_key(site), names.gaps_key(site), names.ahead_key(site)],
              [obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, obs.frame_id, self.owner,
               t.decided_ttl_ms, t.lease_ms, t.admit_window, "sum" if isinstance(obs, CameraSummary) else "obs",
-              t.gap_grace_ms])
+              t.gap_grace_ms, MAX_GAP])
             for obs, payload in items])
         out = []
         for res in replies:

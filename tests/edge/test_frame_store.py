@@ -101,6 +101,22 @@ def test_no_gaps_are_counted_among_ids_lua_cannot_tell_apart(redis_conn, site):
     assert not redis_conn.exists(names.gaps_key(site))
 
 
+def test_a_gap_longer_than_max_gap_is_named_up_to_it_and_counted_beyond(redis_conn, site, monkeypatch):
+    from edge import frame_store
+
+    monkeypatch.setattr(frame_store, "MAX_GAP", 2500)  # more than one ZADD chunk (1,000 ids)
+    times = StoreTimes(expected=2, admit_window=100_000, deadline_ms=60_000, frame_ttl_ms=60_000,
+                       decided_ttl_ms=60_000, lease_ms=10_000, claim_batch=64, escalation_maxlen=100,
+                       results_maxlen=1000, gap_grace_ms=60_000)
+    a = FrameStore(redis_conn, site, "a", times)
+    a.add([obs(site, 0, 0), obs(site, 0, 1)])
+    a.add([obs(site, 3001, 0)])
+    assert redis_conn.zcard(names.gaps_key(site)) == 2500
+    gaps = names.gaps_key(site)
+    assert redis_conn.zscore(gaps, 1) and redis_conn.zscore(gaps, 2500) and redis_conn.zscore(gaps, 2501) is None
+    assert int(redis_conn.hget(names.counters_key(site), "ids_jumped")) == 500
+
+
 def test_without_a_grace_gaps_are_not_tracked(redis_conn, site):
     a = store(redis_conn, site, "a")  # admit_window 0, gap_grace_ms 0
     a.add([obs(site, 0, 0), obs(site, 9, 0)])
