@@ -350,7 +350,18 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> A
     given = {n: getattr(args, n) for n in _init_fields(cls) if n not in overrides and hasattr(args, n)}
     command_defaults = getattr(args, _defaults_key(cls), {})
     env = env_values(cls, skip=given.keys() | overrides.keys())
-    return cls(**{**command_defaults, **env, **given, **overrides})
+    try:
+        return cls(**{**command_defaults, **env, **given, **overrides})
+    except ValueError as err:  # a range or choice check of the class: say where the value came from
+        text = str(err)
+        name = text.split(" ", 1)[0].rstrip(":,")
+        fields = _init_fields(cls)
+        if name in env and name in fields:
+            raise SettingsError(f"{env_name(name)}={os.environ.get(env_name(name))!r}: {text}") from None
+        if name in given and name in fields:
+            flag = (fields[name].metadata.get("flags") or ["--" + name.replace("_", "-")])[0]
+            raise SettingsError(f"{flag}: {text}") from None
+        raise
 
 
 def _jsonable(value: Any) -> Any:

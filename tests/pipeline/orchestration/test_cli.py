@@ -218,3 +218,12 @@ def test_edge_says_t1_is_ignored_for_a_network_without_exit_1(caplog):
                "--mqtt-url", "mqtt://127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1/0"])
     assert rc == 1  # no broker at port 1: it stops there, after the warning
     assert "--t1 0.5 is ignored: models/ddnn.safetensors is a ddnn network" in caplog.text
+
+
+def test_a_range_error_names_the_variable_or_flag_that_set_the_value(monkeypatch, caplog):
+    monkeypatch.setenv("ADA_DDNN_DEADLINE_MS", "0")
+    assert main(["edge", "--print-config"]) == 1
+    assert "ADA_DDNN_DEADLINE_MS='0': deadline_ms must be 1..86400000, got 0" in caplog.text
+    caplog.clear()
+    assert main(["edge", "--print-config", "--deadline-ms", "-5"]) == 1  # the flag wins, and is the one named
+    assert "--deadline-ms: deadline_ms must be 1..86400000, got -5" in caplog.text
