@@ -29,7 +29,9 @@ claimed frames in one batch, and records results and escalations in one round tr
 Results are published without waiting on each PUBACK (paho keeps them across a reconnect).
 
 Nothing it receives stops it: a message that fails validation goes to `ada:{site}:deadletter`
-with its reason; so does a frame whose numbers are not finite, alone. A Redis outage is retried
+with its reason; so does a frame whose numbers are not finite, alone. Frame ids that every camera
+skipped (a broker that dropped them past its queue limit while the edge was away) are named lost
+in `ada:{site}:losses` (`never received`) --gap-grace-s after a later frame came. A Redis outage is retried
 with capped backoff (the observations in hand are kept and stored afterwards); a broker outage
 is paho's reconnect loop. A loop that stops turning is caught by the watchdog.
 """
