@@ -433,6 +433,9 @@ class Aggregator(BrokerService):
                 bad.append((msg, f"unexpected {type(err).__name__}: {err}"))
         if bad:
             self.dead_letter([(msg.topic, msg.payload, reason) for msg, reason in bad])
+        payloads = [bytes(msg.payload) for msg, _ in good]
+        statuses = self.store.add([(obs, raw) for (_, obs), raw in zip(good, payloads)])
+        # The shed notices after the batch's observations: a view that came is never named shed.
         losses, beyond = self.store.record_shed(losses)  # a frame claimed already names its cameras in its decision
         if beyond:
             first = {}
@@ -446,8 +449,6 @@ class Aggregator(BrokerService):
         self.stats.shed += len(losses)
         for *_, reason in losses:
             self.stats.shed_reasons[reason] = self.stats.shed_reasons.get(reason, 0) + 1
-        payloads = [bytes(msg.payload) for msg, _ in good]
-        statuses = self.store.add([(obs, raw) for (_, obs), raw in zip(good, payloads)])
         answer_payloads = [bytes(msg.payload) for msg, _ in answers]
         completed = self.store.add_features([(f, raw) for (_, f), raw in zip(answers, answer_payloads)])
         # Kept for the claim only where one is to come: not for a late, duplicate or refused message

@@ -119,16 +119,23 @@ end
 # each at the higher of its front and its mark) is admitted: all the cameras ahead together is the
 # site moving on (an edge back from an outage longer than the window, a broker that dropped its
 # queue), which would otherwise be refused for good. A few devices forging ids cannot do that.
-# Gaps: an admitted id more than one beyond every camera's front skips ids no observation has
-# reached; they go into the gaps zset (NX), due the grace later, when NAME_GAP names those still
-# without one lost (a broker that dropped a whole stretch of observations, e.g. past its queue
-# limit for an aggregator that was down, leaves no other trace). Beyond MAX_GAP ids of one jump
-# they are only counted (`ids_jumped`): a jump that long is more likely a clock restarted further
-# on, whose ids were never captured.
+# Ids from 2^53 on are refused as ahead: Lua's numbers cannot tell them apart.
+# Gaps: when an observation moves the majority's front (the front that more than half of the
+# expected cameras have reached) by more than one, the ids it passed go into the gaps zset (NX),
+# due the grace later, when NAME_GAP names those still without an observation lost (a broker that
+# dropped a whole stretch of observations, e.g. past its queue limit for an aggregator that was
+# down, leaves no other trace). Those a majority has passed only: one or two devices running
+# ahead (or forging ids) never make the ids the others are still to send count as gaps. Beyond
+# MAX_GAP ids of one jump they are only counted (`ids_jumped`): a jump that long is more likely a
+# clock restarted further on, whose ids were never captured.
 ADD_OBSERVATION = """
 local window = tonumber(ARGV[10])
 if window > 0 then
   local id = tonumber(ARGV[6])
+  if id >= 9007199254740992 then
+    redis.call('HINCRBY', KEYS[4], 'ahead', 1)
+    return {'ahead'}
+  end
   local fronts = redis.call('HGETALL', KEYS[7])
   local mine, first, second, n = -1, -1, -1, 0
   local function rank(x)
@@ -181,20 +188,27 @@ if window > 0 then
     end
     redis.call('HINCRBY', KEYS[4], 'ahead_admitted', 1)
   end
-  local top = mine
-  for i = 2, #fronts, 2 do
-    top = math.max(top, tonumber(fronts[i]))
+  local need = math.floor(tonumber(ARGV[3]) / 2) + 1
+  local function majority(skip, with)
+    local v = {}
+    for i = 1, #fronts, 2 do
+      if fronts[i] ~= skip then
+        v[#v + 1] = tonumber(fronts[i + 1])
+      end
+    end
+    v[#v + 1] = with
+    table.sort(v, function(a, b) return a > b end)
+    return v[need] or -1
   end
   local grace = tonumber(ARGV[12])
-  if id >= 9007199254740992 then
-    grace = 0  -- ids from 2^53 on are not exact in Lua's numbers: no gaps counted among them
-  end
-  if grace > 0 and top >= 0 and id > top + 1 then
+  local before, after = majority('', -1), majority(ARGV[1], math.max(mine, id))
+  if grace > 0 and before >= 0 and after > before + 1 then
     local gt = redis.call('TIME')
     local due = tonumber(gt[1]) * 1000 + math.floor(tonumber(gt[2]) / 1000) + grace
-    local last = math.min(id - 1, top + tonumber(ARGV[13]))
-    if last < id - 1 then
-      redis.call('HINCRBY', KEYS[4], 'ids_jumped', math.min(id - 1 - last, 1000000000000))
+    local top = before
+    local last = math.min(after - 1, top + tonumber(ARGV[13]))
+    if last < after - 1 then
+      redis.call('HINCRBY', KEYS[4], 'ids_jumped', math.min(after - 1 - last, 1000000000000))
     end
     local g = top + 1
     while g <= last do
@@ -507,12 +521,13 @@ end
 return first
 """
 
-# KEYS: decided marker, losses stream, counters, shed marker, admission front
+# KEYS: decided marker, losses stream, counters, shed marker, admission front, frame hash
 # ARGV: frame id, camera, where, why, losses maxlen, shed marker ttl ms, admission window (0 = none)
 # A camera's notice that it shed its view of a frame is named in the losses stream (counted in
 # `shed`) unless the frame was claimed already: its decision names the cameras it had in its
 # `present`, and a camera process restarted on a running clock sheds frames an earlier process
-# did send, so a loss now could contradict the decision. Counted in `shed_after_claim`, not named.
+# did send, so a loss now could contradict the decision. Likewise when the frame, still assembling,
+# holds that camera's observation already. Counted in `shed_after_claim`, not named.
 # A named one sets the frame's shed marker: NAME_GAP leaves a frame a camera named alone. An id
 # beyond the admission window of the second most advanced camera's front (as ADD_OBSERVATION) is
 # refused (-1, counted in `shed_ahead`): no device names frames the site has not reached.
@@ -540,6 +555,10 @@ if window > 0 then
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
+  return 0
+end
+if redis.call('HEXISTS', KEYS[6], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
   return 0
 end
@@ -786,7 +805,7 @@ class FrameStore:
         t = self.times
         out = self._pipelined(self._shed, [
             ([names.decided_key(self.site, fid), names.losses_stream(self.site), names.counters_key(self.site),
-              names.shed_key(self.site, fid), names.front_key(self.site)],
+              names.shed_key(self.site, fid), names.front_key(self.site), names.frame_key(self.site, fid)],
              [fid, camera, where, why, LOSSES_MAXLEN, t.frame_ttl_ms, t.admit_window])
             for fid, camera, where, why in losses])
         return [loss for loss, r in zip(losses, out) if r == 1], [loss for loss, r in zip(losses, out) if r == -1]
