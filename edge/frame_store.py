@@ -527,7 +527,10 @@ return first
 # `shed`) unless the frame was claimed already: its decision names the cameras it had in its
 # `present`, and a camera process restarted on a running clock sheds frames an earlier process
 # did send, so a loss now could contradict the decision. Likewise when the frame, still assembling,
-# holds that camera's observation already. Counted in `shed_after_claim`, not named.
+# holds that camera's observation already. Counted in `shed_after_claim`, not named. An id at or
+# below the camera's own front (it, or the process before it, sent that id or a later one) is not
+# named either (`shed_below_front`): a camera sheds in order, so only a restarted process, or a
+# forger, names such ids; the frame is decided with the cameras that came, or named as a gap.
 # A named one sets the frame's shed marker: NAME_GAP leaves a frame a camera named alone. An id
 # beyond the admission window of the second most advanced camera's front (as ADD_OBSERVATION) is
 # refused (-1, counted in `shed_ahead`): no device names frames the site has not reached.
@@ -560,6 +563,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 if redis.call('HEXISTS', KEYS[6], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
+  return 0
+end
+local front = redis.call('HGET', KEYS[5], ARGV[2])
+if front and tonumber(ARGV[1]) <= tonumber(front) then
+  redis.call('HINCRBY', KEYS[3], 'shed_below_front', 1)
   return 0
 end
 redis.call('SET', KEYS[4], 1, 'PX', ARGV[6])

@@ -128,6 +128,18 @@ def test_a_shed_notice_for_a_view_the_frame_holds_names_no_loss(redis_conn, site
     assert [(int(f[b"frame"]), int(f[b"camera"])) for _, f in redis_conn.xrange(names.losses_stream(site))] == [(7, 5)]
 
 
+def test_a_shed_notice_at_or_below_the_cameras_own_front_names_no_loss(redis_conn, site):
+    # The camera (or the process before it) sent frame 40: ids up to there are not its to shed now,
+    # whether a restarted process re-sheds them after their markers expired or a forger names them.
+    times = StoreTimes(expected=6, admit_window=256, deadline_ms=60_000, frame_ttl_ms=60_000, decided_ttl_ms=60_000,
+                       lease_ms=10_000, claim_batch=64, escalation_maxlen=100, results_maxlen=1000)
+    a = FrameStore(redis_conn, site, "a", times)
+    a.add([obs(site, 40, 2), obs(site, 40, 3)])
+    named, _ = a.record_shed([(f, 2, "camera", "behind") for f in (3, 40, 41)])
+    assert named == [(41, 2, "camera", "behind")]
+    assert int(redis_conn.hget(names.counters_key(site), "shed_below_front")) == 1  # 3 (40: its frame holds the view)
+
+
 def test_without_a_grace_gaps_are_not_tracked(redis_conn, site):
     a = store(redis_conn, site, "a")  # admit_window 0, gap_grace_ms 0
     a.add([obs(site, 0, 0), obs(site, 9, 0)])
