@@ -437,15 +437,15 @@ class Aggregator(BrokerService):
         statuses = self.store.add([(obs, raw) for (_, obs), raw in zip(good, payloads)])
         # The shed notices after the batch's observations: a view that came is never named shed.
         losses, beyond = self.store.record_shed(losses)  # a frame claimed already names its cameras in its decision
-        if beyond:
-            first = {}
+        if beyond:  # one dead letter a camera, naming its first id and how many more
+            first: dict[int, int] = {}
             for fid, camera, _, _ in beyond:
                 first.setdefault(camera, fid)
+            per_camera = collections.Counter(camera for _, camera, _, _ in beyond)
             self.dead_letter([(names.shed_topic(self.cfg.site, camera), b"",
                                f"site {self.cfg.site!r} camera {camera}: shed notice of frame {fid} (and "
-                               f"{sum(c == camera for _, c, _, _ in beyond) - 1} more), more than "
-                               f"{self.cfg.admit_window} frames ahead of the other cameras; refused")
-                              for camera, fid in first.items()])
+                               f"{per_camera[camera] - 1} more), more than {self.cfg.admit_window} frames ahead of "
+                               "the other cameras; refused") for camera, fid in first.items()])
         self.stats.shed += len(losses)
         for *_, reason in losses:
             self.stats.shed_reasons[reason] = self.stats.shed_reasons.get(reason, 0) + 1

@@ -69,6 +69,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Lua: the k-th highest of a list of numbers (1 = the highest), nil when it has fewer than k: the
+# admission front (the second most advanced camera's, or the only one's) and the majority's front
+# (more than half of the expected cameras) of ADD_OBSERVATION and RECORD_SHED.
+KTH_HIGHEST = """
+local function kth_highest(values, k)
+  local v = {}
+  for i = 1, #values do
+    v[i] = values[i]
+  end
+  table.sort(v, function(a, b) return a > b end)
+  return v[k]
+end
+"""
+
 # Lua: the payloads of a frame hash, without its bookkeeping fields (names starting with '_').
 PAYLOADS = """
 local function payloads(key)
@@ -128,7 +142,7 @@ end
 # ahead (or forging ids) never make the ids the others are still to send count as gaps. Beyond
 # MAX_GAP ids of one jump they are only counted (`ids_jumped`): a jump that long is more likely a
 # clock restarted further on, whose ids were never captured.
-ADD_OBSERVATION = """
+ADD_OBSERVATION = KTH_HIGHEST + """
 local window = tonumber(ARGV[10])
 if window > 0 then
   local id = tonumber(ARGV[6])
@@ -137,29 +151,17 @@ if window > 0 then
     return {'ahead'}
   end
   local fronts = redis.call('HGETALL', KEYS[7])
-  local mine, first, second, n = -1, -1, -1, 0
-  local function rank(x)
-    n = n + 1
-    if x > first then
-      second = first
-      first = x
-    elseif x > second then
-      second = x
-    end
-  end
+  local mine, others = -1, {}
   for i = 1, #fronts, 2 do
     if fronts[i] == ARGV[1] then
       mine = tonumber(fronts[i + 1])
     else
-      rank(tonumber(fronts[i + 1]))
+      others[#others + 1] = tonumber(fronts[i + 1])
     end
   end
-  rank(math.max(mine, id))
-  local base = first
-  if n >= 2 then
-    base = second
-  end
-  if id > base + window then
+  local need = math.floor(tonumber(ARGV[3]) / 2) + 1
+  local now_levels = {math.max(mine, id), unpack(others)}
+  if id > kth_highest(now_levels, math.min(2, #now_levels)) + window then
     local mark = redis.call('HGET', KEYS[9], ARGV[1])
     if not mark or tonumber(mark) < id then
       redis.call('HSET', KEYS[9], ARGV[1], ARGV[6])
@@ -180,29 +182,17 @@ if window > 0 then
     for _, v in pairs(best) do
       levels[#levels + 1] = v
     end
-    table.sort(levels, function(a, b) return a > b end)
-    local need = math.floor(tonumber(ARGV[3]) / 2) + 1
-    if #levels < need or id > levels[need] + window then
+    local majority = kth_highest(levels, need)
+    if not majority or id > majority + window then
       redis.call('HINCRBY', KEYS[4], 'ahead', 1)
       return {'ahead'}
     end
     redis.call('HINCRBY', KEYS[4], 'ahead_admitted', 1)
   end
-  local need = math.floor(tonumber(ARGV[3]) / 2) + 1
-  local function majority(skip, with)
-    local v = {}
-    for i = 1, #fronts, 2 do
-      if fronts[i] ~= skip then
-        v[#v + 1] = tonumber(fronts[i + 1])
-      end
-    end
-    v[#v + 1] = with
-    table.sort(v, function(a, b) return a > b end)
-    return v[need] or -1
-  end
   local grace = tonumber(ARGV[12])
-  local before, after = majority('', -1), majority(ARGV[1], math.max(mine, id))
-  if grace > 0 and before >= 0 and after > before + 1 then
+  local before = grace > 0 and kth_highest({mine, unpack(others)}, need) or -1
+  local after = grace > 0 and kth_highest(now_levels, need) or -1
+  if before >= 0 and after > before + 1 then
     local gt = redis.call('TIME')
     local due = tonumber(gt[1]) * 1000 + math.floor(tonumber(gt[2]) / 1000) + grace
     local top = before
@@ -534,25 +524,14 @@ return first
 # A named one sets the frame's shed marker: NAME_GAP leaves a frame a camera named alone. An id
 # beyond the admission window of the second most advanced camera's front (as ADD_OBSERVATION) is
 # refused (-1, counted in `shed_ahead`): no device names frames the site has not reached.
-RECORD_SHED = """
+RECORD_SHED = KTH_HIGHEST + """
 local window = tonumber(ARGV[7])
 if window > 0 then
-  local fronts = redis.call('HVALS', KEYS[5])
-  local first, second = -1, -1
-  for _, v in ipairs(fronts) do
-    local x = tonumber(v)
-    if x > first then
-      second = first
-      first = x
-    elseif x > second then
-      second = x
-    end
+  local fronts = {}
+  for _, v in ipairs(redis.call('HVALS', KEYS[5])) do
+    fronts[#fronts + 1] = tonumber(v)
   end
-  local base = first
-  if #fronts >= 2 then
-    base = second
-  end
-  if #fronts > 0 and tonumber(ARGV[1]) > base + window then
+  if #fronts > 0 and tonumber(ARGV[1]) > kth_highest(fronts, math.min(2, #fronts)) + window then
     redis.call('HINCRBY', KEYS[3], 'shed_ahead', 1)
     return -1
   end
@@ -818,7 +797,7 @@ class FrameStore:
             for fid, camera, where, why in losses])
         return [loss for loss, r in zip(losses, out) if r == 1], [loss for loss, r in zip(losses, out) if r == -1]
 
-    def record_losses(self, losses: list[tuple[int, int, str, str]], counter: str = "shed") -> None:
+    def record_losses(self, losses: list[tuple[int, int, str, str]], counter: str) -> None:
         """Name observations that never came: (frame id, camera, where, why), counted in `counter`."""
         if not losses:
             return

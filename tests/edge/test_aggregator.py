@@ -63,8 +63,10 @@ def test_thresholds_from_card(stream_setup):
     assert thresholds(path, ada.replace(mode="ddnn"), 0.3, 0.2) == (None, 0.2)  # DDNN has no exit 1
 
 
-def msg(o: CameraObservation, site: str):
-    o = CameraObservation(site, o.frame_id, o.camera, o.captured_at, o.prediction, o.entropy, o.features, o.label)
+def msg(o: CameraObservation, site: str, frame_id: int | None = None):
+    """`o` as received from `site`'s camera (as frame `frame_id`, when given)."""
+    o = CameraObservation(site, o.frame_id if frame_id is None else frame_id, o.camera, o.captured_at, o.prediction,
+                          o.entropy, o.features, o.label)
     return SimpleNamespace(topic=names.obs_topic(site, o.camera), payload=o.encode(), qos=0, mid=0)
 
 
@@ -426,10 +428,10 @@ def test_the_cameras_moving_on_together_are_admitted(stream_setup, brokers, site
     _, model, data, _, _ = stream_setup
     agg = make(stream_setup, brokers, site, admit_window=100, deadline_ms=60_000)
     try:
-        agg.handle([msg(o, site) for o in observations(model, data, [0])[0]])  # every camera reached frame 0
+        obs = observations(model, data, [0, 1, 2])
+        agg.handle([msg(o, site) for o in obs[0]])  # every camera reached frame 0
         far = 1000
-        jumped = [msg(CameraObservation(site, far, o.camera, o.captured_at, o.prediction, o.entropy, o.features,
-                                        o.label), site) for o in observations(model, data, [1])[1]]
+        jumped = [msg(o, site, far) for o in obs[1]]
         for m in jumped[:3]:
             assert agg.handle([m]) == []
         assert agg.stats.ahead == 3 and not redis_conn.exists(names.frame_key(site, far))
@@ -439,9 +441,7 @@ def test_the_cameras_moving_on_together_are_admitted(stream_setup, brokers, site
         assert agg.stats.ahead == 3 and redis_conn.hlen(names.frame_key(site, far)) == 3
         assert int(redis_conn.hget(names.counters_key(site), "ahead_admitted")) == 1
         assert not redis_conn.exists(names.gaps_key(site))  # 3 of 6 at 1000: no majority past the ids yet
-        nxt = observations(model, data, [2])[2][0]
-        agg.handle([msg(CameraObservation(site, far + 1, 0, nxt.captured_at, nxt.prediction, nxt.entropy,
-                                          nxt.features, nxt.label), site)])
+        agg.handle([msg(obs[2][0], site, far + 1)])
         assert redis_conn.zcard(names.gaps_key(site)) == far - 1  # 4 of 6 past them: named lost unless they come
     finally:
         agg.close()
