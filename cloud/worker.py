@@ -46,7 +46,7 @@ from cloud.cloud_net import CloudModule, load_cloud
 from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError, ConnectError, MessageError
-from pipeline.layers import forward_rows
+from pipeline.layers import forward_rows, warm_up
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import MqttClient
@@ -133,6 +133,8 @@ class Worker(BrokerService):
         self.fused_shape = (model.cfg.fused_channels, *model.cfg.wire_shape[1:])
         self._turn = 0  # which site a round of reads starts at (rotates)
         self._site_mqtt: dict[str, MqttClient] = {}  # brokers of their own (--site-mqtt), by URL
+        log.info("cloud %s: cloud block warmed up in %.2f s on %s", self.sid,
+                 warm_up(self.model, torch.zeros(2, *self.fused_shape, device=self.device)), self.device)
 
     def connect(self) -> None:
         cfg = self.cfg

@@ -405,6 +405,15 @@ class CameraFeed:
                     raise CameraError(cfg.site, f, f"cannot encode the observation: {err}", camera=k) from err
         return out
 
+    def warm_up(self) -> None:
+        """Run the cameras once on the first frame, publishing nothing, before joining the site
+        clock: a network's first call sets up its kernels (`pipeline.layers.warm_up`), and on a
+        clock the frames due meanwhile would be shed (at 10 fps, about one for every 0.1 s of it)."""
+        t0 = time.perf_counter()
+        self.observe(to_float(self.split.images[[self.cfg.start]], self.device), [self.cfg.start], [time.time()])
+        log.info("site %r cameras %s: networks warmed up in %.2f s", self.cfg.site, list(self.cfg.cameras),
+                 time.perf_counter() - t0)
+
     def encode(self, ids: list[int], captured_at: list[float]) -> list[list[tuple[int, bytes]]]:
         """The encoded observations of frames `ids`: [frame][(camera, bytes)]. Runs the camera
         modules (the load generator of `bench stream` replays pre-encoded ones instead). Lazy
@@ -475,6 +484,7 @@ class CameraFeed:
         t_start = time.time()
         log.info("site %r cameras %s: frames %d..%d at %s", cfg.site, list(cfg.cameras), cfg.start, self.stop_at,
                  f"{cfg.fps:g} fps" if cfg.fps else "full speed")
+        self.warm_up()
         if self.lazy and cfg.feature_ttl_ms < EDGE_DEFAULT_WAIT_MS:
             log.warning("site %r cameras %s: --feature-ttl-ms %d is below the edge's default deadline and request "
                         "deadline (%d ms): features asked for later are gone, and those frames are decided without "

@@ -62,6 +62,7 @@ from pipeline.checkpoint import thresholds
 from pipeline.compute import resolve_device, set_threads
 from pipeline.entropy import check_thresholds
 from pipeline.errors import AggregationError, EscalationError, MessageError
+from pipeline.layers import warm_up
 from pipeline.settings import add_command, config_from_args, printed
 from pipeline.throttle import Throttle
 from pipeline.transport.metrics import Sample, sample
@@ -191,6 +192,9 @@ class Aggregator(BrokerService):
         # The flow topic names this aggregator by a digest of its id: its MQTT client id stays
         # secret, so a client that can read the topic cannot take over its session.
         self.flow_id = hashlib.sha256(self.sid.encode()).hexdigest()[:16]
+        shape = (2, self.net.fused_channels, *self.net.wire_shape[1:])  # two rows: forward_rows' batch path
+        log.info("edge %s: edge block warmed up in %.2f s", self.sid,
+                 warm_up(self.edge, torch.zeros(shape, device=self.device)))
 
     # -- wiring --
     def metric_samples(self) -> list[Sample]:

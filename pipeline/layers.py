@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -68,3 +69,17 @@ def forward_rows(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
     if isinstance(out, tuple):
         return tuple(o[:1] if isinstance(o, torch.Tensor) else o for o in out)
     return out[:1]
+
+
+@torch.no_grad()
+def warm_up(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
+    """Run `fn` once on `x` (through `forward_rows`) and drop the answer; the seconds it took.
+
+    A network's first call in a process sets up its kernels (oneDNN primitives, the thread pool,
+    allocations) and takes tens of times longer than the calls after it. A role makes that call
+    before it takes traffic, so that no frame pays for it: a camera on a site clock would shed the
+    frames that fall due meanwhile, an edge or cloud worker would hold its first frames past their
+    deadlines and report a lag that makes the cameras shed."""
+    t0 = time.perf_counter()
+    forward_rows(fn, x)
+    return time.perf_counter() - t0

@@ -65,6 +65,9 @@ class PreEncodedFeed(CameraFeed):
             shared.close(timeout_s=0)
         self.clients = {}
 
+    def warm_up(self) -> None:
+        """Nothing to warm up: the observations are bytes already."""
+
     def encode(self, ids: list[int], captured_at: list[float]) -> list[list[tuple[int, bytes]]]:
         out = []
         for frame_id, at in zip(ids, captured_at):

@@ -33,6 +33,18 @@ def worker(stream_setup, brokers, site, **kw):
                               **kw), model.cloud)
 
 
+def test_the_cloud_block_runs_once_before_any_traffic(stream_setup):
+    """Its first call is slow (kernel set-up): made at start, not on the first escalations."""
+    path, model, _, _, _ = stream_setup
+    calls = []
+    hook = model.cloud.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    try:
+        Worker(CloudConfig(site="s", checkpoint=path, device="cpu"), model.cloud)
+    finally:
+        hook.remove()
+    assert calls == [(2, model.cfg.fused_channels, *model.cfg.wire_shape[1:])]
+
+
 @pytest.mark.services
 def test_worker_answers_publishes_then_acks(stream_setup, brokers, site, redis_conn):
     _, model, _, _, _ = stream_setup

@@ -229,6 +229,31 @@ def test_a_retained_clock_dated_far_ahead_is_not_joined(stream_setup, caplog):
     assert "starts 8.64e+05 s ahead of this camera's clock; not joining it" in caplog.text
 
 
+def test_cameras_warm_up_before_joining_the_site_clock(stream_setup):
+    """A network's first call is slow (it sets up its kernels): made on the site clock, it would
+    have the frames due meanwhile shed as behind. The feed makes it first and publishes nothing."""
+    _, model, data, _, _ = stream_setup
+    feed, published = clock_announcing_feed(model, data, CameraConfig(site="s", cameras=(0,), start=3, stop=8, fps=2.0))
+    calls = []
+    observe = feed.observe
+
+    def recording_observe(scenes, ids, captured_at):
+        calls.append(("observe", ids))
+        return observe(scenes, ids, captured_at)
+
+    class Joined(Exception):
+        pass
+
+    def site_clock():
+        calls.append(("clock", None))
+        raise Joined
+
+    feed.observe, feed.site_clock = recording_observe, site_clock
+    with pytest.raises(Joined):
+        feed.run()
+    assert calls == [("observe", [3]), ("clock", None)] and not published and feed.stats.frames == 0
+
+
 def test_upload_follows_the_network_and_ddnn_cannot_be_lazy():
     assert resolve_upload("auto", True) == "lazy" and resolve_upload("auto", False) == "eager"
     assert resolve_upload("eager", True) == "eager" and resolve_upload("lazy", True) == "lazy"

@@ -77,6 +77,19 @@ def aggregator(stream_setup, brokers, site, t1=None, **kw):
     return Aggregator(cfg, model.edge, card_t1 if t1 is None else t1, t2)
 
 
+def test_the_edge_block_runs_once_before_any_traffic(stream_setup):
+    """Its first call sets up the kernels and is slow: made at start, not on the first frames
+    (which it would hold past their deadlines, and whose lag would make the cameras shed)."""
+    path, model, _, t1, t2 = stream_setup
+    calls = []
+    hook = model.edge.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    try:
+        Aggregator(EdgeConfig(site="s", checkpoint=path), model.edge, t1, t2)
+    finally:
+        hook.remove()
+    assert calls == [(2, model.cfg.fused_channels, *model.cfg.wire_shape[1:])]
+
+
 def make(stream_setup, brokers, site, **kw):
     agg = aggregator(stream_setup, brokers, site, **kw)
     agg.connect()
