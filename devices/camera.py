@@ -347,12 +347,25 @@ class CameraFeed:
                         "frames and this camera's will not line up into the same frames); start every camera of a "
                         "site with the same --fps", cfg.site, list(cfg.cameras), names.clock_topic(cfg.site), c.fps,
                         cfg.fps)
+        if c is not None and (ran := self._ran_before(c)) is not None:
+            log.warning("site %r cameras %s: frames %d..%d were captured %.0f s ago on the site's previous clock (%s): "
+                        "an edge that decided them within its --decided-ttl-s (1 h by default) takes these "
+                        "observations as late and decides those frames not again; replay frames a site has decided "
+                        "under a site id of their own (--site)", cfg.site, list(cfg.cameras), *ran,
+                        time.time() - c.at(ran[0]), names.clock_topic(cfg.site))
         mine = SiteClock(cfg.site, time.time() + CLOCK_LEAD_S, cfg.fps, cfg.start, self.stop_at)
         self.signals.clock_seen.clear()
         self.clients[cfg.cameras[0]].publish(names.clock_topic(cfg.site), mine.encode(), qos=1, retain=True)
         self.signals.clock_seen.wait(CLOCK_WAIT_S)
         c = self.signals.clock
         return c if c is not None and c.fps == cfg.fps else mine
+
+    def _ran_before(self, c: SiteClock) -> tuple[int, int] | None:
+        """The first and last frame of this camera's range that the site's previous clock `c` (not
+        joined) had captured already, or None: the same frame ids again, which an edge that
+        decided them counts as late."""
+        first, end = max(self.cfg.start, c.start), min(self.stop_at, c.stop, c.start + int((time.time() - c.epoch) * c.fps) + 1)
+        return (first, end - 1) if first < end else None
 
     def shed(self, frame_ids: list[int], reason: str) -> None:
         """Skip frames, naming them (per camera, in ShedNotices the edge records as losses)."""

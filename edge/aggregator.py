@@ -94,6 +94,8 @@ CLOCK_AHEAD_S = 5.0  # an observation captured further ahead of the edge's clock
 SKEW_LOG_S = 60.0  # name a camera whose clock is wrong at most this often
 MISSING_LOG_S = 5.0  # report frames decided without some cameras' features at most this often
 SHED_LOG_S = 1.0  # log a shed notice at most this often (each is counted and listed in the losses)
+REWIND_LOG_S = 60.0  # name cameras whose frame ids went back (a replay started again) at most this often
+REWIND_MIN_S = 1.0  # ids going back count as a rewind when captured this much later than the camera's highest id
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class EdgeStats:
     features_missing: int = 0  # lazy upload: cameras asked whose features had not come by the second deadline
     edge_runs: int = 0  # frames the edge block ran on
     clock_skewed: int = 0  # observations whose capture time is impossible by the edge's clock (left out of the lag)
+    rewinds: int = 0  # a camera's frame ids went back while its capture times went on (a replay started again)
 
 
 class Aggregator(BrokerService):
@@ -185,6 +188,8 @@ class Aggregator(BrokerService):
         self._missing_log = Throttle(MISSING_LOG_S)  # frames decided without some features: a line per period
         self._shed_log = Throttle(SHED_LOG_S)  # shed notices: a line per period
         self._missing_frames = 0  # such frames since then
+        self._highest: dict[int, tuple[int, float]] = {}  # camera -> (highest frame id it sent here, its capture time)
+        self._rewind_log = Throttle(REWIND_LOG_S)
         # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
         # Redis and need no second decode (bounded; a miss just decodes again).
         self._decoded: collections.OrderedDict[bytes, CameraObservation] = collections.OrderedDict()
@@ -214,6 +219,7 @@ class Aggregator(BrokerService):
                sample("ada_qos0_dropped", self.inbox.dropped_qos0, site=site),
                sample("ada_edge_block_runs", st.edge_runs, site=site),
                sample("ada_clock_skewed", st.clock_skewed, site=site),
+               sample("ada_frame_id_rewinds", st.rewinds, site=site),
                sample("ada_sessions_taken_over", self.reaper.taken if self.reaper else 0, site=site),
                sample("ada_backlog", len(self.inbox) + len(self._held), site=site,
                      queue="inbox")]
@@ -484,6 +490,8 @@ class Aggregator(BrokerService):
         self._held = []
         frames, ahead, confident = [], [], set()
         for (msg, obs), (status, stored) in zip(good, statuses):
+            if status != "ahead":
+                self._note_rewind(obs)
             if status == "late":
                 self.stats.late += 1
             elif status == "duplicate":
@@ -524,6 +532,26 @@ class Aggregator(BrokerService):
                         "a second at most)", notice.site, notice.camera, len(frame_ids), notice.reason, frame_ids[0],
                         frame_ids[-1], self.stats.shed + len(frame_ids))
         return [(f, notice.camera, "camera", notice.reason) for f in frame_ids]
+
+    def _note_rewind(self, obs: CameraObservation | CameraSummary) -> None:
+        """Follow each camera's highest frame id; a lower id captured later than it (by more than
+        REWIND_MIN_S: a resend or a reordered message keeps its old capture time) means the
+        camera's ids started again: a replay run again on this site. Frames the site decided
+        within --decided-ttl-s are not decided again (their observations are late): say so."""
+        top = self._highest.get(obs.camera)
+        if top is None or obs.frame_id > top[0]:
+            self._highest[obs.camera] = (obs.frame_id, obs.captured_at)
+            return
+        if obs.frame_id < top[0] and obs.captured_at > top[1] + REWIND_MIN_S:
+            self._highest[obs.camera] = (obs.frame_id, obs.captured_at)
+            self.stats.rewinds += 1
+            if self._rewind_log():
+                log.warning("edge %s: site %r camera %d: frame ids went back from %d to %d, captured %.0f s later (a "
+                            "replay started again on this site?): frames the site decided in the last %d s "
+                            "(--decided-ttl-s) are not decided again, their observations count as late; replay them "
+                            "under a site id of their own (rewinds so far: %d)", self.sid, self.cfg.site,
+                            obs.camera, top[0], obs.frame_id, obs.captured_at - top[1], self.cfg.decided_ttl_s,
+                            self.stats.rewinds)
 
     def _plausible_lags(self, observations: list[CameraObservation | CameraSummary],
                         now: float) -> list[tuple[int, float]]:

@@ -113,6 +113,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_camera_resent": ("counter", "messages the broker had acknowledged, published again after a reconnect"),
     "ada_sessions_taken_over": ("counter", "MQTT sessions of dead aggregators taken over and ended, their messages stored"),
     "ada_clock_skewed": ("counter", "observations whose capture time the edge's clock rules out (left out of its lag)"),
+    "ada_frame_id_rewinds": ("counter", "times a camera's frame ids went back while its capture times went on (a replay run again)"),
     "ada_cloud_batches": ("counter", "forward passes"),
     "ada_dead_letters": ("counter", "messages and frames sent to the dead letters"),
     "ada_edge_block_runs": ("counter", "frames the edge block ran on"),

@@ -229,6 +229,26 @@ def test_a_retained_clock_dated_far_ahead_is_not_joined(stream_setup, caplog):
     assert "starts 8.64e+05 s ahead of this camera's clock; not joining it" in caplog.text
 
 
+def test_a_camera_replaying_frames_the_previous_clock_captured_says_so(stream_setup, caplog):
+    """A replay started again on a site (within the edge's --decided-ttl-s) sends frame ids the
+    edge decided already; it takes them as late. The camera names the overlap when it announces its
+    clock, and says nothing where the ranges do not overlap."""
+    from pipeline.wire.control import SiteClock
+
+    _, model, data, _, _ = stream_setup
+    now = time.time()
+    for start, stop, warned in ((0, 8, "frames 2..5 were captured 100 s ago"), (6, 8, None)):
+        feed, published = clock_announcing_feed(model, data, CameraConfig(site="s", cameras=(0,), start=start,
+                                                                          stop=stop, fps=2.0))
+        feed.signals.clock = SiteClock("s", now - 100, 2.0, 2, 6)  # frames 2..5, from 100 s ago
+        feed.signals.clock_seen.set()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="devices.camera"):
+            clock = feed.site_clock()
+        assert published and clock == published[-1] and clock.start == start
+        assert (warned in caplog.text and "--site" in caplog.text) if warned else not caplog.text
+
+
 def test_cameras_warm_up_before_joining_the_site_clock(stream_setup):
     """A network's first call is slow (it sets up its kernels): made on the site clock, it would
     have the frames due meanwhile shed as behind. The feed makes it first and publishes nothing."""

@@ -104,6 +104,29 @@ def summary_msgs(obs, site):
 
 
 @pytest.mark.services
+def test_a_replay_run_again_over_decided_frames_is_named(stream_setup, brokers, site, caplog):
+    """The same frame ids again, captured later (a replay started again on the site): late, since
+    the frames were decided, and named once in the log; a resend (old capture times) is no rewind."""
+    _, model, data, _, _ = stream_setup
+    obs = observations(model, data, [0, 1, 2])
+    again = [CameraObservation(site, o.frame_id, o.camera, o.captured_at + 100, o.prediction, o.entropy, o.features)
+             for o in obs[0]]
+    agg = make(stream_setup, brokers, site)
+    try:
+        for f in (0, 1, 2):
+            assert len(agg.handle([msg(o, site) for o in obs[f]])) == 1
+        agg.handle([msg(o, site) for o in obs[1]])  # resent: same capture times
+        assert agg.stats.rewinds == 0 and agg.stats.late == 6
+        with caplog.at_level("WARNING", logger="edge.aggregator"):
+            assert agg.handle([msg(o, site) for o in again]) == []
+        assert agg.stats.rewinds == 6 and agg.stats.late == 12
+        lines = [r.getMessage() for r in caplog.records if "frame ids went back" in r.getMessage()]
+        assert len(lines) == 1 and "from 2 to 0, captured 100 s later" in lines[0]
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
 def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redis_conn):
     _, model, data, _, _ = stream_setup
     obs = observations(model, data, [0, 1])
