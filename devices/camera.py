@@ -340,7 +340,7 @@ class CameraFeed:
                         c.epoch - time.time())
             c = None
         if c is not None and c.fps == cfg.fps and cfg.start < c.stop and c.at(self.stop_at) > time.time():
-            return c  # a run this camera's frames belong to, still going: join it (frames missed are shed)
+            return c  # a run this camera's frames belong to, still going: join it (`first_own_frame`)
         if c is not None and c.fps != cfg.fps and c.at(min(c.stop, self.stop_at)) > time.time():
             log.warning("site %r cameras %s: the site clock retained on %s runs at %.4g fps, this camera at %.4g: "
                         "announcing a clock of its own, which the cameras of the running one do not follow (their "
@@ -359,6 +359,26 @@ class CameraFeed:
         self.signals.clock_seen.wait(CLOCK_WAIT_S)
         c = self.signals.clock
         return c if c is not None and c.fps == cfg.fps else mine
+
+    def first_own_frame(self, clock: SiteClock) -> int:
+        """The first frame of this camera's range that is its to send or shed. On a clock that was
+        running when it joined, the frames due more than --max-lag-ms before that were not: another
+        process of this camera sent them (one restarted) or none did (one started late), and the
+        frames were decided with the cameras that came. They are skipped, not shed: naming them
+        could contradict what a predecessor sent, and after hours of a running clock would be
+        hundreds of thousands of notices. Frames that fall due from then on are this camera's."""
+        cfg = self.cfg
+        horizon = time.time() - cfg.max_lag_ms / 1000
+        i = cfg.start
+        if clock.at(i) >= horizon:
+            return i
+        i = max(cfg.start, min(self.stop_at, clock.start + int((horizon - clock.epoch) * clock.fps)))
+        while i < self.stop_at and clock.at(i) < horizon:
+            i += 1
+        log.info("site %r cameras %s: joining the site clock at frame %d: frames %d..%d were due before these cameras "
+                 "started (sent by a process before this one, or by none: not theirs to send or shed)", cfg.site,
+                 list(cfg.cameras), i, cfg.start, i - 1)
+        return i
 
     def _ran_before(self, c: SiteClock) -> tuple[int, int] | None:
         """The first and last frame of this camera's range that the site's previous clock `c` (not
@@ -557,7 +577,7 @@ class CameraFeed:
         too late to matter, report the achieved rate."""
         cfg = self.cfg
         clock = self.site_clock()
-        i = cfg.start
+        i = self.first_own_frame(clock)
         if (wait_s := clock.at(i) - time.time()) > 1.0:
             log.info("site %r cameras %s: frame %d is due in %.1f s on the site clock (%.4g fps from frame %d); waiting",
                      cfg.site, list(cfg.cameras), i, wait_s, clock.fps, clock.start)

@@ -446,7 +446,15 @@ class Aggregator(BrokerService):
         payloads = [bytes(msg.payload) for msg, _ in good]
         statuses = self.store.add([(obs, raw) for (_, obs), raw in zip(good, payloads)])
         # The shed notices after the batch's observations: a view that came is never named shed.
-        losses, beyond = self.store.record_shed(losses)  # a frame claimed already names its cameras in its decision
+        notices = losses
+        losses, beyond = self.store.record_shed(notices)  # a frame claimed already names its cameras in its decision
+        if notices and self._shed_log():
+            ids = [fid for fid, *_ in notices]
+            log.warning("site %r: cameras %s shed %d views (%s) of frames %d..%d: %d named lost, %d void (the frame had "
+                        "the view, was decided, or had it named before), %d refused (ahead); %d views named shed so "
+                        "far (one such line a second at most)", self.cfg.site, sorted({c for _, c, _, _ in notices}),
+                        len(notices), ", ".join(sorted({why for *_, why in notices})), min(ids), max(ids), len(losses),
+                        len(notices) - len(losses) - len(beyond), len(beyond), self.stats.shed + len(losses))
         if beyond:  # one dead letter a camera, naming its first id and how many more
             first: dict[int, int] = {}
             for fid, camera, _, _ in beyond:
@@ -527,10 +535,6 @@ class Aggregator(BrokerService):
             raise AggregationError(self.cfg.site, notice.frame_ids[0], "shed notice of a camera beyond the network's "
                                    f"{self.net.num_cameras} cameras", camera=notice.camera)
         frame_ids = sorted(set(notice.frame_ids))  # each frame once: a repeated id is one loss, not many
-        if self._shed_log():
-            log.warning("site %r camera %d shed %d frames (%s), %d..%d; %d camera views shed so far (one such line "
-                        "a second at most)", notice.site, notice.camera, len(frame_ids), notice.reason, frame_ids[0],
-                        frame_ids[-1], self.stats.shed + len(frame_ids))
         return [(f, notice.camera, "camera", notice.reason) for f in frame_ids]
 
     def _note_rewind(self, obs: CameraObservation | CameraSummary) -> None:

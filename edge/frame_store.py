@@ -116,7 +116,7 @@ end
 """
 
 # KEYS: frame hash, decided marker, pending zset, counters, claimed zset, claimed frame hash, admission front,
-#       gaps zset, ahead marks
+#       gaps zset, ahead marks, shed marker
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
 #       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary),
 #       gap grace ms (0 = gaps not tracked), most ids of one gap
@@ -134,6 +134,9 @@ end
 # site moving on (an edge back from an outage longer than the window, a broker that dropped its
 # queue), which would otherwise be refused for good. A few devices forging ids cannot do that.
 # Ids from 2^53 on are refused as ahead: Lua's numbers cannot tell them apart.
+# A view its camera named shed (RECORD_SHED: the camera is in the frame's shed marker) is late
+# (counted in `late_after_shed` too): it is named lost, so it never also counts in a decision (a
+# restarted camera process can shed a frame whose observation its predecessor had queued).
 # Gaps: when an observation moves the majority's front (the front that more than half of the
 # expected cameras have reached) by more than one, the ids it passed go into the gaps zset (NX),
 # due the grace later, when NAME_GAP names those still without an observation lost (a broker that
@@ -214,6 +217,12 @@ if window > 0 then
   if id > mine then
     redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
   end
+end
+if redis.call('SISMEMBER', KEYS[10], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[4], ARGV[11] == 'sum' and 'late_summaries' or 'late', 1)
+  redis.call('HINCRBY', KEYS[4], 'late_after_shed', 1)
+  redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
+  return {'late'}
 end
 local claim = redis.call('GET', KEYS[2])
 if claim then
@@ -512,16 +521,18 @@ return first
 """
 
 # KEYS: decided marker, losses stream, counters, shed marker, admission front, frame hash
-# ARGV: frame id, camera, where, why, losses maxlen, shed marker ttl ms, admission window (0 = none)
+# ARGV: frame id, camera, where, why, losses maxlen, shed marker ttl ms (the decided ttl), admission window (0 = none)
 # A camera's notice that it shed its view of a frame is named in the losses stream (counted in
 # `shed`) unless the frame was claimed already: its decision names the cameras it had in its
 # `present`, and a camera process restarted on a running clock sheds frames an earlier process
 # did send, so a loss now could contradict the decision. Likewise when the frame, still assembling,
-# holds that camera's observation already. Counted in `shed_after_claim`, not named. An id at or
-# below the camera's own front (it, or the process before it, sent that id or a later one) is not
-# named either (`shed_below_front`): a camera sheds in order, so only a restarted process, or a
-# forger, names such ids; the frame is decided with the cameras that came, or named as a gap.
-# A named one sets the frame's shed marker: NAME_GAP leaves a frame a camera named alone. An id
+# holds that camera's observation already. Counted in `shed_after_claim`, not named. (The camera's
+# own front is no test: the observations of the same batch, or another aggregator's, move it past
+# ids the camera shed before them; a restarted camera does not shed what was due before it joined,
+# `devices.camera.CameraFeed.first_own_frame`.) A view named once is not named again (`shed_again`:
+# a camera process restarted on a running clock, or a replay run again). A named one adds its
+# camera to the frame's shed marker, a set that lives as long as a decided marker: an observation
+# of that view arriving afterwards is late (ADD_OBSERVATION), never a second outcome. NAME_GAP leaves a frame with a shed marker alone. An id
 # beyond the admission window of the second most advanced camera's front (as ADD_OBSERVATION) is
 # refused (-1, counted in `shed_ahead`): no device names frames the site has not reached.
 RECORD_SHED = KTH_HIGHEST + """
@@ -544,12 +555,11 @@ if redis.call('HEXISTS', KEYS[6], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
   return 0
 end
-local front = redis.call('HGET', KEYS[5], ARGV[2])
-if front and tonumber(ARGV[1]) <= tonumber(front) then
-  redis.call('HINCRBY', KEYS[3], 'shed_below_front', 1)
+if redis.call('SADD', KEYS[4], ARGV[2]) == 0 then
+  redis.call('HINCRBY', KEYS[3], 'shed_again', 1)
   return 0
 end
-redis.call('SET', KEYS[4], 1, 'PX', ARGV[6])
+redis.call('PEXPIRE', KEYS[4], ARGV[6])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'frame', ARGV[1], 'camera', ARGV[2], 'where', ARGV[3],
            'why', ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'shed', 1)
@@ -627,7 +637,7 @@ class FrameStore:
         replies = self._pipelined(self._add, [
             ([names.frame_key(site, obs.frame_id), names.decided_key(site, obs.frame_id), names.pending_key(site),
               names.counters_key(site), names.claimed_key(site), names.claimed_frame_key(site, obs.frame_id),
-              names.front_key(site), names.gaps_key(site), names.ahead_key(site)],
+              names.front_key(site), names.gaps_key(site), names.ahead_key(site), names.shed_key(site, obs.frame_id)],
              [obs.camera, payload, t.expected, t.deadline_ms, t.frame_ttl_ms, obs.frame_id, self.owner,
               t.decided_ttl_ms, t.lease_ms, t.admit_window, "sum" if isinstance(obs, CameraSummary) else "obs",
               t.gap_grace_ms, MAX_GAP])
@@ -788,12 +798,12 @@ class FrameStore:
                     ) -> tuple[list[tuple[int, int, str, str]], list[tuple[int, int, str, str]]]:
         """Name the views cameras shed, (frame id, camera, where, why), in one round trip
         (RECORD_SHED): (those named: frames not claimed yet, those refused: ids beyond the
-        admission window); the others count in `shed_after_claim`."""
+        admission window); the others count in `shed_after_claim` or `shed_again`."""
         t = self.times
         out = self._pipelined(self._shed, [
             ([names.decided_key(self.site, fid), names.losses_stream(self.site), names.counters_key(self.site),
               names.shed_key(self.site, fid), names.front_key(self.site), names.frame_key(self.site, fid)],
-             [fid, camera, where, why, LOSSES_MAXLEN, t.frame_ttl_ms, t.admit_window])
+             [fid, camera, where, why, LOSSES_MAXLEN, t.decided_ttl_ms, t.admit_window])
             for fid, camera, where, why in losses])
         return [loss for loss, r in zip(losses, out) if r == 1], [loss for loss, r in zip(losses, out) if r == -1]
 

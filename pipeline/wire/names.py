@@ -196,8 +196,9 @@ def result_key(site: str, frame_id: int) -> str:
 
 
 def shed_key(site: str, frame_id: int) -> str:
-    """Marker of a frame a camera named shed (a loss already), so that the gap it leaves in the
-    frame ids is not named again; TTL."""
+    """The cameras that named their view of a frame shed (a set; a loss already): the gap it
+    leaves in the frame ids is not named again, and an observation of such a view coming after
+    all is late; as long as a decided marker."""
     return per_frame_key(site, SHED, frame_id)
 
 

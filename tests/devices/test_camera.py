@@ -249,6 +249,22 @@ def test_a_camera_replaying_frames_the_previous_clock_captured_says_so(stream_se
         assert (warned in caplog.text and "--site" in caplog.text) if warned else not caplog.text
 
 
+def test_a_camera_joining_a_running_clock_leaves_the_frames_due_before_it(stream_setup):
+    """Frames due before it joined were another process's to send (a predecessor's) or nobody's:
+    it neither sends nor sheds them (naming them could contradict what a predecessor sent, and
+    hours of a running clock would make hundreds of thousands of notices)."""
+    from pipeline.wire.control import SiteClock
+
+    _, model, data, _, _ = stream_setup
+    now = time.time()
+    feed = CameraFeed(CameraConfig(site="s", cameras=(0,), start=0, stop=400, fps=2.0, max_lag_ms=200),
+                      {0: model.cameras[0]}, data.test)
+    assert feed.first_own_frame(SiteClock("s", now - 100, 2.0, 0, 400)) in (200, 201)  # due from now - 0.2 s on
+    assert feed.first_own_frame(SiteClock("s", now + 0.5, 2.0, 0, 400)) == 0  # a clock that starts ahead
+    assert feed.first_own_frame(SiteClock("s", now - 1000, 2.0, 0, 400)) == 400  # all of the range was due
+    assert not feed.stats.shed
+
+
 def test_cameras_warm_up_before_joining_the_site_clock(stream_setup):
     """A network's first call is slow (it sets up its kernels): made on the site clock, it would
     have the frames due meanwhile shed as behind. The feed makes it first and publishes nothing."""

@@ -128,16 +128,29 @@ def test_a_shed_notice_for_a_view_the_frame_holds_names_no_loss(redis_conn, site
     assert [(int(f[b"frame"]), int(f[b"camera"])) for _, f in redis_conn.xrange(names.losses_stream(site))] == [(7, 5)]
 
 
-def test_a_shed_notice_at_or_below_the_cameras_own_front_names_no_loss(redis_conn, site):
-    # The camera (or the process before it) sent frame 40: ids up to there are not its to shed now,
-    # whether a restarted process re-sheds them after their markers expired or a forger names them.
+def test_a_shed_notice_is_named_though_the_cameras_front_moved_past_it(redis_conn, site):
+    # A camera sheds frames in order and then sends later ones: stored first (one batch, or another
+    # aggregator), those move its front past the ids it shed, which are its losses all the same.
     times = StoreTimes(expected=6, admit_window=256, deadline_ms=60_000, frame_ttl_ms=60_000, decided_ttl_ms=60_000,
                        lease_ms=10_000, claim_batch=64, escalation_maxlen=100, results_maxlen=1000)
     a = FrameStore(redis_conn, site, "a", times)
     a.add([obs(site, 40, 2), obs(site, 40, 3)])
     named, _ = a.record_shed([(f, 2, "camera", "behind") for f in (3, 40, 41)])
-    assert named == [(41, 2, "camera", "behind")]
-    assert int(redis_conn.hget(names.counters_key(site), "shed_below_front")) == 1  # 3 (40: its frame holds the view)
+    assert named == [(3, 2, "camera", "behind"), (41, 2, "camera", "behind")]  # 40: its frame holds the view
+
+
+def test_a_view_named_shed_is_named_once_and_never_decided(redis_conn, site):
+    # A restarted camera process sheds a frame whose observation its predecessor had queued, or a
+    # replay run again sends a view it shed before: named once, and the observation is late.
+    a = store(redis_conn, site, "a")
+    assert a.record_shed([(5, 1, "camera", "behind")]) == ([(5, 1, "camera", "behind")], [])
+    assert a.record_shed([(5, 1, "camera", "behind")]) == ([], [])
+    assert a.add([obs(site, 5, 1), obs(site, 5, 0)]) == [("late", []), ("added", [])]
+    counters = redis_conn.hgetall(names.counters_key(site))
+    assert (int(counters[b"shed"]), int(counters[b"shed_again"]), int(counters[b"late_after_shed"])) == (1, 1, 1)
+    assert redis_conn.hkeys(names.frame_key(site, 5)) == [b"0"]  # the frame goes on with the other camera
+    assert redis_conn.xlen(names.losses_stream(site)) == 1
+    assert 0 < redis_conn.pttl(names.shed_key(site, 5)) <= a.times.decided_ttl_ms
 
 
 def test_without_a_grace_gaps_are_not_tracked(redis_conn, site):
