@@ -48,6 +48,7 @@ from pipeline.entropy import normalized_entropy
 from pipeline.errors import CloudError, ConnectError, MessageError
 from pipeline.layers import forward_rows, warm_up
 from pipeline.settings import add_command, config_from_args, printed
+from pipeline.throttle import Throttle
 from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import MqttClient
 from pipeline.transport.redis_client import CHECK_TIMEOUT_S, Heartbeat, check_alive, redis_client
@@ -59,6 +60,7 @@ from pipeline.wire.messages import Decision, Escalation
 log = logging.getLogger(__name__)
 
 IDLE_BLOCK_MS = 200  # longest XREADGROUP block while idle, so a stop request is seen quickly
+RETIRE_LOG_S = 60.0  # say at most this often that a site left the registry but still has escalations waiting
 ALL_SITES = "*"  # --sites: every site in the registry (`names.sites_key()`)
 
 
@@ -133,6 +135,7 @@ class Worker(BrokerService):
         self.fused_shape = (model.cfg.fused_channels, *model.cfg.wire_shape[1:])
         self._turn = 0  # which site a round of reads starts at (rotates)
         self._site_mqtt: dict[str, MqttClient] = {}  # brokers of their own (--site-mqtt), by URL
+        self._retire_log = Throttle(RETIRE_LOG_S)  # by site: one that left the registry, still being drained
         log.info("cloud %s: cloud block warmed up in %.2f s on %s", self.sid,
                  warm_up(self.model, torch.zeros(2, *self.fused_shape, device=self.device)), self.device)
 
@@ -156,6 +159,8 @@ class Worker(BrokerService):
         if self.cfg.sites == ALL_SITES:
             found = sorted(x.decode() if isinstance(x, bytes) else x for x in self.redis.smembers(names.sites_key()))
             wanted = [x for x in found if names.SITE_RE.match(x)]
+            for site in [x for x in self.sites if x not in wanted]:
+                self.retire(site)
         else:
             wanted = self.cfg.site_list()
         for site in wanted:
@@ -172,6 +177,42 @@ class Worker(BrokerService):
                 self.heartbeat.add_site(site)
             if self.cfg.sites == ALL_SITES:
                 log.info("cloud %s: now serving site %r (%d sites)", self.sid, site, len(self.sites))
+
+    def retire(self, site: str) -> None:
+        """--sites '*': stop serving a site that left the registry (removed by hand, or by a
+        finished replay with its keys) once nothing of it waits for this group: its stream gone, or
+        every entry delivered and acknowledged (until then it is served as before). Its heartbeat
+        goes with it; an edge that announces the site again brings it back."""
+        if site not in self.sites:
+            return
+        if not self._drained(site):
+            if self._retire_log(site):
+                log.info("cloud %s: site %r left the registry (%s) with escalations still waiting: serving it until "
+                         "they are answered", self.sid, site, names.sites_key())
+            return
+        self.sites.remove(site)
+        if self.heartbeat is not None:
+            self.heartbeat.remove_site(site)
+        log.info("cloud %s: site %r left the registry (%s): no longer served (%d sites)", self.sid, site,
+                 names.sites_key(), len(self.sites))
+
+    def _drained(self, site: str) -> bool:
+        """Nothing of `site`'s stream waits for this worker's group: no stream (or no group), no
+        entry pending, none not yet delivered."""
+        assert self.redis is not None
+        stream = names.escalations_stream(site)
+        try:
+            groups = self.redis.xinfo_groups(stream)
+        except redis.ResponseError:  # no such key: the stream is gone
+            return True
+        mine = next((g for g in groups if _text(g["name"]) == self.cfg.group), None)
+        if mine is None:
+            return True
+        if mine["pending"]:
+            return False
+        if mine.get("lag") is not None:  # Redis 7; None where it cannot tell (entries deleted)
+            return mine["lag"] == 0
+        return _text(mine["last-delivered-id"]) == _text(self.redis.xinfo_stream(stream)["last-generated-id"])
 
     def ensure_group(self, site: str) -> None:
         """Create the site's consumer group (and its stream) unless they exist."""
@@ -240,14 +281,19 @@ class Worker(BrokerService):
                     log.error("cloud %s: Redis refused a command: %s; retrying in %.1f s", self.sid, err, delay)
                     stop.wait(delay)
                     continue
-                for site in self.sites:
+                for site in list(self.sites):
                     self._nogroup(site, err)
 
     def _nogroup(self, site: str, err: redis.ResponseError) -> None:
         """A consumer group that vanished (Redis restarted without persistence, the stream deleted
-        under a blocked read) is made again."""
+        under a blocked read) is made again; with --sites '*', unless the site left the registry
+        (its keys removed with it): then it is retired, not brought back."""
         if not group_gone(err):
             raise err
+        assert self.redis is not None
+        if self.cfg.sites == ALL_SITES and not self.redis.sismember(names.sites_key(), site):
+            self.retire(site)
+            return
         self.stats.groups_recreated += 1
         log.error("cloud %s: the consumer group %r of %s is gone (%s: Redis restarted without persistence, or the "
                   "stream deleted?); creating it again: escalations that were in the stream are lost with it",

@@ -215,14 +215,16 @@ class Heartbeat:
     def beat(self) -> None:
         body = {"role": self.role, "id": self.sid, "at": time.time(), "pid": os.getpid(), **(self.info() if self.info else {})}
         raw = json.dumps(body)
-        if len(self.keys) == 1:
-            self.client.set(self.key, raw, px=self.ttl_ms)
+        keys = list(self.keys)  # a copy: add_site and remove_site change the list from another thread
+        if len(keys) <= 1:
+            if keys:
+                self.client.set(keys[0], raw, px=self.ttl_ms)
             return
         # Many sites (a cloud worker with --sites): one round trip, not one a site (on a cluster,
         # one a node: every site's key is in a slot of its own, and a non-transactional pipeline
         # may span them).
         with self.client.pipeline(transaction=False) as p:
-            for key in list(self.keys):
+            for key in keys:
                 p.set(key, raw, px=self.ttl_ms)
             p.execute()
 
@@ -232,6 +234,13 @@ class Heartbeat:
         if key not in self.keys:
             self.keys.append(key)
             self.client.set(key, json.dumps({"role": self.role, "id": self.sid, "at": time.time()}), px=self.ttl_ms)
+
+    def remove_site(self, site: str) -> None:
+        """Beat at `site` no more, and remove its key (the service left the site)."""
+        key = names.heartbeat_key(site, self.role, self.sid)
+        if key in self.keys:
+            self.keys.remove(key)
+            self.client.delete(key)
 
     def _run(self) -> None:
         silent = False

@@ -239,6 +239,37 @@ def test_every_announced_site_is_served(stream_setup, brokers, three_sites, redi
         w.stop()
 
 
+@pytest.mark.services
+def test_a_site_that_left_the_registry_is_retired_once_drained(stream_setup, brokers, three_sites, redis_conn):
+    # A finished replay removes its site's keys and its registry entry; a site removed by hand may
+    # still have escalations waiting. Neither is brought back (stream, group, heartbeat), and what
+    # waits is answered first.
+    _, model, _, _, _ = stream_setup
+    a, b, c = three_sites
+    redis_conn.sadd(names.sites_key(), a, b, c)
+    w = worker(stream_setup, brokers, a, sites="*", group=f"g-{a[-8:]}")
+    w.connect()
+    try:
+        assert {a, b, c} <= set(w.sites)
+        redis_conn.delete(names.escalations_stream(b))  # b: removed as a replay removes its site
+        redis_conn.srem(names.sites_key(), b)
+        xadd(redis_conn, escalations(model, c, 2))  # c: removed by hand, two escalations waiting
+        redis_conn.srem(names.sites_key(), c)
+        assert w._read(b, 10, None) == []  # its group is gone with its stream: retired, not made again
+        assert b not in w.sites and not redis_conn.exists(names.escalations_stream(b))
+        assert alive(redis_conn, b, "cloud") == []
+        w.update_sites()
+        assert c in w.sites and a in w.sites  # c has escalations waiting
+        poll(lambda: w.process(w.read_batch()) is None and redis_conn.xlen(names.results_stream(c)) == 2)
+        w.update_sites()
+        assert c not in w.sites and alive(redis_conn, c, "cloud") == [] and alive(redis_conn, a, "cloud") == [w.sid]
+        redis_conn.sadd(names.sites_key(), b)  # an edge announces it again
+        w.update_sites()
+        assert b in w.sites and alive(redis_conn, b, "cloud") == [w.sid]
+    finally:
+        w.stop()
+
+
 def test_sites_and_their_brokers_are_checked():
     assert CloudConfig(site="x", sites="a, b,a").site_list() == ["a", "b"]
     assert CloudConfig(site="x").site_list() == ["x"] and CloudConfig(sites="*").site_list() == []
