@@ -151,6 +151,7 @@ class CameraStats:
     request_misses: int = 0  # lazy upload: features asked for that were no longer (or never) kept
     bad_requests: int = 0  # requests that failed validation (logged, ignored)
     unacknowledged: int = 0  # observations the broker had not acknowledged when the camera stopped
+    denied: int = 0  # publishes the broker refused in its acknowledgement (its ACL): they went nowhere
     refused: int = 0  # observations dropped because too many were waiting for the broker (named in the log)
     shed: dict[str, int] = field(default_factory=dict)  # frames not sent, by reason (each named in a ShedNotice)
     first_capture: float | None = None
@@ -412,6 +413,10 @@ class CameraFeed:
                 self.stats.unacknowledged += c.unconfirmed
                 log.warning("site %r camera %d: %d publishes not acknowledged by the broker after %.0f s",
                             self.cfg.site, k, c.unconfirmed, PUBLISH_TIMEOUT_S)
+            if c.denied:
+                self.stats.denied += c.denied
+                log.error("site %r camera %d: the broker refused %d of its publishes (its ACL: is this the camera's "
+                          "own login?); what they carried went nowhere", self.cfg.site, k, c.denied)
             c.close(timeout_s=0)
         self.clients.clear()
 
@@ -687,7 +692,7 @@ def main(args: argparse.Namespace) -> int:
                     cfg.site, list(cfg.cameras))
     set_threads(cfg.threads)
     stats = serve(load_feed(cfg))
-    return 0 if stats.unacknowledged == 0 else 1
+    return 0 if stats.unacknowledged == 0 and stats.denied == 0 else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

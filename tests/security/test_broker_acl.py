@@ -456,3 +456,21 @@ def test_tls_listener_with_camera_credentials(broker, probes):
     with pytest.raises(ConnectError, match="refused"):
         MqttClient(f"mqtts://{SITE}-cam2:wrong@127.0.0.1:{broker.tls_port}?ca={broker.ca}", "t-cam2-tls").connect(timeout_s=10)
 
+
+
+def test_a_camera_whose_publishes_the_acl_refuses_says_so_and_fails(broker, stream_setup, caplog):
+    """Camera 3 run with camera 2's login: the broker acknowledges each publish with a refusal, so
+    nothing it captured reaches anyone; the run must end as a failure, not as 'N observations'."""
+    from devices.camera import CameraConfig, CameraFeed
+
+    _, model, data, _, _ = stream_setup
+    cfg = CameraConfig(site=SITE, mqtt_url=broker.url("cam2"), cameras=(3,), start=0, stop=3, fps=0.0, upload="eager")
+    feed = CameraFeed(cfg, {3: model.cameras[3]}, data.test)
+    feed.connect()
+    try:
+        stats = feed.run()
+    finally:
+        with caplog.at_level("ERROR", logger="devices.camera"):
+            feed.close()
+    assert stats.frames == 3 and stats.denied >= 3  # three observations and the final status, all refused
+    assert "the broker refused" in caplog.text and "camera 3" in caplog.text
