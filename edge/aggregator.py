@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import logging
 import statistics
 import threading
@@ -196,7 +195,7 @@ class Aggregator(BrokerService):
         self._stored_at = time.monotonic()  # when observations were last stored
         # The flow topic names this aggregator by a digest of its id: its MQTT client id stays
         # secret, so a client that can read the topic cannot take over its session.
-        self.flow_id = hashlib.sha256(self.sid.encode()).hexdigest()[:16]
+        self.flow_id = names.flow_id(self.sid)
         shape = (2, self.net.fused_channels, *self.net.wire_shape[1:])  # two rows: forward_rows' batch path
         log.info("edge %s: edge block warmed up in %.2f s", self.sid,
                  warm_up(self.edge, torch.zeros(shape, device=self.device)))
@@ -687,7 +686,8 @@ class Aggregator(BrokerService):
         if never:
             self.stats.never_received += len(never)
             log.error("edge %s: site %r: no observation of %d frames (%s) came within %.0f s of a later frame's: named "
-                      "lost in %s (why 'never received'; a broker past its queue limit drops them unseen)", self.sid,
+                      "lost in %s (why 'never received': a broker past its queue limit drops observations unseen; or the "
+                      "cameras' frame ids jumped, a run started further on, and these ids were never captured)", self.sid,
                       site, len(never), _ids(never), cfg.gap_grace_s, names.losses_stream(site))
         if owners:
             self.stats.reclaimed += len(owners)

@@ -112,6 +112,11 @@ def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S
             break  # the retained burst is over
         arrived.clear()
     close_mqtt(client)
+    # Flow statuses go by a digest of their aggregator's service id: shown by the service id where a
+    # heartbeat names it (read_redis runs first), else by the digest (an aggregator not alive).
+    by_digest = {names.flow_id(a): a for a in st.aggregators}
+    st.flow = {by_digest.get(k, k): v for k, v in st.flow.items()}
+    st.flow_age_s = {by_digest.get(k, k): v for k, v in st.flow_age_s.items()}
 
 
 def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:

@@ -36,6 +36,7 @@ wildcard, a Redis key separator or a brace.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -102,6 +103,13 @@ def results_topic(site: str) -> str:
 def clock_topic(site: str) -> str:
     """Retained SiteClock: the capture schedule the site's cameras share."""
     return f"ada/{check_site(site)}/clock"
+
+
+def flow_id(service_id: str) -> str:
+    """The name an aggregator's flow status goes by (its topic, its `by`): a digest of its service
+    id, which stays secret (it is its MQTT client id: whoever can read the topic could otherwise take
+    over its session). `ada-ddnn status` matches it to the service ids of the heartbeats."""
+    return hashlib.sha256(service_id.encode()).hexdigest()[:16]
 
 
 def flow_topic(site: str, service_id: str) -> str:

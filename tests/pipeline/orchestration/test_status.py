@@ -101,3 +101,29 @@ def test_a_dead_aggregators_flow_status_is_stale_and_bad_data_is_a_warning(broke
         assert "warning" in out and "no 'msg' field" in out
     finally:
         publish.single(topic, b"", qos=1, retain=True, hostname=u.host, port=u.port)
+
+
+def test_flow_statuses_are_shown_by_the_service_id_of_a_live_aggregator(brokers, site, redis_conn):
+    """An aggregator's flow status goes by a digest of its service id (its MQTT client id stays
+    secret); status shows the service id that a heartbeat names, and the digest for one not alive."""
+    import time
+
+    import paho.mqtt.publish as publish
+
+    from pipeline.transport.mqtt_client import parse_mqtt_url
+    from pipeline.wire import names
+    from pipeline.wire.control import FlowStatus
+
+    u = parse_mqtt_url(brokers[0])
+    live, gone = names.flow_id("edge-a"), names.flow_id("edge-gone")
+    topics = [names.flow_topic(site, live), names.flow_topic(site, gone)]
+    publish.multiple([{"topic": t, "payload": FlowStatus(site, by, 12.5, 0, time.time()).encode(), "qos": 1,
+                       "retain": True} for t, by in zip(topics, (live, gone))], hostname=u.host, port=u.port)
+    redis_conn.set(names.heartbeat_key(site, "edge", "edge-a"), b"{}", ex=60)
+    try:
+        st = site_status(StatusConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1]))
+        assert st.aggregators == ["edge-a"] and st.flow == {"edge-a": 12.5, gone: 12.5}
+        assert "edge-a:12.5" in table(st)
+    finally:
+        publish.multiple([{"topic": t, "payload": b"", "qos": 1, "retain": True} for t in topics], hostname=u.host,
+                         port=u.port)
