@@ -90,6 +90,11 @@ def find_layout(root: str) -> str:
     for candidate in (os.path.join(root, LAYOUT_DIR), root):
         if all(os.path.isfile(os.path.join(candidate, f)) for f in (*TRAIN_FILES, TEST_FILE)):
             return candidate
+    mount = os.environ.get("ADA_DDNN_DATA_MOUNT", "")  # set by the image: what is mounted where
+    if mount and os.path.normpath(root) == os.path.normpath(os.environ.get("ADA_DDNN_DATA", "")):
+        raise DataError(f"no CIFAR-10 python-version layout under {root!r} (expected {LAYOUT_DIR}/data_batch_1..5 "
+                        f"and test_batch): {root} is {mount}. Point it at a folder that holds it (Docker mounts a "
+                        "host path that does not exist as an empty folder).")
     raise DataError(
         f"no CIFAR-10 python-version layout under {root!r} (expected {LAYOUT_DIR}/data_batch_1..5 and "
         "test_batch). Pass --data DIR or set ADA_DDNN_DATA; `ada-ddnn data --download` fetches the "

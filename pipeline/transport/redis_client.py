@@ -140,7 +140,8 @@ def redis_client(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> redis.Redis:
             if "SSL" in str(err) or "ssl" in type(err.__cause__ or err).__module__:
                 raise ConnectError(f"Redis {safe_url(url)}: TLS failed ({err}); rediss:// needs a TLS port") from err
             if time.monotonic() + delay > deadline:
-                hint = "" if url.startswith("rediss") else " (a TLS port needs rediss://)"
+                refused = "refused" in str(err).lower()  # nothing listens there: TLS is not the question
+                hint = "" if url.startswith("rediss") or refused else " (a TLS port needs rediss://)"
                 raise ConnectError(f"Redis {safe_url(url)} unreachable for {timeout_s:.0f}s: {err}{hint}") from err
             log.warning("Redis %s unreachable (%s); retrying in %.1fs", safe_url(url), err, delay)
             time.sleep(delay)

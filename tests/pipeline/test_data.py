@@ -77,3 +77,18 @@ def test_augment_keeps_shape_and_pixels():
 
 def test_class_names():
     assert len(CLASSES) == 10 and CLASSES[0] == "airplane"
+
+
+def test_an_empty_mount_in_a_container_names_the_host_folder(tmp_path, monkeypatch):
+    """In the image, ADA_DDNN_DATA is the mount point: the error names what is mounted there (the
+    host folder of the compose file), not the flag or variable a user cannot usefully change."""
+    from pipeline.data import find_layout
+
+    monkeypatch.setenv("ADA_DDNN_DATA", str(tmp_path))
+    monkeypatch.setenv("ADA_DDNN_DATA_MOUNT", "the host folder ADA_DDNN_DATA_HOST mounted read-only")
+    with pytest.raises(DataError, match="is the host folder ADA_DDNN_DATA_HOST mounted read-only") as err:
+        find_layout(str(tmp_path))
+    assert "--data" not in str(err.value)
+    monkeypatch.delenv("ADA_DDNN_DATA_MOUNT")
+    with pytest.raises(DataError, match="Pass --data DIR or set ADA_DDNN_DATA"):
+        find_layout(str(tmp_path))

@@ -71,3 +71,10 @@ def test_a_heartbeat_at_many_sites_sets_every_key_in_one_round_trip(redis_conn):
         assert body["id"] == "cloud-x" and body["answered"] == 7
         assert 0 < redis_conn.pttl(key) <= 6000
     redis_conn.delete(*keys)
+
+
+def test_a_port_nobody_listens_on_is_named_without_a_tls_hint():
+    """Connection refused: nothing listens there, so 'a TLS port needs rediss://' would mislead."""
+    with pytest.raises(ConnectError, match="unreachable") as err:
+        redis_client(f"redis://127.0.0.1:{free_port()}", timeout_s=0.3)
+    assert "refused" in str(err.value).lower() and "rediss://" not in str(err.value)
