@@ -223,6 +223,7 @@ class CameraFeed:
         self.lazy = False  # lazy upload: summaries first, features on request (set by __init__)
         self.cache = FeatureCache(cfg.feature_cache, cfg.feature_ttl_ms / 1000)
         self._last_request = time.monotonic()
+        self.release = threading.Event()  # set by whoever knows every frame is decided: stop lingering now
         self._miss_log = Throttle(RATE_REPORT_S)
         self._bad_request_log = Throttle(BAD_REQUEST_LOG_S)
 
@@ -544,12 +545,13 @@ class CameraFeed:
 
     def linger(self, stop: threading.Event) -> None:
         """Lazy upload: after the last frame, answer requests until none came for --linger-ms
-        (at most --feature-ttl-ms, when nothing is kept any more)."""
+        (at most --feature-ttl-ms, when nothing is kept any more), or until `release` is set (a
+        replay that has every result)."""
         if not self.lazy:
             return
         quiet_s, end = self.cfg.linger_ms / 1000, time.monotonic() + self.cfg.feature_ttl_ms / 1000
         self._last_request = max(self._last_request, time.monotonic())
-        while not stop.is_set() and time.monotonic() < end:
+        while not stop.is_set() and not self.release.is_set() and time.monotonic() < end:
             left = self._last_request + quiet_s - time.monotonic()
             if left <= 0:
                 break

@@ -80,6 +80,13 @@ from pipeline.wire.messages import DTYPES, EXIT_NAMES
 
 log = logging.getLogger(__name__)
 
+# In-process cameras share one interpreter with every edge and worker of the replay, so an edge
+# can fall seconds behind on a busy machine: they linger until the replay has every result
+# (`release_cameras`), up to this long without a feature request (the cameras' --linger-ms default,
+# 2 s, once let a loaded test suite's edge find the cameras gone and decide 30 frames without
+# features).
+THREAD_LINGER_MS = 10_000
+
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,8 @@ def _run_replay(cfg: ReplayConfig, data: Cifar10 | None, model: AdaDDNN | None) 
             while roles.cameras_running():
                 time.sleep(0.25)  # the bar's refresh; the collector itself is event-driven
                 tick()
+                if all(run.collector.complete() for run in runs):
+                    roles.release_cameras()  # every frame decided: no feature request is to come
             roles.check_cameras()
             deadline = time.monotonic() + cfg.drain_timeout_s + cfg.deadline_ms / 1000
             for run in runs:
@@ -304,7 +313,7 @@ class ThreadRoles:
                                               data=cfg.data, split=cfg.split, start=run.frame_ids.start,
                                               stop=run.frame_ids.stop, fps=cfg.fps, wire_dtype=cfg.wire_dtype,
                                               batch=cfg.camera_batch, cameras=cams, overload="wait",
-                                              upload=cfg.upload),
+                                              upload=cfg.upload, linger_ms=THREAD_LINGER_MS),
                                  {k: copy.deepcopy(model.cameras[k]) for k in cams}, split,
                                  gate=lambda done, c=run.collector: c.gate(done, cfg.window, stop))
                       for run in runs]
@@ -335,6 +344,10 @@ class ThreadRoles:
 
     def cameras_running(self) -> bool:
         return any(t.is_alive() for t in self.threads)
+
+    def release_cameras(self) -> None:
+        for feed in self.feeds:
+            feed.release.set()
 
     def check_cameras(self) -> None:
         if self.error:
@@ -417,6 +430,9 @@ class ProcessRoles:
                 "--upload", cfg.upload,
                 "--shed-lag-ms", str(cfg.overload_lag_ms)], self.log_dir, "cameras" if one else f"{run.site}-cameras"))
         self.procs.extend(self.cameras)
+
+    def release_cameras(self) -> None:
+        """Camera processes end their linger on their own (--linger-ms of quiet)."""
 
     def cameras_running(self) -> bool:
         for p in self.procs:

@@ -103,6 +103,11 @@ class ResultCollector:
                                 published - len(self.results))
                     return
 
+    def complete(self) -> bool:
+        """Every frame of the replay has its result."""
+        with self.cond:
+            return len(self.results) >= len(self.frame_ids)
+
     def wait_all(self, deadline: float, tick: Callable[[], None]) -> None:
         with self.cond:
             while len(self.results) < len(self.frame_ids) and time.monotonic() < deadline:

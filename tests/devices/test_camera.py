@@ -265,6 +265,19 @@ def test_a_camera_joining_a_running_clock_leaves_the_frames_due_before_it(stream
     assert not feed.stats.shed
 
 
+def test_a_released_camera_stops_lingering(stream_setup):
+    """Lazy upload: after its last frame a camera answers requests until none came for
+    --linger-ms; a replay that has every result releases it at once (no request is to come)."""
+    _, model, data, _, _ = stream_setup
+    feed = CameraFeed(CameraConfig(site="s", cameras=(0,), linger_ms=60_000, feature_ttl_ms=60_000),
+                      {0: model.cameras[0]}, data.test)
+    assert feed.lazy
+    feed.release.set()
+    t0 = time.monotonic()
+    feed.linger(threading.Event())
+    assert time.monotonic() - t0 < 5
+
+
 def test_cameras_warm_up_before_joining_the_site_clock(stream_setup):
     """A network's first call is slow (it sets up its kernels): made on the site clock, it would
     have the frames due meanwhile shed as behind. The feed makes it first and publishes nothing."""
