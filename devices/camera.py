@@ -386,7 +386,8 @@ class CameraFeed:
         """The first and last frame of this camera's range that the site's previous clock `c` (not
         joined) had captured already, or None: the same frame ids again, which an edge that
         decided them counts as late."""
-        first, end = max(self.cfg.start, c.start), min(self.stop_at, c.stop, c.start + int((time.time() - c.epoch) * c.fps) + 1)
+        captured = c.start + int((time.time() - c.epoch) * c.fps) + 1  # the frames its clock had reached
+        first, end = max(self.cfg.start, c.start), min(self.stop_at, c.stop, captured)
         return (first, end - 1) if first < end else None
 
     def shed(self, frame_ids: list[int], reason: str) -> None:

@@ -532,9 +532,10 @@ return first
 # `devices.camera.CameraFeed.first_own_frame`.) A view named once is not named again (`shed_again`:
 # a camera process restarted on a running clock, or a replay run again). A named one adds its
 # camera to the frame's shed marker, a set that lives as long as a decided marker: an observation
-# of that view arriving afterwards is late (ADD_OBSERVATION), never a second outcome. NAME_GAP leaves a frame with a shed marker alone. An id
-# beyond the admission window of the second most advanced camera's front (as ADD_OBSERVATION) is
-# refused (-1, counted in `shed_ahead`): no device names frames the site has not reached.
+# of that view arriving afterwards is late (ADD_OBSERVATION), never a second outcome. NAME_GAP
+# leaves a frame with a shed marker alone. An id beyond the admission window of the second most
+# advanced camera's front (as ADD_OBSERVATION) is refused (-1, counted in `shed_ahead`): no device
+# names frames the site has not reached.
 RECORD_SHED = KTH_HIGHEST + """
 local window = tonumber(ARGV[7])
 if window > 0 then
