@@ -299,6 +299,10 @@ class MqttClient:
             if self._refusal is not None and any(text in self._refusal for text in (*FATAL_CONNACK, "closed before")):
                 self.close()
                 hint = "" if self.url.tls else " (a TLS port needs mqtts://)" if "closed" in self._refusal else ""
+                if "Not authorized" in self._refusal or "user name or password" in self._refusal:
+                    user = self.url.username
+                    hint = (f" (the login {user!r}: a wrong password, or a user the broker does not know)" if user
+                            else " (no login in the URL: mqtt://USER:PASSWORD@host:port)")
                 raise ConnectError(f"MQTT broker {where} refused {self.client_id}: {self._refusal}{hint}")
             if time.monotonic() > end:
                 self.close()

@@ -321,13 +321,13 @@ def test_password_file_holds_only_hashes(broker):
 def test_anonymous_client_is_refused(broker, probes):
     anonymous = probes(None)
     assert anonymous.refused, f"anonymous CONNACK: {anonymous.connack}"
-    with pytest.raises(ConnectError, match="refused"):
+    with pytest.raises(ConnectError, match="refused .*no login in the URL"):
         MqttClient(f"mqtt://127.0.0.1:{broker.port}", "t-anonymous").connect(timeout_s=10)
 
 
 def test_wrong_password_raises_connect_error_at_once(broker):
     start = time.monotonic()
-    with pytest.raises(ConnectError, match="refused"):
+    with pytest.raises(ConnectError, match="refused .*'site0-cam2': a wrong password"):
         MqttClient(f"mqtt://{SITE}-cam2:not-the-password@127.0.0.1:{broker.port}", "t-cam2").connect(timeout_s=10)
     assert time.monotonic() - start < 5
     with pytest.raises(ConnectError, match="refused"):  # another camera's password is no better
