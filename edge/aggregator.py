@@ -779,7 +779,11 @@ class Aggregator(BrokerService):
             sent = fr.nbytes
             if fr.requested:
                 sent += len(FeatureRequest(site, fr.frame_id, fr.asked).encode()) * self.expected if fr.asked else 0
-                losses += [(fr.frame_id, k, "edge", "no features") for k in fr.missing]
+                # Named: the cameras whose features did not come and that the decision does not use. A
+                # frame none of whose features came is answered by its cameras' verdicts: they are in
+                # its `present`, so no view of it is named; counted in `blind_frames` instead.
+                losses += [(fr.frame_id, k, "edge", "no features") for k in fr.missing if k not in fr.present]
+                counts["blind_frames"] = counts.get("blind_frames", 0) + fr.blind
             counts[f"camera_bytes_{exit_name}"] = counts.get(f"camera_bytes_{exit_name}", 0) + sent
         if losses:
             self.stats.features_missing += len(losses)

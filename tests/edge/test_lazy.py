@@ -72,3 +72,29 @@ def test_lazy_upload_with_a_camera_that_never_answers(stream_setup, brokers, sit
     ref = decide(t1, t2, c.edge_entropy, c.edge_pred, c.cloud_pred, c.cam_entropy, c.cam_pred, c.present)
     for f, d in got.items():
         assert d.exit == EXIT_NAMES[int(ref.exit[f])] and d.prediction == int(ref.prediction[f]), f
+
+
+def test_a_frame_none_of_whose_cameras_answer_names_no_view(stream_setup, brokers, site, redis_conn):
+    """No camera answers the feature requests: each such frame is answered by its cameras' verdicts,
+    which its `present` lists; so none of its views is also named lost ('no features'): it counts
+    in `blind_frames`."""
+    path, model, data, t1, t2 = stream_setup
+    n = 20
+    obs = observations(model, data, list(range(n)))
+    cams = mqtt_client(brokers[0], f"{site}-cams")
+    agg = Aggregator(EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path,
+                                deadline_ms=2000, request_deadline_ms=300), model.edge, t1, t2).start()
+    try:
+        for f in range(n):
+            for o in obs[f]:
+                o = CameraObservation(site, f, o.camera, o.captured_at, o.prediction, o.entropy, o.features, o.label)
+                cams.publish(names.obs_topic(site, o.camera), summary_of(o).encode())
+        got = {d.frame_id: d for d in wait_results(redis_conn, site, n, timeout_s=30)}
+    finally:
+        agg.stop()
+        close_mqtt(cams)
+    blind = [d for d in got.values() if d.present == (0, 1, 2, 3, 4, 5) and d.exit == "exit1"]
+    counters = {k.decode(): int(v) for k, v in redis_conn.hgetall(names.counters_key(site)).items()}
+    assert sorted(got) == list(range(n)) and counters["requests"] > 0
+    assert counters["blind_frames"] == counters["requests"] <= len(blind)
+    assert redis_conn.xlen(names.losses_stream(site)) == 0 and "features_missing" not in counters
