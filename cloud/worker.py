@@ -51,7 +51,7 @@ from pipeline.settings import add_command, config_from_args, printed
 from pipeline.throttle import Throttle
 from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import MqttClient
-from pipeline.transport.redis_client import CHECK_TIMEOUT_S, Heartbeat, check_alive, redis_client
+from pipeline.transport.redis_client import CHECK_TIMEOUT_S, Heartbeat, alive, check_alive, redis_client
 from pipeline.transport.results_sink import RECORD_RESULT, add_dead_letters, record_results
 from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
@@ -180,10 +180,16 @@ class Worker(BrokerService):
 
     def retire(self, site: str) -> None:
         """--sites '*': stop serving a site that left the registry (removed by hand, or by a
-        finished replay with its keys) once nothing of it waits for this group: its stream gone, or
-        every entry delivered and acknowledged (until then it is served as before). Its heartbeat
-        goes with it; an edge that announces the site again brings it back."""
+        finished replay with its keys) once no aggregator of it is alive (each announces its site
+        again every ANNOUNCE_S) and nothing of it waits for this group: its stream gone, or every
+        entry delivered and acknowledged (until then it is served as before). Its heartbeat goes
+        with it; an edge that announces the site again brings it back."""
         if site not in self.sites:
+            return
+        if alive(self.redis, site, "edge"):  # removed by hand while it runs: its edge announces it again
+            if self._retire_log(site):
+                log.warning("cloud %s: site %r left the registry (%s) but an aggregator of it is alive: still served",
+                            self.sid, site, names.sites_key())
             return
         if not self._drained(site):
             if self._retire_log(site):
@@ -293,7 +299,8 @@ class Worker(BrokerService):
         assert self.redis is not None
         if self.cfg.sites == ALL_SITES and not self.redis.sismember(names.sites_key(), site):
             self.retire(site)
-            return
+            if site not in self.sites:
+                return
         self.stats.groups_recreated += 1
         log.error("cloud %s: the consumer group %r of %s is gone (%s: Redis restarted without persistence, or the "
                   "stream deleted?); creating it again: escalations that were in the stream are lost with it",

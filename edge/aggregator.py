@@ -93,6 +93,7 @@ CLOCK_AHEAD_S = 5.0  # an observation captured further ahead of the edge's clock
 SKEW_LOG_S = 60.0  # name a camera whose clock is wrong at most this often
 MISSING_LOG_S = 5.0  # report frames decided without some cameras' features at most this often
 SHED_LOG_S = 1.0  # log a shed notice at most this often (each is counted and listed in the losses)
+ANNOUNCE_S = 10.0  # the site is announced in the registry (ada:sites) again this often: removed by hand while it runs, it is back
 REWIND_LOG_S = 60.0  # name cameras whose frame ids went back (a replay started again) at most this often
 REWIND_MIN_S = 1.0  # ids going back count as a rewind when captured this much later than the camera's highest id
 
@@ -189,6 +190,7 @@ class Aggregator(BrokerService):
         self._missing_frames = 0  # such frames since then
         self._highest: dict[int, tuple[int, float]] = {}  # camera -> (highest frame id it sent here, its capture time)
         self._rewind_log = Throttle(REWIND_LOG_S)
+        self._announce_denied = False  # the registry refused this aggregator's user (said once)
         # Observations decoded at ingest, by their bytes: a claimed frame's payloads come back from
         # Redis and need no second decode (bounded; a miss just decodes again).
         self._decoded: collections.OrderedDict[bytes, CameraObservation] = collections.OrderedDict()
@@ -292,6 +294,9 @@ class Aggregator(BrokerService):
         try:
             return bool(self.redis.sadd(names.sites_key(), self.cfg.site))
         except NoPermissionError as err:
+            if self._announce_denied:
+                return False
+            self._announce_denied = True
             log.warning("edge %s: site %r not announced in %s (%s): a cloud worker with --sites '*' does not see it",
                         self.sid, self.cfg.site, names.sites_key(), err)
             return False
@@ -317,6 +322,7 @@ class Aggregator(BrokerService):
     def run(self, stop: threading.Event) -> None:
         scan_s = self.cfg.scan_ms / 1000.0
         next_scan = next_flow = time.monotonic()
+        next_announce = next_scan + ANNOUNCE_S
         backoff = Backoff()
         while not stop.is_set():
             self.watchdog.tick()
@@ -326,6 +332,12 @@ class Aggregator(BrokerService):
             if not self._held:
                 self._held = self.inbox.take(self.cfg.batch, max(0.0, next_scan - time.monotonic()))
             try:
+                if time.monotonic() >= next_announce:
+                    next_announce = time.monotonic() + ANNOUNCE_S
+                    if self._announce():
+                        log.warning("edge %s: site %r was not in the registry %s (removed while this aggregator runs?): "
+                                    "announced again, so that cloud workers serving every site go on serving it",
+                                    self.sid, self.cfg.site, names.sites_key())
                 claimed = self.ingest()
                 if self.reaper is not None:
                     self.reaper.tick()

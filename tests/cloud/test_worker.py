@@ -270,6 +270,26 @@ def test_a_site_that_left_the_registry_is_retired_once_drained(stream_setup, bro
         w.stop()
 
 
+@pytest.mark.services
+def test_a_site_removed_while_its_edge_runs_is_still_served(stream_setup, brokers, three_sites, redis_conn):
+    # Removed from the registry by hand while an aggregator of it is alive (its heartbeat): retiring
+    # it would leave what that edge escalates unanswered; the edge announces it again instead.
+    a, b, _ = three_sites
+    redis_conn.sadd(names.sites_key(), a, b)
+    w = worker(stream_setup, brokers, a, sites="*", group=f"g-{a[-8:]}")
+    w.connect()
+    try:
+        redis_conn.set(names.heartbeat_key(b, "edge", "edge-b1"), b"{}", ex=60)
+        redis_conn.srem(names.sites_key(), b)
+        w.update_sites()
+        assert b in w.sites and alive(redis_conn, b, "cloud") == [w.sid]
+        redis_conn.delete(names.heartbeat_key(b, "edge", "edge-b1"))  # its edge stopped: nothing waits
+        w.update_sites()
+        assert b not in w.sites
+    finally:
+        w.stop()
+
+
 def test_sites_and_their_brokers_are_checked():
     assert CloudConfig(site="x", sites="a, b,a").site_list() == ["a", "b"]
     assert CloudConfig(site="x").site_list() == ["x"] and CloudConfig(sites="*").site_list() == []

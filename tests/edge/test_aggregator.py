@@ -127,6 +127,23 @@ def test_a_replay_run_again_over_decided_frames_is_named(stream_setup, brokers, 
 
 
 @pytest.mark.services
+def test_a_running_edge_announces_its_site_again(stream_setup, brokers, site, redis_conn, monkeypatch):
+    """Removed from the registry by hand while it runs, the site is back within ANNOUNCE_S: a cloud
+    worker serving every site would otherwise retire it and leave its escalations unanswered."""
+    import edge.aggregator as aggregator_module
+
+    monkeypatch.setattr(aggregator_module, "ANNOUNCE_S", 0.2)
+    agg = aggregator(stream_setup, brokers, site).start()
+    try:
+        assert redis_conn.sismember(names.sites_key(), site)
+        redis_conn.srem(names.sites_key(), site)
+        assert poll(lambda: redis_conn.sismember(names.sites_key(), site), timeout_s=10)
+    finally:
+        agg.stop()
+        redis_conn.srem(names.sites_key(), site)
+
+
+@pytest.mark.services
 def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redis_conn):
     _, model, data, _, _ = stream_setup
     obs = observations(model, data, [0, 1])
