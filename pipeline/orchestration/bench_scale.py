@@ -19,6 +19,7 @@ Without --redis-url it starts a private redis-server (nothing else runs on it). 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -54,6 +55,10 @@ def _cpu(clients) -> float:
     return sum(float(c.info("cpu")["used_cpu_user"]) + float(c.info("cpu")["used_cpu_sys"]) for c in clients)
 
 
+def _memory(clients) -> int:
+    return sum(int(c.info("memory")["used_memory"]) for c in clients)
+
+
 def bench_redis(client, sites: list[str], frames: int, cloud_share: float) -> dict:
     g = torch.Generator().manual_seed(0)
     times = StoreTimes(expected=6, admit_window=256, deadline_ms=50, frame_ttl_ms=60_000, decided_ttl_ms=600_000,
@@ -64,6 +69,7 @@ def bench_redis(client, sites: list[str], frames: int, cloud_share: float) -> di
     fused = FeatureTensor.quantize(torch.randn(72, 8, 8, generator=g), "int8")
     every = max(1, round(1 / cloud_share)) if cloud_share > 0 else 0
     masters = _masters(client)
+    mem0 = _memory(masters)
     cpu0, t0 = _cpu(masters), time.perf_counter()
     done = 0
     for start in range(0, frames, BATCH):
@@ -87,9 +93,24 @@ def bench_redis(client, sites: list[str], frames: int, cloud_share: float) -> di
                 client.xdel(stream, *[e for e, _ in entries])
             done += len(claimed)
     wall, cpu = time.perf_counter() - t0, _cpu(masters) - cpu0
+    decided_mem = _memory(masters) - mem0
+    # Frames every camera shed: six shed notices each, named in the losses stream, the frame's shed
+    # marker (a set of cameras) kept as long as a decided marker.
+    # (Without the admission window: these ids run ahead of every camera's front.)
+    shedding = {s: FrameStore(client, s, f"bench-{s}", dataclasses.replace(times, admit_window=0)) for s in sites}
+    shed, mem1 = min(frames, 5_000), _memory(masters)
+    for start in range(frames, frames + shed, BATCH):
+        ids = range(start, min(frames + shed, start + BATCH))
+        for store in shedding.values():
+            store.record_shed([(f, k, "camera", "overload") for f in ids for k in range(6)])
+    shed_mem = _memory(masters) - mem1
     return {"frames": done, "sites": len(sites), "masters": len(masters), "client_frames_per_s": round(done / wall, 1),
             "redis_cpu_s": round(cpu, 3), "redis_cpu_us_per_frame": round(1e6 * cpu / max(1, done), 1),
-            "frames_per_redis_cpu_s": round(done / cpu, 1) if cpu > 0 else None}
+            "frames_per_redis_cpu_s": round(done / cpu, 1) if cpu > 0 else None,
+            # what Redis holds per frame while its markers live (--decided-ttl-s) and its result
+            # and losses entries stay in their streams (trimmed at about 1,000,000 entries)
+            "memory_bytes_per_decided_frame": round(decided_mem / max(1, done)),
+            "memory_bytes_per_shed_frame": round(shed_mem / max(1, shed * len(shedding)))}
 
 
 def bench_cloud(redis_url: str, sites: list[str], checkpoint: str, n: int, batch: int) -> dict:

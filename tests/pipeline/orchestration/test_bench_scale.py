@@ -16,6 +16,8 @@ def test_bench_scale_drives_the_frame_store_and_a_cloud_worker(stream_setup, bro
         for s in sites:  # every frame recorded once (exit 2 or the cloud's answer), the stream emptied
             assert redis_conn.xlen(names.results_stream(s)) == 100
             assert redis_conn.xlen(names.escalations_stream(s)) == 0
+            assert redis_conn.xlen(names.losses_stream(s)) == 600  # then 100 frames every camera shed
+        assert isinstance(out["memory_bytes_per_decided_frame"], int) and isinstance(out["memory_bytes_per_shed_frame"], int)
         cloud = bench_cloud(brokers[1], clouds, stream_setup[0], n=50, batch=16)
         assert cloud["escalations"] == 50 and cloud["frames_per_s"] > 0
     finally:
