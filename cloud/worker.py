@@ -186,15 +186,15 @@ class Worker(BrokerService):
         with it; an edge that announces the site again brings it back."""
         if site not in self.sites:
             return
+        if not self._drained(site):  # (first: one XINFO, where `alive` scans the keyspace)
+            if self._retire_log(site):
+                log.info("cloud %s: site %r left the registry (%s) with escalations still waiting: serving it until "
+                         "they are answered", self.sid, site, names.sites_key())
+            return
         if alive(self.redis, site, "edge"):  # removed by hand while it runs: its edge announces it again
             if self._retire_log(site):
                 log.warning("cloud %s: site %r left the registry (%s) but an aggregator of it is alive: still served",
                             self.sid, site, names.sites_key())
-            return
-        if not self._drained(site):
-            if self._retire_log(site):
-                log.info("cloud %s: site %r left the registry (%s) with escalations still waiting: serving it until "
-                         "they are answered", self.sid, site, names.sites_key())
             return
         self.sites.remove(site)
         if self.heartbeat is not None:

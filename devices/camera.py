@@ -374,7 +374,7 @@ class CameraFeed:
         i = cfg.start
         if clock.at(i) >= horizon:
             return i
-        i = max(cfg.start, min(self.stop_at, clock.start + int((horizon - clock.epoch) * clock.fps)))
+        i = max(cfg.start, min(self.stop_at, clock.due_by(horizon) - 1))
         while i < self.stop_at and clock.at(i) < horizon:
             i += 1
         log.info("site %r cameras %s: joining the site clock at frame %d: frames %d..%d were due before these cameras "
@@ -386,8 +386,7 @@ class CameraFeed:
         """The first and last frame of this camera's range that the site's previous clock `c` (not
         joined) had captured already, or None: the same frame ids again, which an edge that
         decided them counts as late."""
-        captured = c.start + int((time.time() - c.epoch) * c.fps) + 1  # the frames its clock had reached
-        first, end = max(self.cfg.start, c.start), min(self.stop_at, c.stop, captured)
+        first, end = max(self.cfg.start, c.start), min(self.stop_at, c.stop, c.due_by(time.time()))
         return (first, end - 1) if first < end else None
 
     def shed(self, frame_ids: list[int], reason: str) -> None:
@@ -595,7 +594,7 @@ class CameraFeed:
             if clock.at(i) > now:
                 stop.wait(min(clock.at(i) - now, 0.25))
                 continue
-            due_end = min(self.stop_at, max(i + 1, clock.start + int((now - clock.epoch) * clock.fps) + 1))
+            due_end = min(self.stop_at, max(i + 1, clock.due_by(now)))
             if cfg.overload == "wait":
                 while self.overloaded() and not stop.is_set():
                     stop.wait(OVERLOAD_POLL_S)  # lossless: fall behind, catch up in batches afterwards
@@ -618,7 +617,7 @@ class CameraFeed:
             report_frames += len(due)
             if time.monotonic() >= report_at:
                 rate = report_frames / RATE_REPORT_S
-                behind = max(0, clock.start + int((time.time() - clock.epoch) * clock.fps) + 1 - i)
+                behind = max(0, clock.due_by(time.time()) - i)
                 level = logging.WARNING if rate < 0.95 * cfg.fps or behind > cfg.fps else logging.INFO
                 log.log(level, "site %r cameras %s: %.1f fps of %.1f asked, %d frames behind, shed so far %s",
                         cfg.site, list(cfg.cameras), rate, cfg.fps, behind, self.stats.shed or "none")

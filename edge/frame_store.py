@@ -218,15 +218,12 @@ if window > 0 then
     redis.call('HSET', KEYS[7], ARGV[1], ARGV[6])
   end
 end
-if redis.call('SISMEMBER', KEYS[10], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[4], ARGV[11] == 'sum' and 'late_summaries' or 'late', 1)
-  redis.call('HINCRBY', KEYS[4], 'late_after_shed', 1)
-  redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
-  return {'late'}
-end
+local shed = redis.call('SISMEMBER', KEYS[10], ARGV[1]) == 1
 local claim = redis.call('GET', KEYS[2])
-if claim then
-  if ARGV[11] == 'sum' and string.sub(claim, -6) == ' exit1' then
+if shed or claim then
+  if shed then
+    redis.call('HINCRBY', KEYS[4], 'late_after_shed', 1)
+  elseif ARGV[11] == 'sum' and string.sub(claim, -6) == ' exit1' then
     redis.call('HINCRBY', KEYS[4], 'summaries_after_exit1', 1)
     redis.call('HINCRBY', KEYS[4], 'summary_bytes', string.len(ARGV[2]))
     redis.call('HINCRBY', KEYS[4], 'camera_bytes_exit1', string.len(ARGV[2]))
@@ -548,11 +545,7 @@ if window > 0 then
     return -1
   end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
-  return 0
-end
-if redis.call('HEXISTS', KEYS[6], ARGV[2]) == 1 then
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HEXISTS', KEYS[6], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[3], 'shed_after_claim', 1)
   return 0
 end

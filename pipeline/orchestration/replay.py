@@ -88,7 +88,6 @@ log = logging.getLogger(__name__)
 THREAD_LINGER_MS = 10_000
 
 
-
 @dataclass(frozen=True)
 class ReplayConfig:
     """One replay: which frames, which network, how many of each role, which brokers."""

@@ -8,6 +8,7 @@ frames a camera had to shed. Versioned msgpack like every message (`pipeline.wir
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,6 +53,11 @@ class SiteClock(_Message):
     def at(self, frame_id: int) -> float:
         """Capture time of `frame_id`."""
         return self.epoch + (frame_id - self.start) / self.fps
+
+    def due_by(self, t: float) -> int:
+        """One past the last frame due at time `t` (seconds since the Unix epoch): frames
+        start..due_by(t) - 1 have been captured by then (none before the epoch: `start`)."""
+        return self.start + max(0, math.floor((t - self.epoch) * self.fps) + 1)
 
 
 @dataclass(frozen=True)

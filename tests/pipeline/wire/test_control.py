@@ -15,6 +15,8 @@ def test_control_messages_round_trip():
 def test_site_clock_schedules_frames():
     c = SiteClock("s", 1000.0, 20.0, 100, 200)
     assert c.at(100) == 1000.0 and c.at(120) == 1001.0 and c.at(90) == 999.5
+    # frames start..due_by(t) - 1 are due at t; none before the epoch (not even a fraction of a slot ahead)
+    assert c.due_by(999.99) == 100 and c.due_by(1000.0) == 101 and c.due_by(1001.0) == 121
 
 
 @pytest.mark.parametrize("build", [
