@@ -223,14 +223,22 @@ def thresholds(path: str, cfg: ModelConfig, t1: float | None = None,
     return (0.0 if t1 is None else float(t1)), float(t2)
 
 
+GIT_COMMIT_ENV = "ADA_DDNN_GIT_COMMIT"
+
+
 def git_commit(cwd: str | None = None) -> str | None:
+    """HEAD of the checkout this code runs from, "-dirty" appended when a tracked file differs
+    from it. Code that runs from a copy of the tree without `.git` (a container image, a training
+    machine that was sent the files alone) has no checkout to ask: there the commit the copy was
+    made from, when its sender says so in $ADA_DDNN_GIT_COMMIT, else None."""
     where = cwd or os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                   capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):  # no git here
+        out = None
+    if out is None or out.returncode != 0:
+        return os.environ.get(GIT_COMMIT_ENV) or None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -12,7 +12,7 @@ from devices.camera import CameraConfig, load_feed
 from devices.camera_net import load_camera
 from edge.edge_net import load_edge
 from pipeline import checkpoint
-from pipeline.checkpoint import card_path, epochs_total, load_card, read_config
+from pipeline.checkpoint import GIT_COMMIT_ENV, card_path, epochs_total, git_commit, load_card, read_config
 from pipeline.errors import CheckpointError
 from pipeline.offline.network import AdaDDNN, load_checkpoint, save_checkpoint
 from pipeline.orchestration.cli import main
@@ -263,3 +263,12 @@ def test_epochs_total_adds_up_a_chain_of_starts():
     assert epochs_total({"epochs": 12, "initialized_from": {"epochs": 30}}) == 42
     assert epochs_total({"epochs": 3, "initialized_from": {"epochs": 12, "epochs_total": 42}}) == 45
     assert epochs_total({"epochs": 3, "initialized_from": {"epochs": None}}) is None
+
+
+def test_git_commit_outside_a_checkout_is_the_senders_word(tmp_path, monkeypatch):
+    monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)
+    assert git_commit(str(tmp_path)) is None  # a copy without .git, and nobody said where it came from
+    monkeypatch.setenv(GIT_COMMIT_ENV, "0123abcd")
+    assert git_commit(str(tmp_path)) == "0123abcd"
+    here = git_commit()  # this checkout answers for itself, whatever the variable says
+    assert here is None or here != "0123abcd"
