@@ -24,10 +24,11 @@ esac
 
 run() { echo "+ $*" >&2; "$@"; }
 
-# The paper's comparison: the same recipe with max fusion (DDNN's aggregation), rows of the page's tables;
+# The paper's comparison: the same recipe and budget with max fusion (DDNN's aggregation) and with concat
+# (the release's first stage, e35/), rows of the page's tables;
 # and both release checkpoints fine-tuned for 1-bit codes, pooled with them in the bytes comparison.
 ALSO=()
-for m in max/ada max/ddnn int1/ada int1/ddnn; do [[ -f models/$m.safetensors ]] && ALSO+=("models/$m.safetensors"); done
+for m in e35/ada e35/ddnn max/ada max/ddnn int1/ada int1/ddnn; do [[ -f models/$m.safetensors ]] && ALSO+=("models/$m.safetensors"); done
 
 if [[ $what == all || $what == evaluate || $what == page ]]; then
   FROM=(); [[ $what == page ]] && FROM=(--from-reports)

@@ -44,7 +44,7 @@ import torch
 
 from edge.exits import CLOUD, decide
 from edge.fusion import fuse
-from pipeline.checkpoint import card_section, git_commit, load_card, read_config
+from pipeline.checkpoint import card_section, epochs_total, git_commit, load_card, read_config
 from pipeline.compute import resolve_device, set_threads
 from pipeline.config import MODEL_WIRE_DTYPE, default_data_dir, resolve_wire_dtype
 from pipeline.data import Cifar10, Split, to_float
@@ -191,6 +191,7 @@ def evaluate_checkpoint(
     t0 = time.time()
     dev = torch.device(device)
     model = load_checkpoint(checkpoint, device=dev)
+    card = load_card(checkpoint)
     val, test = data.val.head(limit), data.test.head(limit)
     policy_args = dict(policy=policy, min_edge_accuracy=min_edge_accuracy, min_edge_rate=min_edge_rate,
                        epsilon=epsilon, min_exit1_rate=min_exit1_rate, confidence=confidence)
@@ -216,6 +217,7 @@ def evaluate_checkpoint(
         "mode": model.cfg.mode,
         "fusion": model.cfg.fusion,
         "trained_wire_dtype": model.cfg.wire_dtype,
+        "epochs_total": epochs_total(card),  # of its training, stages started from others' weights included
         "checkpoint": checkpoint,
         "split": "test",
         "n": len(test),
@@ -236,7 +238,6 @@ def evaluate_checkpoint(
     optimistic = {"mode": model.cfg.mode, "checkpoint": checkpoint, "split": "test", "n": len(test),
                   "thresholds": opt_thr, "exit_rate": om["exit_rate"],
                   "accuracy": {k: om["accuracy"][k] for k in ("edge", "cloud", "overall")}}
-    card = load_card(checkpoint)
     run = {
         "command": sys.argv,
         "git_commit": git_commit(),

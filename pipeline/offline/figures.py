@@ -28,19 +28,21 @@ DPI = 120  # pixels per inch of the saved PNGs
 
 
 def label(entry: dict, entries: list[dict]) -> str:
-    """ADA-DDNN / DDNN; checkpoints of the same mode are told apart by their fusion and by the
-    codes they were trained for, where those differ ("ADA-DDNN, max fusion", "DDNN, concat
-    fusion, trained for int1"), else a second one as the baseline."""
+    """ADA-DDNN / DDNN; checkpoints of the same mode are told apart by their fusion, by the
+    codes they were trained for and by their epochs, where those differ ("ADA-DDNN, max fusion",
+    "DDNN, concat fusion, trained for int1", "DDNN, 35 epochs"), else a second one as the baseline."""
     mode = entry["report"]["mode"]
     name = NAMES.get(mode, mode)
     same = [e for e in entries if e["report"]["mode"] == mode]
     if len(same) == 1:
         return name
     parts = [name]
-    for key, text in (("fusion", "{} fusion"), ("trained_wire_dtype", "trained for {}")):
+    keys = (("fusion", "{} fusion"), ("trained_wire_dtype", "trained for {}"), ("epochs_total", "{} epochs"))
+    for key, text in keys:
         if len({e["report"].get(key) for e in same}) > 1:
-            parts.append(text.format(entry["report"].get(key)))
-    twins = [e for e in same if all(e["report"].get(k) == entry["report"].get(k) for k in ("fusion", "trained_wire_dtype"))]
+            value = entry["report"].get(key)
+            parts.append("1 epoch" if key == "epochs_total" and value == 1 else text.format(value))
+    twins = [e for e in same if all(e["report"].get(k) == entry["report"].get(k) for k, _ in keys)]
     return ", ".join(parts) + ("" if twins[0] is entry else " (baseline)")
 
 

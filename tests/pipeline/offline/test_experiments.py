@@ -15,7 +15,7 @@ from tests.helpers import tiny_config
 
 VAL = 40  # validation frames held out of the 100 training images of the tiny layout
 
-REPORT_KEYS = {"mode", "fusion", "trained_wire_dtype", "checkpoint", "split", "n", "thresholds", "exit_rate", "accuracy", "bytes_per_frame",
+REPORT_KEYS = {"mode", "fusion", "trained_wire_dtype", "epochs_total", "checkpoint", "split", "n", "thresholds", "exit_rate", "accuracy", "bytes_per_frame",
                "missing_one", "missing_n", "sweep", "link"}
 LINK_KEYS = {"uploads", "default_upload", "sample", "dtypes", "reference", "pareto", "equal_accuracy", "val_front"}
 THRESHOLD_KEYS = {"t1", "t2", "chosen_on", "policy"}
@@ -184,7 +184,7 @@ def test_evaluate_also_rows_name_their_fusion_and_use_their_trained_code(setup, 
     root, ckpts = setup
     data = load_cifar10(str(root / "data"), val_size=VAL)
     extra = str(root / "ada-max-int2.safetensors")
-    train(tiny_config(fusion="max", wire_dtype="int2"), TrainConfig(epochs=1, batch_size=20, val_size=VAL,
+    train(tiny_config(fusion="max", wire_dtype="int2"), TrainConfig(epochs=2, batch_size=20, val_size=VAL,  # setup's
                                                                     augment=False), data, out_path=extra, progress=False)
     out = root / "also"
     rc = main(["evaluate", "--checkpoint", ckpts["ada"], "--baseline", ckpts["ddnn"], "--also", extra, "--out", str(out),

@@ -56,6 +56,11 @@ def test_labels_tell_checkpoints_of_a_mode_apart_by_what_differs():
         "ADA-DDNN, concat fusion, trained for int1"]
     twin = e("ada", "concat", "int2")
     assert label(twin, [a, twin]) == "ADA-DDNN (baseline)"
+    shorter = {"report": {**a["report"], "epochs_total": 35}}
+    longer = {"report": {**a["report"], "epochs_total": 49}}
+    assert [label(x, [longer, shorter]) for x in (longer, shorter)] == ["ADA-DDNN, 49 epochs", "ADA-DDNN, 35 epochs"]
+    once = {"report": {**a["report"], "epochs_total": 1}}
+    assert label(once, [longer, once]) == "ADA-DDNN, 1 epoch"
 
 
 def test_the_level_table_prices_each_accuracy_for_both_modes():
