@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 
@@ -48,3 +51,18 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """CUDA matrix products and convolutions in float32 proper, not TF32 (which cuDNN uses for
+    float32 convolutions by default on Ampere and later: a 10-bit mantissa). For numbers that must
+    hold where the network is deployed, on a CPU: a model card's metrics and the thresholds chosen
+    from them. The GPU-trained release's card, computed with TF32 allowed, held T2 0.375 where the
+    same choice on the CPU gives 0.40 (TF32 the likely cause; not isolated). No-op without CUDA."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -45,7 +45,7 @@ from pipeline.checkpoint import (
     read_config,
     read_tensors,
 )
-from pipeline.compute import autocast_enabled, resolve_device, set_threads
+from pipeline.compute import autocast_enabled, exact_float32, resolve_device, set_threads
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import Cifar10, augment
 from pipeline.errors import CheckpointError
@@ -312,10 +312,12 @@ def card_metrics(model: AdaDDNN, data: Cifar10, limit_eval: int, device: torch.d
     (`choose_thresholds`, its default policy unless `policy` says otherwise), the wire code the
     metrics see (the one it was trained for) and the validation and test reports, float32."""
     dtype = model.cfg.wire_dtype
-    val_outputs = collect(model, data.val.head(limit_eval), device, wire_dtype=dtype)
+    with exact_float32():  # no TF32 on a GPU: the thresholds must be the ones a CPU would choose
+        val_outputs = collect(model, data.val.head(limit_eval), device, wire_dtype=dtype)
+        test_outputs = collect(model, data.test.head(limit_eval), device, wire_dtype=dtype)
     thresholds = choose_thresholds(val_outputs, **policy)
     return {"thresholds": thresholds, "validation": split_report(val_outputs, thresholds), "wire_dtype": dtype,
-            "test": split_report(collect(model, data.test.head(limit_eval), device, wire_dtype=dtype), thresholds)}
+            "test": split_report(test_outputs, thresholds)}
 
 
 def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.device, amp: bool,
@@ -333,6 +335,6 @@ def _model_card(model: AdaDDNN, tc: TrainConfig, data: Cifar10, device: torch.de
         "git_commit": commit,  # HEAD when training started (the code that trained it)
         "torch": torch.__version__,
         "parameters": parameter_count(model),
-        **card_metrics(model, data, tc.limit_eval, device),  # thresholds, validation, wire_dtype, test
+        **card_metrics(model, data, tc.limit_eval, device),  # thresholds, validation, wire_dtype, test (float32 proper)
         "final_epoch": history[-1].__dict__ if history else None,
     }
