@@ -233,12 +233,11 @@ def git_commit(cwd: str | None = None) -> str | None:
     made from, when its sender says so in $ADA_DDNN_GIT_COMMIT, else None."""
     where = cwd or os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        if head.returncode == 0:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                    capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):  # no git here
-        out = None
-    if out is None or out.returncode != 0:
-        return os.environ.get(GIT_COMMIT_ENV) or None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git here
+    return os.environ.get(GIT_COMMIT_ENV) or None

@@ -210,7 +210,8 @@ def train(
             sums += b * torch.stack([v.detach().float() for v in
                                      (parts.total, parts.camera, parts.edge, parts.cloud, parts.distill)])
             seen += b
-            correct_cloud += (out.cloud_logits.argmax(-1) == y).sum()
+            if progress:  # the bar's running accuracy, and nothing else's
+                correct_cloud += (out.cloud_logits.argmax(-1) == y).sum()
             if progress and i % 10 == 0:
                 bar.set_postfix(loss=f"{float(sums[0]) / seen:.3f}", cloud_acc=f"{int(correct_cloud) / seen:.3f}",
                                 lr=f"{lr:.3f}")

@@ -1,8 +1,8 @@
 """Train the release pair and the max-fusion pair side by side on one GPU, within a time limit.
 
-Starts the four runs with the paper's 180 epochs, watches their per-epoch seconds, and when the
-four would not finish by the deadline, stops them and starts them again with the number of epochs
-that fits (the compile cache is warm by then). A run that fails before its first epoch with
+Starts the runs (four, or the concat pair with PAIRS=concat) with the paper's 180 epochs, watches
+their per-epoch seconds, and when they would not finish by the deadline, stops them and starts
+them again with the number of epochs that fits (the compile cache is warm by then). A run that fails before its first epoch with
 --compile is started again without it. Leaves tars of the results in $OUT.
 """
 import json
@@ -46,8 +46,7 @@ def start(epochs, compile_):
     for mode, fusion, folder in RUNS:
         os.makedirs(folder, exist_ok=True)
         out = f"{folder}/{mode}.safetensors"
-        for p in (out, out.replace(".safetensors", ".history.json"), out + ".state.safetensors",
-                  out.replace(".safetensors", ".state.safetensors")):
+        for p in (out, out.replace(".safetensors", ".history.json"), out.replace(".safetensors", ".state.safetensors")):
             if os.path.exists(p):
                 os.remove(p)
         cmd = [sys.executable, "-m", "pipeline.orchestration.cli", "train", "--mode", mode, "--fusion", fusion,
@@ -91,7 +90,7 @@ def main():
                 smi = str(e)
             say("epochs done", [len(h) for h in hists], "gpu", smi)
         if all(c == 0 for c in codes):
-            say("all four finished")
+            say(f"all {len(procs)} finished")
             break
         failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
@@ -111,7 +110,7 @@ def main():
             per_epoch = max(max(e["seconds"] for e in h[1:]) for h in hists)
             done = min(len(h) for h in hists)
             finish = now + (epochs - done) * per_epoch
-            say(f"{per_epoch:.2f} s per epoch (slowest of the four, epochs 2..), finish projected at "
+            say(f"{per_epoch:.2f} s per epoch (slowest of the runs, epochs 2..), finish projected at "
                 f"{finish - T0:.0f}s against a deadline of {deadline - T0:.0f}s")
             if finish <= deadline:
                 decided = True
