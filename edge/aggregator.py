@@ -766,18 +766,25 @@ class Aggregator(BrokerService):
         self._account(done, runs)
 
     def request_features(self, frames: list[Frame]) -> None:
-        """Lazy upload: hand frames to the feature wait, then publish one FeatureRequest each (the
-        wait first: a request is never answered before the frame expects its answers)."""
+        """Lazy upload: publish one FeatureRequest a frame, then hand the frames to the feature
+        wait (one round trip). The request goes first, so the Redis round trip that registers
+        the wait is not on the frame's latency path, and an aggregator that dies in between
+        leaves a frame whose cameras were asked: its lease hands it on, with the answers that
+        came. No answer is lost for it: this loop stores answers only after the registration, and
+        one that another aggregator stores before it is counted when it comes (REQUEST_FEATURES
+        counts the answers in: with all of them, the frame is due at once). A request whose
+        registration finds the frame asked for already (a slow owner after a take-over) or
+        decided went out for nothing: counted in `requests_void`, its answers as duplicates or
+        late."""
         if not frames:
             return
         assert self.store is not None and self.mqtt is not None
         site, reqs = self.cfg.site, [FeatureRequest(self.cfg.site, fr.frame_id, fr.wanted).encode() for fr in frames]
-        statuses = self.store.request([(fr.frame_id, fr.wanted, len(raw) * self.expected)
-                                       for fr, raw in zip(frames, reqs)], self.cfg.request_deadline_ms)
-        for fr, raw, status in zip(frames, reqs, statuses):
-            if status == "awaiting":
-                self.mqtt.publish(names.request_topic(site), raw)
-                self.stats.requests += 1
+        for raw in reqs:
+            self.mqtt.publish(names.request_topic(site), raw)
+        self.stats.requests += len(reqs)
+        self.store.request([(fr.frame_id, fr.wanted, len(raw) * self.expected) for fr, raw in zip(frames, reqs)],
+                           self.cfg.request_deadline_ms)
 
     def _account(self, done: list[tuple[Frame, str]], runs: int) -> None:
         """Counters of the frames this call decided or escalated first (one round trip): what the

@@ -31,8 +31,9 @@ of that protocol is here; every key comes from `pipeline.wire.names`.
    batch is stored, so its other summaries count too; counted in `exit1_early`). A claimed frame
    that does not leave at exit 1 is handed to the feature wait (`request`, REQUEST_FEATURES): its
    lease is released, the number of cameras asked is written in the claimed hash (`_want`), and
-   the frame is scored in `ada:{site}:awaiting` by a second deadline; the aggregator then
-   publishes the FeatureRequest. Each answer (`add_features`, ADD_FEATURE) is stored in the same
+   the frame is scored in `ada:{site}:awaiting` by a second deadline. The aggregator publishes
+   the FeatureRequest just before (the round trip off the latency path): an answer stored
+   before the request is registered is counted then. Each answer (`add_features`, ADD_FEATURE) is stored in the same
    hash (field `f{camera}`); the answer that completes the set claims the frame again (a lease,
    as above), and the sweep claims the frames past their second deadline with the answers that
    came (CLAIM_AWAITING). The hash then holds summaries and features; a lease taken over returns
@@ -380,16 +381,22 @@ return {'claimed', redis.call('HVALS', KEYS[5])}
 # released, the cameras asked are counted in `_want` and each marked `_c<id>`, `_cams` saying so (a
 # request without `_cams`, from an aggregator before this check, accepts any camera; the answers of those
 # already stored in `_got`; if that is all of them, the frame is due at once), and the
-# frame is scored in the awaiting set by its second deadline: 'awaiting' (the caller then
-# publishes the FeatureRequest). 'already': someone asked already (a slow owner after a take-over:
-# it publishes nothing); 'gone': the frame has a result or an escalation, or no hash any more.
+# frame is scored in the awaiting set by its second deadline: 'awaiting'. The caller has just
+# published the FeatureRequest (an answer stored before this call is counted in `_got` above).
+# 'already': someone asked already (a slow owner after a take-over); 'gone': the frame has a result
+# or an escalation, or no hash any more: that request went out for nothing, counted in
+# `requests_void` (its bytes in request_bytes, as the cameras received it).
 REQUEST_FEATURES = REDIS_NOW + """
 if redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[4], 'requests_void', 1)
+  redis.call('HINCRBY', KEYS[4], 'request_bytes', ARGV[5])
   return 'gone'
 end
 if redis.call('HSETNX', KEYS[2], '_want', ARGV[2]) == 0 then
+  redis.call('HINCRBY', KEYS[4], 'requests_void', 1)
+  redis.call('HINCRBY', KEYS[4], 'request_bytes', ARGV[5])
   return 'already'
 end
 local got = 0
@@ -652,9 +659,10 @@ class FrameStore:
         return [Claim(fid, list(res[1]), "claimed") for fid, res in zip(frame_ids, replies) if res[0] == b"claimed"]
 
     def request(self, items: Iterable[tuple[int, tuple[int, ...], int]], second_deadline_ms: int) -> list[str]:
-        """Lazy upload: hand claimed frames (id, cameras asked, request bytes on the camera links) to
-        the feature wait, in one round trip; for each "awaiting" (publish the request), "already"
-        (someone asked: publish nothing) or "gone" (decided or escalated meanwhile)."""
+        """Lazy upload: hand claimed frames (id, cameras asked, request bytes on the camera links),
+        whose requests were just published, to the feature wait, in one round trip; for each
+        "awaiting", "already" (someone asked before: a void request) or "gone" (decided or
+        escalated meanwhile: a void request)."""
         site, t = self.site, self.times
         return [x.decode() for x in self._pipelined(self._request, [
             ([names.claimed_key(site), names.claimed_frame_key(site, fid), names.awaiting_key(site),

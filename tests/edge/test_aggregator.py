@@ -411,6 +411,55 @@ def test_answers_received_before_the_deadline_sweep_are_not_judged_missing(strea
 
 
 @pytest.mark.services
+def test_a_request_goes_out_before_its_wait_is_registered(stream_setup, brokers, site, monkeypatch):
+    """The Redis round trip that registers the wait is off the frame's latency path."""
+    _, model, data, _, _ = stream_setup
+    obs = observations(model, data, [0])[0]
+    agg = make(stream_setup, brokers, site, t1=0.0)
+    order = []
+    publish, request = agg.mqtt.publish, agg.store.request
+    monkeypatch.setattr(agg.mqtt, "publish", lambda topic, raw, *a, **kw: (order.append(topic), publish(topic, raw, *a, **kw))[1])
+    monkeypatch.setattr(agg.store, "request", lambda *a, **kw: (order.append("registered"), request(*a, **kw))[1])
+    try:
+        (frame,) = agg.handle(summary_msgs(obs, site))
+        agg.decide_and_send([frame], threading.Event())
+        assert order == [names.request_topic(site), "registered"]
+        assert agg.store.request([(0, frame.wanted, 1)], 1000) == ["already"]  # registered: awaiting its answers
+    finally:
+        agg.close()
+
+
+@pytest.mark.services
+def test_an_aggregator_that_dies_after_asking_leaves_its_frame_the_answers(stream_setup, brokers, site, redis_conn):
+    """The request goes out before the wait is registered; the owner dies in between, while
+    another aggregator (the answers' shared subscription) stores the cameras' answers. The lease
+    hands the frame on with them: it is decided with every camera's features, none named."""
+    _, model, data, _, _ = stream_setup
+    obs = observations(model, data, [0])[0]
+    # T1 = 0: no exit 1, the frame's features are asked for
+    dead = make(stream_setup, brokers, site, t1=0.0, claim_lease_ms=50)
+    other = make(stream_setup, brokers, site, t1=0.0)
+    stop = threading.Event()
+    try:
+        (frame,) = dead.handle(summary_msgs(obs, site))
+        assert not frame.requested and frame.wanted == (0, 1, 2, 3, 4, 5)
+        answers = [wire_msg(names.features_topic(site, o.camera), CameraFeatures(site, 0, o.camera, o.features).encode())
+                   for o in obs]
+        assert other.handle(answers) == []  # stored for a wait not registered yet
+        dead.close()  # the crash: asked, never registered
+        (taken,) = collect_claims(other, [0]).values()
+        assert taken.reclaimed and not taken.requested and taken.present == (0, 1, 2, 3, 4, 5)
+        other.decide_and_send([taken], stop)
+    finally:
+        stop.set()
+        other.close()
+    ends = (stream_frame_ids(redis_conn, names.results_stream(site))
+            + stream_frame_ids(redis_conn, names.escalations_stream(site)))
+    assert ends == [0] and redis_conn.xlen(names.losses_stream(site)) == 0
+    assert other.stats.requests == 0  # nothing asked twice
+
+
+@pytest.mark.services
 def test_no_camera_alone_can_run_ahead_of_the_others(stream_setup, brokers, site, redis_conn):
     _, model, data, _, _ = stream_setup
     obs = observations(model, data, [0])[0]

@@ -199,7 +199,7 @@ def test_requested_features_complete_a_frame_once_and_a_lease_keeps_them(redis_c
     *_, (status, stored) = a.add([summary(site, 7, k) for k in range(6)])
     assert status == "claimed" and len(stored) == 6
     assert a.request([(7, tuple(range(6)), 300)], second_deadline_ms=10_000) == ["awaiting"]
-    assert b.request([(7, tuple(range(6)), 300)], second_deadline_ms=10_000) == ["already"]  # a slow owner asks nothing twice
+    assert b.request([(7, tuple(range(6)), 300)], second_deadline_ms=10_000) == ["already"]  # a slow owner's request: void
     assert redis_conn.zcard(names.claimed_key(site)) == 0  # no lease while the cameras answer
     assert b.add_features([features(site, 7, k) for k in range(5)]) == ["added"] * 5
     assert b.add_features([features(site, 7, 0)]) == ["duplicate"]
@@ -210,7 +210,8 @@ def test_requested_features_complete_a_frame_once_and_a_lease_keeps_them(redis_c
     (taken,) = c.claim_expired()
     assert (taken.kind, taken.prev, taken.requested, len(taken.payloads)) == ("reclaimed", "b", True, 12)
     cnt = counters(redis_conn, site)
-    assert cnt["requests"] == 1 and cnt["request_bytes"] == 300 and cnt["duplicate_features"] == 1
+    assert cnt["requests"] == 1 and cnt["requests_void"] == 1 and cnt["duplicate_features"] == 1
+    assert cnt["request_bytes"] == 2 * 300  # the void one reached the cameras too
     assert cnt["feature_bytes"] == 6 * len(features(site, 7, 0)[1]) and cnt["late_features"] == 1
 
 

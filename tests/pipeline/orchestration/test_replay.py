@@ -26,6 +26,7 @@ def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
     assert rep["incomplete"] == rep["exit1_early"] + rep["deadline_claims"], rep
     assert rep["deadline_claims"] <= 5 and rep["reclaimed"] == 0, rep
     assert rep["features_missing"] == 0 and rep["feature_requests"] == 500 * (1 - rep["exit_rate"]["exit1"])
+    assert rep["feature_requests_void"] == 0
     # every requested frame counted its wait for features once, all answered well within the deadline
     assert rep["feature_wait_ms"]["n"] == rep["feature_requests"], rep["feature_wait_ms"]
     assert 0 < rep["feature_wait_ms"]["p50"] <= rep["feature_wait_ms"]["p99"] < 1000
