@@ -183,7 +183,7 @@ def report(cfg: ReplayConfig, model: AdaDDNN, site: str, n: int, t1, t2, decs: l
         "summaries_after_exit1": counters.get("summaries_after_exit1", 0),  # lazy: after an early exit 1 (expected)
         "late_summaries": counters.get("late_summaries", 0),  # lazy: summaries that came after any other decision
         "feature_requests": counters.get("requests", 0),
-        "feature_requests_void": counters.get("requests_void", 0),  # lazy: published for a frame asked for or decided already
+        "feature_requests_void": counters.get("requests_void", 0),  # lazy: for a frame asked for or decided already
         "features_missing": counters.get("features_missing", 0),  # lazy: cameras asked that never answered in time
         "late_features": counters.get("late_features", 0),
         "frames": n,

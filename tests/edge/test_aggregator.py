@@ -418,7 +418,8 @@ def test_a_request_goes_out_before_its_wait_is_registered(stream_setup, brokers,
     agg = make(stream_setup, brokers, site, t1=0.0)
     order = []
     publish, request = agg.mqtt.publish, agg.store.request
-    monkeypatch.setattr(agg.mqtt, "publish", lambda topic, raw, *a, **kw: (order.append(topic), publish(topic, raw, *a, **kw))[1])
+    monkeypatch.setattr(agg.mqtt, "publish",
+                        lambda topic, raw, *a, **kw: (order.append(topic), publish(topic, raw, *a, **kw))[1])
     monkeypatch.setattr(agg.store, "request", lambda *a, **kw: (order.append("registered"), request(*a, **kw))[1])
     try:
         (frame,) = agg.handle(summary_msgs(obs, site))
@@ -443,8 +444,8 @@ def test_an_aggregator_that_dies_after_asking_leaves_its_frame_the_answers(strea
     try:
         (frame,) = dead.handle(summary_msgs(obs, site))
         assert not frame.requested and frame.wanted == (0, 1, 2, 3, 4, 5)
-        answers = [wire_msg(names.features_topic(site, o.camera), CameraFeatures(site, 0, o.camera, o.features).encode())
-                   for o in obs]
+        answers = [wire_msg(names.features_topic(site, o.camera),
+                            CameraFeatures(site, 0, o.camera, o.features).encode()) for o in obs]
         assert other.handle(answers) == []  # stored for a wait not registered yet
         dead.close()  # the crash: asked, never registered
         (taken,) = collect_claims(other, [0]).values()
