@@ -35,6 +35,7 @@ import argparse
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ class CloudConfig(BrokerRoleConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.service_id:
+            names.check_service_id(self.service_id, "service_id")
         if self.sites != ALL_SITES:
             listed = [one.strip() for one in self.sites.split(",")]
             if self.sites.strip() and not all(listed):
@@ -136,6 +139,7 @@ class Worker(BrokerService):
         self._turn = 0  # which site a round of reads starts at (rotates)
         self._site_mqtt: dict[str, MqttClient] = {}  # brokers of their own (--site-mqtt), by URL
         self._retire_log = Throttle(RETIRE_LOG_S)  # by site: one that left the registry, still being drained
+        self._own_read: set[str] = set()  # sites whose entries pending at this consumer (a previous run's) were read
         log.info("cloud %s: cloud block warmed up in %.2f s on %s", self.sid,
                  warm_up(self.model, torch.zeros(2, *self.fused_shape, device=self.device)), self.device)
 
@@ -144,9 +148,12 @@ class Worker(BrokerService):
         self.redis = redis_client(cfg.redis_url)
         self._record = self.redis.register_script(RECORD_RESULT)
         self.redis.script_load(RECORD_RESULT)  # loaded now, so that a NOSCRIPT later means Redis restarted
-        self.mqtt = MqttClient(cfg.mqtt_url, self.sid).connect()
+        # Clean sessions that only publish: a client id of this process's own, so that no other process
+        # given the same --service-id (an edge, a worker of another site) takes this connection over.
+        cid = f"cloud-{self.sid}-{uuid.uuid4().hex[:6]}"
+        self.mqtt = MqttClient(cfg.mqtt_url, cid).connect()
         for url in dict.fromkeys(cfg.mqtt_urls().values()):
-            self._site_mqtt[url] = MqttClient(url, f"{self.sid}-{len(self._site_mqtt)}").connect()
+            self._site_mqtt[url] = MqttClient(url, f"{cid}-{len(self._site_mqtt)}").connect()
         self.update_sites()
         self.start_watchdog()
         log.info("cloud %s: site %r, group %r, batch %d / %d ms on %s", self.sid, ",".join(self.sites) or cfg.sites,
@@ -420,12 +427,22 @@ class Worker(BrokerService):
         r, cfg, stream = self.redis, self.cfg, names.escalations_stream(site)
         assert r is not None
         out: list[tuple[bytes, dict]] = []
-        start = "0-0"
-        while True:
+        if cfg.service_id and site not in self._own_read:
+            # This worker's previous run (same --service-id, so the same consumer) may have died
+            # holding entries: they are ours already, so take them now, not after claim_idle_ms.
+            self._own_read.add(site)
+            resp = r.xreadgroup(cfg.group, self.sid, {stream: "0"}, count=4 * cfg.batch)
+            out.extend(e for e in (resp[0][1] if resp else []) if e[1])
+            if out:
+                log.warning("cloud %s: site %r: %d escalations this worker's previous run left pending, answered now",
+                            self.sid, site, len(out))
+        seen, start = {entry_id for entry_id, _ in out}, "0-0"
+        while len(out) < 4 * cfg.batch:
             resp = r.xautoclaim(stream, cfg.group, self.sid, cfg.claim_idle_ms, start_id=start, count=cfg.batch)
             start, entries = resp[0], resp[1]
-            out.extend(e for e in entries if e[1])  # deleted entries come back empty
-            if start in (b"0-0", "0-0") or len(out) >= 4 * cfg.batch:
+            out.extend(e for e in entries if e[1] and e[0] not in seen)  # deleted entries come back empty
+            seen.update(e[0] for e in entries)
+            if start in (b"0-0", "0-0"):
                 break
         if not out:
             return []

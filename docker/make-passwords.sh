@@ -11,7 +11,7 @@
 #   cam0.env .. camN.env, edge.env, cloud.env, monitor.env
 #                      ADA_DDNN_MQTT_URL / ADA_DDNN_REDIS_URL with each role's own user and password
 #   edge0.env .. edge{EDGES-1}.env
-#                      each aggregator's own, unguessable ADA_DDNN_SERVICE_ID (its MQTT client id and
+#                      each aggregator's own, unguessable ADA_DDNN_SERVICE_ID (in its MQTT client ids and
 #                      persistent session: two aggregators must never share one)
 #   mosquitto.env, redis.env   the health checks' credentials (read-only users)
 #   redis-admin.env    the Redis `default` (admin) password: kept here for the operator, mounted nowhere

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import paho.mqtt.client as mqtt
+import redis
 import torch
 from redis.exceptions import NoPermissionError
 
@@ -130,6 +131,8 @@ class EdgeConfig(BrokerRoleConfig):
         super().__post_init__()  # every field's choices and range, as declared on it
         check_thresholds(self.t1, self.t2)
         names.check_share_group(self.share_group)
+        if self.service_id:
+            names.check_service_id(self.service_id, "service_id")
 
     def store_times(self, expected: int) -> StoreTimes:
         return StoreTimes(expected, self.admit_window, self.deadline_ms, self.frame_ttl_s * 1000, self.decided_ttl_s * 1000,
@@ -150,6 +153,7 @@ class EdgeStats:
     backpressure_waits: int = 0
     escalated_bytes: int = 0  # encoded Escalation bytes sent to the cloud
     redis_outages: int = 0  # loop turns that met Redis down (each retried after a backoff)
+    redis_errors: int = 0  # loop turns Redis refused otherwise (a key of ours overwritten: WRONGTYPE), retried
     ahead: int = 0  # observations refused: beyond the admission window
     shed: int = 0  # observations cameras named as shed (never sent)
     shed_reasons: dict[str, int] = field(default_factory=dict)  # the same, by the cameras' reason
@@ -181,6 +185,7 @@ class Aggregator(BrokerService):
                            urgent=lambda m: m.topic.endswith("/feat"))
         self.store: FrameStore | None = None
         self.answers: MqttClient | None = None  # lazy upload: the connection feature answers come on
+        self._session_gens = (-1, -1)  # the connections' generations when the session was last registered
         self.reaper: SessionReaper | None = None  # takes over the MQTT sessions of dead aggregators (edge.sessions)
         self._held: list[tuple[int, mqtt.MQTTMessage]] = []  # taken from the inbox, not yet stored
         self._lags: list[tuple[int, float]] = []  # (camera, capture -> stored delay in ms) since the last flow status
@@ -210,6 +215,7 @@ class Aggregator(BrokerService):
                sample("ada_frames_reclaimed", st.reclaimed,
                        site=site),
                sample("ada_redis_outages", st.redis_outages, site=site),
+               sample("ada_redis_errors", st.redis_errors, site=site),
                sample("ada_backpressure_waits", st.backpressure_waits,
                        site=site),
                sample("ada_escalated_bytes", st.escalated_bytes,
@@ -268,7 +274,7 @@ class Aggregator(BrokerService):
         expiry = cfg.session_expiry_s if cfg.service_id else 0
         if cfg.session_expiry_s and not cfg.service_id:
             log.info("edge %s: no --service-id, so a clean MQTT session (a restart cannot resume it)", self.sid)
-        main_id, answers_id = sessions.client_ids(self.sid)  # the ids a reaper resumes if this aggregator dies
+        main_id, answers_id = sessions.client_ids(cfg.site, self.sid)  # the ids a reaper resumes if this aggregator dies
         self.mqtt = MqttClient(cfg.mqtt_url, main_id, on_connect=on_connect, on_message=self.inbox.put,
                                manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
         self.mqtt.connect()
@@ -277,8 +283,7 @@ class Aggregator(BrokerService):
                                   on_message=lambda m: self.inbox.put(m, self.answers.generation if self.answers else 0),
                                   manual_ack=True, receive_maximum=cfg.receive_maximum, session_expiry_s=expiry)
         self.answers.connect()
-        if expiry:
-            sessions.register(self.redis, cfg.site, self.sid, expiry)
+        self._register_session()
         # Beating from here on: while a broker was still being waited for, the loop was not turning.
         self.heartbeat = Heartbeat(self.redis, cfg.site, "edge", self.sid, cfg.heartbeat_s, self._beat_info,
                                    self.healthy).start()
@@ -310,8 +315,19 @@ class Aggregator(BrokerService):
                       "assembling, claimed or waiting for features there, and the counters, are lost with it; "
                       "announcing the site%s again", self.sid, cfg.site, names.sites_key(),
                       " and this aggregator's session" if cfg.service_id and cfg.session_expiry_s else "")
-        if cfg.service_id and cfg.session_expiry_s:
-            sessions.register(self.redis, cfg.site, self.sid, cfg.session_expiry_s)
+        self._register_session()
+
+    def _register_session(self) -> None:
+        """Note this aggregator's persistent session (`--service-id`) in the site's registry, so that
+        another takes it over if it dies. Again at every reconnect and every ANNOUNCE_S: an
+        aggregator that stalled long enough to be judged dead (its session taken over, ended and
+        unregistered) and then went on runs with a new session nobody would take over."""
+        if self.redis is None or self.mqtt is None or self.answers is None:
+            return  # not connected yet, or closing
+        gens = (self.mqtt.generation, self.answers.generation)
+        if self.cfg.service_id and self.cfg.session_expiry_s:
+            sessions.register(self.redis, self.cfg.site, self.sid, self.cfg.session_expiry_s)
+        self._session_gens = gens
 
     def _beat_info(self) -> dict:
         return {"observations": self.stats.observations, "decided": dict(self.stats.decided), "late": self.stats.late,
@@ -338,6 +354,9 @@ class Aggregator(BrokerService):
                         log.warning("edge %s: site %r was not in the registry %s (removed while this aggregator runs?): "
                                     "announced again, so that cloud workers serving every site go on serving it",
                                     self.sid, self.cfg.site, names.sites_key())
+                    self._register_session()
+                elif self._session_gens != (self.mqtt.generation, self.answers.generation):
+                    self._register_session()  # reconnected: maybe a new session, if the last one was taken over
                 claimed = self.ingest()
                 if self.reaper is not None:
                     self.reaper.tick()
@@ -352,6 +371,12 @@ class Aggregator(BrokerService):
                 delay = backoff.next()
                 log.warning("edge %s: Redis unavailable (%s); %d observations held, retrying in %.1f s", self.sid,
                             err, len(self._held) + len(self.inbox), delay)
+                stop.wait(delay)
+            except redis.ResponseError as err:  # e.g. WRONGTYPE: a key of ours overwritten; an operator's to mend
+                self.stats.redis_errors += 1
+                delay = backoff.next()
+                log.error("edge %s: Redis refused a command: %s; %d observations held (unacknowledged: the broker "
+                          "keeps the rest), retrying in %.1f s", self.sid, err, len(self._held) + len(self.inbox), delay)
                 stop.wait(delay)
             except EscalationError as err:
                 if not stop.is_set():
@@ -390,14 +415,14 @@ class Aggregator(BrokerService):
                     if claimed := self.ingest():
                         log.info("edge %s: stopping; %d frames claimed now wait for their lease (%d ms) to be taken "
                                  "over", self.sid, len(claimed), self.cfg.claim_lease_ms)
-            except REDIS_DOWN as err:
-                log.warning("edge %s: stopping with Redis down (%s); %d observations unacknowledged stay with the "
-                            "broker", self.sid, err, len(self._held) + len(self.inbox))
+            except (*REDIS_DOWN, redis.ResponseError) as err:
+                log.warning("edge %s: stopping with Redis down or refusing (%s); %d observations unacknowledged stay "
+                            "with the broker", self.sid, err, len(self._held) + len(self.inbox))
             self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), b"", qos=1, retain=True)  # clears it
             if not keep and self.cfg.service_id and self.cfg.session_expiry_s > 0:
                 try:
                     sessions.unregister(self.redis, self.cfg.site, self.sid)  # unsubscribed: nothing to take over
-                except REDIS_DOWN:
+                except (*REDIS_DOWN, redis.ResponseError):
                     pass  # left registered: another aggregator finds the session empty and ends it
         if self.reaper is not None:
             self.reaper.close()

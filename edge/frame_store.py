@@ -121,6 +121,9 @@ end
 # ARGV: camera field, payload, expected cameras, deadline ms, frame ttl ms, frame id, owner, decided ttl ms,
 #       lease ms, admission window (frames; 0 = none), kind ('obs': an observation, 'sum': a summary),
 #       gap grace ms (0 = gaps not tracked), most ids of one gap
+# A duplicate delivery of a frame neither pending nor claimed (its first run stopped after storing
+# it: Redis refused a later command, a key of ours overwritten by hand) mends it, as that run would
+# have left it (`frames_mended`).
 # Bytes stored are counted in observation_bytes or summary_bytes, and those of a late one in late_bytes;
 # a summary after its frame left at exit 1 on a confident summary (claim marker "<owner> exit1") is
 # expected, not late: it counts in summary_bytes, camera_bytes_exit1 and summaries_after_exit1.
@@ -157,17 +160,18 @@ if window > 0 then
   local fronts = redis.call('HGETALL', KEYS[7])
   local mine, others = -1, {}
   for i = 1, #fronts, 2 do
+    local v = tonumber(fronts[i + 1])  -- nil for a value no aggregator wrote: ignored (ours is rewritten below)
     if fronts[i] == ARGV[1] then
-      mine = tonumber(fronts[i + 1])
-    else
-      others[#others + 1] = tonumber(fronts[i + 1])
+      mine = v or -1
+    elseif v then
+      others[#others + 1] = v
     end
   end
   local need = math.floor(tonumber(ARGV[3]) / 2) + 1
   local now_levels = {math.max(mine, id), unpack(others)}
   if id > kth_highest(now_levels, math.min(2, #now_levels)) + window then
-    local mark = redis.call('HGET', KEYS[9], ARGV[1])
-    if not mark or tonumber(mark) < id then
+    local mark = tonumber(redis.call('HGET', KEYS[9], ARGV[1]))
+    if not mark or mark < id then
       redis.call('HSET', KEYS[9], ARGV[1], ARGV[6])
     end
     redis.call('PEXPIRE', KEYS[9], ARGV[5])
@@ -178,7 +182,7 @@ if window > 0 then
     local marks = redis.call('HGETALL', KEYS[9])
     for i = 1, #marks, 2 do
       local v = tonumber(marks[i + 1])
-      if not best[marks[i]] or v > best[marks[i]] then
+      if v and (not best[marks[i]] or v > best[marks[i]]) then
         best[marks[i]] = v
       end
     end
@@ -238,25 +242,31 @@ if shed or claim then
   redis.call('HINCRBY', KEYS[4], 'late_bytes', string.len(ARGV[2]))
   return {'late'}
 end
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+local fresh = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1
+local n = redis.call('HLEN', KEYS[1])
+local complete = n >= tonumber(ARGV[3])
+if not fresh then
   redis.call('HINCRBY', KEYS[4], 'duplicate_observations', 1)
-  return {'duplicate'}
-end
-if ARGV[11] == 'sum' then
+  -- A duplicate of an unclaimed frame that is complete, or not pending: the script of its first
+  -- delivery stopped after storing it (Redis refused a later command: a key of ours overwritten)
+  -- and the delivery was retried. Mended here: pending, or claimed, as the first run would have.
+  if not complete and redis.call('ZSCORE', KEYS[3], ARGV[6]) then
+    return {'duplicate'}
+  end
+  redis.call('HINCRBY', KEYS[4], 'frames_mended', 1)
+elseif ARGV[11] == 'sum' then
   redis.call('HINCRBY', KEYS[4], 'summary_bytes', string.len(ARGV[2]))
 else
   redis.call('HINCRBY', KEYS[4], 'observation_bytes', string.len(ARGV[2]))
 end
-local n = redis.call('HLEN', KEYS[1])
-local complete = n >= tonumber(ARGV[3])
-if n > 1 and not complete then
+if fresh and n > 1 and not complete then
   return {'added'}
 end
 """ + REDIS_NOW + """
 if not complete then
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[6])
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  return {'added'}
+  return {fresh and 'added' or 'duplicate'}
 end
 redis.call('SET', KEYS[2], ARGV[7], 'PX', ARGV[8])
 redis.call('RENAME', KEYS[1], KEYS[6])
@@ -539,13 +549,18 @@ return first
 # of that view arriving afterwards is late (ADD_OBSERVATION), never a second outcome. NAME_GAP
 # leaves a frame with a shed marker alone. An id beyond the admission window of the second most
 # advanced camera's front (as ADD_OBSERVATION) is refused (-1, counted in `shed_ahead`): no device
-# names frames the site has not reached.
+# names frames the site has not reached; so is an id from 2^53 on, always (while the site has no
+# front yet, the first notices of a camera are not judged otherwise, as its first observations).
 RECORD_SHED = KTH_HIGHEST + """
 local window = tonumber(ARGV[7])
 if window > 0 then
+  if tonumber(ARGV[1]) >= 9007199254740992 then
+    redis.call('HINCRBY', KEYS[3], 'shed_ahead', 1)
+    return -1
+  end
   local fronts = {}
   for _, v in ipairs(redis.call('HVALS', KEYS[5])) do
-    fronts[#fronts + 1] = tonumber(v)
+    fronts[#fronts + 1] = tonumber(v)  -- a value no aggregator wrote (nil) is left out
   end
   if #fronts > 0 and tonumber(ARGV[1]) > kth_highest(fronts, math.min(2, #fronts)) + window then
     redis.call('HINCRBY', KEYS[3], 'shed_ahead', 1)

@@ -53,9 +53,12 @@ class Reaped(NamedTuple):
     generation: int
 
 
-def client_ids(service_id: str) -> tuple[str, str]:
-    """The MQTT client ids an aggregator connects under: observations, and feature answers."""
-    return service_id, f"{service_id}-answers"
+def client_ids(site: str, service_id: str) -> tuple[str, str]:
+    """The MQTT client ids an aggregator of `site` connects under: observations, and feature
+    answers. Role and site are in them: an edge of another site, or a cloud worker, given the
+    same --service-id on the same broker never resumes (or ends) this one's session."""
+    base = f"edge-{names.check_site(site)}-{service_id}"
+    return base, f"{base}-answers"
 
 
 def register(r: redis.Redis, site: str, service_id: str, expiry_s: int) -> None:
@@ -123,7 +126,7 @@ class SessionReaper:
                     "is stored here", self.sid, self.site, owner)
         self._owner, self._received, self._acked, self._last = owner, 0, 0, time.monotonic()
         try:
-            for cid in client_ids(owner):
+            for cid in client_ids(self.site, owner):
                 holder: list[MqttClient] = []
                 client = MqttClient(self.url, cid, on_message=lambda m, h=holder: self._message(h[0], m),
                                     manual_ack=True, receive_maximum=self.receive_maximum, session_expiry_s=expiry_s,

@@ -11,7 +11,8 @@ of names, kinds and help texts. The main ones:
     ada_frames_decided_total{site,exit}             exit1 | exit2 | cloud (edge: handed to the cloud)
     ada_frames_shed_total{site,reason}              frames cameras did not send, by reason (ShedNotices)
     ada_dead_letters_total{site}                    messages and frames sent to the dead letters
-    ada_mqtt_reconnects_total{site}, ada_redis_outages_total{site}
+    ada_mqtt_reconnects_total{site}, ada_redis_outages_total{site},
+    ada_redis_errors_total{site}
     ada_backlog{site,queue}                         inbox | open_frames | escalations | cloud_pending
     ada_decision_latency_seconds{site,exit}         capture -> decision (histogram)
     ada_camera_frames_total, ada_camera_published_total, ada_camera_bytes_total, ... (cameras)
@@ -131,6 +132,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_observations": ("counter", "camera observations taken in"),
     "ada_observations_rejected": ("counter", "observations refused"),
     "ada_redis_outages": ("counter", "loop turns that met Redis down"),
+    "ada_redis_errors": ("counter", "loop turns Redis refused (a key of ours overwritten: WRONGTYPE), retried"),
 }
 
 

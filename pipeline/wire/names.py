@@ -39,8 +39,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SERVICE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+SITE_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")  # \Z, not $: "site\n" is no site id
+SERVICE_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,128}\Z")
 SHARE_GROUP = "edge"  # MQTT v5 shared-subscription group of the aggregators
 CLOUD_GROUP = "cloud"  # Redis consumer group of the cloud workers
 
@@ -59,6 +59,14 @@ def check_group(group: object) -> str:
 
 def check_site(site: object) -> str:
     return _level(site, "site id")
+
+
+def check_service_id(service_id: object, what: str = "service id") -> str:
+    """A service id (the edge's or the cloud's `--service-id`): letters, digits, '.', '-' and '_'."""
+    if not isinstance(service_id, str) or not SERVICE_RE.match(service_id):
+        raise ValueError(f"{what} must match {SERVICE_RE.pattern} (up to 128 letters, digits, '.', '-' or '_'), "
+                         f"got {service_id!r}")
+    return service_id
 
 
 def check_share_group(group: object) -> str:

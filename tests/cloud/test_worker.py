@@ -99,6 +99,25 @@ def test_entries_of_a_dead_worker_are_reclaimed_once(stream_setup, brokers, site
 
 
 @pytest.mark.services
+def test_a_worker_restarted_under_its_id_answers_what_its_last_run_held_at_once(stream_setup, brokers, site,
+                                                                                redis_conn):
+    """Its previous run (same --service-id: the same consumer) died holding entries: they are
+    answered at start, not after claim_idle_ms (30 s by default, kept here)."""
+    _, model, _, _, _ = stream_setup
+    stream, sid = names.escalations_stream(site), f"w-{site}"[:100]
+    redis_conn.xgroup_create(stream, "cloud", id="0", mkstream=True)
+    xadd(redis_conn, escalations(model, site, 4))
+    assert len(redis_conn.xreadgroup("cloud", sid, {stream: ">"}, count=4)[0][1]) == 4  # read, never acked
+    w = worker(stream_setup, brokers, site, service_id=sid).start()
+    try:
+        got = wait_results(redis_conn, site, 4, timeout_s=10)
+    finally:
+        w.stop()
+    assert sorted(d.frame_id for d in got) == list(range(100, 104)) and w.stats.reclaimed == 4
+    assert redis_conn.xpending(stream, "cloud")["pending"] == 0
+
+
+@pytest.mark.services
 def test_a_stream_deleted_under_the_workers_read_is_made_again(stream_setup, brokers, site, redis_conn):
     # Deleting the escalation stream while the idle worker blocks on it answers the read with
     # UNBLOCKED (NOGROUP at the next one): the group is made again and the worker goes on.
@@ -323,3 +342,14 @@ def test_an_idle_worker_of_several_sites_waits_on_all_of_them_at_once(stream_set
     finally:
         w.stop()
     assert [len(results(redis_conn, s)) for s in three_sites] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("cls", ["edge", "cloud"])
+def test_a_bad_service_id_is_refused_with_the_config(cls):
+    """Refused before anything loads, naming the setting, not later as a bad MQTT client id."""
+    from edge.aggregator import EdgeConfig
+
+    config = EdgeConfig if cls == "edge" else CloudConfig
+    with pytest.raises(ValueError, match="service_id must match"):
+        config(service_id="a/b")
+    assert config(service_id="edge-1.a_b").service_id == "edge-1.a_b"

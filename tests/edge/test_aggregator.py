@@ -144,6 +144,26 @@ def test_a_running_edge_announces_its_site_again(stream_setup, brokers, site, re
 
 
 @pytest.mark.services
+def test_a_key_overwritten_with_another_type_is_retried_not_fatal(stream_setup, brokers, site, redis_conn, caplog):
+    """WRONGTYPE on the counters every script writes: the loop logs it, holds the observations
+    (unacknowledged) and retries with backoff; mended, the frame is decided as usual."""
+    _, model, data, _, _ = stream_setup
+    obs = observations(model, data, [0])[0]
+    redis_conn.set(names.counters_key(site), "oops")
+    agg = aggregator(stream_setup, brokers, site).start()
+    try:
+        for o in obs:
+            agg.inbox.put(msg(o, site), agg.mqtt.generation)
+        assert poll(lambda: agg.stats.redis_errors >= 1)
+        assert agg._thread.is_alive() and agg.stats.claimed == 0
+        assert "Redis refused a command" in caplog.text and "WRONGTYPE" in caplog.text
+        redis_conn.delete(names.counters_key(site))  # the operator mends it
+        assert poll(lambda: agg.stats.claimed == 1, timeout_s=15)
+    finally:
+        agg.stop()
+
+
+@pytest.mark.services
 def test_assembly_duplicates_late_and_deadline(stream_setup, brokers, site, redis_conn):
     _, model, data, _, _ = stream_setup
     obs = observations(model, data, [0, 1])

@@ -2,6 +2,7 @@
 claimed by a script of its own, so another aggregator may act in between; each frame must still
 be claimed once, and a lease taken over only while it is expired."""
 
+import dataclasses
 import time
 
 import pytest
@@ -272,3 +273,15 @@ def test_an_answer_from_a_camera_not_asked_neither_counts_nor_completes_the_fram
     assert (early.frame_id, early.requested, len(early.payloads)) == (31, True, 7)
     cnt = counters(redis_conn, site)
     assert cnt["unasked_features"] == 1 and cnt["late_bytes"] == len(features(site, 30, 5)[1])
+
+
+def test_junk_in_the_admission_fronts_is_ignored_and_mended(redis_conn, site):
+    """A value no aggregator wrote in the fronts or marks hash (by hand, another program) fails no
+    script: it is left out of the window, and the camera's own front is written over it."""
+    a = store(redis_conn, site, "a")
+    a = FrameStore(redis_conn, site, "a", dataclasses.replace(a.times, admit_window=100))
+    redis_conn.hset(names.front_key(site), mapping={"0": "abc", "1": "-"})
+    redis_conn.hset(names.ahead_key(site), "2", "junk")
+    assert [st for st, _ in a.add([summary(site, 5, k) for k in range(3)])] == ["added"] * 3
+    assert redis_conn.hget(names.front_key(site), "0") == b"5"
+    assert a.record_shed([(2**53, 1, "camera", "behind")]) == ([], [(2**53, 1, "camera", "behind")])

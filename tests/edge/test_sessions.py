@@ -39,7 +39,7 @@ def test_a_dead_aggregators_session_is_taken_over_and_what_it_queued_is_decided(
     path, model, data, t1, _ = stream_setup
     n = 12
     dead = f"dead-{site}"[:100]
-    ghost, _ = _session(brokers[0], dead, 300)
+    ghost, _ = _session(brokers[0], sessions.client_ids(site, dead)[0], 300)
     subscribed = threading.Event()
     ghost.on_subscribe = lambda *a: subscribed.set()
     ghost.subscribe([(names.shared_obs_filter(site, names.SHARE_GROUP), 1),
@@ -77,7 +77,7 @@ def test_a_dead_aggregators_session_is_taken_over_and_what_it_queued_is_decided(
         cams.disconnect()
     assert not redis_conn.hexists(names.edge_sessions_key(site), dead)
     assert not redis_conn.exists(names.edge_reap_lock_key(site, dead))
-    again, present = _session(brokers[0], dead, 0)  # the broker ended the dead session
+    again, present = _session(brokers[0], sessions.client_ids(site, dead)[0], 0)  # the broker ended the dead session
     again.loop_stop()
     again.disconnect()
     assert present is False
@@ -102,8 +102,33 @@ def test_an_aggregator_with_a_persistent_session_registers_it_and_unregisters_wh
     finally:
         b.close()  # the last one keeps its session (and its entry) for whoever comes next
     assert redis_conn.hkeys(names.edge_sessions_key(site)) == [b.sid.encode()]
-    for cid in sessions.client_ids(b.sid):  # end the sessions b kept
+    for cid in sessions.client_ids(site, b.sid):  # end the sessions b kept
         c, present = _session(brokers[0], cid, 0)
         c.loop_stop()
         c.disconnect()
         assert present
+
+
+@pytest.mark.services
+def test_an_aggregator_whose_session_was_taken_over_registers_its_new_one(stream_setup, brokers, site, redis_conn):
+    """Stalled long enough to be judged dead, an aggregator has its session taken over, ended and
+    unregistered by another; going on, it reconnects to a new session, which it registers at once,
+    so that a take-over still comes if it dies later."""
+    path, model, _, t1, t2 = stream_setup
+    sid = f"s-{site}"[:100]
+    cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, service_id=sid)
+    agg = Aggregator(cfg, model.edge, t1, t2).start()
+    try:
+        assert redis_conn.hexists(names.edge_sessions_key(site), sid)
+        gen = agg.mqtt.generation
+        # the reaper of another aggregator: it resumes the session (the broker drops this one's
+        # connection), ends it and removes the entry
+        reaper, present = _session(brokers[0], sessions.client_ids(site, sid)[0], 0)
+        assert present
+        sessions.unregister(redis_conn, site, sid)
+        reaper.loop_stop()
+        reaper.disconnect()
+        assert poll(lambda: agg.mqtt.generation > gen and redis_conn.hexists(names.edge_sessions_key(site), sid),
+                    timeout_s=8)  # well before the next announcement (ANNOUNCE_S, 10 s)
+    finally:
+        agg.stop()

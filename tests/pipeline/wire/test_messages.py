@@ -15,6 +15,7 @@ from pipeline.wire.messages import (
     WIRE_VERSION,
     CameraObservation,
     CameraStatus,
+    CameraSummary,
     Decision,
     Escalation,
     FeatureTensor,
@@ -379,3 +380,19 @@ def test_a_capture_time_no_clock_gives_is_refused(captured_at):
 def test_a_negative_zero_entropy_is_zero():
     back = CameraObservation.decode(obs(entropy=-0.0).encode())
     assert math.copysign(1.0, back.entropy) == 1.0
+
+
+@pytest.mark.parametrize("bad", ["s1\n", "s 1", "", "a/b", "x" * 65])
+def test_a_site_id_is_the_whole_string(bad):
+    """`$` would also match before a final newline: "s1\n" is no site id, on the wire or off it."""
+    with pytest.raises(ValueError, match="site id"):
+        names.check_site(bad)
+    with pytest.raises(MessageError):
+        CameraSummary(bad, 0, 0, 1.0, 3, 0.5, None)
+
+
+@pytest.mark.parametrize("bad", ["e1\n", "a/b", "", "x" * 129, "a b"])
+def test_a_service_id_is_the_whole_string(bad):
+    with pytest.raises(ValueError, match="service id"):
+        names.check_service_id(bad)
+    assert not names.SERVICE_RE.match(bad)
