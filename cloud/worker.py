@@ -430,8 +430,8 @@ class Worker(BrokerService):
         if cfg.service_id and site not in self._own_read:
             # This worker's previous run (same --service-id, so the same consumer) may have died
             # holding entries: they are ours already, so take them now, not after claim_idle_ms.
-            self._own_read.add(site)
             resp = r.xreadgroup(cfg.group, self.sid, {stream: "0"}, count=4 * cfg.batch)
+            self._own_read.add(site)  # read (a Redis outage above leaves it for the next pass)
             out.extend(e for e in (resp[0][1] if resp else []) if e[1])
             if out:
                 log.warning("cloud %s: site %r: %d escalations this worker's previous run left pending, answered now",
