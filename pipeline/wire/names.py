@@ -122,9 +122,7 @@ def flow_id(service_id: str) -> str:
 
 def flow_topic(site: str, service_id: str) -> str:
     """Retained FlowStatus of one aggregator."""
-    if not SERVICE_RE.match(service_id):
-        raise ValueError(f"bad service id {service_id!r}")
-    return f"ada/{check_site(site)}/edge/flow/{service_id}"
+    return f"ada/{check_site(site)}/edge/flow/{check_service_id(service_id)}"
 
 
 def site_filter(site: str) -> str:
@@ -279,9 +277,7 @@ def edge_sessions_key(site: str) -> str:
 
 def edge_reap_lock_key(site: str, service_id: str) -> str:
     """Lock held by the aggregator taking over dead aggregator `service_id`'s session."""
-    if not SERVICE_RE.match(service_id):
-        raise ValueError(f"bad service id {service_id!r}")
-    return f"{_site_prefix(site)}reap:{service_id}"
+    return f"{_site_prefix(site)}reap:{check_service_id(service_id)}"
 
 
 def counters_key(site: str) -> str:
@@ -295,9 +291,7 @@ def sites_key() -> str:
 
 
 def heartbeat_key(site: str, role: str, service_id: str) -> str:
-    if not SERVICE_RE.match(service_id):
-        raise ValueError(f"bad service id {service_id!r}")
-    return heartbeat_prefix(site, role) + service_id
+    return heartbeat_prefix(site, role) + check_service_id(service_id)
 
 
 def heartbeat_prefix(site: str, role: str) -> str:
