@@ -43,6 +43,11 @@ UPLOADS = ("lazy", "eager")
 WIRE_LADDER = tuple(DTYPES)  # float32, float16, int8, int4, int2, int1
 # Overall accuracies (fractions, reached on validation) at which the two modes are compared.
 ACCURACY_TARGETS = (0.78, 0.80, 0.82, 0.84, 0.85, 0.86)
+# The trade-off's thresholds add these to the policy's grid (whose first step is 0.025). Lazy
+# bytes follow the exit-1 share, which is steep near 0 for confident camera classifiers: for the
+# release checkpoint 29% of validation frames have a camera under 0.001 and 59% under 0.025, so on
+# the policy's grid the share jumps from 0 to 59% in one step and nothing lies between.
+FINE_THRESHOLDS = (0.0001, 0.0002, 0.0005, 0.001, 0.002) + tuple(round(float(x), 4) for x in np.linspace(0, 0.025, 11))
 
 
 def coded(raw: CameraPass, dtype: str | None) -> CameraPass:
@@ -129,20 +134,30 @@ def at_accuracy(val_front: list[dict], val_overall: float) -> dict | None:
     return min(ok, key=lambda p: (p["val_bytes"], -p["val_overall"])) if ok else None
 
 
+def trade_off_grid(grid: tuple[float, ...]) -> tuple[float, ...]:
+    """The thresholds the trade-off (fronts, equal accuracy) sweeps: `grid` and FINE_THRESHOLDS."""
+    return tuple(sorted(set(grid) | set(FINE_THRESHOLDS)))
+
+
 def wire_ladder(model: AdaDDNN, val_raw: CameraPass, test_raw: CameraPass, policy_args: dict, device: torch.device,
                 batch_size: int, sample: int, grid: tuple[float, ...] = evaluation.THRESHOLD_GRID,
                 dtypes: tuple[str, ...] = WIRE_LADDER, targets: tuple[float, ...] = ACCURACY_TARGETS) -> dict:
     """Accuracy and bytes per camera per frame for every wire dtype and upload (module docstring).
-    `sample`: test frames whose messages are encoded (0 = all)."""
+    `sample`: test frames whose messages are encoded (0 = all). Each dtype's row has the
+    thresholds the policy picks from `grid` (as model cards and `evaluate` do); the fronts and the
+    equal-accuracy choices sweep `trade_off_grid(grid)`, finer near 0."""
     ada = model.cfg.has_camera_classifiers
+    fine = trade_off_grid(grid)
+    coarse = set(grid)
     uploads = UPLOADS if ada else ("eager",)
     n = len(test_raw) if sample <= 0 else min(sample, len(test_raw))
     rows, fronts = [], {u: [] for u in uploads}
     candidates: dict[str, list[dict]] = {u: [] for u in uploads}
     for dtype in dtypes:
         val_c = evaluation.fuse_pass(model, coded(val_raw, dtype), device=device, batch_size=batch_size)
-        val_points = evaluation.sweep(val_c, grid)
-        thr = evaluation.select_thresholds(val_points, cloud_only=evaluation.cloud_only_accuracy(val_c), **policy_args)
+        val_points = evaluation.sweep(val_c, fine)
+        thr = evaluation.select_thresholds([p for p in val_points if p["t2"] in coarse and p["t1"] in coarse | {None}],
+                                           cloud_only=evaluation.cloud_only_accuracy(val_c), **policy_args)
         cams = coded(test_raw, dtype)
         c = evaluation.fuse_pass(model, cams, device=device, batch_size=batch_size)
         m = evaluation.exit_metrics(c, thr["t1"], thr["t2"])
@@ -160,8 +175,8 @@ def wire_ladder(model: AdaDDNN, val_raw: CameraPass, test_raw: CameraPass, polic
                          "codes": feature_nbytes(tuple(cams.features.shape[2:]), dtype)},
             "bytes_per_camera_frame": {u: bytes_by_exit(sizes, u, d.exit) if u in uploads else None for u in UPLOADS},
         })
-        test_points = {(p["t1"], p["t2"]): p for p in evaluation.sweep(c, grid)}
-        val_e1, test_e1 = exit1_rates(val_c, grid), exit1_rates(c, grid)
+        test_points = {(p["t1"], p["t2"]): p for p in evaluation.sweep(c, fine)}
+        val_e1, test_e1 = exit1_rates(val_c, fine), exit1_rates(c, fine)
         for u in uploads:
             for vp in val_points:
                 tp = test_points[(vp["t1"], vp["t2"])]
@@ -197,5 +212,5 @@ def wire_ladder(model: AdaDDNN, val_raw: CameraPass, test_raw: CameraPass, polic
     }
 
 
-__all__ = ["wire_ladder", "at_accuracy", "pareto_front", "coded", "message_sizes", "bytes_by_exit", "mean_bytes", "exit1_rates", "WIRE_LADDER",
-           "ACCURACY_TARGETS", "UPLOADS", "SITE"]
+__all__ = ["wire_ladder", "at_accuracy", "pareto_front", "coded", "message_sizes", "bytes_by_exit", "mean_bytes",
+           "exit1_rates", "trade_off_grid", "WIRE_LADDER", "FINE_THRESHOLDS", "ACCURACY_TARGETS", "UPLOADS", "SITE"]

@@ -14,7 +14,7 @@ import time
 from pipeline.checkpoint import epochs_total
 from pipeline.fileio import atomic_write_text
 from pipeline.offline.figures import NAMES, label
-from pipeline.offline.link import at_accuracy, pareto_front
+from pipeline.offline.link import FINE_THRESHOLDS, at_accuracy, pareto_front
 
 # The ADA-DDNN paper's CIFAR-10 table: accuracy (%) at the edge and at the cloud, per mode.
 PAPER = {
@@ -45,9 +45,14 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _t(x: float) -> str:
+    """A threshold: three decimals, four for the trade-off's finer steps (0.0075)."""
+    return f"{x:.3f}" if round(x, 3) == x else f"{x:.4f}".rstrip("0")
+
+
 def _thr(t: dict) -> str:
-    t1 = "-" if t["t1"] is None else f"{t['t1']:.3f}"
-    return f"T1 {t1}, T2 {t['t2']:.3f}"
+    t1 = "-" if t["t1"] is None else _t(t["t1"])
+    return f"T1 {t1}, T2 {_t(t['t2'])}"
 
 
 def _edge_rate(r: dict) -> float:
@@ -211,8 +216,8 @@ def _choice(p: dict, pooled: bool) -> str:
     """A front point's three cells: bits (and the codes its checkpoint was trained for, when the
     choices are pooled), T1 (ADA-DDNN) and T2; validation / test overall accuracy; bytes."""
     bits = f"{p['wire_dtype']} ({p['trained']}-trained)" if pooled and p.get("trained") else p["wire_dtype"]
-    t1 = "" if p["t1"] is None else f", T1 {p['t1']:.3f}"
-    return f"{bits}{t1}, T2 {p['t2']:.3f} | {pct(p['val_overall'])} / {pct(p['overall'])} | {_b(p['bytes'])}"
+    t1 = "" if p["t1"] is None else f", T1 {_t(p['t1'])}"
+    return f"{bits}{t1}, T2 {_t(p['t2'])} | {pct(p['val_overall'])} / {pct(p['overall'])} | {_b(p['bytes'])}"
 
 
 def _mode(entries: list[dict], mode: str) -> dict | None:
@@ -294,7 +299,10 @@ def communication(entries: list[dict]) -> list[str]:
                   "DDNN's bytes do not depend on its threshold, so each accuracy it reaches is a row: its cheapest "
                   "bit width reaching that accuracy on validation (its validation front). Beside it, ADA-DDNN's "
                   "cheapest choice of bit width, T1 and T2 with lazy upload that reaches the same accuracy on "
-                  "validation. Both then measured on the test split."
+                  "validation. Both then measured on the test split. The choices sweep T1 and T2 over the "
+                  "policy's grid (0, 0.025, ..., 1) and finer steps under its first "
+                  f"({', '.join(_t(x) for x in sorted(set(FINE_THRESHOLDS) - {0.0, 0.025}))}), where ADA-DDNN's "
+                  "exit-1 share, and with it its bytes, moves most."
                   + (f" Each mode's choices pool all its {fusion}-fusion checkpoints evaluated here (ADA-DDNN: "
                      f"{', '.join(a_from)}; DDNN: {', '.join(d_from)}): a bit width is marked with the codes its "
                      "checkpoint was trained for where they differ." if pooled else ""), "",
