@@ -427,12 +427,14 @@ class Worker(BrokerService):
         r, cfg, stream = self.redis, self.cfg, names.escalations_stream(site)
         assert r is not None
         out: list[tuple[bytes, dict]] = []
+        own: set[bytes] = set()  # entries of this worker's previous run (logged apart from the dead workers')
         if cfg.service_id and site not in self._own_read:
             # This worker's previous run (same --service-id, so the same consumer) may have died
             # holding entries: they are ours already, so take them now, not after claim_idle_ms.
             resp = r.xreadgroup(cfg.group, self.sid, {stream: "0"}, count=4 * cfg.batch)
             self._own_read.add(site)  # read (a Redis outage above leaves it for the next pass)
             out.extend(e for e in (resp[0][1] if resp else []) if e[1])
+            own = {entry_id for entry_id, _ in out}
             if out:
                 log.warning("cloud %s: site %r: %d escalations this worker's previous run left pending, answered now",
                             self.sid, site, len(out))
@@ -459,9 +461,10 @@ class Worker(BrokerService):
                         [(entry_id, fields.get(b"msg", b""), f"delivered {times} times without an answer (it kills "
                           f"or stalls every worker that takes it); given up") for entry_id, fields, times in poison])
         self.stats.reclaimed += len(keep)
-        if keep:
+        others = sum(entry_id not in own for entry_id, _, _ in keep)
+        if others:
             log.warning("cloud %s: site %r: reclaimed %d escalations left pending by dead workers", self.sid, site,
-                        len(keep))
+                        others)
         return [(site, entry_id, fields) for entry_id, fields, _ in keep]
 
     def process(self, entries: list[tuple[str, bytes, dict]], reclaimed: bool = False) -> None:

@@ -100,9 +100,10 @@ def test_entries_of_a_dead_worker_are_reclaimed_once(stream_setup, brokers, site
 
 @pytest.mark.services
 def test_a_worker_restarted_under_its_id_answers_what_its_last_run_held_at_once(stream_setup, brokers, site,
-                                                                                redis_conn):
+                                                                                redis_conn, caplog):
     """Its previous run (same --service-id: the same consumer) died holding entries: they are
-    answered at start, not after claim_idle_ms (30 s by default, kept here)."""
+    answered at start, not after claim_idle_ms (30 s by default, kept here), and logged once, as
+    its own (not also as reclaimed from dead workers)."""
     _, model, _, _, _ = stream_setup
     stream, sid = names.escalations_stream(site), f"w-{site}"[:100]
     redis_conn.xgroup_create(stream, "cloud", id="0", mkstream=True)
@@ -115,6 +116,8 @@ def test_a_worker_restarted_under_its_id_answers_what_its_last_run_held_at_once(
         w.stop()
     assert sorted(d.frame_id for d in got) == list(range(100, 104)) and w.stats.reclaimed == 4
     assert redis_conn.xpending(stream, "cloud")["pending"] == 0
+    assert "4 escalations this worker's previous run left pending" in caplog.text
+    assert "left pending by dead workers" not in caplog.text
 
 
 @pytest.mark.services
