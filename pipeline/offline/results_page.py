@@ -343,7 +343,8 @@ def communication(entries: list[dict]) -> list[str]:
             runs = ", ".join(f"{ap['edge_runs_per_100_frames']:.0f}" for _, _, ap in savings)
             verdicts.append(f"- At equal overall accuracy, ADA-DDNN (lazy) against DDNN at its cheapest bit width: "
                             f"bytes per camera per frame saved {100 * lo:+.1f}% to {100 * hi:+.1f}% over the "
-                            f"{len(savings)} DDNN accuracy levels ADA-DDNN reaches (negative: ADA-DDNN sends more), "
+                            f"{len(savings)} DDNN accuracy levels ADA-DDNN reaches"
+                            f"{' (negative: ADA-DDNN sends more)' if lo < 0 else ''}, "
                             f"with the edge block run on {runs} frames in 100 against DDNN's 100 (target: at least "
                             f"{100 * LINK_TARGET_SAVING:.0f}% fewer bytes: {'met' if lo >= LINK_TARGET_SAVING else 'not met'}).")
         if level_savings:
