@@ -57,7 +57,7 @@ from redis.commands.core import Script
 from pipeline.transport.redis_client import run_script_batch
 from pipeline.transport.results_sink import RECORD_BODY
 from pipeline.wire import names
-from pipeline.wire.messages import CameraFeatures, CameraObservation, CameraSummary, Decision
+from pipeline.wire.messages import MAX_FRAME_ID, CameraFeatures, CameraObservation, CameraSummary, Decision
 
 log = logging.getLogger(__name__)
 
@@ -506,8 +506,9 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[4], 'XX', now + tonumber(ARGV[6]), ARGV[2])
   return 0
 end
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+-- the XADD before the marker, as in RECORD_BODY: a stream Redis refuses leaves nothing written
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'frame', ARGV[2], 'msg', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
 redis.call('HINCRBY', KEYS[6], 'escalated_bytes', string.len(ARGV[3]))
 redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[5])
@@ -623,6 +624,17 @@ class Claim(NamedTuple):
     requested: bool = False  # lazy upload: its features were asked for; decide it with those that came
 
 
+def frame_id_of(member: bytes | str) -> int | None:
+    """The frame id a member of a frame set (pending, claimed, awaiting, gaps) names: a decimal
+    integer from 0 to MAX_FRAME_ID written as `str(int)` writes it (as the scripts write them);
+    None for anything else, which no script of ours wrote."""
+    text = member.decode("ascii", "replace") if isinstance(member, bytes) else str(member)
+    if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0") or len(text) > 19:
+        return None
+    fid = int(text)
+    return fid if fid <= MAX_FRAME_ID else None
+
+
 class FrameStore:
     """One aggregator's handle on a site's frames in Redis (`owner` is its service id)."""
 
@@ -717,10 +729,27 @@ class FrameStore:
         their second deadline and of the gaps past their grace (`claim_batch` at most of each), by
         the Redis clock. Another aggregator may take any of them first."""
         site = self.site
-        pending, leases, awaited, gaps = self._pipelined(self._due, [(
-            [names.pending_key(site), names.claimed_key(site), names.awaiting_key(site), names.gaps_key(site)],
-            [self.times.claim_batch])])[0]
-        return [int(x) for x in pending], [int(x) for x in leases], [int(x) for x in awaited], [int(x) for x in gaps]
+        keys = [names.pending_key(site), names.claimed_key(site), names.awaiting_key(site), names.gaps_key(site)]
+        lists = self._pipelined(self._due, [(keys, [self.times.claim_batch])])[0]
+        ids, junk = [], []
+        for key, members in zip(keys, lists):
+            ids.append([])
+            for m in members:
+                fid = frame_id_of(m)
+                if fid is None:
+                    junk.append((key, m))
+                else:
+                    ids[-1].append(fid)
+        if junk:  # no frame of ours: an operator's or a forger's; dropped, so it cannot stall every sweep
+            with self.redis.pipeline(transaction=False) as p:
+                for key, m in junk:
+                    p.zrem(key, m)
+                p.hincrby(names.counters_key(site), "junk_ids", len(junk))
+                p.execute()
+            log.error("site %r: %d members of the frame sets that are no frame id (%s) removed", site, len(junk),
+                      ", ".join(f"{m[:40]!r} in {key}" for key, m in junk[:4]) + (" ..." if len(junk) > 4 else ""))
+        pending, leases, awaited, gaps = ids
+        return pending, leases, awaited, gaps
 
     def name_gaps(self, frame_ids: list[int]) -> list[int]:
         """Name lost (NAME_GAP) those of the due gaps `frame_ids` that no observation reached; their ids."""
@@ -849,6 +878,6 @@ class FrameStore:
             p.execute()
 
 
-__all__ = ["FrameStore", "StoreTimes", "Claim", "ADD_OBSERVATION", "DUE_FRAMES", "CLAIM_DUE", "RECLAIM_LEASE",
-           "CLAIM_CONFIDENT", "REQUEST_FEATURES", "ADD_FEATURE", "CLAIM_AWAITING", "ESCALATE", "RECORD_AND_RELEASE",
+__all__ = ["FrameStore", "frame_id_of", "StoreTimes", "Claim", "ADD_OBSERVATION", "DUE_FRAMES", "CLAIM_DUE",
+           "RECLAIM_LEASE", "CLAIM_CONFIDENT", "REQUEST_FEATURES", "ADD_FEATURE", "CLAIM_AWAITING", "ESCALATE", "RECORD_AND_RELEASE",
            "RECORD_SHED", "NAME_GAP", "REDIS_NOW"]

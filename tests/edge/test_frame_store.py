@@ -285,3 +285,21 @@ def test_junk_in_the_admission_fronts_is_ignored_and_mended(redis_conn, site):
     assert [st for st, _ in a.add([summary(site, 5, k) for k in range(3)])] == ["added"] * 3
     assert redis_conn.hget(names.front_key(site), "0") == b"5"
     assert a.record_shed([(2**53, 1, "camera", "behind")]) == ([], [(2**53, 1, "camera", "behind")])
+
+
+def test_members_of_the_frame_sets_that_are_no_frame_id_are_removed_not_fatal(redis_conn, site):
+    # A forged or mistyped member ('1.5', 'abc', '-5', '007') once raised ValueError in every sweep:
+    # the aggregator died, and again at each restart.
+    a = store(redis_conn, site, "a")
+    a.add([obs(site, 3, 0)])
+    junk = {names.pending_key(site): ["1.5", "abc", "-5", "007"], names.claimed_key(site): ["xyz"],
+            names.awaiting_key(site): ["zz"], names.gaps_key(site): ["9" * 20]}
+    for key, members in junk.items():
+        redis_conn.zadd(key, {m: 0 for m in members})
+    time.sleep(0.01)
+    assert a.due() == ([3], [], [], [])
+    assert all(redis_conn.zcard(key) == 0 for key in junk if key != names.pending_key(site))
+    assert redis_conn.zrange(names.pending_key(site), 0, -1) == [b"3"]
+    assert int(redis_conn.hget(names.counters_key(site), "junk_ids")) == 7
+    assert [c.frame_id for c in a.claim_expired()] == [3]
+
