@@ -27,10 +27,14 @@ MAX_SOURCE = 300  # characters of a dead letter's source (a topic or a stream en
 
 # Lua: record a result once. KEYS[1] result marker, KEYS[2] results stream; ARGV: frame id,
 # payload, owner, marker ttl ms, stream maxlen. Leaves `first` = 1 when this call recorded it.
+# The XADD goes before the marker: Redis does not undo a script's writes when a later command
+# fails (a results key of another type: WRONGTYPE), and a marker without its entry would refuse
+# every retry of a result nobody can read. Failing at the XADD writes nothing; the caller retries.
 RECORD_BODY = """
 local first = 0
-if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'PX', ARGV[4]) then
+if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'frame', ARGV[1], 'msg', ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   first = 1
 end
 """
