@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 IDLE_BLOCK_MS = 200  # longest XREADGROUP block while idle, so a stop request is seen quickly
 RETIRE_LOG_S = 60.0  # say at most this often that a site left the registry but still has escalations waiting
+SITE_RETRY_S = 5.0  # a site whose keys Redis refuses (WRONGTYPE) is left alone this long; the others go on
 ALL_SITES = "*"  # --sites: every site in the registry (`names.sites_key()`)
 
 
@@ -140,6 +141,7 @@ class Worker(BrokerService):
         self._site_mqtt: dict[str, MqttClient] = {}  # brokers of their own (--site-mqtt), by URL
         self._retire_log = Throttle(RETIRE_LOG_S)  # by site: one that left the registry, still being drained
         self._own_read: set[str] = set()  # sites whose entries pending at this consumer (a previous run's) were read
+        self._broken: dict[str, float] = {}  # site -> monotonic time until which its keys are not tried (SITE_RETRY_S)
         log.info("cloud %s: cloud block warmed up in %.2f s on %s", self.sid,
                  warm_up(self.model, torch.zeros(2, *self.fused_shape, device=self.device)), self.device)
 
@@ -173,7 +175,10 @@ class Worker(BrokerService):
         for site in wanted:
             if site in self.sites:
                 continue
-            self.ensure_group(site)
+            try:
+                self.ensure_group(site)
+            except redis.ResponseError as err:  # served all the same: its reads retry, and make the group
+                self._site_error(site, err)
             self.sites.append(site)
             if self.heartbeat is None:
                 self.heartbeat = Heartbeat(self.redis, site, "cloud", self.sid, self.cfg.heartbeat_s,
@@ -276,11 +281,11 @@ class Worker(BrokerService):
                     self.update_sites()
                     self.process(self.autoclaim(), reclaimed=True)
                     next_claim = time.monotonic() + self.cfg.claim_interval_s
-                batch = self.read_batch() if self.sites else []
+                batch = self.read_batch()
                 if batch:
                     self.process(batch)
-                elif not self.sites:
-                    stop.wait(IDLE_BLOCK_MS / 1000)  # no site announced yet
+                elif not self.active_sites():
+                    stop.wait(IDLE_BLOCK_MS / 1000)  # no site announced yet, or none whose keys Redis takes
                 backoff.reset()
             except REDIS_DOWN as err:
                 self.stats.redis_outages += 1
@@ -296,6 +301,30 @@ class Worker(BrokerService):
                     continue
                 for site in list(self.sites):
                     self._nogroup(site, err)
+
+    def _site_error(self, site: str, err: redis.ResponseError) -> None:
+        """Redis refused a command on one site's keys (WRONGTYPE: a key of its name overwritten,
+        an operator's to mend): that site is left alone for SITE_RETRY_S, its escalations wait in
+        its stream (those read stay pending, reclaimed later); every other site is served on."""
+        self.stats.redis_errors += 1
+        self._broken[site] = time.monotonic() + SITE_RETRY_S
+        log.error("cloud %s: site %r: Redis refused a command on its keys (%s); its escalations wait in %s, "
+                  "retried in %.0f s; other sites go on", self.sid, site, err, names.escalations_stream(site),
+                  SITE_RETRY_S)
+
+    def active_sites(self) -> list[str]:
+        """The sites served now: all but those whose keys Redis refused less than SITE_RETRY_S ago."""
+        now = time.monotonic()
+        for site in [x for x, until in self._broken.items() if until <= now]:
+            del self._broken[site]
+        return [x for x in self.sites if x not in self._broken]
+
+    def _site_failed(self, site: str, err: redis.ResponseError) -> None:
+        """A ResponseError from one site's keys: its group made again (NOGROUP), else `_site_error`."""
+        if group_gone(err):
+            self._nogroup(site, err)
+        else:
+            self._site_error(site, err)
 
     def _nogroup(self, site: str, err: redis.ResponseError) -> None:
         """A consumer group that vanished (Redis restarted without persistence, the stream deleted
@@ -320,7 +349,7 @@ class Worker(BrokerService):
             resp = self.redis.xreadgroup(self.cfg.group, self.sid, {names.escalations_stream(site): ">"}, count=count,
                                          block=block)
         except redis.ResponseError as err:
-            self._nogroup(site, err)
+            self._site_failed(site, err)
             return []
         return [(site, entry_id, fields) for _, entries in resp or [] for entry_id, fields in entries]
 
@@ -369,7 +398,9 @@ class Worker(BrokerService):
         cluster); when a round finds nothing, block: while idle on every site at once for at most
         200 ms (one read, on one Redis; with more sites than `batch`, a burst may bring one entry a
         site), then on one site at a time for at most `wait_ms` for the rest of a batch."""
-        cfg, sites = self.cfg, list(self.sites)
+        cfg, sites = self.cfg, self.active_sites()
+        if not sites:
+            return []
         share = max(1, -(-cfg.batch // len(sites)))
         out: list[tuple[str, bytes, dict]] = []
         first_at = None
@@ -416,11 +447,11 @@ class Worker(BrokerService):
         An entry already delivered `max_deliveries` times (it keeps killing workers) goes to the
         dead letters."""
         out: list[tuple[str, bytes, dict]] = []
-        for site in list(self.sites):
+        for site in self.active_sites():
             try:
                 out.extend(self._autoclaim(site))
             except redis.ResponseError as err:
-                self._nogroup(site, err)
+                self._site_failed(site, err)
         return out
 
     def _autoclaim(self, site: str) -> list[tuple[str, bytes, dict]]:
@@ -505,15 +536,21 @@ class Worker(BrokerService):
         for site in dict.fromkeys([s for s, _, _ in entries]):
             done = by_site.get(site, [])
             decisions = [(dec, dec.encode()) for _, dec in done]
-            firsts = record_results(self.redis, self._record, decisions, self.cfg.decided_ttl_s * 1000,
-                                    self.cfg.results_maxlen)
-            again = self._ours_already(decisions, firsts) if reclaimed else set()
-            for (dec, raw), first in zip(decisions, firsts):
-                if first or dec.frame_id in again:  # a reclaimed entry's result may have been recorded, never published
-                    self.results_broker(site).publish(names.results_topic(dec.site), raw)
-                if first:
-                    self.metrics.observe(site, dec.exit, dec.decided_at - dec.captured_at)
-            self.finish(site, [entry_id for entry_id, _ in done], letters.get(site, []))
+            try:
+                firsts = record_results(self.redis, self._record, decisions, self.cfg.decided_ttl_s * 1000,
+                                        self.cfg.results_maxlen)
+                again = self._ours_already(decisions, firsts) if reclaimed else set()
+                for (dec, raw), first in zip(decisions, firsts):
+                    # a reclaimed entry's result may have been recorded, never published
+                    if first or dec.frame_id in again:
+                        self.results_broker(site).publish(names.results_topic(dec.site), raw)
+                    if first:
+                        self.metrics.observe(site, dec.exit, dec.decided_at - dec.captured_at)
+                self.finish(site, [entry_id for entry_id, _ in done], letters.get(site, []))
+            except redis.ResponseError as err:  # this site's keys: its entries stay pending (reclaimed later)
+                if group_gone(err):
+                    raise
+                self._site_error(site, err)
         self.stats.answered += len(answered)
         self.stats.batches += 1
 

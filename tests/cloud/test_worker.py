@@ -246,6 +246,39 @@ def test_one_worker_serves_many_sites_fairly(stream_setup, brokers, three_sites,
 
 
 @pytest.mark.services
+def test_a_site_whose_keys_redis_refuses_stops_only_that_site(stream_setup, brokers, three_sites, redis_conn):
+    """One site's stream overwritten by a string (WRONGTYPE), another's results key: once every
+    read and every record of every site failed, each turn, until the keys were mended. Now those
+    two sites wait (nothing of theirs lost: entries stay in the stream) and the third is served."""
+    _, model, _, _, _ = stream_setup
+    a, b, c = three_sites
+    redis_conn.set(names.escalations_stream(b), "not a stream")  # before the start: the group cannot be made
+    w = worker(stream_setup, brokers, a, sites=",".join(three_sites), batch=8, wait_ms=5, claim_idle_ms=1)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,))
+    w.connect()
+    try:
+        assert w.sites == three_sites and w.stats.redis_errors == 1
+        redis_conn.set(names.results_stream(c), "not a stream")
+        xadd(redis_conn, escalations(model, a, 5) + escalations(model, c, 4))
+        thread.start()
+        assert len(wait_results(redis_conn, a, 5, timeout_s=10)) == 5
+        assert poll(lambda: w.stats.redis_errors >= 2)
+        assert redis_conn.xlen(names.escalations_stream(c)) == 4 and not redis_conn.exists(names.result_key(c, 100))
+        redis_conn.delete(names.escalations_stream(b), names.results_stream(c))  # the operator mends both keys
+        xadd(redis_conn, escalations(model, b, 3))
+        # Each waits out its SITE_RETRY_S (5 s) first.
+        assert poll(lambda: len(results(redis_conn, b)) == 3, 20)  # the group made again
+        assert poll(lambda: len(results(redis_conn, c)) == 4, 20)  # its entries, still pending, reclaimed
+    finally:
+        stop.set()
+        thread.join(10)
+        w.stop()
+    assert [len(results(redis_conn, s)) for s in three_sites] == [5, 3, 4]
+    assert [redis_conn.xlen(names.deadletter_stream(s)) for s in three_sites] == [0, 0, 0]
+
+
+@pytest.mark.services
 def test_every_announced_site_is_served(stream_setup, brokers, three_sites, redis_conn):
     a, b, c = three_sites
     redis_conn.sadd(names.sites_key(), a, b)
@@ -356,3 +389,25 @@ def test_a_bad_service_id_is_refused_with_the_config(cls):
     with pytest.raises(ValueError, match="service_id must match"):
         config(service_id="a/b")
     assert config(service_id="edge-1.a_b").service_id == "edge-1.a_b"
+
+
+@pytest.mark.services
+def test_a_worker_whose_redis_refuses_the_site_registry_stops_with_one_line(stream_setup, brokers, caplog):
+    # `ada:sites` of another type (WRONGTYPE) at start: once a traceback, now one line and status 1.
+    import urllib.parse
+
+    import redis
+
+    from pipeline.orchestration.cli import main
+
+    u = urllib.parse.urlsplit(brokers[1])
+    url = urllib.parse.urlunsplit((u.scheme, u.netloc, "/9", "", ""))  # a database of its own: the registry is global
+    r = redis.Redis.from_url(url)
+    r.set(names.sites_key(), "not a set")
+    try:
+        assert main(["cloud", "--sites", "*", "--redis-url", url, "--mqtt-url", brokers[0],
+                     "--checkpoint", stream_setup[0], "--device", "cpu"]) == 1
+    finally:
+        r.delete(names.sites_key())
+        r.close()
+    assert "ResponseError: WRONGTYPE" in caplog.text and "Traceback" not in caplog.text
