@@ -32,6 +32,8 @@ def check_writable(path: str) -> str:
     missing folders, so the nearest existing one must take new files)."""
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(folder):
+        if os.path.lexists(folder):  # a file (or a dangling link) where a folder is to be made
+            raise OSError(f"cannot write {path}: {folder} exists and is not a folder")
         parent = os.path.dirname(folder)
         if parent == folder:
             break

@@ -331,10 +331,13 @@ def _main(argv: list[str]) -> int:
         verbose = args.verbose
         run = functools.partial(args.func, args)
     _setup_logging(verbose)
+    import redis
+
     try:
         return run()
-    except (ValueError, RuntimeError, OSError) as err:
-        # Named errors from the package (DataError, CheckpointError, ...) end here with one line.
+    except (ValueError, RuntimeError, OSError, redis.RedisError) as err:
+        # Named errors from the package (DataError, CheckpointError, ...) end here with one line, and so
+        # does a Redis that refuses a role's start (WRONGTYPE: a key of ours overwritten; an operator's to mend).
         log.error("%s: %s", type(err).__name__, err)
         if verbose:
             raise
