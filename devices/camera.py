@@ -237,7 +237,8 @@ class CameraFeed:
                sample("ada_camera_feature_requests", st.requests, site=site),
                sample("ada_camera_feature_bytes", st.feature_bytes,
                        site=site),
-               sample("ada_camera_request_misses", st.request_misses, site=site)]
+               sample("ada_camera_request_misses", st.request_misses, site=site),
+               sample("ada_camera_bad_requests", st.bad_requests, site=site)]
         out.append(sample("ada_camera_resent", sum(c.resent for c in self.clients.values()), site=site))
         out.append(sample("ada_camera_control_ignored", self.signals.refused, site=site))
         out += [sample("ada_frames_shed", n, site=site,
@@ -556,8 +557,9 @@ class CameraFeed:
             if left <= 0:
                 break
             stop.wait(min(left, 0.05))
-        log.info("site %r cameras %s: %d feature requests answered (%d bytes), %d misses", self.cfg.site,
-                 list(self.cfg.cameras), self.stats.features_sent, self.stats.feature_bytes, self.stats.request_misses)
+        log.info("site %r cameras %s: %d feature requests answered (%d bytes), %d misses, %d bad requests ignored",
+                 self.cfg.site, list(self.cfg.cameras), self.stats.features_sent, self.stats.feature_bytes,
+                 self.stats.request_misses, self.stats.bad_requests)
 
     def _run_full_speed(self, stop: threading.Event) -> None:
         cfg = self.cfg

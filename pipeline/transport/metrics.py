@@ -111,6 +111,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "ada_camera_published": ("counter", "observations published"),
     "ada_camera_refused": ("counter", "observations dropped: too many waited for the broker"),
     "ada_camera_request_misses": ("counter", "lazy upload: features asked for and no longer kept"),
+    "ada_camera_bad_requests": ("counter", "lazy upload: feature requests that failed validation, ignored"),
     "ada_camera_resent": ("counter", "messages the broker had acknowledged, published again after a reconnect"),
     "ada_sessions_taken_over": ("counter", "MQTT sessions of dead aggregators taken over and ended, their messages stored"),
     "ada_clock_skewed": ("counter", "observations whose capture time the edge's clock rules out (left out of its lag)"),

@@ -367,3 +367,5 @@ def test_a_lazy_camera_sends_summaries_and_answers_feature_requests(stream_setup
         assert answers[(12, o.camera)].features == o.features == FeatureTensor.quantize(
             evaluation.camera_pass(model, data.test.slice(12, 13), wire_dtype=None).features[0, o.camera], "int2")
     assert (st.requests, st.features_sent, st.request_misses, st.bad_requests) == (3, 2, 1, 1)
+    exported = {m.name: m.value for m in feed.metric_samples()}
+    assert exported["ada_camera_bad_requests"] == 1 and exported["ada_camera_request_misses"] == 1
