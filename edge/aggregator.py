@@ -180,6 +180,10 @@ class Aggregator(BrokerService):
         self.expected = cfg.expected or self.net.num_cameras
         if self.expected > self.net.num_cameras:
             raise ValueError(f"expected: {cfg.expected} cameras per frame, but the network has {self.net.num_cameras}")
+        if cfg.admit_window == 0 and cfg.gap_grace_s > 0:
+            log.warning("edge: --gap-grace-s %g does nothing with --admit-window 0 (gaps are found from the cameras' "
+                        "fronts, which only admission keeps): frame ids every camera skipped will not be named lost",
+                        cfg.gap_grace_s)
         self.stats = EdgeStats()
         self.inbox = Inbox(lambda: self.mqtt.generation if self.mqtt is not None else 0,
                            urgent=lambda m: m.topic.endswith("/feat"))
