@@ -53,6 +53,18 @@ if [[ $what == all || $what == replays ]]; then
   run "${R[@]}" --n 0 --checkpoint models/int1/ada.safetensors --site eval --deadline-ms 200 --no-early-exit1 \
     --json reports/link/r10k_int1_ada_agree.json
   run "${R[@]}" --n 0 --checkpoint models/int1/ddnn.safetensors --site eval --json reports/link/r10k_int1_ddnn.json
+  # ADA-DDNN's choices at DDNN's two bit-width steps in docs/RESULTS.md ("at equal overall accuracy"),
+  # every summary awaited with a 1 s deadline (evaluate's exit mix): 1-bit codes at T1 0.020 / T2 0.200, 2-bit
+  # at 0.005 / 0.175.
+  run "${R[@]}" --n 0 --checkpoint "$ADA" --site eval --deadline-ms 1000 --no-early-exit1 --wire-dtype int1 \
+    --t1 0.02 --t2 0.2 --json reports/link/r10k_equal_int1.json
+  run "${R[@]}" --n 0 --checkpoint "$ADA" --site eval --deadline-ms 1000 --no-early-exit1 --wire-dtype int2 \
+    --t1 0.005 --t2 0.175 --json reports/link/r10k_equal_int2.json
+  # and DDNN's two steps themselves (site eval as above; its bytes do not depend on T2).
+  run "${R[@]}" --n 0 --checkpoint models/int1/ddnn.safetensors --site eval --deadline-ms 1000 --t2 0.2 \
+    --json reports/link/r10k_equal_ddnn_int1.json
+  run "${R[@]}" --n 0 --checkpoint "$DDNN" --site eval --deadline-ms 1000 --t2 0.15 \
+    --json reports/link/r10k_equal_ddnn_int2.json
 fi
 
 if [[ $what == latency || ( ( $what == all || $what == replays ) && ${LATENCY:-1} != 0 ) ]]; then
