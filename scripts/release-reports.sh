@@ -2,7 +2,7 @@
 # The release evaluation and replay reports, from the release checkpoints in models/: what
 # docs/RESULTS.md, reports/release/, reports/link/ and the README's results table are made of.
 #
-#   bash scripts/release-reports.sh            # everything (about 35 minutes on 2 cores)
+#   bash scripts/release-reports.sh            # everything (about 40 minutes on 2 cores)
 #   bash scripts/release-reports.sh evaluate   # only the offline evaluation and docs/RESULTS.md
 #   bash scripts/release-reports.sh page       # docs/RESULTS.md again from those reports, measuring nothing
 #   bash scripts/release-reports.sh replays    # only the replays (the latency runs included)
