@@ -140,7 +140,9 @@ class Worker(BrokerService):
         self._turn = 0  # which site a round of reads starts at (rotates)
         self._site_mqtt: dict[str, MqttClient] = {}  # brokers of their own (--site-mqtt), by URL
         self._retire_log = Throttle(RETIRE_LOG_S)  # by site: one that left the registry, still being drained
-        self._own_read: set[str] = set()  # sites whose entries pending at this consumer (a previous run's) were read
+        # Sites whose entries pending at this consumer are to be read at the next reclaim pass, and why:
+        # a previous run's (same --service-id), or those Redis refused to record (`_site_error`).
+        self._own_pending: dict[str, str] = {}
         self._broken: dict[str, float] = {}  # site -> monotonic time until which its keys are not tried (SITE_RETRY_S)
         log.info("cloud %s: cloud block warmed up in %.2f s on %s", self.sid,
                  warm_up(self.model, torch.zeros(2, *self.fused_shape, device=self.device)), self.device)
@@ -175,6 +177,8 @@ class Worker(BrokerService):
         for site in wanted:
             if site in self.sites:
                 continue
+            if self.cfg.service_id:
+                self._own_pending[site] = "this worker's previous run left pending"
             try:
                 self.ensure_group(site)
             except redis.ResponseError as err:  # served all the same: its reads retry, and make the group
@@ -308,6 +312,7 @@ class Worker(BrokerService):
         its stream (those read stay pending, reclaimed later); every other site is served on."""
         self.stats.redis_errors += 1
         self._broken[site] = time.monotonic() + SITE_RETRY_S
+        self._own_pending.setdefault(site, "left pending when Redis refused this site's keys")  # read, answered, kept
         log.error("cloud %s: site %r: Redis refused a command on its keys (%s); its escalations wait in %s, "
                   "retried in %.0f s; other sites go on", self.sid, site, err, names.escalations_stream(site),
                   SITE_RETRY_S)
@@ -458,17 +463,17 @@ class Worker(BrokerService):
         r, cfg, stream = self.redis, self.cfg, names.escalations_stream(site)
         assert r is not None
         out: list[tuple[bytes, dict]] = []
-        own: set[bytes] = set()  # entries of this worker's previous run (logged apart from the dead workers')
-        if cfg.service_id and site not in self._own_read:
+        own: set[bytes] = set()  # entries pending at this consumer (logged apart from the dead workers')
+        if site in self._own_pending:
             # This worker's previous run (same --service-id, so the same consumer) may have died
-            # holding entries: they are ours already, so take them now, not after claim_idle_ms.
+            # holding entries, or Redis refused to record some: they are ours already, so take them
+            # now, not after claim_idle_ms.
             resp = r.xreadgroup(cfg.group, self.sid, {stream: "0"}, count=4 * cfg.batch)
-            self._own_read.add(site)  # read (a Redis outage above leaves it for the next pass)
+            why = self._own_pending.pop(site)  # read (a Redis outage above leaves it for the next pass)
             out.extend(e for e in (resp[0][1] if resp else []) if e[1])
             own = {entry_id for entry_id, _ in out}
             if out:
-                log.warning("cloud %s: site %r: %d escalations this worker's previous run left pending, answered now",
-                            self.sid, site, len(out))
+                log.warning("cloud %s: site %r: %d escalations %s, answered now", self.sid, site, len(out), why)
         seen, start = {entry_id for entry_id, _ in out}, "0-0"
         while len(out) < 4 * cfg.batch:
             resp = r.xautoclaim(stream, cfg.group, self.sid, cfg.claim_idle_ms, start_id=start, count=cfg.batch)

@@ -253,7 +253,7 @@ def test_a_site_whose_keys_redis_refuses_stops_only_that_site(stream_setup, brok
     _, model, _, _, _ = stream_setup
     a, b, c = three_sites
     redis_conn.set(names.escalations_stream(b), "not a stream")  # before the start: the group cannot be made
-    w = worker(stream_setup, brokers, a, sites=",".join(three_sites), batch=8, wait_ms=5, claim_idle_ms=1)
+    w = worker(stream_setup, brokers, a, sites=",".join(three_sites), batch=8, wait_ms=5, claim_interval_s=0.5)
     stop = threading.Event()
     thread = threading.Thread(target=w.run, args=(stop,))
     w.connect()
@@ -269,7 +269,8 @@ def test_a_site_whose_keys_redis_refuses_stops_only_that_site(stream_setup, brok
         xadd(redis_conn, escalations(model, b, 3))
         # Each waits out its SITE_RETRY_S (5 s) first.
         assert poll(lambda: len(results(redis_conn, b)) == 3, 20)  # the group made again
-        assert poll(lambda: len(results(redis_conn, c)) == 4, 20)  # its entries, still pending, reclaimed
+        # its entries, pending at this worker, read again at once (not after claim_idle_ms, 30 s here)
+        assert poll(lambda: len(results(redis_conn, c)) == 4, 20)
     finally:
         stop.set()
         thread.join(10)
