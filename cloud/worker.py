@@ -70,7 +70,7 @@ ALL_SITES = "*"  # --sites: every site in the registry (`names.sites_key()`)
 class CloudConfig(BrokerRoleConfig):
     """One cloud worker (site, brokers and checkpoint as in `BrokerRoleConfig`)."""
 
-    batch: int = field(default=64, metadata={"min": 1})  # escalations per forward pass at most
+    batch: int = field(default=64, metadata={"min": 1, "max": 10_000})  # escalations per forward pass at most
     wait_ms: int = field(default=10, metadata={"min": 0, "max": 60_000})  # after the first entry of a batch, wait at most this long (ms) for more
     device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
     threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default

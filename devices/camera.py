@@ -111,7 +111,7 @@ class CameraConfig:
     stop: int = field(default=0, metadata={"min": 0})  # one past the last frame; 0 = the end of the split
     fps: float = field(default=0.0, metadata={"min": 0})  # frames per second; 0 = as fast as possible
     wire_dtype: str = field(default=MODEL_WIRE_DTYPE, metadata={"choices": (MODEL_WIRE_DTYPE, *DTYPES)})  # code of the features on the wire; model = the one the checkpoint was trained for (int8 if none)
-    batch: int = field(default=64, metadata={"min": 1})  # frames per forward pass at fps 0
+    batch: int = field(default=64, metadata={"min": 1, "max": 10_000})  # frames per forward pass at fps 0
     device: str = "cpu"  # cpu, cuda or auto, for the camera modules
     threads: int = field(default=0, metadata={"min": 0})  # torch CPU threads; 0 = torch's default
     labels: bool = True  # attach the ground truth (replays score accuracy with it)

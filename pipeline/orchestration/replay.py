@@ -111,8 +111,8 @@ class ReplayConfig:
     redis_url: str | None = None  # Redis, redis://host:port/db, or a Redis Cluster, redis+cluster://host:port,host:port; none = start an embedded one
     site: str = ""  # site id; "" = a fresh replay-xxxxxxxx
     window: int = field(default=128, metadata={"min": 1})  # frames in flight at most (cameras wait for results beyond it)
-    camera_batch: int = field(default=64, metadata={"min": 1})  # frames per camera forward pass
-    cloud_batch: int = field(default=64, metadata={"min": 1})  # escalations per cloud forward pass at most
+    camera_batch: int = field(default=64, metadata={"min": 1, "max": 10_000})  # frames per camera forward pass
+    cloud_batch: int = field(default=64, metadata={"min": 1, "max": 10_000})  # escalations per cloud forward pass at most
     cloud_wait_ms: int = field(default=10, metadata={"min": 0, "max": 60_000})  # the cloud waits at most this long (ms) to fill a batch
     cloud_device: str = "auto"  # auto (the GPU when there is one), cpu, cuda
     silent: tuple[int, ...] = field(default=(), metadata={"min": 0})  # cameras that never publish (a dead camera), comma-separated
