@@ -83,3 +83,11 @@ def pack(obj) -> bytes:
 def over_the_wire(f: FeatureTensor) -> FeatureTensor:
     """`f` packed as a message field and read back, as a receiver gets it."""
     return FeatureTensor.from_wire(msgpack.unpackb(pack(f.to_wire()), raw=False))
+
+
+def beat(sid: str, role: str = "edge") -> str:
+    """A heartbeat body as `pipeline.transport.redis_client.Heartbeat` writes it: a key holding
+    anything else (or without expiry) does not count as a live service."""
+    import json
+
+    return json.dumps({"role": role, "id": sid, "at": time.time()})

@@ -275,14 +275,40 @@ class Heartbeat:
 
 def alive(client: redis.Redis, site: str, role: str, sid: str | None = None) -> list[str]:
     """Ids of the services of `role` at `site` whose heartbeat has not expired (just `sid` if given).
-    A key under the heartbeat prefix whose rest is no service id (`names.SERVICE_RE`) was not
-    written by a service, and does not count."""
+    A heartbeat counts only as `Heartbeat` writes it: a JSON object naming its service id, with a
+    capture time, under a key with a TTL. Anything else under the prefix (a rest that is no
+    service id, a key of another type, one without expiry, another body: written by hand or by a
+    forger) does not count: a dead service must never pass for a live one."""
     if sid:
-        return [sid] if client.exists(names.heartbeat_key(site, role, sid)) else []
-    prefix = names.heartbeat_prefix(site, role)
-    ids = (k.decode(errors="replace")[len(prefix):] if isinstance(k, bytes) else k[len(prefix):]
-           for k in client.scan_iter(match=names.heartbeat_pattern(site, role)))
-    return sorted(i for i in ids if names.SERVICE_RE.match(i))
+        candidates = [sid]
+    else:
+        prefix = names.heartbeat_prefix(site, role)
+        ids = (k.decode(errors="replace")[len(prefix):] if isinstance(k, bytes) else k[len(prefix):]
+               for k in client.scan_iter(match=names.heartbeat_pattern(site, role)))
+        candidates = sorted(i for i in ids if names.SERVICE_RE.match(i))
+    if not candidates:
+        return []
+    with client.pipeline(transaction=False) as p:
+        for i in candidates:
+            key = names.heartbeat_key(site, role, i)
+            p.get(key)
+            p.pttl(key)
+        replies = p.execute(raise_on_error=False)
+    return [i for i, raw, ttl in zip(candidates, replies[::2], replies[1::2]) if _beats(i, raw, ttl)]
+
+
+def _beats(sid: str, raw: object, ttl: object) -> bool:
+    """Whether (GET, PTTL) of a heartbeat key are a live heartbeat of `sid` (see `alive`)."""
+    if not isinstance(raw, (bytes, str)) or not isinstance(ttl, int) or ttl <= 0:
+        return False  # missing, of another type (an error reply), or without expiry
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False
+    if not isinstance(body, dict):
+        return False
+    at = body.get("at")
+    return body.get("id") == sid and isinstance(at, (int, float)) and not isinstance(at, bool)
 
 
 def check_alive(redis_url: str, site: str, role: str, sid: str | None = None) -> int:

@@ -8,7 +8,7 @@ from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
 from pipeline.transport.redis_client import alive
 from pipeline.wire import names
 from pipeline.wire.messages import Decision, Escalation, FeatureTensor
-from tests.helpers import poll, wait_results
+from tests.helpers import beat, poll, wait_results
 
 
 def escalations(model, site, n, dtype="int8"):
@@ -335,7 +335,7 @@ def test_a_site_removed_while_its_edge_runs_is_still_served(stream_setup, broker
     w = worker(stream_setup, brokers, a, sites="*", group=f"g-{a[-8:]}")
     w.connect()
     try:
-        redis_conn.set(names.heartbeat_key(b, "edge", "edge-b1"), b"{}", ex=60)
+        redis_conn.set(names.heartbeat_key(b, "edge", "edge-b1"), beat("edge-b1"), ex=60)
         redis_conn.srem(names.sites_key(), b)
         w.update_sites()
         assert b in w.sites and alive(redis_conn, b, "cloud") == [w.sid]

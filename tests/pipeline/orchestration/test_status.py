@@ -7,8 +7,10 @@ import pytest
 from pipeline.orchestration.cli import main
 from pipeline.orchestration.replay import ReplayConfig, run_replay
 from pipeline.orchestration.status import StatusConfig, site_status, table
+from tests.helpers import beat
 
 pytestmark = pytest.mark.services
+
 
 
 def test_status_of_a_live_site(stream_setup, brokers, site):
@@ -64,9 +66,16 @@ def test_forged_camera_statuses_and_heartbeat_keys_are_not_counted(brokers, site
     publish.multiple([{"topic": t, "payload": p, "qos": 1, "retain": True} for t, p in msgs], hostname=u.host,
                      port=u.port)
     prefix = names.heartbeat_prefix(site, "edge")
-    redis_conn.set(names.heartbeat_key(site, "edge", "agg-1"), b"{}", ex=60)
+    redis_conn.set(names.heartbeat_key(site, "edge", "agg-1"), beat("agg-1"), ex=60)
     redis_conn.set(prefix + "not a service id!", b"{}", ex=60)
     redis_conn.set(prefix + "x" * 200, b"{}", ex=60)
+    # under a service id, but not a heartbeat: no expiry, another type, another body, another id
+    redis_conn.set(names.heartbeat_key(site, "edge", "ghost"), beat("ghost"))
+    redis_conn.hset(names.heartbeat_key(site, "edge", "hashy"), "a", "b")
+    redis_conn.expire(names.heartbeat_key(site, "edge", "hashy"), 60)
+    redis_conn.set(names.heartbeat_key(site, "edge", "garbage"), b"garbage", ex=60)
+    redis_conn.set(names.heartbeat_key(site, "edge", "never"), b'{"id": "never", "at": "never"}', ex=60)
+    redis_conn.set(names.heartbeat_key(site, "edge", "other"), beat("agg-1"), ex=60)
     try:
         st = site_status(StatusConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1]))
         assert st.cameras == {1: "online"}
@@ -119,7 +128,7 @@ def test_flow_statuses_are_shown_by_the_service_id_of_a_live_aggregator(brokers,
     topics = [names.flow_topic(site, live), names.flow_topic(site, gone)]
     publish.multiple([{"topic": t, "payload": FlowStatus(site, by, 12.5, 0, time.time()).encode(), "qos": 1,
                        "retain": True} for t, by in zip(topics, (live, gone))], hostname=u.host, port=u.port)
-    redis_conn.set(names.heartbeat_key(site, "edge", "edge-a"), b"{}", ex=60)
+    redis_conn.set(names.heartbeat_key(site, "edge", "edge-a"), beat("edge-a"), ex=60)
     try:
         st = site_status(StatusConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1]))
         assert st.aggregators == ["edge-a"] and st.flow == {"edge-a": 12.5, gone: 12.5}
