@@ -404,6 +404,8 @@ class Aggregator(BrokerService):
                          "so the broker queues what the cameras send for %d s until it is back", self.sid,
                          self.cfg.session_expiry_s)
             else:
+                log.info("edge %s: other aggregators of the site are alive: unsubscribing, so that they take this "
+                         "one's share at once", self.sid)
                 self.mqtt.client.unsubscribe(names.shared_obs_filter(self.cfg.site, self.cfg.share_group))
                 if self.answers is not None:
                     self.answers.client.unsubscribe(names.shared_features_filter(self.cfg.site, self.cfg.share_group))
@@ -437,10 +439,15 @@ class Aggregator(BrokerService):
         super().close()
 
     def _keep_subscriptions(self) -> bool:
-        """On stopping: True for a persistent session with no other aggregator of the site alive."""
+        """On stopping: True for a persistent session with no other aggregator of the site alive.
+        This aggregator's own heartbeat goes first: of aggregators stopped together (a compose
+        restart), each that looks next sees the others' gone or going, so the last to look keeps
+        its subscriptions (all of them may), and the broker goes on queueing for the site."""
         if not (self.cfg.service_id and self.cfg.session_expiry_s > 0) or self.redis is None:
             return False
         try:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()  # its key deleted now (close() stops it again: a no-op)
             others = [s for s in alive(self.redis, self.cfg.site, "edge") if s != self.sid]
         except REDIS_DOWN:
             return True  # cannot tell: keeping loses nothing while this aggregator comes back in time

@@ -120,7 +120,12 @@ class SessionReaper:
 
     def _take(self, owner: str) -> None:
         expiry = self.redis.hget(names.edge_sessions_key(self.site), owner)
-        expiry_s = max(1, int(expiry or 1))
+        try:
+            expiry_s = max(1, int(expiry or 1))
+        except ValueError:  # no aggregator wrote that: the session is taken over and ends a second after
+            log.warning("edge %s: site %r: %s's session expiry in %s is %r, no number; taking it over for 1 s",
+                        self.sid, self.site, owner, names.edge_sessions_key(self.site), expiry[:40])
+            expiry_s = 1
         log.warning("edge %s: site %r: aggregator %s is dead (no heartbeat) and left a persistent MQTT session; "
                     "taking it over, so that the broker hands its share to the live aggregators and what it queued "
                     "is stored here", self.sid, self.site, owner)

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -110,6 +111,35 @@ def test_an_aggregator_with_a_persistent_session_registers_it_and_unregisters_wh
 
 
 @pytest.mark.services
+def test_aggregators_stopped_together_leave_at_least_one_session_subscribed(stream_setup, brokers, site, redis_conn):
+    """A compose restart stops every aggregator of a site at once. Each saw the others' heartbeats
+    and unsubscribed, so nothing queued for the site while they were down: every frame sent then
+    was named 'never received'. Now each removes its own heartbeat before it looks, so the last to
+    look keeps its subscriptions (and its session entry, for whoever comes next)."""
+    path, model, _, t1, t2 = stream_setup
+    aggs = []
+    for sid in ("a", "b", "c"):
+        cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path,
+                         service_id=f"{sid}-{site}"[:100])
+        aggs.append(Aggregator(cfg, model.edge, t1, t2))
+        aggs[-1].connect()
+    go = threading.Barrier(len(aggs))
+    stoppers = [threading.Thread(target=lambda agg=agg: (go.wait(), agg.close())) for agg in aggs]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join(30)
+    kept = sorted(k.decode() for k in redis_conn.hkeys(names.edge_sessions_key(site)))
+    assert kept and set(kept) <= {agg.sid for agg in aggs}
+    for sid in kept:  # end the sessions kept
+        for cid in sessions.client_ids(site, sid):
+            c, present = _session(brokers[0], cid, 0)
+            c.loop_stop()
+            c.disconnect()
+            assert present
+
+
+@pytest.mark.services
 def test_an_aggregator_whose_session_was_taken_over_registers_its_new_one(stream_setup, brokers, site, redis_conn):
     """Stalled long enough to be judged dead, an aggregator has its session taken over, ended and
     unregistered by another; going on, it reconnects to a new session, which it registers at once,
@@ -132,3 +162,22 @@ def test_an_aggregator_whose_session_was_taken_over_registers_its_new_one(stream
                     timeout_s=8)  # well before the next announcement (ANNOUNCE_S, 10 s)
     finally:
         agg.stop()
+
+
+@pytest.mark.services
+def test_a_session_entry_with_no_number_is_taken_over_not_fatal(brokers, site, redis_conn):
+    # `ada:{site}:edge_sessions` maps a service id to its session expiry; a value no aggregator
+    # wrote ('abc') once raised ValueError in the take-over, and every aggregator of the site exited.
+    got = []
+    reaper = sessions.SessionReaper(redis_conn, brokers[0], site, f"live-{site}"[:100], "edge",
+                                    lambda msg, reaped: got.append(msg), receive_maximum=10, heartbeat_s=0.01)
+    redis_conn.hset(names.edge_sessions_key(site), "ghost", "abc")
+    try:
+        reaper._next = 0
+        reaper.tick()  # ghost seen without a heartbeat
+        time.sleep(reaper.grace_s)
+        reaper._next = 0
+        reaper.tick()  # dead past the grace: taken over (for 1 s)
+        assert reaper._owner == "ghost"
+    finally:
+        reaper.close()
