@@ -61,6 +61,10 @@ class SiteSignals:
                         self.refused, WARN_S)
 
     def _flow(self, status: FlowStatus, topic: str, retained: bool) -> None:
+        if status.site != self.site or status.by != topic.rsplit("/", 1)[-1]:
+            self._refuse("forged", f"ignoring a flow status of site {status.site!r} by {status.by!r} on {topic}: an "
+                         "aggregator reports for its own site on its own topic only")
+            return
         ahead = status.at - time.time()
         if ahead > FLOW_AHEAD_S:
             self._refuse("ahead", f"ignoring the flow status of {status.by!r} on {topic}: dated {ahead:.4g} s ahead "

@@ -91,7 +91,10 @@ def read_mqtt(cfg: StatusConfig, st: SiteStatus, wait_s: float = RETAINED_WAIT_S
                 st.cameras[s.camera] = s.state
             else:
                 f = FlowStatus.decode(msg.payload)
-                who = f.by or msg.topic.rsplit("/", 1)[-1]
+                if f.site != cfg.site or f.by != msg.topic.rsplit("/", 1)[-1]:
+                    raise MessageError(f"a flow status of site {f.site!r} by {f.by!r} on {msg.topic}: an aggregator "
+                                       "reports for its own site on its own topic only")
+                who = f.by
                 st.flow[who] = round(float(f.lag_ms), 1)
                 st.flow_age_s[who] = round(st.at - float(f.at), 1)
         except (MessageError, AttributeError, ValueError) as err:

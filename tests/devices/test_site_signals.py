@@ -76,3 +76,15 @@ def test_the_flow_table_is_bounded():
         flow(s, 10, by=by, at=time.time() - 60)
     flow(s, 10, by="newcomer")
     assert "newcomer" in s.flow and len(s.flow) == MAX_FLOW_SOURCES - 9
+
+
+def test_a_flow_status_of_another_site_or_on_another_aggregators_topic_is_ignored():
+    # A retained flow status of another site, or naming another aggregator than its topic does,
+    # once made the cameras shed (an 'overload' nobody at this site reported).
+    s = SiteSignals("s", shed_lag_ms=1000)
+    for site, by, topic_id in (("other", "e1", "e1"), ("s", "e1", "e2")):
+        status = FlowStatus(site, by, 99999.0, 0, time.time())
+        s.on_message(SimpleNamespace(topic=names.flow_topic("s", topic_id), payload=status.encode()))
+    assert s.refused == 2 and not s.overloaded() and s.split(list(range(10))) == (list(range(10)), [])
+    flow(s, 99999.0)  # its own site, on its own topic
+    assert s.overloaded()

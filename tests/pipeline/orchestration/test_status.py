@@ -99,17 +99,22 @@ def test_a_dead_aggregators_flow_status_is_stale_and_bad_data_is_a_warning(broke
     from pipeline.wire.control import FlowStatus
 
     u = parse_mqtt_url(brokers[0])
-    topic = names.flow_topic(site, "0123456789abcdef")
-    publish.single(topic, FlowStatus(site, "edge-dead", 31.7, 0, time.time() - 100).encode(), qos=1, retain=True,
-                   hostname=u.host, port=u.port)
+    topic = names.flow_topic(site, "edge-dead")
+    forged = {names.flow_topic(site, "zz"): FlowStatus("othersite", "zz", 99999.0, 5, time.time()),  # another site's
+              names.flow_topic(site, "yy"): FlowStatus(site, "edge-dead", 88888.0, 5, time.time())}  # not its topic
+    publish.multiple([{"topic": t, "payload": p.encode(), "qos": 1, "retain": True} for t, p in
+                      [(topic, FlowStatus(site, "edge-dead", 31.7, 0, time.time() - 100)), *forged.items()]],
+                     hostname=u.host, port=u.port)
     redis_conn.xadd(names.results_stream(site), {"frame": 1, "junk": b"x"})
     try:
         assert main(["status", "--site", site, "--mqtt-url", brokers[0], "--redis-url", brokers[1]]) == 0
         out = capsys.readouterr().out
         assert "edge-dead:31.7 (stale: 100 s old" in out
         assert "warning" in out and "no 'msg' field" in out
+        assert "99999" not in out and "88888" not in out and out.count("on its own topic only") == 2
     finally:
-        publish.single(topic, b"", qos=1, retain=True, hostname=u.host, port=u.port)
+        publish.multiple([{"topic": t, "payload": b"", "qos": 1, "retain": True} for t in [topic, *forged]],
+                         hostname=u.host, port=u.port)
 
 
 def test_flow_statuses_are_shown_by_the_service_id_of_a_live_aggregator(brokers, site, redis_conn):
