@@ -133,32 +133,45 @@ def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:
         st.aggregators = alive(r, site, "edge")
         st.workers = alive(r, site, "cloud")
         esc = names.escalations_stream(site)
-        st.backlog = {"open_frames": int(r.zcard(names.pending_key(site))),
-                      "claimed_frames": int(r.zcard(names.claimed_key(site))),
-                      "escalations": int(r.xlen(esc)),
-                      "dead_letters": int(r.xlen(names.deadletter_stream(site))),
-                      "named_losses": int(r.xlen(names.losses_stream(site)))}
+        # Each count on its own: a key Redis refuses (WRONGTYPE: overwritten by hand or by a forger)
+        # is a warning naming it, and the rest is still read (errors are for a broker not read at all).
+        for name, count, key in (("open_frames", r.zcard, names.pending_key(site)),
+                                 ("claimed_frames", r.zcard, names.claimed_key(site)),
+                                 ("awaiting_features", r.zcard, names.awaiting_key(site)),
+                                 ("escalations", r.xlen, esc),
+                                 ("dead_letters", r.xlen, names.deadletter_stream(site)),
+                                 ("named_losses", r.xlen, names.losses_stream(site))):
+            try:
+                st.backlog[name] = int(count(key))
+            except redis.ResponseError as err:
+                st.warnings.append(f"{key}: {err}")
         try:
             st.backlog["cloud_unacknowledged"] = int(r.xpending(esc, cfg.cloud_group)["pending"])
-        except redis.ResponseError:
+        except redis.ResponseError as err:
             st.backlog["cloud_unacknowledged"] = 0  # no group yet: no worker has ever read
+            if not str(err).startswith("NOGROUP"):
+                st.warnings.append(f"{esc}: {err}")
         since_ms = int((st.at - cfg.window_s) * 1000)
         exits: Counter[str] = Counter()
         last_id = f"{since_ms}-0"
-        first = r.xrange(names.results_stream(site), min="-", max="+", count=1)  # the site's first result kept
-        first_ms = int(first[0][0].split(b"-")[0]) if first else None
-        while True:  # the window's results, in pages
-            page = r.xrange(names.results_stream(site), min=last_id, max="+", count=1000)
-            for entry_id, fields in page:
-                try:
-                    if b"msg" not in fields:
-                        raise MessageError(f"no 'msg' field (fields: {sorted(fields)[:8]})")
-                    exits[Decision.decode(fields[b"msg"]).exit] += 1
-                except (MessageError, msgpack.UnpackException, ValueError) as err:
-                    st.warnings.append(f"bad result entry {entry_id!r}: {err}")
-            if len(page) < 1000:
-                break
-            last_id = "(" + page[-1][0].decode()
+        first_ms = None
+        try:
+            first = r.xrange(names.results_stream(site), min="-", max="+", count=1)  # the site's first result kept
+            first_ms = int(first[0][0].split(b"-")[0]) if first else None
+            while True:  # the window's results, in pages
+                page = r.xrange(names.results_stream(site), min=last_id, max="+", count=1000)
+                for entry_id, fields in page:
+                    try:
+                        if b"msg" not in fields:
+                            raise MessageError(f"no 'msg' field (fields: {sorted(fields)[:8]})")
+                        exits[Decision.decode(fields[b"msg"]).exit] += 1
+                    except (MessageError, msgpack.UnpackException, ValueError) as err:
+                        st.warnings.append(f"bad result entry {entry_id!r}: {err}")
+                if len(page) < 1000:
+                    break
+                last_id = "(" + page[-1][0].decode()
+        except redis.ResponseError as err:
+            st.warnings.append(f"{names.results_stream(site)}: {err}")
         st.exits = {e: exits.get(e, 0) for e in EXIT_NAMES}
         st.decided = sum(exits.values())
         # over the window, or, for a site whose first result came within it, since then (1 s at least)

@@ -141,3 +141,19 @@ def test_flow_statuses_are_shown_by_the_service_id_of_a_live_aggregator(brokers,
     finally:
         publish.multiple([{"topic": t, "payload": b"", "qos": 1, "retain": True} for t in topics], hostname=u.host,
                          port=u.port)
+
+
+def test_a_key_redis_refuses_is_a_warning_and_the_rest_is_read(brokers, site, redis_conn):
+    # One key of another type (WRONGTYPE) once ended the whole look: only an error, no backlog, exit 1.
+    from pipeline.wire import names
+
+    redis_conn.set(names.pending_key(site), "garbage")
+    redis_conn.zadd(names.awaiting_key(site), {"7": 0, "8": 0})  # frames waiting for their features
+    redis_conn.set(names.escalations_stream(site), "garbage")
+    st = site_status(StatusConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1]))
+    assert not st.errors
+    assert "open_frames" not in st.backlog and st.backlog["awaiting_features"] == 2
+    assert st.backlog["named_losses"] == 0 and st.backlog["cloud_unacknowledged"] == 0
+    assert len(st.warnings) == 3 and all("WRONGTYPE" in w for w in st.warnings), st.warnings
+    assert any(line.startswith("backlog: awaiting features") and line.split()[-1] == "2"
+               for line in table(st).splitlines())
