@@ -305,9 +305,11 @@ def summary_table(report: dict) -> str:
         ("bytes/frame (cam->edge, edge->cams, edge->cloud)",
          f"{report['bytes_per_frame']['camera_to_edge']:.0f} / {report['bytes_per_frame']['edge_to_cameras']:.0f} / "
          f"{report['bytes_per_frame']['edge_to_cloud']:.0f}"),
-        (f"bytes/camera/frame, {report.get('upload', '?')} (all; exit1/exit2/cloud)",
+        (f"bytes/camera/frame, {report.get('upload', '?')} (all; exit1/exit2/cloud; late)",
          f"{f(report['link']['bytes_per_camera_frame']['all'])}; "
-         + " / ".join(f(report["link"]["bytes_per_camera_frame"][e]) for e in EXIT_NAMES)),
+         + " / ".join(f(report["link"]["bytes_per_camera_frame"][e]) for e in EXIT_NAMES)
+         # per frame of the run, of messages no decision used (after their frame's), in `all` only
+         + f"; {f(report['link']['bytes_per_camera_frame'].get('unattributed'))}"),
         ("edge block runs per 100 frames", f(report["edge_runs_per_100_frames"])),
         ("throughput", f"{f(report['throughput_fps'])} frames/s"),
     ]

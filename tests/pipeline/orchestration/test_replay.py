@@ -40,6 +40,13 @@ def test_replay_500_frames_equals_offline(stream_setup, brokers, site):
     assert "decisions equal to offline" in summary_table(rep)
     link = rep["link"]["bytes_per_camera_frame"]
     assert link["exit1"] < link["exit2"] and link["exit1"] < link["cloud"]  # exit 1 frames sent summaries only
+    # the summary's parts add up: by exit, weighted by the exit mix, and what no decision used
+    row = next(line for line in summary_table(rep).splitlines() if line.startswith("bytes/camera/frame"))
+    every, by_exit, late = row.split("  ")[-1].strip().split("; ")
+    parts = [float(x) for x in by_exit.split(" / ")]
+    assert float(late) == link["unattributed"]
+    assert float(every) == pytest.approx(sum(rep["exit_rate"][e] * b for e, b in zip(("exit1", "exit2", "cloud"), parts))
+                                         + float(late), abs=0.3)
     assert rep["edge_runs_per_100_frames"] == pytest.approx(100 * (1 - rep["exit_rate"]["exit1"]), abs=0.01)
 
 
