@@ -197,6 +197,7 @@ class Aggregator(BrokerService):
         self._missing_log = Throttle(MISSING_LOG_S)  # frames decided without some features: a line per period
         self._shed_log = Throttle(SHED_LOG_S)  # shed notices: a line per period
         self._missing_frames = 0  # such frames since then
+        self._blind_frames = 0  # frames answered from their summaries alone (no feature came) since then
         self._highest: dict[int, tuple[int, float]] = {}  # camera -> (highest frame id it sent here, its capture time)
         self._rewind_log = Throttle(REWIND_LOG_S)
         self._announce_denied = False  # the registry refused this aggregator's user (said once)
@@ -840,16 +841,23 @@ class Aggregator(BrokerService):
                 losses += [(fr.frame_id, k, "edge", "no features") for k in fr.missing if k not in fr.present]
                 counts["blind_frames"] = counts.get("blind_frames", 0) + fr.blind
             counts[f"camera_bytes_{exit_name}"] = counts.get(f"camera_bytes_{exit_name}", 0) + sent
-        if losses:
+        blind = [fr.frame_id for fr, _ in done if fr.requested and fr.blind]
+        if losses or blind:
             self.stats.features_missing += len(losses)
             self._missing_frames += len({f for f, *_ in losses})
-            if self._missing_log():  # one line per period, with its count
-                log.warning("site %r: %d frames decided without the features of some cameras (asked, not answered "
-                            "within %d ms) since the last such line, e.g. frame %d camera %d; %d cameras' features "
-                            "missing in all", site, self._missing_frames, self.cfg.request_deadline_ms, losses[0][0],
-                            losses[0][1], self.stats.features_missing)
-                self._missing_frames = 0
-            self.store.record_losses(losses, counter="features_missing")
+            self._blind_frames += len(blind)
+            if self._missing_log():  # one line per period, with its counts
+                example = (f"e.g. frame {losses[0][0]} camera {losses[0][1]}" if losses
+                           else f"e.g. frame {blind[0]}")
+                log.warning("site %r: %d frames decided without the features of some cameras and %d answered from "
+                            "the cameras' summaries alone, none of their features having come (asked; no answer "
+                            "stored here within %d ms: a camera down or its features expired, or its answer held in "
+                            "a dead aggregator's session) since the last such line, %s; %d cameras' features missing "
+                            "in all", site, self._missing_frames, self._blind_frames, self.cfg.request_deadline_ms,
+                            example, self.stats.features_missing)
+                self._missing_frames = self._blind_frames = 0
+            if losses:
+                self.store.record_losses(losses, counter="features_missing")
         self.store.count_many(counts)
 
     def _escalation(self, fr: Frame, fused: torch.Tensor, edge_entropy: float, edge_pred: int) -> bytes:

@@ -74,10 +74,10 @@ def test_lazy_upload_with_a_camera_that_never_answers(stream_setup, brokers, sit
         assert d.exit == EXIT_NAMES[int(ref.exit[f])] and d.prediction == int(ref.prediction[f]), f
 
 
-def test_a_frame_none_of_whose_cameras_answer_names_no_view(stream_setup, brokers, site, redis_conn):
+def test_a_frame_none_of_whose_cameras_answer_names_no_view(stream_setup, brokers, site, redis_conn, caplog):
     """No camera answers the feature requests: each such frame is answered by its cameras' verdicts,
     which its `present` lists; so none of its views is also named lost ('no features'): it counts
-    in `blind_frames`."""
+    in `blind_frames`, and the log says so (it once said nothing)."""
     path, model, data, t1, t2 = stream_setup
     n = 20
     obs = observations(model, data, list(range(n)))
@@ -98,3 +98,4 @@ def test_a_frame_none_of_whose_cameras_answer_names_no_view(stream_setup, broker
     assert sorted(got) == list(range(n)) and counters["requests"] > 0
     assert counters["blind_frames"] == counters["requests"] <= len(blind)
     assert redis_conn.xlen(names.losses_stream(site)) == 0 and "features_missing" not in counters
+    assert "answered from the cameras' summaries alone" in caplog.text
