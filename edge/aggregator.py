@@ -196,6 +196,7 @@ class Aggregator(BrokerService):
         self._skew_log = Throttle(SKEW_LOG_S)  # by camera: its wrong clock named at most once a period
         self._missing_log = Throttle(MISSING_LOG_S)  # frames decided without some features: a line per period
         self._shed_log = Throttle(SHED_LOG_S)  # shed notices: a line per period
+        self._shed_pending = _no_shed()  # shed notices since that line
         self._missing_frames = 0  # such frames since then
         self._blind_frames = 0  # frames answered from their summaries alone (no feature came) since then
         self._highest: dict[int, tuple[int, float]] = {}  # camera -> (highest frame id it sent here, its capture time)
@@ -349,6 +350,7 @@ class Aggregator(BrokerService):
             self.watchdog.tick()
             if time.monotonic() >= next_flow:
                 self.publish_flow()
+                self._say_shed()  # the shed notices of a quiet second, if no later one came
                 next_flow = time.monotonic() + FLOW_INTERVAL_S
             if not self._held:
                 self._held = self.inbox.take(self.cfg.batch, max(0.0, next_scan - time.monotonic()))
@@ -398,6 +400,7 @@ class Aggregator(BrokerService):
         while it is away for its session (--session-expiry-s) and hands them over when it comes
         back, instead of dropping them for want of a subscriber. With other aggregators alive it
         unsubscribes, so that they take its share at once."""
+        self._say_shed(now=True)
         if self.mqtt is not None and self.store is not None and self.mqtt.connected.is_set():
             keep = self._keep_subscriptions()
             if keep:
@@ -496,13 +499,6 @@ class Aggregator(BrokerService):
         # The shed notices after the batch's observations: a view that came is never named shed.
         notices = losses
         losses, beyond = self.store.record_shed(notices)  # a frame claimed already names its cameras in its decision
-        if notices and self._shed_log():
-            ids = [fid for fid, *_ in notices]
-            log.warning("site %r: cameras %s shed %d views (%s) of frames %d..%d: %d named lost, %d void (the frame had "
-                        "the view, was decided, or had it named before), %d refused (ahead); %d views named shed so "
-                        "far (one such line a second at most)", self.cfg.site, sorted({c for _, c, _, _ in notices}),
-                        len(notices), ", ".join(sorted({why for *_, why in notices})), min(ids), max(ids), len(losses),
-                        len(notices) - len(losses) - len(beyond), len(beyond), self.stats.shed + len(losses))
         if beyond:  # one dead letter a camera, naming its first id and how many more
             first: dict[int, int] = {}
             for fid, camera, _, _ in beyond:
@@ -515,6 +511,8 @@ class Aggregator(BrokerService):
         self.stats.shed += len(losses)
         for *_, reason in losses:
             self.stats.shed_reasons[reason] = self.stats.shed_reasons.get(reason, 0) + 1
+        if notices:
+            self._note_shed(notices, len(losses), len(beyond))
         answer_payloads = [bytes(msg.payload) for msg, _ in answers]
         completed = self.store.add_features([(f, raw) for (_, f), raw in zip(answers, answer_payloads)])
         # Kept for the claim only where one is to come: not for a late, duplicate or refused message
@@ -572,6 +570,31 @@ class Aggregator(BrokerService):
         if unasked:
             self.dead_letter(unasked)
         return frames
+
+    def _note_shed(self, notices: list[tuple[int, int, str, str]], named: int, refused: int) -> None:
+        """Add shed notices to those the next log line tells of (`_say_shed`)."""
+        p = self._shed_pending
+        ids = [fid for fid, *_ in notices]
+        p["views"] += len(notices)
+        p["named"] += named
+        p["refused"] += refused
+        p["cameras"] |= {c for _, c, _, _ in notices}
+        p["why"] |= {why for *_, why in notices}
+        p["lo"], p["hi"] = min(p["lo"], min(ids)), max(p["hi"], max(ids))
+        self._say_shed()
+
+    def _say_shed(self, now: bool = False) -> None:
+        """One log line a second at most for the shed notices noted since the last one (every
+        notice is told: those of a quiet second in the next line, the run loop's or close's)."""
+        p = self._shed_pending
+        if not p["views"] or not (now or self._shed_log()):
+            return
+        log.warning("site %r: cameras %s shed %d views (%s) of frames %d..%d: %d named lost, %d void (the frame had the "
+                    "view, was decided, or had it named before), %d refused (ahead); %d views named shed so far (one "
+                    "such line a second at most)", self.cfg.site, sorted(p["cameras"]), p["views"],
+                    ", ".join(sorted(p["why"])), p["lo"], p["hi"], p["named"], p["views"] - p["named"] - p["refused"],
+                    p["refused"], self.stats.shed)
+        self._shed_pending = _no_shed()
 
     def _shed(self, msg: mqtt.MQTTMessage) -> list[tuple[int, int, str, str]]:
         """The losses a camera's ShedNotice names (validated like an observation)."""
@@ -899,6 +922,12 @@ class Aggregator(BrokerService):
                                           "for room in the escalation stream (their leases expire and another "
                                           "aggregator takes them over)")
         return added_frames
+
+
+def _no_shed() -> dict:
+    """Shed notices noted and not yet logged (`Aggregator._note_shed`): none."""
+    return {"views": 0, "named": 0, "refused": 0, "cameras": set(), "why": set(), "lo": float("inf"),
+            "hi": float("-inf")}
 
 
 def site_lag(lags: list[tuple[int, float]]) -> float:

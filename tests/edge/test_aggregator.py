@@ -747,3 +747,19 @@ def test_a_stopped_aggregator_with_a_stable_id_loses_nothing_sent_while_it_is_aw
         close_mqtt(cam)
         if other is not None:
             other.close()
+
+
+def test_every_shed_notice_is_told_in_a_log_line(stream_setup, caplog):
+    # One line a second at most: the notices of a quiet second were never logged when no later
+    # line came (the losses stream held 168 views named, the log told of 28).
+    import re
+
+    path, model, _, t1, t2 = stream_setup
+    agg = Aggregator(EdgeConfig(site="s", checkpoint=path), model.edge, t1, t2)
+    agg._note_shed([(f, 5, "camera", "behind") for f in range(10, 38)], 28, 0)  # a line at once
+    agg._note_shed([(f, k, "camera", "behind") for f in range(38, 66) for k in range(5)], 140, 0)  # within the second
+    told = [int(n) for n in re.findall(r"shed (\d+) views", caplog.text)]
+    assert told == [28]
+    agg._say_shed(now=True)  # what close() does (and the run loop, a second later)
+    told = [int(n) for n in re.findall(r"shed (\d+) views", caplog.text)]
+    assert told == [28, 140] and "cameras [0, 1, 2, 3, 4] shed 140 views (behind) of frames 38..65" in caplog.text
