@@ -538,6 +538,7 @@ class Worker(BrokerService):
         by_site: dict[str, list[tuple[bytes, Decision]]] = {}
         for (site, entry_id), dec in answered:
             by_site.setdefault(site, []).append((entry_id, dec))
+        unrecorded = 0
         for site in dict.fromkeys([s for s, _, _ in entries]):
             done = by_site.get(site, [])
             decisions = [(dec, dec.encode()) for _, dec in done]
@@ -556,7 +557,8 @@ class Worker(BrokerService):
                 if group_gone(err):
                     raise
                 self._site_error(site, err)
-        self.stats.answered += len(answered)
+                unrecorded += len(done)  # answered again when read again
+        self.stats.answered += len(answered) - unrecorded
         self.stats.batches += 1
 
     def _ours_already(self, decisions: list[tuple[Decision, bytes]], firsts: list[bool]) -> set[int]:
