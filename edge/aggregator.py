@@ -408,8 +408,10 @@ class Aggregator(BrokerService):
                          "so the broker queues what the cameras send for %d s until it is back", self.sid,
                          self.cfg.session_expiry_s)
             else:
-                log.info("edge %s: other aggregators of the site are alive: unsubscribing, so that they take this "
-                         "one's share at once", self.sid)
+                persistent = bool(self.cfg.service_id and self.cfg.session_expiry_s > 0)
+                log.info("edge %s: %s: unsubscribing, so that %s", self.sid,
+                         "other aggregators of the site are alive" if persistent else "no persistent session",
+                         "they take this one's share at once" if persistent else "the broker keeps nothing for it")
                 self.mqtt.client.unsubscribe(names.shared_obs_filter(self.cfg.site, self.cfg.share_group))
                 if self.answers is not None:
                     self.answers.client.unsubscribe(names.shared_features_filter(self.cfg.site, self.cfg.share_group))

@@ -86,6 +86,13 @@ def export_parts(path: str, out_dir: str) -> list[str]:
         raise CheckpointError(f"{path}: holds part {read_meta(path)['part']!r} only; export needs the full checkpoint")
     cfg = read_config(path)
     card = load_card(path)
+    source = {os.path.realpath(path), os.path.realpath(card_path(path))}
+    clash = [p for part in part_names(cfg) for p in (os.path.join(out_dir, f"{part}.safetensors"),
+                                                     card_path(os.path.join(out_dir, f"{part}.safetensors")))
+             if os.path.realpath(p) in source]
+    if clash:  # each part is read from the source after the ones before it were written
+        raise CheckpointError(f"{path}: exporting into {out_dir} would write over the checkpoint itself ({clash[0]}); "
+                              "choose another --parts folder")
     written = []
     for part in part_names(cfg):
         state = read_tensors(path, part_prefix(part, cfg))

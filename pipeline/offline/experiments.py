@@ -306,6 +306,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     runs = [("", args.checkpoint)] + ([("baseline", args.baseline)] if args.baseline else []) \
         + [(f"also{i}", ckpt) for i, ckpt in enumerate(args.also)]
+    if args.results and not args.results.endswith(".md"):  # never a checkpoint, card, report or figure
+        raise ValueError(f"--results: the results page, a Markdown file (.md), got {args.results!r}")
     if not args.from_reports:  # every checkpoint readable and the report folder writable, before the first minutes
         for _, ckpt in runs:
             read_config(ckpt)
@@ -390,7 +392,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=fraction, default=evaluation.DEFAULT_EPSILON,
                    help="absolute accuracy, for --policy exit1-first and within-cloud (default %(default)s)")
     p.add_argument("--draws", type=at_least(1), default=5, help="random camera sets per n for missing_n (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the missing_n draws")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the missing_n draws")
     p.add_argument("--bytes-sample", type=at_least(0), default=500,
                    help="test frames whose messages are encoded for bytes_per_frame (0 = all; default %(default)s)")
     p.add_argument("--also", nargs="+", default=[], metavar="CHECKPOINT",

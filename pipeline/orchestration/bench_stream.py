@@ -109,6 +109,7 @@ def compute_ceiling(model: AdaDDNN, scenes: torch.Tensor, t1: float | None, t2: 
                 forward_rows(model.cloud, fused[up])
 
     def rate(fn, size: int) -> float:
+        size = min(size, len(scenes))  # fewer --templates than a batch: batches of all of them
         fn(scenes[:size])  # warm-up
         t0, done = time.perf_counter(), 0
         while time.perf_counter() - t0 < 3.0:
@@ -118,7 +119,7 @@ def compute_ceiling(model: AdaDDNN, scenes: torch.Tensor, t1: float | None, t2: 
         return done / (time.perf_counter() - t0)
 
     return {"cameras_batched_fps": rate(cameras, batch), "adaptive_batched_fps": rate(adaptive, batch),
-            "adaptive_one_by_one_fps": rate(adaptive, 1), "batch": batch, "threads": torch.get_num_threads()}
+            "adaptive_one_by_one_fps": rate(adaptive, 1), "batch": min(batch, len(scenes)), "threads": torch.get_num_threads()}
 
 
 # --- broker ceiling ------------------------------------------------------------------------

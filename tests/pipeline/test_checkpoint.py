@@ -272,3 +272,17 @@ def test_git_commit_outside_a_checkout_is_the_senders_word(tmp_path, monkeypatch
     assert git_commit(str(tmp_path)) == "0123abcd"
     here = git_commit()  # this checkout answers for itself, whatever the variable says
     assert here is None or here != "0123abcd"
+
+
+@pytest.mark.parametrize("name", ["camera0", "cloud"])
+def test_export_refuses_to_write_over_its_own_checkpoint(stream_setup, tmp_path, name):
+    # The checkpoint named like a part, in the parts folder: each part was read from it after the
+    # parts before had been written over it (camera0: the source became a part, the rest empty).
+    full = str(tmp_path / f"{name}.safetensors")
+    shutil.copy(stream_setup[0], full)
+    shutil.copy(card_path(stream_setup[0]), card_path(full))
+    before = (tmp_path / f"{name}.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="would write over the checkpoint itself"):
+        checkpoint.export_parts(full, str(tmp_path))
+    assert (tmp_path / f"{name}.safetensors").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json",
+                                                                                                f"{name}.safetensors"]

@@ -145,6 +145,8 @@ def test_a_bad_threads_variable_stops_only_the_commands_that_read_it(monkeypatch
     (["train", "--momentum", "5"], "momentum must be 0..1, got 5.0"),
     (["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "/proc/no/report", "--limit", "5"],
      "cannot write /proc/no/report/report.json"),
+    (["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "unused/", "--results", "models/ada.safetensors"],
+     "--results: the results page, a Markdown file (.md)"),  # it once wrote the page over the checkpoint
     (["evaluate", "--checkpoint", "models/ada.safetensors", "--out", "README.md", "--limit", "5"],
      "README.md exists and is not a folder"),  # a file: once found out only after the whole evaluation
     (["evaluate", "--checkpoint", "models/ada.safetensors", "--also", "no/such.safetensors", "--out", "unused/"],
