@@ -52,7 +52,7 @@ from pipeline.settings import add_command, config_from_args, printed
 from pipeline.throttle import Throttle
 from pipeline.transport.metrics import Sample, sample
 from pipeline.transport.mqtt_client import MqttClient
-from pipeline.transport.redis_client import CHECK_TIMEOUT_S, Heartbeat, alive, check_alive, redis_client
+from pipeline.transport.redis_client import CHECK_TIMEOUT_S, Heartbeat, alive, check_alive, group_gone, redis_client
 from pipeline.transport.results_sink import RECORD_RESULT, add_dead_letters, record_results
 from pipeline.transport.service import REDIS_DOWN, Backoff, BrokerRoleConfig, BrokerService, serve, service_id
 from pipeline.wire import names
@@ -660,12 +660,6 @@ def main(args: argparse.Namespace) -> int:
     set_threads(cfg.threads)
     serve(Worker(cfg, load_cloud(cfg.checkpoint)))
     return 0
-
-
-def group_gone(err: redis.ResponseError) -> bool:
-    """The consumer group is gone: NOGROUP, or UNBLOCKED (the stream was deleted while a read was
-    blocked on it)."""
-    return str(err).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 def _text(entry_id: bytes | str) -> str:

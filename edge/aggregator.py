@@ -134,6 +134,11 @@ class EdgeConfig(BrokerRoleConfig):
         if self.service_id:
             names.check_service_id(self.service_id, "service_id")
 
+    @property
+    def persistent_session(self) -> bool:
+        """A stable --service-id and a session the broker keeps: queued for while away, taken over if dead."""
+        return bool(self.service_id) and self.session_expiry_s > 0
+
     def store_times(self, expected: int) -> StoreTimes:
         return StoreTimes(expected, self.admit_window, self.deadline_ms, self.frame_ttl_s * 1000, self.decided_ttl_s * 1000,
                           self.claim_lease_ms, self.claim_batch, self.escalation_maxlen, self.results_maxlen,
@@ -320,7 +325,7 @@ class Aggregator(BrokerService):
             log.error("edge %s: Redis restarted without its data (site %r was no longer in %s): the frames that were "
                       "assembling, claimed or waiting for features there, and the counters, are lost with it; "
                       "announcing the site%s again", self.sid, cfg.site, names.sites_key(),
-                      " and this aggregator's session" if cfg.service_id and cfg.session_expiry_s else "")
+                      " and this aggregator's session" if cfg.persistent_session else "")
         self._register_session()
 
     def _register_session(self) -> None:
@@ -331,7 +336,7 @@ class Aggregator(BrokerService):
         if self.redis is None or self.mqtt is None or self.answers is None:
             return  # not connected yet, or closing
         gens = (self.mqtt.generation, self.answers.generation)
-        if self.cfg.service_id and self.cfg.session_expiry_s:
+        if self.cfg.persistent_session:
             sessions.register(self.redis, self.cfg.site, self.sid, self.cfg.session_expiry_s)
         self._session_gens = gens
 
@@ -408,10 +413,11 @@ class Aggregator(BrokerService):
                          "so the broker queues what the cameras send for %d s until it is back", self.sid,
                          self.cfg.session_expiry_s)
             else:
-                persistent = bool(self.cfg.service_id and self.cfg.session_expiry_s > 0)
                 log.info("edge %s: %s: unsubscribing, so that %s", self.sid,
-                         "other aggregators of the site are alive" if persistent else "no persistent session",
-                         "they take this one's share at once" if persistent else "the broker keeps nothing for it")
+                         "other aggregators of the site are alive" if self.cfg.persistent_session
+                         else "no persistent session",
+                         "they take this one's share at once" if self.cfg.persistent_session
+                         else "the broker keeps nothing for it")
                 self.mqtt.client.unsubscribe(names.shared_obs_filter(self.cfg.site, self.cfg.share_group))
                 if self.answers is not None:
                     self.answers.client.unsubscribe(names.shared_features_filter(self.cfg.site, self.cfg.share_group))
@@ -431,7 +437,7 @@ class Aggregator(BrokerService):
                 log.warning("edge %s: stopping with Redis down or refusing (%s); %d observations unacknowledged stay "
                             "with the broker", self.sid, err, len(self._held) + len(self.inbox))
             self.mqtt.publish(names.flow_topic(self.cfg.site, self.flow_id), b"", qos=1, retain=True)  # clears it
-            if not keep and self.cfg.service_id and self.cfg.session_expiry_s > 0:
+            if not keep and self.cfg.persistent_session:
                 try:
                     sessions.unregister(self.redis, self.cfg.site, self.sid)  # unsubscribed: nothing to take over
                 except (*REDIS_DOWN, redis.ResponseError):
@@ -449,7 +455,7 @@ class Aggregator(BrokerService):
         This aggregator's own heartbeat goes first: of aggregators stopped together (a compose
         restart), each that looks next sees the others' gone or going, so the last to look keeps
         its subscriptions (all of them may), and the broker goes on queueing for the site."""
-        if not (self.cfg.service_id and self.cfg.session_expiry_s > 0) or self.redis is None:
+        if not self.cfg.persistent_session or self.redis is None:
             return False
         try:
             if self.heartbeat is not None:

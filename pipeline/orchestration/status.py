@@ -32,7 +32,7 @@ import redis
 from pipeline.errors import ConnectError, MessageError
 from pipeline.settings import DEFAULT_MQTT_URL, DEFAULT_REDIS_URL, add_command, check_fields, config_from_args, printed
 from pipeline.transport.mqtt_client import close_mqtt, mqtt_client
-from pipeline.transport.redis_client import alive, redis_client
+from pipeline.transport.redis_client import alive, group_gone, redis_client
 from pipeline.wire import names
 from pipeline.wire.control import FlowStatus
 from pipeline.wire.messages import EXIT_NAMES, CameraStatus, Decision
@@ -149,7 +149,7 @@ def read_redis(cfg: StatusConfig, st: SiteStatus) -> None:
             st.backlog["cloud_unacknowledged"] = int(r.xpending(esc, cfg.cloud_group)["pending"])
         except redis.ResponseError as err:
             st.backlog["cloud_unacknowledged"] = 0  # no group yet: no worker has ever read
-            if not str(err).startswith("NOGROUP"):
+            if not group_gone(err):
                 st.warnings.append(f"{esc}: {err}")
         since_ms = int((st.at - cfg.window_s) * 1000)
         exits: Counter[str] = Counter()

@@ -273,6 +273,12 @@ class Heartbeat:
                 log.warning("could not remove heartbeat %s: %s", key, err)
 
 
+def group_gone(err: redis.ResponseError) -> bool:
+    """The consumer group is gone: NOGROUP, or UNBLOCKED (the stream was deleted while a read was
+    blocked on it)."""
+    return str(err).startswith(("NOGROUP", "UNBLOCKED"))
+
+
 def alive(client: redis.Redis, site: str, role: str, sid: str | None = None) -> list[str]:
     """Ids of the services of `role` at `site` whose heartbeat has not expired (just `sid` if given).
     A heartbeat counts only as `Heartbeat` writes it: a JSON object naming its service id, with a
