@@ -84,18 +84,28 @@ def test_a_dead_aggregators_session_is_taken_over_and_what_it_queued_is_decided(
     assert present is False
 
 
+def _edge(stream_setup, brokers, site: str, sid: str) -> Aggregator:
+    """A connected aggregator of `site` with a persistent session under service id `sid`."""
+    path, model, _, t1, t2 = stream_setup
+    cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, service_id=sid)
+    agg = Aggregator(cfg, model.edge, t1, t2)
+    agg.connect()
+    return agg
+
+
+def _end_kept_sessions(url: str, site: str, sid: str) -> None:
+    """End the MQTT sessions aggregator `sid` kept at the broker (they must be there)."""
+    for cid in sessions.client_ids(site, sid):
+        c, present = _session(url, cid, 0)
+        c.loop_stop()
+        c.disconnect()
+        assert present
+
+
 @pytest.mark.services
 def test_an_aggregator_with_a_persistent_session_registers_it_and_unregisters_when_others_take_its_share(
         stream_setup, brokers, site, redis_conn):
-    path, model, _, t1, t2 = stream_setup
-
-    def edge(sid: str) -> Aggregator:
-        cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path, service_id=sid)
-        agg = Aggregator(cfg, model.edge, t1, t2)
-        agg.connect()
-        return agg
-
-    a, b = edge(f"a-{site}"[:100]), edge(f"b-{site}"[:100])
+    a, b = (_edge(stream_setup, brokers, site, f"{x}-{site}"[:100]) for x in "ab")
     try:
         assert redis_conn.hgetall(names.edge_sessions_key(site)) == {a.sid.encode(): b"300", b.sid.encode(): b"300"}
         a.close()  # b is alive: a unsubscribes, nothing of it to take over
@@ -103,11 +113,7 @@ def test_an_aggregator_with_a_persistent_session_registers_it_and_unregisters_wh
     finally:
         b.close()  # the last one keeps its session (and its entry) for whoever comes next
     assert redis_conn.hkeys(names.edge_sessions_key(site)) == [b.sid.encode()]
-    for cid in sessions.client_ids(site, b.sid):  # end the sessions b kept
-        c, present = _session(brokers[0], cid, 0)
-        c.loop_stop()
-        c.disconnect()
-        assert present
+    _end_kept_sessions(brokers[0], site, b.sid)
 
 
 @pytest.mark.services
@@ -116,13 +122,7 @@ def test_aggregators_stopped_together_leave_at_least_one_session_subscribed(stre
     and unsubscribed, so nothing queued for the site while they were down: every frame sent then
     was named 'never received'. Now each removes its own heartbeat before it looks, so the last to
     look keeps its subscriptions (and its session entry, for whoever comes next)."""
-    path, model, _, t1, t2 = stream_setup
-    aggs = []
-    for sid in ("a", "b", "c"):
-        cfg = EdgeConfig(site=site, mqtt_url=brokers[0], redis_url=brokers[1], checkpoint=path,
-                         service_id=f"{sid}-{site}"[:100])
-        aggs.append(Aggregator(cfg, model.edge, t1, t2))
-        aggs[-1].connect()
+    aggs = [_edge(stream_setup, brokers, site, f"{x}-{site}"[:100]) for x in "abc"]
     go = threading.Barrier(len(aggs))
     stoppers = [threading.Thread(target=lambda agg=agg: (go.wait(), agg.close())) for agg in aggs]
     for t in stoppers:
@@ -131,12 +131,8 @@ def test_aggregators_stopped_together_leave_at_least_one_session_subscribed(stre
         t.join(30)
     kept = sorted(k.decode() for k in redis_conn.hkeys(names.edge_sessions_key(site)))
     assert kept and set(kept) <= {agg.sid for agg in aggs}
-    for sid in kept:  # end the sessions kept
-        for cid in sessions.client_ids(site, sid):
-            c, present = _session(brokers[0], cid, 0)
-            c.loop_stop()
-            c.disconnect()
-            assert present
+    for sid in kept:
+        _end_kept_sessions(brokers[0], site, sid)
 
 
 @pytest.mark.services
